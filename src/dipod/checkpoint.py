@@ -1,0 +1,107 @@
+"""Atomic, resumable checkpoints: safetensors weights + a torch file of trainer state + JSON meta.
+
+A checkpoint is a folder ``OUTPUT_DIR/checkpoint-STEP``. It is first written completely under a
+temp name and then renamed into place, so a crash leaves either the old or the new checkpoint,
+never a half-written one. Non-finite weights are refused: no NaN checkpoint is ever written.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from dipod.runlog import atomic_write_json
+
+WEIGHTS = "model.safetensors"
+STATE = "trainer_state.pt"
+META = "meta.json"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class NonFiniteCheckpointError(RuntimeError):
+    pass
+
+
+def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+
+
+def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    for key, gen in (generators or {}).items():
+        if key in state["generators"]:
+            gen.set_state(state["generators"][key])
+
+
+def save_checkpoint(output_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
+                    meta: dict[str, Any], keep_last: int = 2) -> Path:
+    """Write ``checkpoint-STEP`` atomically and prune all but the newest ``keep_last``."""
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NonFiniteCheckpointError(f"refusing to write a checkpoint at step {step}: non-finite weights in {bad[:5]}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        torch.save(state, tmp / STATE)
+        atomic_write_json(tmp / META, {"step": step, **meta})
+        if final.exists():
+            old = output_dir / f".checkpoint-{step}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for stale in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    found = []
+    for child in Path(output_dir).iterdir() if Path(output_dir).is_dir() else []:
+        match = _CKPT_RE.match(child.name)
+        if match and (child / META).is_file():
+            found.append((int(match.group(1)), child))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    import json
+
+    path = Path(path)
+    missing = [name for name in (WEIGHTS, STATE, META) if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} is incomplete (missing {missing}); point --resume at a checkpoint-STEP folder")
+    weights = load_file(str(path / WEIGHTS))
+    # Our own trainer state holds numpy RNG states and python tuples, hence weights_only=False;
+    # only load checkpoints you wrote yourself.
+    state = torch.load(path / STATE, weights_only=False)
+    meta = json.loads((path / META).read_text())
+    return weights, state, meta

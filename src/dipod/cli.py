@@ -1,0 +1,47 @@
+"""The ``dipod`` command: a thin dispatcher; each subcommand lives in its own module.
+
+Modules are imported only when their command runs, so ``dipod toy`` never imports transformers
+and ``dipod lm ...`` never imports MuJoCo.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command path -> (module with a ``main(argv) -> int``, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("toy",): ("dipod.toy", "exact two-token diagnostic of double drift (paper Fig. 2)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: dipod COMMAND [ARGS...]   (dipod COMMAND --help for its flags)", "", "commands:"]
+    for path, (_, text) in sorted(COMMANDS.items()):
+        lines.append(f"  {' '.join(path):<16} {text}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    for depth in (2, 1):
+        path = tuple(argv[:depth])
+        if path in COMMANDS:
+            module_name, _ = COMMANDS[path]
+            prog = "dipod " + " ".join(path)
+            module = importlib.import_module(module_name)
+            try:
+                return int(module.main(argv[depth:], prog=prog) or 0)
+            except (ValueError, FileNotFoundError) as exc:
+                # Bad input (configs, flags, data files) ends with one clear line, not a traceback.
+                print(f"{prog}: error: {exc}", file=sys.stderr)
+                return 2
+    print(f"dipod: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
