@@ -1,0 +1,1 @@
+"""Flow-matching policies for continuous control: FPO++ with DiPOD and self-distillation."""
