@@ -1,0 +1,360 @@
+"""The LLaDA sampler: invariants, the reveal schedule, remasking rules, Gumbel sampling, guidance, EOS fill."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from dipod.config import ConfigError
+from dipod.lm.sampler import SamplerSettings, generate, reveal_schedule, top_k_mask
+
+PAD, MASK, EOS = 0, 1, 2
+VOCAB = 8  # 3..7 are ordinary tokens
+
+
+@dataclass
+class FakeLM:
+    """Stands in for dipod.lm.model.MaskedDiffusionLM: same fields, same ``logits`` contract."""
+
+    model: nn.Module
+    tokenizer: object = None
+    mask_id: int | None = MASK
+    pad_id: int = PAD
+    eos_id: int | None = EOS
+
+    def logits(self, ids, attn):
+        return self.model(input_ids=ids, attention_mask=attn).logits.float()
+
+
+class RelativeMixer(nn.Module):
+    """A bidirectional toy model that depends only on relative positions and ignores masked-out keys.
+
+    So padding a prompt more on the left changes nothing it computes (as for a RoPE transformer).
+    """
+
+    def __init__(self, seed: int = 0, dim: int = 16):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.embed = nn.Parameter(torch.randn(VOCAB, dim, generator=g, dtype=torch.float64))
+        self.context = nn.Parameter(torch.randn(VOCAB, dim, generator=g, dtype=torch.float64))
+        self.out = nn.Parameter(torch.randn(dim, VOCAB, generator=g, dtype=torch.float64))
+
+    def forward(self, input_ids, attention_mask):
+        pos = torch.arange(input_ids.shape[1], dtype=torch.float64)
+        decay_tt = torch.exp(-(pos[:, None] - pos[None, :]).abs() / 3.0)
+        weights_btt = decay_tt * attention_mask[:, None, :].double()
+        hidden = self.embed[input_ids] + weights_btt @ self.context[input_ids]
+        return SimpleNamespace(logits=(torch.tanh(hidden) @ self.out).float())
+
+
+class FixedLogits(nn.Module):
+    """Returns the same completion logits ``[G, V]`` whatever the input (prompt positions get zeros)."""
+
+    def __init__(self, completion_logits_gv: torch.Tensor):
+        super().__init__()
+        self.register_buffer("completion_logits_gv", completion_logits_gv.float())
+        self.seen_training = []
+
+    def forward(self, input_ids, attention_mask):
+        self.seen_training.append(self.training)
+        batch, total = input_ids.shape
+        gen = self.completion_logits_gv.shape[0]
+        prompt_part = torch.zeros(total - gen, VOCAB)
+        table_tv = torch.cat([prompt_part, self.completion_logits_gv])
+        return SimpleNamespace(logits=table_tv.expand(batch, total, VOCAB).clone())
+
+
+def peaked_logits(peaks: list[float], tokens: list[int]) -> torch.Tensor:
+    """Logits with value ``peaks[j]`` on ``tokens[j]`` at completion position j and 0 elsewhere."""
+    logits_gv = torch.zeros(len(peaks), VOCAB)
+    logits_gv[torch.arange(len(peaks)), torch.tensor(tokens)] = torch.tensor(peaks)
+    return logits_gv
+
+
+def random_prompts(batch: int, max_len: int, seed: int = 0, min_len: int = 1):
+    """Left-padded prompts of random lengths over the ordinary tokens."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (batch,), generator=g)
+    ids = torch.randint(3, VOCAB, (batch, max_len), generator=g)
+    attn = (torch.arange(max_len)[None, :] >= (max_len - lengths)[:, None]).long()
+    return ids.masked_fill(attn == 0, PAD), attn
+
+
+def left_pad_more(ids, attn, extra: int):
+    return (torch.cat([torch.full((ids.shape[0], extra), PAD), ids], dim=1),
+            torch.cat([torch.zeros(ids.shape[0], extra, dtype=torch.long), attn], dim=1))
+
+
+# --- invariants -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_no_mask_left_and_prompt_untouched(remasking, temperature):
+    lm = FakeLM(RelativeMixer())
+    ids, attn = random_prompts(6, 5)
+    ids_before = ids.clone()
+    settings = SamplerSettings(gen_length=12, block_length=4, steps=6, temperature=temperature, remasking=remasking)
+    out, order = generate(lm, ids, attn, settings, torch.Generator().manual_seed(1), return_order=True)
+    assert out.shape == (6, 12) and out.dtype == torch.long
+    assert not (out == MASK).any()
+    assert ((out >= 0) & (out < VOCAB)).all()
+    assert torch.equal(ids, ids_before)
+    assert ((order >= 0) & (order < 6)).all()
+
+
+def test_mask_token_is_never_proposed_even_when_the_model_prefers_it():
+    logits_gv = torch.zeros(4, VOCAB)
+    logits_gv[:, MASK] = 50.0
+    logits_gv[:, 5] = 1.0
+    lm = FakeLM(FixedLogits(logits_gv))
+    ids, attn = random_prompts(3, 2)
+    for temperature in (0.0, 3.0):
+        out = generate(lm, ids, attn, SamplerSettings(gen_length=4, block_length=4, steps=2, temperature=temperature),
+                       torch.Generator().manual_seed(0))
+        assert not (out == MASK).any()
+    assert (generate(lm, ids, attn, SamplerSettings(gen_length=4, block_length=4, steps=2)) == 5).all()
+
+
+def test_deterministic_at_temperature_zero_and_with_a_fixed_generator():
+    lm = FakeLM(RelativeMixer())
+    ids, attn = random_prompts(8, 6)
+    greedy = SamplerSettings(gen_length=8, block_length=4, steps=8)
+    assert torch.equal(generate(lm, ids, attn, greedy), generate(lm, ids, attn, greedy))
+    for remasking in ("low_confidence", "random"):
+        hot = SamplerSettings(gen_length=8, block_length=4, steps=8, temperature=1.5, remasking=remasking)
+        first = generate(lm, ids, attn, hot, torch.Generator().manual_seed(7), return_order=True)
+        again = generate(lm, ids, attn, hot, torch.Generator().manual_seed(7), return_order=True)
+        other = generate(lm, ids, attn, hot, torch.Generator().manual_seed(8), return_order=True)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+        assert not (torch.equal(first[0], other[0]) and torch.equal(first[1], other[1]))
+
+
+def test_model_runs_in_eval_mode_and_its_mode_is_restored():
+    model = FixedLogits(peaked_logits([1.0, 2.0], [3, 4]))
+    model.train()
+    generate(FakeLM(model), *random_prompts(2, 3), SamplerSettings(gen_length=2, block_length=2, steps=2))
+    assert model.seen_training == [False, False]
+    assert model.training
+
+
+# --- schedule and blocks --------------------------------------------------------------------------
+
+def test_reveal_schedule_splits_evenly_with_the_remainder_first():
+    assert reveal_schedule(5, 3) == [2, 2, 1]
+    assert reveal_schedule(32, 16) == [2] * 16
+    assert reveal_schedule(7, 7) == [1] * 7
+    assert reveal_schedule(10, 4) == [3, 3, 2, 2]
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+def test_each_step_reveals_the_scheduled_count_and_blocks_go_left_to_right(remasking):
+    lm = FakeLM(RelativeMixer(seed=3))
+    ids, attn = random_prompts(5, 4, seed=2)
+    settings = SamplerSettings(gen_length=10, block_length=5, steps=6, temperature=0.8, remasking=remasking)
+    _, order = generate(lm, ids, attn, settings, torch.Generator().manual_seed(0), return_order=True)
+    counts_bs = torch.stack([(order == s).sum(dim=1) for s in range(6)], dim=1)
+    assert torch.equal(counts_bs, torch.tensor([[2, 2, 1, 2, 2, 1]] * 5))
+    # block 0 is revealed in steps 0-2, block 1 in steps 3-5: every block-1 step is later
+    assert (order[:, :5].max(dim=1).values < order[:, 5:].min(dim=1).values).all()
+    assert ((order[:, :5] <= 2) & (order[:, 5:] >= 3)).all()
+
+
+# --- which positions a step keeps --------------------------------------------------------------------
+
+def test_low_confidence_reveals_the_most_probable_positions_first():
+    # two blocks of 3, 2 steps each (reveal 2 then 1); confidence grows with the peak height
+    lm = FakeLM(FixedLogits(peaked_logits([1.0, 3.0, 2.0, 5.0, 4.0, 0.5], [3, 4, 5, 6, 7, 3])))
+    out, order = generate(lm, *random_prompts(2, 3), SamplerSettings(gen_length=6, block_length=3, steps=4),
+                          return_order=True)
+    assert torch.equal(out, torch.tensor([[3, 4, 5, 6, 7, 3]] * 2))
+    assert torch.equal(order, torch.tensor([[1, 0, 0, 2, 2, 3]] * 2))
+
+
+def test_low_confidence_first_step_matches_the_models_own_probabilities():
+    model = RelativeMixer(seed=5)
+    lm = FakeLM(model)
+    ids, attn = random_prompts(16, 5, seed=4)
+    settings = SamplerSettings(gen_length=8, block_length=8, steps=4)  # reveal 2 per step
+    _, order = generate(lm, ids, attn, settings, return_order=True)
+    start = torch.cat([ids, torch.full((16, 8), MASK)], dim=1)
+    logits_bgv = lm.logits(start, torch.cat([attn, torch.ones(16, 8, dtype=torch.long)], dim=1))[:, 5:]
+    logits_bgv[..., MASK] = float("-inf")
+    confidence_bg = torch.softmax(logits_bgv.double(), dim=-1).max(dim=-1).values
+    expected_first = top_k_mask(confidence_bg, 2)
+    assert torch.equal(order == 0, expected_first)
+
+
+def test_equal_confidences_go_to_the_leftmost_position():
+    assert torch.equal(top_k_mask(torch.tensor([[0.5, 0.9, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]]), 2),
+                       torch.tensor([[True, True, False, False], [True, True, False, False]]))
+    assert torch.equal(top_k_mask(torch.tensor([[0.1, 0.5, 0.9, 0.5]]), 2), torch.tensor([[False, True, True, False]]))
+    lm = FakeLM(FixedLogits(peaked_logits([2.0] * 4, [3, 4, 5, 6])))
+    _, order = generate(lm, *random_prompts(1, 2), SamplerSettings(gen_length=4, block_length=4, steps=4),
+                        return_order=True)
+    assert torch.equal(order, torch.tensor([[0, 1, 2, 3]]))
+
+
+def test_random_remasking_reveals_uniformly_chosen_positions():
+    # The model is very sure about position 0, but random remasking must ignore confidence.
+    lm = FakeLM(FixedLogits(peaked_logits([9.0, 0.1, 0.1, 0.1, 0.1], [3, 4, 5, 6, 7])))
+    batch = 4000
+    ids, attn = torch.full((batch, 2), 3), torch.ones(batch, 2, dtype=torch.long)
+    settings = SamplerSettings(gen_length=5, block_length=5, steps=5, remasking="random")
+    _, order = generate(lm, ids, attn, settings, torch.Generator().manual_seed(11), return_order=True)
+    first_counts = (order == 0).sum(dim=0).double()  # one position per row at step 0
+    expected = batch / 5
+    chi2 = ((first_counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 18.47, (first_counts, chi2)  # chi-square, 4 dof, p = 0.001
+
+
+# --- Gumbel-max sampling ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_gumbel_sampling_frequencies_match_the_tempered_softmax(temperature):
+    logits_v = torch.tensor([0.3, 5.0, -0.4, 1.2, 0.0, 0.9, -1.0, 0.6])  # index MASK is excluded
+    lm = FakeLM(FixedLogits(logits_v[None, :]), eos_id=None)
+    batch = 20000
+    ids, attn = torch.full((batch, 1), 3), torch.ones(batch, 1, dtype=torch.long)
+    settings = SamplerSettings(gen_length=1, block_length=1, steps=1, temperature=temperature)
+    out = generate(lm, ids, attn, settings, torch.Generator().manual_seed(2024))
+    counts = torch.bincount(out[:, 0], minlength=VOCAB).double()
+    assert counts[MASK] == 0
+    keep = torch.arange(VOCAB) != MASK
+    probs = torch.softmax(logits_v[keep].double() / temperature, dim=0)
+    expected = batch * probs
+    chi2 = ((counts[keep] - expected) ** 2 / expected).sum().item()
+    assert chi2 < 22.46, (counts, expected, chi2)  # chi-square, 6 dof, p = 0.001
+
+
+# --- left padding ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_more_left_padding_gives_the_same_completion(temperature):
+    lm = FakeLM(RelativeMixer(seed=1))
+    ids, attn = random_prompts(6, 5, seed=9)
+    settings = SamplerSettings(gen_length=8, block_length=4, steps=4, temperature=temperature)
+    out, order = generate(lm, ids, attn, settings, torch.Generator().manual_seed(3), return_order=True)
+    out_pad, order_pad = generate(lm, *left_pad_more(ids, attn, 4), settings, torch.Generator().manual_seed(3),
+                                  return_order=True)
+    assert torch.equal(out, out_pad) and torch.equal(order, order_pad)
+
+
+def test_each_row_alone_gives_its_batch_completion():
+    lm = FakeLM(RelativeMixer(seed=1))
+    ids, attn = random_prompts(6, 5, seed=9)
+    settings = SamplerSettings(gen_length=8, block_length=4, steps=4)
+    batch_out = generate(lm, ids, attn, settings)
+    for row in range(6):
+        first_real = 5 - int(attn[row].sum())
+        alone = generate(lm, ids[row:row + 1, first_real:], attn[row:row + 1, first_real:], settings)
+        assert torch.equal(alone[0], batch_out[row])
+
+
+def test_padding_content_is_invisible():
+    lm = FakeLM(RelativeMixer(seed=2))
+    ids, attn = random_prompts(6, 6, seed=1, min_len=2)
+    settings = SamplerSettings(gen_length=6, block_length=3, steps=6)
+    scribbled = torch.where(attn == 0, torch.full_like(ids, 6), ids)
+    assert torch.equal(generate(lm, ids, attn, settings), generate(lm, scribbled, attn, settings))
+
+
+# --- classifier-free guidance --------------------------------------------------------------------------
+
+class PromptSensitive(nn.Module):
+    """Logits ``cond`` at every position when the last prompt token is visible, ``uncond`` when it is masked."""
+
+    def __init__(self, cond_v, uncond_v, prompt_len):
+        super().__init__()
+        self.cond_v, self.uncond_v, self.prompt_len = torch.tensor(cond_v), torch.tensor(uncond_v), prompt_len
+        self.calls = []
+
+    def forward(self, input_ids, attention_mask):
+        self.calls.append((input_ids.clone(), attention_mask.clone()))
+        prompt_visible_b = input_ids[:, self.prompt_len - 1] != MASK
+        rows_bv = torch.where(prompt_visible_b[:, None], self.cond_v, self.uncond_v)
+        return SimpleNamespace(logits=rows_bv[:, None, :].expand(-1, input_ids.shape[1], -1).clone())
+
+
+def test_guidance_combines_conditional_and_unconditional_logits():
+    cond = [0.0, 0.0, 0.0, 2.0, 1.5, 0.0, 0.0, 0.0]
+    uncond = [0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0]
+    model = PromptSensitive(cond, uncond, prompt_len=3)
+    lm = FakeLM(model)
+    ids = torch.tensor([[PAD, 5, 6], [7, 5, 6]])
+    attn = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    base = dict(gen_length=2, block_length=2, steps=1)
+    # scale 0: the conditional argmax (token 3); scale 1: uncond + 2 (cond - uncond) puts 3.0 on token 4
+    assert (generate(lm, ids, attn, SamplerSettings(**base)) == 3).all()
+    assert len(model.calls) == 1 and model.calls[0][0].shape[0] == 2  # no unconditional pass at scale 0
+    assert (generate(lm, ids, attn, SamplerSettings(**base, cfg_scale=1.0)) == 4).all()
+    stacked_ids, stacked_attn = model.calls[-1]
+    assert stacked_ids.shape[0] == 4 and torch.equal(stacked_attn[:2], stacked_attn[2:])
+    assert torch.equal(stacked_ids[:2, :3], ids)
+    # the unconditional copy masks the real prompt tokens and leaves padding (attention 0) alone
+    assert torch.equal(stacked_ids[2:, :3], torch.tensor([[PAD, MASK, MASK], [MASK, MASK, MASK]]))
+
+
+def test_guidance_changes_nothing_when_the_prompt_does_not_matter():
+    lm = FakeLM(FixedLogits(peaked_logits([1.0, 3.0, 2.0, 0.5], [3, 4, 5, 6]) + torch.randn(4, VOCAB,
+                                                                                            generator=torch.Generator().manual_seed(0))))
+    ids, attn = random_prompts(4, 3)
+    plain = SamplerSettings(gen_length=4, block_length=2, steps=4, temperature=0.7)
+    guided = SamplerSettings(gen_length=4, block_length=2, steps=4, temperature=0.7, cfg_scale=2.5)
+    assert torch.equal(generate(lm, ids, attn, plain, torch.Generator().manual_seed(5), return_order=True)[1],
+                       generate(lm, ids, attn, guided, torch.Generator().manual_seed(5), return_order=True)[1])
+    assert torch.equal(generate(lm, ids, attn, plain, torch.Generator().manual_seed(5)),
+                       generate(lm, ids, attn, guided, torch.Generator().manual_seed(5)))
+
+
+# --- EOS ----------------------------------------------------------------------------------------------
+
+def test_positions_after_the_first_eos_become_eos():
+    logits_gv = peaked_logits([3.0, 3.0, 3.0, 3.0, 3.0], [4, EOS, 5, EOS, 6])
+    ids, attn = random_prompts(2, 2)
+    settings = SamplerSettings(gen_length=5, block_length=5, steps=5)
+    assert torch.equal(generate(FakeLM(FixedLogits(logits_gv)), ids, attn, settings),
+                       torch.tensor([[4, EOS, EOS, EOS, EOS]] * 2))
+    raw = SamplerSettings(gen_length=5, block_length=5, steps=5, fill_after_eos=False)
+    assert torch.equal(generate(FakeLM(FixedLogits(logits_gv)), ids, attn, raw),
+                       torch.tensor([[4, EOS, 5, EOS, 6]] * 2))
+    assert torch.equal(generate(FakeLM(FixedLogits(logits_gv), eos_id=None), ids, attn, settings),
+                       torch.tensor([[4, EOS, 5, EOS, 6]] * 2))
+
+
+# --- validation ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(gen_length=10, block_length=4, steps=10), "not a multiple of block_length"),
+    (dict(gen_length=12, block_length=4, steps=10), "not a multiple of the block count 3"),
+    (dict(gen_length=8, block_length=4, steps=16), "some steps would reveal nothing"),
+    (dict(gen_length=0, block_length=4, steps=4), "must all be >= 1"),
+    (dict(gen_length=8, block_length=4, steps=4, temperature=-0.1), "temperature"),
+    (dict(gen_length=8, block_length=4, steps=4, temperature=float("nan")), "temperature"),
+    (dict(gen_length=8, block_length=4, steps=4, remasking="top_p"), "remasking"),
+    (dict(gen_length=8, block_length=4, steps=4, cfg_scale=-1.0), "cfg_scale"),
+])
+def test_bad_settings_are_rejected_with_a_clear_message(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        SamplerSettings(**kwargs)
+
+
+def test_bad_inputs_are_rejected_with_a_clear_message():
+    lm = FakeLM(RelativeMixer())
+    settings = SamplerSettings(gen_length=4, block_length=4, steps=4)
+    ids, attn = random_prompts(2, 4, min_len=2)
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(lm, ids, attn.flip(1), settings)
+    with pytest.raises(ValueError, match="shape of prompt_ids"):
+        generate(lm, ids, attn[:, 1:], settings)
+    with pytest.raises(ValueError, match="only 0"):
+        generate(lm, ids, attn * 2, settings)
+    with pytest.raises(ValueError, match="long tensor"):
+        generate(lm, ids.float(), attn, settings)
+    with pytest.raises(ValueError, match="no mask token"):
+        generate(FakeLM(RelativeMixer(), mask_id=None), ids, attn, settings)
+    with pytest.raises(TypeError, match="SamplerSettings"):
+        generate(lm, ids, attn, {"gen_length": 4})
