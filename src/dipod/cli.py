@@ -12,6 +12,8 @@ import sys
 # command path -> (module with a ``main(argv) -> int``, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("toy",): ("dipod.toy", "exact two-token diagnostic of double drift (paper Fig. 2)"),
+    ("control", "train"): ("dipod.control.train", "train a flow (FPO++ + DiPOD) or Gaussian (PPO) policy on a gymnasium task"),
+    ("control", "eval"): ("dipod.control.evaluate", "evaluate a control checkpoint over whole episodes"),
 }
 
 
