@@ -1,0 +1,124 @@
+"""dipod.lm.model: tiny model build/save/load round trip, LoRA, dtype, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from dipod.lm.model import (  # noqa: E402
+    TINY_ALPHABET,
+    LoraSettings,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    load_masked_lm,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_layers=2,
+                            num_heads=2, intermediate_size=64, max_positions=64, seed=3)
+
+
+def _batch(lm, texts):
+    enc = lm.tokenizer(texts, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def test_tokenizer_is_character_level_and_round_trips():
+    tok = build_tiny_tokenizer()
+    text = "Solve: 12+3*(4-5)/6 = x, y<z>.\nok Zz"
+    ids = tok(text)["input_ids"]
+    assert len(ids) == len(text)  # one token per character, nothing added
+    assert tok.decode(ids) == text
+    assert [tok.pad_token_id, tok.mask_token_id, tok.eos_token_id] == [0, 1, 2]
+    assert len(tok) == 4 + len(TINY_ALPHABET)
+    assert tok.decode(tok("é")["input_ids"]) == "<unk>"
+
+
+def test_save_load_round_trip_gives_same_logits(tiny_dir, tmp_path):
+    lm = load_masked_lm(tiny_dir)
+    assert (lm.mask_id, lm.pad_id, lm.eos_id) == (1, 0, 2)
+    ids, attn = _batch(lm, ["12+3=15", "ab"])
+    assert attn[1, 0] == 0  # left padding
+    logits = lm.logits(ids, attn)
+    assert logits.dtype == torch.float32 and logits.shape == (2, 7, len(lm.tokenizer))
+    again = load_masked_lm(lm.save_pretrained(tmp_path / "copy"))
+    assert torch.equal(again.logits(ids, attn), logits)
+
+
+def test_tiny_model_is_bidirectional_and_ignores_padding(tiny_dir):
+    lm = load_masked_lm(tiny_dir)
+    ids, attn = _batch(lm, ["1234567", "abc"])
+    base = lm.logits(ids, attn)
+    later = ids.clone()
+    later[:, -1] = lm.mask_id  # change the LAST token: earlier positions must see it
+    assert (lm.logits(later, attn)[:, 0] - base[:, 0]).abs().max() > 1e-6
+    repadded = ids.clone()
+    repadded[1, :4] = 7  # content under attention mask 0 must not matter
+    assert torch.allclose(lm.logits(repadded, attn)[1, 4:], base[1, 4:], atol=1e-6)
+
+
+def test_mask_token_override_and_bf16_gives_float32_logits(tiny_dir):
+    lm = load_masked_lm(tiny_dir, dtype="bf16", mask_token_id=5)
+    assert lm.mask_id == 5
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    ids, attn = _batch(lm, ["42"])
+    assert lm.logits(ids, attn).dtype == torch.float32
+    with pytest.raises(ValueError, match="mask_token_id"):
+        load_masked_lm(tiny_dir, mask_token_id=10_000)
+    with pytest.raises(ValueError, match="dtype"):
+        load_masked_lm(tiny_dir, dtype="int8")
+
+
+def test_lora_trains_only_adapters(tiny_dir):
+    lm = load_masked_lm(tiny_dir, lora=LoraSettings(r=4, alpha=8, dropout=0.0), gradient_checkpointing=True)
+    trainable = {n for n, p in lm.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    frozen_before = {n: p.detach().clone() for n, p in lm.model.named_parameters() if not p.requires_grad}
+    lm.model.train()
+    opt = torch.optim.SGD([p for p in lm.model.parameters() if p.requires_grad], lr=0.5)
+    ids, attn = _batch(lm, ["1+1=2", "3*3=9"])
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(lm.logits(ids, attn).flatten(0, 1), ids.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lora_b = [p for n, p in lm.model.named_parameters() if "lora_B" in n]
+    assert any(p.abs().max() > 0 for p in lora_b)  # B starts at zero; training moved it
+    for n, p in lm.model.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), n
+
+
+def test_lora_settings_validation():
+    assert LoraSettings(target_modules="Wqkv, Wo").target_modules == ("Wqkv", "Wo")
+    with pytest.raises(ValueError, match="r="):
+        LoraSettings(r=0)
+    with pytest.raises(ValueError, match="dropout"):
+        LoraSettings(dropout=1.0)
+
+
+def test_bad_paths_and_missing_mask_token_give_clear_errors(tiny_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_masked_lm(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_masked_lm(tmp_path / "empty")
+    # Same model, but a tokenizer and config without any mask token.
+    no_mask = tmp_path / "no_mask"
+    load_masked_lm(tiny_dir).save_pretrained(no_mask)
+    config = json.loads((no_mask / "tokenizer_config.json").read_text())
+    config.pop("mask_token")
+    (no_mask / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = json.loads((no_mask / "tokenizer.json").read_text())
+    for added in tok["added_tokens"]:
+        added["special"] = added["content"] != "<mask>"
+    (no_mask / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match="--mask_token_id"):
+        load_masked_lm(no_mask)
+    assert load_masked_lm(no_mask, mask_token_id=1).mask_id == 1
