@@ -71,7 +71,10 @@ def d1_loss(
     ``KL_nl = exp(ref - logp) - (ref - logp) - 1`` (non-negative, unbiased for KL(pi || ref)).
     Shapes: logp [N, L], adv [N], mask [N, L] (1 on completion tokens).
     """
-    logp_nl, logp_old_nl = _as_float(logp_nl), _as_float(logp_old_nl).detach()
+    # Padding may hold anything (even -inf); zero it before exp so that 0 * inf never makes a NaN.
+    valid = mask_nl.bool()
+    logp_nl = torch.where(valid, _as_float(logp_nl), 0.0)
+    logp_old_nl = torch.where(valid, _as_float(logp_old_nl).detach(), 0.0)
     mask = mask_nl.to(logp_nl.dtype)
     adv = _as_float(adv_n).detach()[:, None]
     ratio = torch.exp(logp_nl - logp_old_nl)
@@ -80,7 +83,7 @@ def d1_loss(
     if kl_beta > 0.0:
         if logp_ref_nl is None:
             raise ValueError("d1_loss: kl_beta > 0 needs logp_ref_nl (reference log-probs); pass them or set kl_beta=0")
-        delta = _as_float(logp_ref_nl).detach() - logp_nl
+        delta = torch.where(valid, _as_float(logp_ref_nl).detach(), 0.0) - logp_nl
         kl = torch.exp(delta) - delta - 1.0
         per_token = per_token - kl_beta * kl
         info["kl"] = float((kl.detach() * mask).sum() / mask.sum().clamp_min(1.0))
