@@ -1,0 +1,529 @@
+"""`dipod lm train`: online RL post-training of masked-diffusion LMs (GRPO-style loop + DiPOD).
+
+One step, read top to bottom in ``Trainer.step``:
+  prompts (the same on every process) x num_generations -> this process's slice of the group
+  -> rollouts (sampler, no grad) -> rewards (several functions, weighted)
+  -> gather rewards from all processes -> group-centred advantages -> take the local slice back
+  -> "old" proxies once, with a fixed seed per micro-batch (skipped when unused)
+  -> num_iterations x gradient_accumulation_steps: proxies under the current weights (same seed, so
+     the same masks) -> estimator loss + DiPOD term on the ELBO of that same forward -> backward
+  -> clip, AdamW, schedule -> metrics (+ drift monitor, held-out greedy eval, checkpoint)
+
+Everything distributed goes through ``accelerate`` (one CPU process, DDP, DeepSpeed or FSDP from an
+accelerate config); nothing here talks to torch.distributed directly. Every random draw comes from
+a seed derived from (seed, step, process, micro-batch), so a resumed run repeats an uninterrupted
+one exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dipod.advantages import group_relative_advantages
+from dipod.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
+                              save_checkpoint)
+from dipod.config import ConfigError, config_to_dict, parse_config, save_config
+from dipod.lm.train_config import TrainConfig
+from dipod.objectives import d1_loss, dipod_term, fpo_loss, fpo_plus_plus_loss, spg_loss
+from dipod.runlog import MetricsLogger
+
+# metric keys that measure wall-clock time; they differ between otherwise identical runs
+TIMING_KEYS = ("step_time", "generation_time", "update_time", "tokens_per_s")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite updates in a row; the last good checkpoint is untouched."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integer parts (seed, stage, step, process, ...): independent streams per stage."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+# stage codes for derive_seed
+_PROMPTS, _GENERATE, _PROXY, _MONITOR, _GLOBAL_RNG, _SHOTS = range(6)
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warm-up over ``warmup_steps`` updates, then constant, linear or cosine decay to 0."""
+    total = cfg.max_steps * cfg.num_iterations
+
+    def factor(update: int) -> float:
+        if update < cfg.warmup_steps:
+            return (update + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (update - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        return 1.0 - progress if cfg.lr_scheduler == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def estimator_loss(cfg: TrainConfig, new, old, adv_n: Tensor, ref_logp_nl: Tensor | None) -> tuple[Tensor, dict]:
+    """The configured estimator's loss on proxies under the current weights (``new``) and the rollout
+    weights (``old``). SPG is an on-policy estimator and ignores ``old``."""
+    if cfg.estimator == "d1":
+        return d1_loss(new.meanfield_logp_nl, old.meanfield_logp_nl, adv_n, new.completion_mask_nl,
+                       eps=cfg.clip_eps_value(), kl_beta=cfg.kl_beta_value(), logp_ref_nl=ref_logp_nl)
+    if cfg.estimator == "fpo":
+        return fpo_loss(new.elbo_nk, old.elbo_nk, adv_n, eps=cfg.clip_eps_value())
+    if cfg.estimator == "fpo++":
+        return fpo_plus_plus_loss(new.elbo_nk, old.elbo_nk, adv_n, eps=cfg.clip_eps_value(),
+                                  log_ratio_max=cfg.log_ratio_max_value())
+    return spg_loss(adv_n, new.elbo_n, new.eubo_n if cfg.needs_eubo() else None,
+                    negative_proxy=cfg.spg_negative_proxy_value(), mix_weight=cfg.spg_mix_weight_value(),
+                    lengths_n=new.lengths_n)
+
+
+def rl_loss(cfg: TrainConfig, new, old, adv_n: Tensor, ref_logp_nl: Tensor | None) -> tuple[Tensor, dict]:
+    """Estimator loss + the DiPOD term on the ELBO of the SAME forward pass (no second forward).
+
+    The DiPOD term is length-weighted like SPG's loss, so ``beta`` scales the per-token ELBO the
+    same way whatever the estimator.
+    """
+    loss, info = estimator_loss(cfg, new, old, adv_n, ref_logp_nl)
+    if cfg.dipod_beta > 0:
+        tighten = dipod_term(new.elbo_n, cfg.dipod_beta, lengths_n=new.lengths_n)
+        info["dipod_loss"] = float(tighten.detach())
+        loss = loss + tighten
+    return loss, info
+
+
+def proxies_used(cfg: TrainConfig, proxies) -> list[Tensor]:
+    """The proxy tensors this configuration's loss reads (checked for NaN/inf before backward)."""
+    used = []
+    if cfg.estimator == "d1":
+        used.append(proxies.meanfield_logp_nl)
+    if cfg.estimator != "d1" or cfg.dipod_beta > 0:
+        used.append(proxies.elbo_nk)
+    if cfg.needs_eubo():
+        used.append(proxies.eubo_n)
+    return used
+
+
+@dataclasses.dataclass
+class TrainResult:
+    output_dir: Path
+    final_step: int
+    before: dict[str, float]  # held-out evaluation before training (empty when resumed)
+    after: dict[str, float]  # held-out evaluation after the last step
+    history: list[dict[str, Any]]  # the metrics rows this process logged (main process only)
+    model: torch.nn.Module  # the trained policy, unwrapped
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from accelerate import Accelerator
+
+        from dipod.lm import train_engine as engine
+
+        self.cfg = cfg
+        self.accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+        acc = self.accelerator
+        self.world, self.rank = acc.num_processes, acc.process_index
+        total = cfg.prompts_per_step * cfg.num_generations
+        if total % self.world or (total // self.world) % cfg.gradient_accumulation_steps:
+            raise ConfigError(
+                f"prompts_per_step x num_generations = {total} completions must split evenly over {self.world} "
+                f"process(es) x gradient_accumulation_steps={cfg.gradient_accumulation_steps}; change one of them")
+        self.n_local = total // self.world
+        self.micro = self.n_local // cfg.gradient_accumulation_steps
+        self.engine = engine
+        self.task = engine.get_task(cfg.task)
+        self.train_examples = self.task.load("train", path=cfg.train_data)
+        self.eval_examples = self.task.load("test", path=cfg.eval_data, limit=cfg.eval_examples)
+        if not self.train_examples:
+            raise ValueError(f"task {cfg.task}: the training split is empty (train_data={cfg.train_data})")
+        self.reward_names, self.reward_fns, self.reward_weights = engine.reward_table(self.task, cfg.reward_weights)
+        self.shots_prefix = self._few_shot_prefix()
+
+        self.lm = engine.load_policy(cfg, device=acc.device)
+        self.ref_lm = engine.load_reference(cfg, device=acc.device) if cfg.kl_beta_value() > 0 else None
+        params = [p for p in self.lm.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.weight_decay)
+        # The scheduler is stepped by hand once per update (not prepared: accelerate would step it
+        # num_processes times per update).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.model, self.optimizer = acc.prepare(self.lm.model, optimizer)
+        self.policy = dataclasses.replace(self.lm, model=self.model)  # forwards through DDP (gradient sync)
+        self.frozen_view = dataclasses.replace(self.lm, model=acc.unwrap_model(self.model))  # no-grad calls
+        self.proxy_settings = engine.proxy_settings(cfg)
+        self.nonfinite_streak = 0
+        self.start_step = 0
+
+    # ------------------------------------------------------------------ data
+    def _few_shot_prefix(self) -> str:
+        if self.cfg.few_shot == 0:
+            return ""
+        order = torch.randperm(len(self.train_examples), generator=torch.Generator().manual_seed(
+            derive_seed(self.cfg.seed, _SHOTS)))[: self.cfg.few_shot]
+        shots = [self.train_examples[int(i)] for i in order]
+        return "".join(self.task.prompt(ex, "compact") + self.task.demonstration(ex) + "\n\n" for ex in shots)
+
+    def step_examples(self, step: int) -> list[dict]:
+        """This process's slice of the step's P x G rollouts (consecutive groups of G per prompt).
+
+        Prompts walk through a fresh seeded permutation of the training set each epoch, so the
+        choice depends only on (seed, step) and is the same on every process.
+        """
+        cfg, n = self.cfg, len(self.train_examples)
+        positions = torch.arange((step - 1) * cfg.prompts_per_step, step * cfg.prompts_per_step)
+        chosen = []
+        for epoch in positions.div(n, rounding_mode="floor").unique().tolist():
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, _PROMPTS, epoch)))
+            in_epoch = positions[positions.div(n, rounding_mode="floor") == epoch]
+            chosen.extend(perm[in_epoch % n].tolist())
+        grouped = [self.train_examples[i] for i in chosen for _ in range(cfg.num_generations)]
+        return grouped[self.rank * self.n_local:(self.rank + 1) * self.n_local]
+
+    def encode(self, examples: list[dict]) -> tuple[Tensor, Tensor]:
+        texts = [self.shots_prefix + self.task.prompt(ex, self.cfg.prompt_style) for ex in examples]
+        ids, attn = self.engine.encode_prompts(self.lm, texts, self.cfg.max_prompt_length, chat=self.cfg.prompt_style == "chat")
+        return ids.to(self.accelerator.device), attn.to(self.accelerator.device)
+
+    # ------------------------------------------------------------------ rollouts
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, prompt_attn: Tensor, temperature: float, seed: int) -> Tensor:
+        cfg = self.cfg
+        settings = self.engine.sampler_settings(cfg, temperature)
+        generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
+        chunk = cfg.generation_batch_size or prompt_ids.shape[0]
+        try:
+            outs = [self.engine.generate(self.frozen_view, prompt_ids[i:i + chunk], prompt_attn[i:i + chunk], settings,
+                                         generator=generator) for i in range(0, prompt_ids.shape[0], chunk)]
+        except torch.OutOfMemoryError:
+            raise RuntimeError(
+                f"out of memory while generating {chunk} completions at once; set --generation_batch_size "
+                f"{max(1, chunk // 2)} (or lower)") from None
+        return torch.cat(outs, dim=0)
+
+    def score(self, texts: list[str], examples: list[dict]) -> tuple[Tensor, Tensor]:
+        """Rewards ``[n, F]`` (one column per reward function) and correctness ``[n]``."""
+        rewards_nf = torch.tensor([[float(fn(t, ex)) for fn in self.reward_fns] for t, ex in zip(texts, examples)],
+                                  dtype=torch.float32).reshape(len(texts), len(self.reward_fns))
+        correct_n = torch.tensor([float(self.task.is_correct(t, ex)) for t, ex in zip(texts, examples)])
+        return rewards_nf, correct_n
+
+    def advantages(self, rewards_nf: Tensor) -> tuple[Tensor, Tensor]:
+        """Gather every process's rewards, centre them per prompt group, return (local adv, all rewards).
+
+        A prompt's group may span processes, so the centring must see the whole batch.
+        """
+        acc = self.accelerator
+        all_rewards_nf = acc.gather(rewards_nf.to(acc.device)).cpu()
+        total_n = all_rewards_nf @ self.reward_weights
+        adv_all = group_relative_advantages(total_n, self.cfg.num_generations, scale_by_std=self.cfg.scale_rewards)
+        return adv_all[self.rank * self.n_local:(self.rank + 1) * self.n_local], all_rewards_nf
+
+    # ------------------------------------------------------------------ update
+    def _proxies(self, view, batch: dict, rows: slice, seed: int):
+        return self.engine.compute_proxies(view, batch["prompt_ids"][rows], batch["prompt_attn"][rows],
+                                           batch["completion_ids"][rows], self.proxy_settings, seed,
+                                           meanfield=self.cfg.estimator == "d1")
+
+    def _all_finite(self, tensors: list[Tensor]) -> bool:
+        """True when every tensor is finite on EVERY process (all skip together, or none does)."""
+        bad = torch.tensor([0.0 if all(bool(torch.isfinite(t).all()) for t in tensors) else 1.0],
+                           device=self.accelerator.device)
+        return float(self.accelerator.reduce(bad, reduction="sum")) == 0.0
+
+    def update(self, batch: dict, step: int) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        micro_rows = [slice(m * self.micro, (m + 1) * self.micro) for m in range(cfg.gradient_accumulation_steps)]
+        seeds = [derive_seed(cfg.seed, _PROXY, step, self.rank, m) for m in range(len(micro_rows))]
+        need_old = cfg.estimator != "spg" and cfg.num_iterations > 1
+        old, ref = [None] * len(micro_rows), [None] * len(micro_rows)
+        with torch.no_grad():
+            for m, rows in enumerate(micro_rows):
+                if need_old:
+                    old[m] = self._proxies(self.frozen_view, batch, rows, seeds[m])
+                if self.ref_lm is not None:
+                    ref[m] = self._proxies(self.ref_lm, batch, rows, seeds[m]).meanfield_logp_nl
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        first_pass: list = []
+        skipped = 0
+        for iteration in range(cfg.num_iterations):
+            finite = True
+            for m, rows in enumerate(micro_rows):
+                with acc.accumulate(self.model):
+                    if not finite:
+                        continue  # keep accelerate's micro-batch count aligned, skip the compute
+                    new = self._proxies(self.policy, batch, rows, seeds[m])
+                    # With one iteration the "old" proxies are these very values, detached (same masks).
+                    reference = old[m] if old[m] is not None else _detached(new)
+                    loss, info = rl_loss(cfg, new, reference, batch["adv_n"][rows], ref[m])
+                    finite = self._all_finite([loss.detach(), *proxies_used(cfg, new)])
+                    if not finite:
+                        continue
+                    acc.backward(loss)
+                    if iteration == 0:
+                        first_pass.append(new)
+                    for key, value in {"loss": float(loss.detach()), **info}.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                        counts[key] = counts.get(key, 0) + 1
+            grad_norm = math.nan
+            if finite:
+                params = [p for p in self.model.parameters() if p.requires_grad]
+                norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                grad_norm = float(norm) if norm is not None else math.nan
+                finite = norm is None or math.isfinite(grad_norm)
+            if finite:
+                self.optimizer.step()
+                self.scheduler.step()
+                self.nonfinite_streak = 0
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+                counts["grad_norm"] = counts.get("grad_norm", 0) + 1
+            else:
+                skipped += 1
+                self.nonfinite_streak += 1
+                acc.print(f"step {step}: non-finite loss, proxy or gradient in update {iteration + 1}; "
+                          f"update skipped ({self.nonfinite_streak} in a row)")
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.nonfinite_streak >= cfg.max_nonfinite_updates:
+                break
+        stats = {k: sums[k] / counts[k] for k in sums}
+        stats["skipped_updates"] = float(skipped)
+        stats.update(self._proxy_stats(first_pass))
+        return stats
+
+    def _proxy_stats(self, proxies: list) -> dict[str, float]:
+        """Means of the on-policy proxies of the first pass (pre-update weights)."""
+        if not proxies:
+            return {}
+        lengths = torch.cat([p.lengths_n.detach().float() for p in proxies])
+        stats = {"completion_length": float(lengths.mean())}
+        if self.cfg.estimator != "d1" or self.cfg.dipod_beta > 0:
+            elbo = torch.cat([p.elbo_n.detach().float() for p in proxies])
+            stats["elbo"] = float(elbo.mean())
+            stats["elbo_per_token"] = float(elbo.sum() / lengths.sum().clamp_min(1.0))
+        if self.cfg.needs_eubo():
+            stats["eubo"] = float(torch.cat([p.eubo_n.detach().float() for p in proxies]).mean())
+        return stats
+
+    # ------------------------------------------------------------------ monitors
+    @torch.no_grad()
+    def gap_lower_bound(self, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor, seed: int) -> list[float]:
+        """Drift monitor IW_K - ELBO on the given sequences (a lower bound on log pi - ELBO)."""
+        self.frozen_view.model.eval()
+        try:
+            gap_n = self.engine.gap_lower_bound(self.frozen_view, prompt_ids, prompt_attn, completion_ids,
+                                                self.proxy_settings, self.cfg.gap_monitor_orders, seed)
+        finally:
+            self.frozen_view.model.train()
+        return gap_n.float().cpu().tolist()
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Greedy held-out accuracy and reward (each process takes every world-th example), plus the
+        drift monitor on the first few greedy completions."""
+        from accelerate.utils import gather_object
+
+        cfg = self.cfg
+        shard = self.eval_examples[self.rank::self.world]
+        rows: list[tuple[float, float]] = []
+        gaps: list[float] = []
+        if shard:
+            ids, attn = self.encode(shard)
+            completion = self.generate(ids, attn, temperature=0.0, seed=0)
+            texts = self.engine.decode_completions(self.lm, completion)
+            rows = [(float(self.task.reward(t, ex)), float(self.task.is_correct(t, ex))) for t, ex in zip(texts, shard)]
+            k = min(cfg.gap_monitor_sequences, len(shard))
+            gaps = self.gap_lower_bound(ids[:k], attn[:k], completion[:k], derive_seed(cfg.seed, _MONITOR, step, self.rank, 1))
+        rows, gaps = gather_object(rows), gather_object(gaps)
+        return {"eval/reward": float(np.mean([r for r, _ in rows])), "eval/accuracy": float(np.mean([c for _, c in rows])),
+                "eval/gap_lower_bound": float(np.mean(gaps))}
+
+    # ------------------------------------------------------------------ one step
+    def step(self, step: int) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        torch.manual_seed(derive_seed(cfg.seed, _GLOBAL_RNG, step, self.rank))  # dropout etc.
+        start = time.perf_counter()
+        examples = self.step_examples(step)
+        prompt_ids, prompt_attn = self.encode(examples)
+        completion_ids = self.generate(prompt_ids, prompt_attn, cfg.temperature,
+                                       derive_seed(cfg.seed, _GENERATE, step, self.rank))
+        texts = self.engine.decode_completions(self.lm, completion_ids)
+        rewards_nf, correct_n = self.score(texts, examples)
+        adv_n, all_rewards_nf = self.advantages(rewards_nf)
+        generated = time.perf_counter()
+        batch = {"prompt_ids": prompt_ids, "prompt_attn": prompt_attn, "completion_ids": completion_ids,
+                 "adv_n": adv_n.to(acc.device)}
+        stats = self.update(batch, step)
+        done = time.perf_counter()
+
+        total_reward_n = all_rewards_nf @ self.reward_weights
+        metrics: dict[str, float] = {"reward": float(total_reward_n.mean()), "reward_std": float(total_reward_n.std())}
+        for name, column in zip(self.reward_names, all_rewards_nf.T):
+            metrics[f"reward/{name}"] = float(column.mean())
+        local = {k: v for k, v in stats.items() if k != "skipped_updates"}
+        keys = sorted(local)
+        # every process has the same number of rollouts, so the mean of local means is the global mean
+        local_t = torch.tensor([local[k] for k in keys] + [float(correct_n.mean())], dtype=torch.float64, device=acc.device)
+        reduced = acc.reduce(local_t, reduction="mean").cpu().tolist()
+        metrics.update(dict(zip(keys, reduced[:-1])))
+        metrics["accuracy"] = reduced[-1]
+        metrics["skipped_updates"] = stats["skipped_updates"]
+        metrics["learning_rate"] = float(self.scheduler.get_last_lr()[0])
+        metrics["generation_time"] = generated - start
+        metrics["update_time"] = done - generated
+        metrics["step_time"] = done - start
+        metrics["tokens_per_s"] = self.n_local * self.world * cfg.gen_length / max(done - start, 1e-9)
+        if cfg.gap_monitor_steps and step % cfg.gap_monitor_steps == 0:
+            from accelerate.utils import gather_object
+
+            k = min(cfg.gap_monitor_sequences, self.n_local)
+            gaps = self.gap_lower_bound(prompt_ids[:k], prompt_attn[:k], completion_ids[:k],
+                                        derive_seed(cfg.seed, _MONITOR, step, self.rank))
+            metrics["gap_lower_bound"] = float(np.mean(gather_object(gaps)))
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainable_weights(self) -> dict[str, Tensor]:
+        model = self.accelerator.unwrap_model(self.model)
+        return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+    def save(self, step: int) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "rng": capture_rng_state(), "nonfinite_streak": self.nonfinite_streak}
+            save_checkpoint(Path(self.cfg.output_dir), step, self.trainable_weights(), state,
+                            {"config": _yaml_safe(config_to_dict(self.cfg))}, keep_last=self.cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+
+    def restore(self) -> None:
+        cfg = self.cfg
+        if cfg.resume in ("latest", "true", "auto"):
+            path = latest_checkpoint(Path(cfg.output_dir))
+            if path is None:
+                self.accelerator.print(f"--resume {cfg.resume}: no checkpoint in {cfg.output_dir}; starting from step 0")
+                return
+        else:
+            path = Path(cfg.resume)
+        weights, state, meta = load_checkpoint(path)
+        model = self.accelerator.unwrap_model(self.model)
+        params = dict(model.named_parameters())
+        missing = sorted(set(self.trainable_weights()) - set(weights))
+        unknown = sorted(set(weights) - set(params))
+        if missing or unknown:
+            raise ValueError(f"checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected "
+                             f"{unknown[:3]}); resume with the same --model and LoRA settings")
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        self.nonfinite_streak = int(state["nonfinite_streak"])
+        self.start_step = int(meta["step"])
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        out = Path(cfg.output_dir)
+        if cfg.resume:
+            self.restore()
+        resumed = self.start_step > 0 or bool(cfg.resume)
+        logger = None
+        if acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+            logger = MetricsLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
+                                   resume_from_step=(self.start_step + 1) if resumed else None,
+                                   run_config=config_to_dict(cfg))
+        history: list[dict] = []
+
+        def log(step: int, row: dict) -> None:
+            if logger is not None:
+                logger.log(step, row)
+                history.append({"step": step, **row})
+
+        before: dict[str, float] = {}
+        after: dict[str, float] = {}
+        try:
+            if self.start_step == 0:
+                before = self.evaluate(0)
+                log(0, before)
+            bar = tqdm(total=cfg.max_steps, initial=self.start_step, desc="lm train", dynamic_ncols=True,
+                       disable=not (cfg.progress_bar and acc.is_main_process))
+            for step in range(self.start_step + 1, cfg.max_steps + 1):
+                metrics = self.step(step)
+                last = step == cfg.max_steps
+                if last or (cfg.eval_steps and step % cfg.eval_steps == 0):
+                    after = self.evaluate(step)
+                    metrics.update(after)
+                log(step, metrics)
+                bar.update(1)
+                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward", "accuracy", "gap_lower_bound")
+                                 if k in metrics})
+                if self.nonfinite_streak >= cfg.max_nonfinite_updates:
+                    raise TrainingDiverged(
+                        f"stopped at step {step}: {self.nonfinite_streak} non-finite updates in a row (NaN/inf in the "
+                        f"loss, a proxy or the gradient); no checkpoint was written for them. Lower --learning_rate, "
+                        f"raise --max_grad_norm clipping, or use --dtype float32, then --resume latest")
+                if last or (cfg.save_steps and step % cfg.save_steps == 0):
+                    self.save(step)
+            bar.close()
+            if cfg.save_final_model and acc.is_main_process:
+                self.frozen_view.save_pretrained(out / "final_model")  # LoRA merged into a copy
+            acc.wait_for_everyone()
+        finally:
+            if logger is not None:
+                logger.close()
+        return TrainResult(out, cfg.max_steps, before, after, history, acc.unwrap_model(self.model))
+
+
+def _detached(proxies):
+    return dataclasses.replace(proxies, **{f.name: getattr(proxies, f.name).detach()
+                                           for f in dataclasses.fields(proxies)
+                                           if isinstance(getattr(proxies, f.name), Tensor)})
+
+
+def _yaml_safe(values: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run one training job in this process (under ``accelerate launch``: one process of it)."""
+    return Trainer(cfg).run()
+
+
+def _normalise_resume_flag(argv: list[str]) -> list[str]:
+    """Let a bare ``--resume`` mean ``--resume latest``."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("latest")
+    return out
+
+
+def main(argv: list[str], prog: str = "dipod lm train") -> int:
+    cfg = parse_config(TrainConfig, _normalise_resume_flag(list(argv)), prog,
+                       description="Online RL post-training of a masked-diffusion LM (d1 / FPO / FPO++ / SPG + DiPOD).")
+    try:
+        result = train(cfg)
+    except TrainingDiverged as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    if result.after:
+        print(f"{prog}: done after step {result.final_step}: held-out accuracy {result.after['eval/accuracy']:.3f}, "
+              f"reward {result.after['eval/reward']:.3f}; outputs in {result.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":  # `accelerate launch -m dipod.lm.trainer --config FILE ...`
+    sys.exit(main(sys.argv[1:]))
