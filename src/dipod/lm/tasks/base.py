@@ -1,0 +1,127 @@
+"""The `Task` interface every language-model task implements, and the registry of task names.
+
+A task owns its data (`load`), how a question is shown to a model (`prompt`), what a correct
+answer looks like (`demonstration`) and how a completion is scored (`reward`, `is_correct`,
+`reward_functions`). Completions are untrusted model output: the public scoring methods take any
+object, refuse non-strings and over-long strings with a score of 0, and hand everything else to
+the subclass hooks `_reward`, `_is_correct` and `_extract_answer`, which are written so that no
+string makes them raise, hang or run code (see tests/test_lm_tasks.py for the fuzzing).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar
+
+STYLES = ("compact", "chat")
+
+# Far above any real completion (LLaDA's longest setting, 512 tokens, is a few thousand
+# characters); a longer string is garbage and scores 0 without being parsed at all.
+MAX_COMPLETION_CHARS = 200_000
+
+RewardFn = Callable[[Any, dict], float]
+
+
+def _scorable(completion: Any) -> bool:
+    return isinstance(completion, str) and len(completion) <= MAX_COMPLETION_CHARS
+
+
+def guarded(score: Callable[[str, dict], float]) -> RewardFn:
+    """Wrap a (completion, example) -> float scorer so non-strings and huge strings get 0.0."""
+
+    def guarded_score(completion: Any, example: dict) -> float:
+        return float(score(completion, example)) if _scorable(completion) else 0.0
+
+    guarded_score.__name__ = getattr(score, "__name__", "reward")
+    return guarded_score
+
+
+class Task(ABC):
+    """One task. Subclasses set `name` and implement the abstract methods; register them with
+    `@register_task`. Task options (sizes, seeds) are constructor keyword arguments."""
+
+    name: ClassVar[str]
+    splits: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def load(self, split: str, path: str | None = None, limit: int | None = None) -> list[dict]:
+        """Examples of `split` (or read from `path`), at most `limit` of them."""
+
+    @abstractmethod
+    def compact_prompt(self, example: dict) -> str:
+        """Short prompt for the tiny character-level model."""
+
+    @abstractmethod
+    def chat_prompt(self, example: dict) -> str:
+        """User-message text for instruct models (the caller applies the chat template)."""
+
+    @abstractmethod
+    def demonstration(self, example: dict) -> str:
+        """A correct completion in the compact format (used to train tiny reference policies)."""
+
+    @abstractmethod
+    def _extract_answer(self, completion: str) -> str | None:
+        """The answer a completion gives, or None when it gives none."""
+
+    @abstractmethod
+    def _reward(self, completion: str, example: dict) -> float:
+        """Headline reward in [0, 1]; must not raise on any string."""
+
+    def _is_correct(self, completion: str, example: dict) -> bool:
+        return self._reward(completion, example) >= 1.0
+
+    # -- public API: the guards live here so every task gets them -----------------------------
+
+    def prompt(self, example: dict, style: str = "compact") -> str:
+        if style == "compact":
+            return self.compact_prompt(example)
+        if style == "chat":
+            return self.chat_prompt(example)
+        raise ValueError(f"unknown prompt style {style!r}; use one of {', '.join(STYLES)}")
+
+    def extract_answer(self, completion: Any) -> str | None:
+        return self._extract_answer(completion) if _scorable(completion) else None
+
+    def reward(self, completion: Any, example: dict) -> float:
+        return float(self._reward(completion, example)) if _scorable(completion) else 0.0
+
+    def is_correct(self, completion: Any, example: dict) -> bool:
+        return bool(self._is_correct(completion, example)) if _scorable(completion) else False
+
+    @property
+    def reward_functions(self) -> dict[str, tuple[RewardFn, float]]:
+        """name -> (callable(completion, example) -> float, weight); the trainer sums
+        weight * value. Default: the headline reward alone."""
+        return {"correctness": (self.reward, 1.0)}
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
+
+
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator adding a Task subclass to the registry under `cls.name`."""
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TypeError(f"register_task expects a Task subclass, got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{cls.__name__} needs a non-empty class attribute `name`")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"a task named {name!r} is already registered ({_REGISTRY[name].__name__})")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def registered_tasks() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """A new instance of the task registered as `name`, built with `options`."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(registered_tasks())}")
+    return _REGISTRY[name](**options)

@@ -1,0 +1,102 @@
+"""GSM8K grade-school word problems, scored as d1 scores them.
+
+Examples are ``{"question": ..., "answer": "72"}``; `answer` is the text after ``####`` in the
+dataset's answer field (or the whole field when it has no ``####``). Data comes only from where
+the user points: a local .json/.jsonl/.parquet file with `question` and `answer` fields, or a
+hub dataset id such as ``openai/gsm8k`` (the only case that touches the network).
+
+Rewards (d1's five, each here in [0, 1], weights restoring d1's scale, maximum total 4.0):
+correctness x2.0 (the answer equals the reference as a number, else as text), integer x0.5 (the
+answer is all digits), strict_format x0.5, soft_format x0.5, xml_count x0.5. The headline
+`reward` is correctness alone, so it is also the accuracy.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+from .answer_format import CHAT_FORMAT, answer_text, soft_format, strict_format, xml_count
+from .base import RewardFn, Task, check_limit, guarded, register_task
+from .data_files import read_records, require_fields
+
+_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+_MAX_ANSWER_CHARS = 40  # longer "numbers" are garbage; also keeps Fraction() cheap
+
+
+def final_answer(answer_field: str) -> str:
+    return answer_field.split("####")[-1].strip()
+
+
+def normalise(answer: str) -> str:
+    return answer.strip().replace(",", "").replace("$", "").rstrip(".").strip()
+
+
+def same_answer(predicted: str, reference: str) -> bool:
+    """Numeric equality when both are plain decimals ("72" == "72.0"), else exact text."""
+    predicted, reference = normalise(predicted), normalise(reference)
+    if len(predicted) > _MAX_ANSWER_CHARS:
+        return False
+    if _NUMBER.fullmatch(predicted) and _NUMBER.fullmatch(reference):
+        return Fraction(predicted) == Fraction(reference)
+    return predicted == reference
+
+
+@register_task
+class GSM8KTask(Task):
+    name = "gsm8k"
+    splits = ("train", "test")
+
+    def __init__(self, hub_config: str | None = "main"):
+        self.hub_config = hub_config  # the configuration name openai/gsm8k needs on the hub
+
+    def load(self, split: str, path: str | None = None, limit: int | None = None) -> list[dict]:
+        check_limit(limit)
+        if path is None:
+            raise ValueError(
+                "gsm8k has no built-in data: pass a .json/.jsonl/.parquet file with question and "
+                "answer fields, or a hub dataset id such as openai/gsm8k"
+            )
+        examples = []
+        for where, row in read_records(path, split, self.hub_config):
+            if limit is not None and len(examples) >= limit:
+                break
+            require_fields(row, ("question", "answer"), where)
+            answer = final_answer(str(row["answer"]))
+            if not answer:
+                raise ValueError(f"{where}: empty final answer (expected text after '####')")
+            examples.append({"question": str(row["question"]).strip(), "answer": answer})
+        return examples
+
+    def compact_prompt(self, example: dict) -> str:
+        return example["question"]
+
+    def chat_prompt(self, example: dict) -> str:
+        return (
+            f"{example['question']}\n\n"
+            "Inside the answer tags write only the final number.\n" + CHAT_FORMAT
+        )
+
+    def demonstration(self, example: dict) -> str:
+        return example["answer"]
+
+    def _extract_answer(self, completion: str) -> str | None:
+        return answer_text(completion) or None
+
+    def _reward(self, completion: str, example: dict) -> float:
+        answer = self._extract_answer(completion)
+        return 1.0 if answer is not None and same_answer(answer, example["answer"]) else 0.0
+
+    def _integer(self, completion: str, example: dict) -> float:
+        answer = answer_text(completion)
+        return 1.0 if answer and all(c in "0123456789" for c in answer) else 0.0
+
+    @property
+    def reward_functions(self) -> dict[str, tuple[RewardFn, float]]:
+        return {
+            "correctness": (self.reward, 2.0),
+            "integer": (guarded(self._integer), 0.5),
+            "strict_format": (guarded(lambda c, _: strict_format(c)), 0.5),
+            "soft_format": (guarded(lambda c, _: soft_format(c)), 0.5),
+            "xml_count": (guarded(lambda c, _: xml_count(c)), 0.5),
+        }

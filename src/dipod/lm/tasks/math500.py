@@ -1,0 +1,133 @@
+"""MATH-500 competition problems, with boxed-answer extraction and `math-verify` equivalence.
+
+Examples are ``{"problem": ..., "answer": "\\frac{1}{2}"}``; `answer` is the dataset's `answer`
+field, or the last ``\\boxed{...}`` of its `solution` field. Data comes from a local
+.json/.jsonl/.parquet file or a hub dataset id such as ``HuggingFaceH4/MATH-500``.
+
+Answer: the answer part of the completion (tagged or compact, see `answer_format`); if it holds
+a ``\\boxed{...}``, the content of the last one. Correctness: `math_verify.verify` of the
+reference against that answer. Rewards (d1's two): correctness x2.0 and boxed_format x1.0
+(0.5 for an <answer>...</answer> pair, 0.5 more when the tagged answer holds a \\boxed{}).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+from .answer_format import CHAT_FORMAT, answer_text, tagged_answer
+from .base import RewardFn, Task, check_limit, guarded, register_task
+from .data_files import read_records, require_fields
+
+BOXED = "\\boxed"
+_MAX_ANSWER_CHARS = 1000  # sympy on longer untrusted input is a time sink with no upside
+_VERIFY_TIMEOUT_S = 5
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (balanced braces), or None."""
+    start = text.rfind(BOXED)
+    if start < 0:
+        return None
+    i = start + len(BOXED)
+    while i < len(text) and text[i] == " ":
+        i += 1
+    if i >= len(text) or text[i] != "{":
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j].strip()
+    return None
+
+
+def _timeout() -> int | None:
+    # math-verify's timeout uses SIGALRM, which Python allows only in the main thread.
+    return _VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_reference(answer: str) -> tuple:
+    import math_verify  # imported on first use: it pulls in sympy, which most tasks never need
+
+    return tuple(math_verify.parse(f"{BOXED}{{{answer}}}", parsing_timeout=_timeout()))
+
+
+def equivalent(predicted: str, reference: str) -> bool:
+    """math-verify equivalence; anything the third-party parser chokes on counts as wrong."""
+    import math_verify
+
+    try:
+        gold = list(_parsed_reference(reference))
+        guess = math_verify.parse(f"{BOXED}{{{predicted}}}", parsing_timeout=_timeout())
+        return bool(gold and guess and math_verify.verify(gold, guess, timeout_seconds=_timeout()))
+    except Exception:  # math-verify/sympy failures on untrusted text mean "not verified"
+        return False
+
+
+@register_task
+class Math500Task(Task):
+    name = "math500"
+    splits = ("test",)
+
+    def __init__(self, hub_config: str | None = None):
+        self.hub_config = hub_config
+
+    def load(self, split: str, path: str | None = None, limit: int | None = None) -> list[dict]:
+        check_limit(limit)
+        if path is None:
+            raise ValueError(
+                "math500 has no built-in data: pass a .json/.jsonl/.parquet file with problem and "
+                "answer (or solution) fields, or a hub dataset id such as HuggingFaceH4/MATH-500"
+            )
+        examples = []
+        for where, row in read_records(path, split, self.hub_config):
+            if limit is not None and len(examples) >= limit:
+                break
+            require_fields(row, ("problem",), where)
+            if row.get("answer") not in (None, ""):
+                answer = str(row["answer"]).strip()
+            elif row.get("solution"):
+                answer = last_boxed(str(row["solution"]))
+                if not answer:
+                    raise ValueError(f"{where}: no answer field and no \\boxed{{...}} in the solution")
+            else:
+                raise ValueError(f"{where}: missing field answer (or solution with a \\boxed answer)")
+            examples.append({"problem": str(row["problem"]).strip(), "answer": answer})
+        return examples
+
+    def compact_prompt(self, example: dict) -> str:
+        return example["problem"]
+
+    def chat_prompt(self, example: dict) -> str:
+        return (
+            f"{example['problem']}\n\n"
+            "Inside the answer tags give the final answer in \\boxed{}.\n" + CHAT_FORMAT
+        )
+
+    def demonstration(self, example: dict) -> str:
+        return example["answer"]
+
+    def _extract_answer(self, completion: str) -> str | None:
+        text = answer_text(completion)
+        boxed = last_boxed(text)
+        answer = text if boxed is None else boxed
+        return answer if 0 < len(answer) <= _MAX_ANSWER_CHARS else None
+
+    def _reward(self, completion: str, example: dict) -> float:
+        answer = self._extract_answer(completion)
+        return 1.0 if answer is not None and equivalent(answer, example["answer"]) else 0.0
+
+    def _boxed_format(self, completion: str, example: dict) -> float:
+        tagged = tagged_answer(completion)
+        if tagged is None:
+            return 0.0
+        return 1.0 if last_boxed(tagged) is not None else 0.5
+
+    @property
+    def reward_functions(self) -> dict[str, tuple[RewardFn, float]]:
+        return {"correctness": (self.reward, 2.0), "boxed_format": (guarded(self._boxed_format), 1.0)}

@@ -1,0 +1,196 @@
+"""4x4 sudoku: puzzles generated from all 288 valid grids, each with exactly one solution.
+
+Examples are ``{"puzzle": "3102200002100320", "solution": "3142243142131324"}``: 16 digits read
+row by row, ``0`` for a blank. The 288 grids are split by a seeded shuffle into test grids and
+train grids, so no solution grid appears in both splits. A puzzle is a grid with `num_blanks`
+cells blanked; it is kept only when exactly one of the 288 grids agrees with its clues. That test
+is exact, because every solution of a 4x4 puzzle is one of the 288 valid grids.
+
+Reward (as d1): the fraction of blank cells the answer fills with the right digit; accuracy: all
+16 cells right. The answer is read by the rule of `answer_format` (tagged or compact), then its
+ASCII digits are taken, padded with 0 or cut to 16 as d1 does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .answer_format import CHAT_FORMAT, tagged_answer
+from .base import Task, check_limit, register_task
+from .data_files import read_csv, shared_file
+
+CELLS = 16
+D1_TEST_FILE = "sudoku4_d1_test.csv"
+_MAX_TAGGED_CHARS = 1000  # an answer of 16 digits has no business being longer
+_MAX_COMPACT_CHARS = 64
+_BATCH = 256
+
+
+def _unit_of(cell: int) -> tuple[int, int, int]:
+    row, col = divmod(cell, 4)
+    return row, 4 + col, 8 + (row // 2) * 2 + col // 2  # ids of its row, column and box
+
+
+@functools.cache
+def all_grids() -> tuple[str, ...]:
+    """The 288 valid 4x4 sudoku grids, in lexicographic order (filled cell by cell)."""
+    grids: list[str] = []
+    cells: list[str] = []
+    used: list[set[str]] = [set() for _ in range(12)]
+
+    def fill(cell: int) -> None:
+        if cell == CELLS:
+            grids.append("".join(cells))
+            return
+        units = _unit_of(cell)
+        for digit in "1234":
+            if all(digit not in used[u] for u in units):
+                for u in units:
+                    used[u].add(digit)
+                cells.append(digit)
+                fill(cell + 1)
+                cells.pop()
+                for u in units:
+                    used[u].discard(digit)
+
+    fill(0)
+    return tuple(grids)
+
+
+@functools.cache
+def _grid_array() -> np.ndarray:
+    return np.array([[int(c) for c in grid] for grid in all_grids()], dtype=np.int8)
+
+
+def solution_counts(puzzles_nc: np.ndarray) -> np.ndarray:
+    """Number of solutions of each puzzle in `puzzles_nc` [N, 16] (0 = blank), vectorised."""
+    grids_gc = _grid_array()
+    clue_n1c = puzzles_nc[:, None, :]
+    agrees_ng = ((clue_n1c == 0) | (clue_n1c == grids_gc[None, :, :])).all(axis=2)
+    return agrees_ng.sum(axis=1)
+
+
+def _digits(text: str) -> str:
+    return "".join(c for c in text if c in "0123456789")
+
+
+@register_task
+class Sudoku4Task(Task):
+    name = "sudoku4"
+    splits = ("train", "test", "d1_test")
+
+    def __init__(self, num_blanks: int = 8, seed: int = 0, test_grids: int = 48,
+                 train_size: int = 5000, test_size: int = 500):
+        if not 1 <= num_blanks <= 12:
+            raise ValueError(f"num_blanks must be in 1..12 (a 4x4 sudoku needs >= 4 clues), got {num_blanks}")
+        if not 1 <= test_grids < len(all_grids()):
+            raise ValueError(f"test_grids must be in 1..{len(all_grids()) - 1}, got {test_grids}")
+        self.num_blanks, self.seed = num_blanks, seed
+        self.default_size = {"train": train_size, "test": test_size}
+        order = np.random.default_rng(seed).permutation(len(all_grids()))
+        self.split_grids = {"test": np.sort(order[:test_grids]), "train": np.sort(order[test_grids:])}
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def load(self, split: str, path: str | None = None, limit: int | None = None) -> list[dict]:
+        check_limit(limit)
+        if path is None and split == "d1_test":
+            path = shared_file(D1_TEST_FILE)
+        if path is not None:
+            examples = read_sudoku_csv(path)
+            return examples if limit is None else examples[:limit]
+        if split not in self.split_grids:
+            raise ValueError(f"unknown sudoku4 split {split!r}; use one of {', '.join(self.splits)}")
+        return self._generate(split, self.default_size[split] if limit is None else limit)
+
+    def _generate(self, split: str, count: int) -> list[dict]:
+        """The first `count` puzzles of the split's deterministic stream (so a smaller `count`
+        gives a prefix of a larger one)."""
+        grids_gc = _grid_array()[self.split_grids[split]]
+        rng = np.random.default_rng([self.seed, 0 if split == "train" else 1])
+        rows_b1 = np.arange(_BATCH)[:, None]
+        examples: list[dict] = []
+        seen: set[bytes] = set()
+        fruitless = 0
+        while len(examples) < count:
+            solutions_bc = grids_gc[rng.integers(len(grids_gc), size=_BATCH)]
+            blanks_bk = np.argsort(rng.random((_BATCH, CELLS)), axis=1)[:, : self.num_blanks]
+            puzzles_bc = solutions_bc.copy()
+            puzzles_bc[rows_b1, blanks_bk] = 0
+            unique_b = solution_counts(puzzles_bc) == 1
+            before = len(examples)
+            for puzzle, solution in zip(puzzles_bc[unique_b], solutions_bc[unique_b]):
+                key = puzzle.tobytes()
+                if key not in seen and len(examples) < count:
+                    seen.add(key)
+                    examples.append({"puzzle": "".join(map(str, puzzle)), "solution": "".join(map(str, solution))})
+            fruitless = 0 if len(examples) > before else fruitless + 1
+            if fruitless >= 50:
+                raise ValueError(
+                    f"only {len(examples)} distinct unique-solution puzzles with {self.num_blanks} blanks "
+                    f"found on the {split} grids; ask for fewer or use fewer blanks"
+                )
+        return examples
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    def compact_prompt(self, example: dict) -> str:
+        return example["puzzle"]
+
+    def chat_prompt(self, example: dict) -> str:
+        return (
+            "Solve this 4x4 Sudoku. Replace every 0 with a digit from 1 to 4 so that each row, "
+            "each column and each of the four 2x2 boxes contains 1, 2, 3 and 4 exactly once.\n"
+            "The grid is written as 16 digits, row by row, 0 for an empty cell:\n"
+            f"{example['puzzle']}\n\n"
+            "Inside the answer tags write only the solved grid as 16 digits, row by row.\n"
+            + CHAT_FORMAT
+        )
+
+    def demonstration(self, example: dict) -> str:
+        return example["solution"]
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    def _extract_answer(self, completion: str) -> str | None:
+        tagged = tagged_answer(completion)
+        if tagged is not None:
+            digits = _digits(tagged) if len(tagged) <= _MAX_TAGGED_CHARS else ""
+        else:
+            compact = completion.strip()
+            ok = len(compact) <= _MAX_COMPACT_CHARS and all(c in "0123456789 \n\t" for c in compact)
+            digits = _digits(compact) if ok else ""
+        if not digits:
+            return None
+        return digits[:CELLS].ljust(CELLS, "0")
+
+    def _reward(self, completion: str, example: dict) -> float:
+        answer = self._extract_answer(completion)
+        blanks = [i for i, c in enumerate(example["puzzle"]) if c == "0"]
+        if answer is None or not blanks:
+            return 0.0
+        return sum(answer[i] == example["solution"][i] for i in blanks) / len(blanks)
+
+    def _is_correct(self, completion: str, example: dict) -> bool:
+        return self._extract_answer(completion) == example["solution"]
+
+
+def read_sudoku_csv(path) -> list[dict]:
+    """Read the d1/SPG CSV format (columns Puzzle, Solution), checking every row."""
+    valid = set(all_grids())
+    examples = []
+    for line, row in read_csv(path, ("Puzzle", "Solution")):
+        puzzle, solution = row["Puzzle"], row["Solution"]
+        where = f"{path}:{line}"
+        if len(puzzle) != CELLS or any(c not in "01234" for c in puzzle):
+            raise ValueError(f"{where}: Puzzle must be 16 digits 0-4 (0 = blank), got {puzzle!r}")
+        if solution not in valid:
+            raise ValueError(f"{where}: Solution {solution!r} is not a valid 4x4 sudoku grid")
+        if any(p != "0" and p != s for p, s in zip(puzzle, solution)):
+            raise ValueError(f"{where}: Puzzle {puzzle!r} contradicts its Solution {solution!r}")
+        examples.append({"puzzle": puzzle, "solution": solution})
+    if not examples:
+        raise ValueError(f"{path}: no puzzles in the file")
+    return examples
