@@ -67,9 +67,10 @@ from dipod.runlog import atomic_write_bytes, atomic_write_json
 
 DTYPE = torch.float64
 OUTPUTS = ("AA", "AB", "BA", "BB")
-LOGIT_NAMES = ("a", "b", "c", "d", "e", "f")
 REWARDS = torch.tensor([0.8, 1.0, 0.7, 1.0], dtype=DTYPE)  # r(AA), r(AB), r(BA), r(BB)
 METHODS = ("pg", "fpo", "fpo+dipod", "spg", "spg+dipod", "fpo+interleave")
+# The likelihood proxy each method differentiates (see estimator_directions).
+_PROXY = {"pg": "logpi", "fpo": "elbo", "fpo+dipod": "elbo", "spg": "spg", "spg+dipod": "spg", "fpo+interleave": "elbo"}
 
 # Which logit gives pi(x_i | context) for each output x and token i, context 0 = both masked,
 # context 1 = the other token revealed: [output, token, context].
@@ -196,9 +197,6 @@ def _cosine(u_md: Tensor, v_md: Tensor) -> Tensor:
     denom = u_md.norm(dim=-1) * v_md.norm(dim=-1)
     # A zero vector (both gradients vanish at an optimum) has no direction: report NaN, not 0 or 1.
     return torch.where(denom > 0, (u_md * v_md).sum(-1) / denom.clamp_min(1e-300), torch.nan)
-
-
-_PROXY = {"pg": "logpi", "fpo": "elbo", "fpo+dipod": "elbo", "spg": "spg", "spg+dipod": "spg", "fpo+interleave": "elbo"}
 
 
 @dataclass
