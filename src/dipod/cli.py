@@ -12,6 +12,8 @@ import sys
 # command path -> (module with a ``main(argv) -> int``, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("toy",): ("dipod.toy", "exact two-token diagnostic of double drift (paper Fig. 2)"),
+    ("lm", "train"): ("dipod.lm.trainer", "online RL post-training of a masked-diffusion LM (d1/FPO/FPO++/SPG + DiPOD)"),
+    ("plot",): ("dipod.plot", "overlay the metrics (reward, accuracy, gap) of run folders in one PNG"),
     ("control", "train"): ("dipod.control.train", "train a flow (FPO++ + DiPOD) or Gaussian (PPO) policy on a gymnasium task"),
     ("control", "eval"): ("dipod.control.evaluate", "evaluate a control checkpoint over whole episodes"),
 }
