@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -10,24 +9,16 @@ import torch
 from torch import nn
 
 from dipod.config import ConfigError
+from dipod.lm.model import MaskedDiffusionLM, build_tiny_model, load_masked_lm
 from dipod.lm.sampler import SamplerSettings, generate, reveal_schedule, top_k_mask
 
 PAD, MASK, EOS = 0, 1, 2
 VOCAB = 8  # 3..7 are ordinary tokens
 
 
-@dataclass
-class FakeLM:
-    """Stands in for dipod.lm.model.MaskedDiffusionLM: same fields, same ``logits`` contract."""
-
-    model: nn.Module
-    tokenizer: object = None
-    mask_id: int | None = MASK
-    pad_id: int = PAD
-    eos_id: int | None = EOS
-
-    def logits(self, ids, attn):
-        return self.model(input_ids=ids, attention_mask=attn).logits.float()
+def toy_lm(model: nn.Module, mask_id: int | None = MASK) -> MaskedDiffusionLM:
+    """A toy module behind the real wrapper, with the toy vocabulary's special ids."""
+    return MaskedDiffusionLM(model=model, tokenizer=None, mask_id=mask_id, pad_id=PAD, eos_id=EOS)
 
 
 class RelativeMixer(nn.Module):
@@ -94,7 +85,7 @@ def left_pad_more(ids, attn, extra: int):
 @pytest.mark.parametrize("remasking", ["low_confidence", "random"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_no_mask_left_and_prompt_untouched(remasking, temperature):
-    lm = FakeLM(RelativeMixer())
+    lm = toy_lm(RelativeMixer())
     ids, attn = random_prompts(6, 5)
     ids_before = ids.clone()
     settings = SamplerSettings(gen_length=12, block_length=4, steps=6, temperature=temperature, remasking=remasking)
@@ -110,7 +101,7 @@ def test_mask_token_is_never_proposed_even_when_the_model_prefers_it():
     logits_gv = torch.zeros(4, VOCAB)
     logits_gv[:, MASK] = 50.0
     logits_gv[:, 5] = 1.0
-    lm = FakeLM(FixedLogits(logits_gv))
+    lm = toy_lm(FixedLogits(logits_gv))
     ids, attn = random_prompts(3, 2)
     for temperature in (0.0, 3.0):
         out = generate(lm, ids, attn, SamplerSettings(gen_length=4, block_length=4, steps=2, temperature=temperature),
@@ -120,7 +111,7 @@ def test_mask_token_is_never_proposed_even_when_the_model_prefers_it():
 
 
 def test_deterministic_at_temperature_zero_and_with_a_fixed_generator():
-    lm = FakeLM(RelativeMixer())
+    lm = toy_lm(RelativeMixer())
     ids, attn = random_prompts(8, 6)
     greedy = SamplerSettings(gen_length=8, block_length=4, steps=8)
     assert torch.equal(generate(lm, ids, attn, greedy), generate(lm, ids, attn, greedy))
@@ -136,7 +127,7 @@ def test_deterministic_at_temperature_zero_and_with_a_fixed_generator():
 def test_model_runs_in_eval_mode_and_its_mode_is_restored():
     model = FixedLogits(peaked_logits([1.0, 2.0], [3, 4]))
     model.train()
-    generate(FakeLM(model), *random_prompts(2, 3), SamplerSettings(gen_length=2, block_length=2, steps=2))
+    generate(toy_lm(model), *random_prompts(2, 3), SamplerSettings(gen_length=2, block_length=2, steps=2))
     assert model.seen_training == [False, False]
     assert model.training
 
@@ -152,7 +143,7 @@ def test_reveal_schedule_splits_evenly_with_the_remainder_first():
 
 @pytest.mark.parametrize("remasking", ["low_confidence", "random"])
 def test_each_step_reveals_the_scheduled_count_and_blocks_go_left_to_right(remasking):
-    lm = FakeLM(RelativeMixer(seed=3))
+    lm = toy_lm(RelativeMixer(seed=3))
     ids, attn = random_prompts(5, 4, seed=2)
     settings = SamplerSettings(gen_length=10, block_length=5, steps=6, temperature=0.8, remasking=remasking)
     _, order = generate(lm, ids, attn, settings, torch.Generator().manual_seed(0), return_order=True)
@@ -167,7 +158,7 @@ def test_each_step_reveals_the_scheduled_count_and_blocks_go_left_to_right(remas
 
 def test_low_confidence_reveals_the_most_probable_positions_first():
     # two blocks of 3, 2 steps each (reveal 2 then 1); confidence grows with the peak height
-    lm = FakeLM(FixedLogits(peaked_logits([1.0, 3.0, 2.0, 5.0, 4.0, 0.5], [3, 4, 5, 6, 7, 3])))
+    lm = toy_lm(FixedLogits(peaked_logits([1.0, 3.0, 2.0, 5.0, 4.0, 0.5], [3, 4, 5, 6, 7, 3])))
     out, order = generate(lm, *random_prompts(2, 3), SamplerSettings(gen_length=6, block_length=3, steps=4),
                           return_order=True)
     assert torch.equal(out, torch.tensor([[3, 4, 5, 6, 7, 3]] * 2))
@@ -176,7 +167,7 @@ def test_low_confidence_reveals_the_most_probable_positions_first():
 
 def test_low_confidence_first_step_matches_the_models_own_probabilities():
     model = RelativeMixer(seed=5)
-    lm = FakeLM(model)
+    lm = toy_lm(model)
     ids, attn = random_prompts(16, 5, seed=4)
     settings = SamplerSettings(gen_length=8, block_length=8, steps=4)  # reveal 2 per step
     _, order = generate(lm, ids, attn, settings, return_order=True)
@@ -192,7 +183,7 @@ def test_equal_confidences_go_to_the_leftmost_position():
     assert torch.equal(top_k_mask(torch.tensor([[0.5, 0.9, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]]), 2),
                        torch.tensor([[True, True, False, False], [True, True, False, False]]))
     assert torch.equal(top_k_mask(torch.tensor([[0.1, 0.5, 0.9, 0.5]]), 2), torch.tensor([[False, True, True, False]]))
-    lm = FakeLM(FixedLogits(peaked_logits([2.0] * 4, [3, 4, 5, 6])))
+    lm = toy_lm(FixedLogits(peaked_logits([2.0] * 4, [3, 4, 5, 6])))
     _, order = generate(lm, *random_prompts(1, 2), SamplerSettings(gen_length=4, block_length=4, steps=4),
                         return_order=True)
     assert torch.equal(order, torch.tensor([[0, 1, 2, 3]]))
@@ -200,7 +191,7 @@ def test_equal_confidences_go_to_the_leftmost_position():
 
 def test_random_remasking_reveals_uniformly_chosen_positions():
     # The model is very sure about position 0, but random remasking must ignore confidence.
-    lm = FakeLM(FixedLogits(peaked_logits([9.0, 0.1, 0.1, 0.1, 0.1], [3, 4, 5, 6, 7])))
+    lm = toy_lm(FixedLogits(peaked_logits([9.0, 0.1, 0.1, 0.1, 0.1], [3, 4, 5, 6, 7])))
     batch = 4000
     ids, attn = torch.full((batch, 2), 3), torch.ones(batch, 2, dtype=torch.long)
     settings = SamplerSettings(gen_length=5, block_length=5, steps=5, remasking="random")
@@ -216,7 +207,7 @@ def test_random_remasking_reveals_uniformly_chosen_positions():
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_gumbel_sampling_frequencies_match_the_tempered_softmax(temperature):
     logits_v = torch.tensor([0.3, 5.0, -0.4, 1.2, 0.0, 0.9, -1.0, 0.6])  # index MASK is excluded
-    lm = FakeLM(FixedLogits(logits_v[None, :]), eos_id=None)
+    lm = toy_lm(FixedLogits(logits_v[None, :]))
     batch = 20000
     ids, attn = torch.full((batch, 1), 3), torch.ones(batch, 1, dtype=torch.long)
     settings = SamplerSettings(gen_length=1, block_length=1, steps=1, temperature=temperature)
@@ -234,7 +225,7 @@ def test_gumbel_sampling_frequencies_match_the_tempered_softmax(temperature):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_more_left_padding_gives_the_same_completion(temperature):
-    lm = FakeLM(RelativeMixer(seed=1))
+    lm = toy_lm(RelativeMixer(seed=1))
     ids, attn = random_prompts(6, 5, seed=9)
     settings = SamplerSettings(gen_length=8, block_length=4, steps=4, temperature=temperature)
     out, order = generate(lm, ids, attn, settings, torch.Generator().manual_seed(3), return_order=True)
@@ -244,7 +235,7 @@ def test_more_left_padding_gives_the_same_completion(temperature):
 
 
 def test_each_row_alone_gives_its_batch_completion():
-    lm = FakeLM(RelativeMixer(seed=1))
+    lm = toy_lm(RelativeMixer(seed=1))
     ids, attn = random_prompts(6, 5, seed=9)
     settings = SamplerSettings(gen_length=8, block_length=4, steps=4)
     batch_out = generate(lm, ids, attn, settings)
@@ -255,7 +246,7 @@ def test_each_row_alone_gives_its_batch_completion():
 
 
 def test_padding_content_is_invisible():
-    lm = FakeLM(RelativeMixer(seed=2))
+    lm = toy_lm(RelativeMixer(seed=2))
     ids, attn = random_prompts(6, 6, seed=1, min_len=2)
     settings = SamplerSettings(gen_length=6, block_length=3, steps=6)
     scribbled = torch.where(attn == 0, torch.full_like(ids, 6), ids)
@@ -283,7 +274,7 @@ def test_guidance_combines_conditional_and_unconditional_logits():
     cond = [0.0, 0.0, 0.0, 2.0, 1.5, 0.0, 0.0, 0.0]
     uncond = [0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0]
     model = PromptSensitive(cond, uncond, prompt_len=3)
-    lm = FakeLM(model)
+    lm = toy_lm(model)
     ids = torch.tensor([[PAD, 5, 6], [7, 5, 6]])
     attn = torch.tensor([[0, 1, 1], [1, 1, 1]])
     base = dict(gen_length=2, block_length=2, steps=1)
@@ -299,7 +290,7 @@ def test_guidance_combines_conditional_and_unconditional_logits():
 
 
 def test_guidance_changes_nothing_when_the_prompt_does_not_matter():
-    lm = FakeLM(FixedLogits(peaked_logits([1.0, 3.0, 2.0, 0.5], [3, 4, 5, 6]) + torch.randn(4, VOCAB,
+    lm = toy_lm(FixedLogits(peaked_logits([1.0, 3.0, 2.0, 0.5], [3, 4, 5, 6]) + torch.randn(4, VOCAB,
                                                                                             generator=torch.Generator().manual_seed(0))))
     ids, attn = random_prompts(4, 3)
     plain = SamplerSettings(gen_length=4, block_length=2, steps=4, temperature=0.7)
@@ -316,12 +307,10 @@ def test_positions_after_the_first_eos_become_eos():
     logits_gv = peaked_logits([3.0, 3.0, 3.0, 3.0, 3.0], [4, EOS, 5, EOS, 6])
     ids, attn = random_prompts(2, 2)
     settings = SamplerSettings(gen_length=5, block_length=5, steps=5)
-    assert torch.equal(generate(FakeLM(FixedLogits(logits_gv)), ids, attn, settings),
+    assert torch.equal(generate(toy_lm(FixedLogits(logits_gv)), ids, attn, settings),
                        torch.tensor([[4, EOS, EOS, EOS, EOS]] * 2))
     raw = SamplerSettings(gen_length=5, block_length=5, steps=5, fill_after_eos=False)
-    assert torch.equal(generate(FakeLM(FixedLogits(logits_gv)), ids, attn, raw),
-                       torch.tensor([[4, EOS, 5, EOS, 6]] * 2))
-    assert torch.equal(generate(FakeLM(FixedLogits(logits_gv), eos_id=None), ids, attn, settings),
+    assert torch.equal(generate(toy_lm(FixedLogits(logits_gv)), ids, attn, raw),
                        torch.tensor([[4, EOS, 5, EOS, 6]] * 2))
 
 
@@ -343,7 +332,7 @@ def test_bad_settings_are_rejected_with_a_clear_message(kwargs, message):
 
 
 def test_bad_inputs_are_rejected_with_a_clear_message():
-    lm = FakeLM(RelativeMixer())
+    lm = toy_lm(RelativeMixer())
     settings = SamplerSettings(gen_length=4, block_length=4, steps=4)
     ids, attn = random_prompts(2, 4, min_len=2)
     with pytest.raises(ValueError, match="left-padded"):
@@ -355,6 +344,42 @@ def test_bad_inputs_are_rejected_with_a_clear_message():
     with pytest.raises(ValueError, match="long tensor"):
         generate(lm, ids.float(), attn, settings)
     with pytest.raises(ValueError, match="no mask token"):
-        generate(FakeLM(RelativeMixer(), mask_id=None), ids, attn, settings)
+        generate(toy_lm(RelativeMixer(), mask_id=None), ids, attn, settings)
     with pytest.raises(TypeError, match="SamplerSettings"):
         generate(lm, ids, attn, {"gen_length": 4})
+
+
+# --- the built-in tiny model ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_layers=2, num_heads=2,
+                            intermediate_size=64, seed=3)
+    return load_masked_lm(path)
+
+
+def tiny_prompts(lm, texts: list[str], extra_padding: int = 0):
+    enc = lm.tokenizer(texts, padding=True, return_tensors="pt")
+    assert lm.tokenizer.padding_side == "left"
+    ids, attn = enc["input_ids"], enc["attention_mask"]
+    if extra_padding:
+        ids = torch.cat([torch.full((len(texts), extra_padding), lm.pad_id), ids], dim=1)
+        attn = torch.cat([torch.zeros(len(texts), extra_padding, dtype=torch.long), attn], dim=1)
+    return ids, attn
+
+
+def test_tiny_model_invariants_determinism_and_left_padding(tiny_lm):
+    texts = ["12+3=", "sudoku 0102", "a"]
+    ids, attn = tiny_prompts(tiny_lm, texts)
+    greedy = SamplerSettings(gen_length=8, block_length=4, steps=4, fill_after_eos=False)
+    out, order = generate(tiny_lm, ids, attn, greedy, return_order=True)
+    assert out.shape == (3, 8) and not (out == tiny_lm.mask_id).any()
+    assert torch.equal(tiny_prompts(tiny_lm, texts)[0], ids)
+    assert torch.equal(torch.stack([(order == s).sum(dim=1) for s in range(4)], dim=1), torch.full((3, 4), 2))
+    assert torch.equal(generate(tiny_lm, ids, attn, greedy), out)
+    # rotary positions + masked padding: more left padding changes nothing
+    assert torch.equal(generate(tiny_lm, *tiny_prompts(tiny_lm, texts, extra_padding=5), greedy), out)
+    hot = SamplerSettings(gen_length=8, block_length=4, steps=4, temperature=1.0, remasking="random")
+    first = generate(tiny_lm, ids, attn, hot, torch.Generator().manual_seed(0))
+    assert torch.equal(first, generate(tiny_lm, ids, attn, hot, torch.Generator().manual_seed(0)))
+    assert not (first == tiny_lm.mask_id).any()

@@ -189,6 +189,6 @@ def generate(lm, prompt_ids: torch.Tensor, prompt_attn: torch.Tensor, settings: 
         lm.model.train(was_training)
 
     completion_bg = ids_bt[:, prompt_len:]
-    if settings.fill_after_eos and lm.eos_id is not None:
+    if settings.fill_after_eos:
         completion_bg = fill_after_first_eos(completion_bg, lm.eos_id)
     return (completion_bg, order_bg) if return_order else completion_bg
