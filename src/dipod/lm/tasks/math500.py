@@ -13,6 +13,7 @@ reference against that answer. Rewards (d1's two): correctness x2.0 and boxed_fo
 from __future__ import annotations
 
 import functools
+import re
 import threading
 
 from .answer_format import CHAT_FORMAT, answer_text, tagged_answer
@@ -20,8 +21,13 @@ from .base import RewardFn, Task, check_limit, guarded, register_task
 from .data_files import read_records, require_fields
 
 BOXED = "\\boxed"
-_MAX_ANSWER_CHARS = 1000  # sympy on longer untrusted input is a time sink with no upside
-_VERIFY_TIMEOUT_S = 5
+_MAX_ANSWER_CHARS = 300  # MATH answers are short; sympy on long untrusted text is a time sink
+_VERIFY_TIMEOUT_S = 1  # math-verify's own limit per parse and per comparison (main thread only)
+_MAX_NESTING = 10
+_MAX_EXPONENT_PRODUCT = 10_000
+_TOKEN = re.compile(r"-?[0-9]+|\\?[A-Za-z]+|.")
+_BIG_FACTORIAL = re.compile(r"([0-9]{4,}|[)}\]])\s*!")
+_BIG_BINOMIAL = re.compile(r"binom.*[0-9]{4,}")
 
 
 def last_boxed(text: str) -> str | None:
@@ -45,6 +51,55 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def _group_end(text: str, start: int) -> int:
+    """Index just past the brace group opening at `start` (or past the text if unbalanced)."""
+    depth = 0
+    for j in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return j + 1
+    return len(text)
+
+
+def _exponents(text: str) -> list[tuple[str, str]]:
+    """(exponent, text after it) for every "^": a brace group, else the next token."""
+    found = []
+    for caret in (i for i, c in enumerate(text) if c == "^"):
+        start = caret + 1
+        while start < len(text) and text[start] == " ":
+            start += 1
+        if start < len(text) and text[start] == "{":
+            end = _group_end(text, start)
+        else:
+            token = _TOKEN.match(text, start)
+            end = token.end() if token else start
+        found.append((text[start:end], text[end:].lstrip()))
+    return found
+
+
+def cheap_to_verify(answer: str) -> bool:
+    """Refuse the shapes on which sympy's evaluation explodes or its parser crawls: bracket
+    nesting deeper than `_MAX_NESTING`, power towers (an exponent holding or followed by "^"),
+    integer exponents whose product passes `_MAX_EXPONENT_PRODUCT`, and factorials or binomials
+    of numbers with 4+ digits or of bracketed expressions. MATH answers never need these."""
+    depth = 0
+    for char in answer:
+        depth += 1 if char in "{([" else -1 if char in "})]" else 0
+        if depth > _MAX_NESTING:
+            return False
+    if _BIG_FACTORIAL.search(answer) or _BIG_BINOMIAL.search(answer):
+        return False
+    product = 1
+    for exponent, after in _exponents(answer):
+        if "^" in exponent or after.startswith("^"):
+            return False
+        for digits in re.findall(r"[0-9]+", exponent):
+            product *= max(int(digits), 1)
+        if product > _MAX_EXPONENT_PRODUCT:
+            return False
+    return True
+
+
 def _timeout() -> int | None:
     # math-verify's timeout uses SIGALRM, which Python allows only in the main thread.
     return _VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
@@ -57,10 +112,13 @@ def _parsed_reference(answer: str) -> tuple:
     return tuple(math_verify.parse(f"{BOXED}{{{answer}}}", parsing_timeout=_timeout()))
 
 
+@functools.lru_cache(maxsize=1 << 14)  # reward, is_correct and the trainer's table all ask
 def equivalent(predicted: str, reference: str) -> bool:
     """math-verify equivalence; anything the third-party parser chokes on counts as wrong."""
     import math_verify
 
+    if not cheap_to_verify(predicted):
+        return False
     try:
         gold = list(_parsed_reference(reference))
         guess = math_verify.parse(f"{BOXED}{{{predicted}}}", parsing_timeout=_timeout())

@@ -1,0 +1,463 @@
+"""Tests of dipod.lm.tasks: generated data is sound (checked by independent brute force), rewards
+take exact values on hand-made completions, data files are read and their errors name the line,
+and no completion (random, hostile, enormous) makes a reward raise, hang or leave [0, 1]."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import time
+from fractions import Fraction
+
+import pytest
+
+from dipod.lm.tasks import MAX_COMPLETION_CHARS, Task, get_task, register_task, registered_tasks
+from dipod.lm.tasks.arithmetic import ExpressionError, evaluate, literals, parse_expression
+from dipod.lm.tasks.data_files import shared_data_dir
+from dipod.lm.tasks.sudoku4 import all_grids
+
+from pathlib import Path
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARED = shared_data_dir()
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data folder {SHARED} not present")
+
+SUDOKU = {"puzzle": "3102200002100320", "solution": "3142243142131324"}  # first row of the d1 set
+COUNTDOWN = {"numbers": [30, 100, 93], "target": 23}
+
+
+# -- independent brute-force oracles (share no code with the package) ----------------------------
+
+def sudoku_units():
+    rows = [[r * 4 + c for c in range(4)] for r in range(4)]
+    cols = [[r * 4 + c for r in range(4)] for c in range(4)]
+    boxes = [[(br + r) * 4 + bc + c for r in range(2) for c in range(2)] for br in (0, 2) for bc in (0, 2)]
+    return rows + cols + boxes
+
+
+UNITS = sudoku_units()
+
+
+def is_valid_grid(grid: str) -> bool:
+    return all(sorted(grid[i] for i in unit) == list("1234") for unit in UNITS)
+
+
+def count_sudoku_solutions(puzzle: str, cap: int = 2) -> int:
+    """Plain backtracking over the blanks, stopping once `cap` solutions are found."""
+    cells = list(puzzle)
+    blanks = [i for i, c in enumerate(cells) if c == "0"]
+    peers = {i: {j for unit in UNITS if i in unit for j in unit if j != i} for i in range(16)}
+    found = 0
+
+    def fill(k: int) -> None:
+        nonlocal found
+        if found >= cap:
+            return
+        if k == len(blanks):
+            found += 1
+            return
+        cell = blanks[k]
+        for digit in "1234":
+            if all(cells[p] != digit for p in peers[cell]):
+                cells[cell] = digit
+                fill(k + 1)
+                cells[cell] = "0"
+
+    if all(cells[p] != cells[i] for i in range(16) if cells[i] != "0" for p in peers[i]):
+        fill(0)
+    return found
+
+
+def countdown_values(numbers: list[int]) -> set[Fraction]:
+    """All values of ((a o b) o c) and (a o (b o c)) over orderings of three numbers."""
+    ops = {
+        "+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y,
+        "/": lambda x, y: x / y if y != 0 else None,
+    }
+    values = set()
+    for a, b, c in itertools.permutations(Fraction(n) for n in numbers):
+        for f, g in itertools.product(ops.values(), repeat=2):
+            left = f(a, b)
+            if left is not None and (v := g(left, c)) is not None:
+                values.add(v)
+            right = g(b, c)
+            if right is not None and (v := f(a, right)) is not None:
+                values.add(v)
+    return values
+
+
+# -- registry ------------------------------------------------------------------------------------
+
+def test_registry_lists_the_builtin_tasks_and_names_them_on_unknown():
+    assert {"sudoku4", "countdown", "gsm8k", "math500"} <= set(registered_tasks())
+    with pytest.raises(ValueError, match=r"unknown task 'sudoko4'.*countdown.*gsm8k.*math500.*sudoku4"):
+        get_task("sudoko4")
+
+
+def test_a_user_task_is_a_small_class():
+    @register_task
+    class ParityTask(Task):
+        """Say whether a number is even: the answer is the word, compact or tagged."""
+
+        name = "parity_test_task"
+
+        def load(self, split, path=None, limit=None):
+            return [{"n": n, "answer": "even" if n % 2 == 0 else "odd"} for n in range(limit or 10)]
+
+        def compact_prompt(self, example):
+            return str(example["n"])
+
+        def chat_prompt(self, example):
+            return f"Is {example['n']} even or odd?"
+
+        def demonstration(self, example):
+            return example["answer"]
+
+        def _extract_answer(self, completion):
+            from dipod.lm.tasks.answer_format import answer_text
+
+            return answer_text(completion) or None
+
+        def _reward(self, completion, example):
+            return float(self._extract_answer(completion) == example["answer"])
+
+    task = get_task("parity_test_task")
+    examples = task.load("train", limit=4)
+    assert [task.prompt(e, "compact") for e in examples] == ["0", "1", "2", "3"]
+    assert task.reward("odd", examples[1]) == 1.0 and task.reward("<answer>even</answer>", examples[1]) == 0.0
+    assert task.is_correct(task.demonstration(examples[3]), examples[3])
+    assert task.reward(None, examples[0]) == 0.0 and task.reward("x" * (MAX_COMPLETION_CHARS + 1), examples[0]) == 0.0
+    assert list(task.reward_functions) == ["correctness"]
+    with pytest.raises(ValueError, match="unknown prompt style"):
+        task.prompt(examples[0], "fancy")
+    with pytest.raises(ValueError, match="already registered"):
+        register_task(type("Other", (ParityTask,), {"name": "parity_test_task"}))
+
+
+# -- sudoku4 -------------------------------------------------------------------------------------
+
+def test_all_288_grids_are_the_valid_ones():
+    grids = all_grids()
+    assert len(grids) == len(set(grids)) == 288
+    assert all(is_valid_grid(g) for g in grids)
+    # independent enumeration: stack row permutations whose columns (and 2x2 boxes, once a pair
+    # of rows is complete) repeat no digit, then keep the grids the oracle accepts
+    rows = ["".join(p) for p in itertools.permutations("1234")]
+
+    def columns_ok(grid: str) -> bool:
+        return all(len(set(grid[c::4])) == len(grid) // 4 for c in range(4))
+
+    partial = [""]
+    for _ in range(4):
+        partial = [g + r for g in partial for r in rows if columns_ok(g + r)]
+    assert sorted(g for g in partial if is_valid_grid(g)) == sorted(grids)
+
+
+@pytest.fixture(scope="module")
+def sudoku_splits():
+    task = get_task("sudoku4")
+    return task, task.load("train"), task.load("test")
+
+
+def test_every_generated_sudoku_has_exactly_one_solution(sudoku_splits):
+    _, train, test = sudoku_splits
+    assert len(train) == 5000 and len(test) == 500
+    for ex in train + test:
+        puzzle, solution = ex["puzzle"], ex["solution"]
+        assert puzzle.count("0") == 8 and is_valid_grid(solution)
+        assert all(p in ("0", s) for p, s in zip(puzzle, solution))
+        assert count_sudoku_solutions(puzzle) == 1, puzzle
+    assert len({ex["puzzle"] for ex in train}) == len(train)
+
+
+def test_sudoku_splits_share_no_solution_grid_and_are_seeded(sudoku_splits):
+    task, train, test = sudoku_splits
+    assert not {e["solution"] for e in train} & {e["solution"] for e in test}
+    assert task.load("test", limit=50) == test[:50]  # a smaller request is a prefix
+    assert get_task("sudoku4").load("test", limit=20) == test[:20]  # same seed, same puzzles
+    assert get_task("sudoku4", seed=1).load("test", limit=20) != test[:20]
+    easy = get_task("sudoku4", num_blanks=4).load("train", limit=30)
+    assert all(e["puzzle"].count("0") == 4 for e in easy)
+    with pytest.raises(ValueError, match="num_blanks"):
+        get_task("sudoku4", num_blanks=13)
+    with pytest.raises(ValueError, match="unknown sudoku4 split 'dev'"):
+        task.load("dev")
+
+
+def test_sudoku_rewards_on_hand_made_completions():
+    task = get_task("sudoku4")
+    cases = {  # completion -> (reward, correct); the puzzle has 8 blanks
+        "3142243142131324": (1.0, True),
+        "<reasoning>\nrows\n</reasoning>\n<answer>\n3142\n2431\n4213\n1324\n</answer>": (1.0, True),
+        "3142243142131323": (7 / 8, False),  # last blank wrong
+        "3112243142131324": (7 / 8, False),  # second cell (a blank) wrong
+        "4142243142131324": (1.0, False),  # a given cell changed: all blanks right, grid wrong
+        "31422431": (4 / 8, False),  # d1 pads a short answer with 0
+        "31422431421313249999": (1.0, True),  # ... and cuts a long one to 16
+        "3142 2431 4213 1324": (1.0, True),
+        "solution: 3142243142131324": (0.0, False),  # compact answers are digits only
+        "<answer>3142243142131324": (0.0, False),  # unclosed tag: read as compact -> not digits
+        "": (0.0, False),
+        "0000000000000000": (0.0, False),
+    }
+    for completion, (reward, correct) in cases.items():
+        assert task.reward(completion, SUDOKU) == pytest.approx(reward), completion
+        assert task.is_correct(completion, SUDOKU) is correct, completion
+    assert task.prompt(SUDOKU, "compact") == SUDOKU["puzzle"]
+    assert SUDOKU["puzzle"] in task.prompt(SUDOKU, "chat") and "<answer>" in task.prompt(SUDOKU, "chat")
+    assert task.demonstration(SUDOKU) == SUDOKU["solution"]
+
+
+@needs_shared
+def test_sudoku_reads_the_d1_test_set():
+    task = get_task("sudoku4")
+    examples = task.load("d1_test")
+    assert len(examples) == 500 and examples[0] == SUDOKU
+    assert all(e["puzzle"].count("0") == 8 for e in examples)
+    assert task.load("test", path=SHARED / "sudoku4_d1_test.csv", limit=3) == examples[:3]
+    assert all(task.reward(task.demonstration(e), e) == 1.0 for e in examples)
+
+
+def test_sudoku_csv_errors_name_the_line(tmp_path):
+    task = get_task("sudoku4")
+    good = "3102200002100320,3142243142131324\n"
+    cases = {
+        "Puzzle,Answer\n" + good: r":1: missing column\(s\) Solution",
+        "Puzzle,Solution\n" + good + "31022000021003,3142243142131324\n": r":3: Puzzle must be 16 digits",
+        "Puzzle,Solution\n" + good + good + "3102200002100320,3142243142131323\n": r":4: Solution .* not a valid",
+        "Puzzle,Solution\n" + "4102200002100320,3142243142131324\n": r":2: Puzzle .* contradicts",
+        "Puzzle,Solution\n" + good + "1,2,3\n": r":3: 3 fields, header has 2",
+        "": r"empty file",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"bad{i}.csv"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            task.load("test", path=str(path))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        task.load("test", path=str(tmp_path / "missing.csv"))
+
+
+def test_missing_shared_data_says_how_to_point_at_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIPOD_SHARED_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="DIPOD_SHARED_DATA"):
+        get_task("countdown").load("d1_test")
+
+
+# -- countdown -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def countdown_splits():
+    task = get_task("countdown")
+    return task, task.load("train", limit=500), task.load("test")
+
+
+def test_every_countdown_item_is_solvable(countdown_splits):
+    task, train, test = countdown_splits
+    assert len(test) == 500
+    for ex in train + test:
+        assert len(ex["numbers"]) == 3 and all(1 <= n <= 100 for n in ex["numbers"])
+        assert 1 <= ex["target"] <= 100
+        assert Fraction(ex["target"]) in countdown_values(ex["numbers"]), ex
+        demo = task.demonstration(ex)
+        tree = parse_expression(demo)
+        assert sorted(literals(tree)) == sorted(ex["numbers"]) and evaluate(tree) == ex["target"]
+        assert len(demo) <= 16 and task.reward(demo, ex) == 1.0
+
+
+@pytest.mark.slow
+def test_every_item_of_the_default_countdown_train_split_is_solvable():
+    for ex in get_task("countdown").load("train"):
+        assert Fraction(ex["target"]) in countdown_values(ex["numbers"]), ex
+
+
+def test_countdown_splits_share_no_number_triple(countdown_splits):
+    task, train, test = countdown_splits
+    assert not {tuple(sorted(e["numbers"])) for e in train} & {tuple(sorted(e["numbers"])) for e in test}
+    assert task.load("test", limit=40) == test[:40]
+    assert get_task("countdown", seed=3).load("test", limit=40) != test[:40]
+
+
+def test_countdown_rewards_on_hand_made_completions():
+    task = get_task("countdown")
+    cases = {
+        "30+93-100": 1.0,
+        "93-100+30": 1.0,
+        "<reasoning>\n123-100\n</reasoning>\n<answer>\n(93 + 30) - 100\n</answer>\n": 1.0,
+        "(100-93)*30/30+16": 0.1,  # well formed, but extra numbers
+        "100-93+30": 0.1,  # right numbers, wrong value (37)
+        "30+93": 0.1,  # a number unused
+        "30*93/(100-100)": 0.1,  # division by zero is an evaluation failure, not a crash
+        "30+93-100=23": 0.0,  # not an expression
+        "-30+93": 0.0,  # no unary minus
+        "30+93-100)": 0.0,
+        "<answer>30+93-100": 0.0,  # unclosed tag -> compact text with '<' -> unparseable
+        "<answer></answer>": 0.0,
+        "": 0.0,
+    }
+    for completion, reward in cases.items():
+        assert task.reward(completion, COUNTDOWN) == reward, completion
+        assert task.is_correct(completion, COUNTDOWN) is (reward == 1.0)
+    assert task.reward("(1/3)*3*23", {"numbers": [1, 3, 3, 23], "target": 23}) == 1.0  # exact, no rounding
+    assert task.prompt(COUNTDOWN, "compact") == "30,100,93>23"
+    assert "30, 100, 93" in task.prompt(COUNTDOWN, "chat")
+    assert task.extract_answer("<answer> 30+93-100 </answer>") == "30+93-100"
+
+
+@needs_shared
+def test_countdown_reads_the_d1_test_set():
+    task = get_task("countdown")
+    examples = task.load("d1_test")
+    assert len(examples) == 256 and examples[0] == {"numbers": [30, 100, 93], "target": 23}
+    assert all(task.reward(task.demonstration(e), e) == 1.0 for e in examples)  # all solvable
+
+
+def test_countdown_jsonl_errors_name_the_line(tmp_path):
+    task = get_task("countdown")
+    good = '{"input": "30,100,93", "output": "23"}\n'
+    cases = {
+        good + '{"input": "30,100,93"\n': r":2: not valid JSON",
+        good + good + '{"numbers": "30", "target": 4}\n': r":3: expected keys",
+        good + '{"input": "30,x,93", "output": "23"}\n': r":2: number must be an integer, got 'x'",
+        good + '{"input": "30", "output": "23"}\n': r":2: 1 numbers",
+        good + '{"numbers": [1, 2], "target": -5}\n': r":2: target -5 is outside",
+        good + "[1, 2]\n": r":2: expected a JSON object",
+        "\n": r"no items",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"bad{i}.jsonl"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            task.load("test", path=str(path))
+    ours = tmp_path / "ours.jsonl"
+    ours.write_text('{"numbers": [3, 4, 5], "target": 35}\n')
+    assert task.load("test", path=str(ours)) == [{"numbers": [3, 4, 5], "target": 35}]
+
+
+def test_safe_evaluator_bounds():
+    assert evaluate(parse_expression("((2+3)*4-5)/3")) == 5
+    assert evaluate(parse_expression("1/3+1/6")) == Fraction(1, 2)
+    hostile = [
+        "9**9**9", "(" * 33 + "1" + ")" * 33, "1" * 7, "1+" * 101 + "1", "__import__('os')",
+        "2e9", "1.5", "99999*99999*99999", "٣+1", "", "()", "1 2",
+    ]
+    for text in hostile:
+        with pytest.raises(ExpressionError):
+            evaluate(parse_expression(text))
+    assert evaluate(parse_expression("(" * 32 + "1" + ")" * 32)) == 1
+
+
+# -- gsm8k and math500 ---------------------------------------------------------------------------
+
+def test_gsm8k_loads_fixtures_and_scores_as_d1(tmp_path):
+    task = get_task("gsm8k")
+    examples = task.load("test", path=str(FIXTURES / "gsm8k_tiny.jsonl"))
+    assert [e["answer"] for e in examples] == ["22", "80", "1,295", "6"]
+    assert task.load("test", path=str(FIXTURES / "gsm8k_tiny.jsonl"), limit=2) == examples[:2]
+    ex = examples[0]
+    strict = "<reasoning>\n72 - 50 = 22\n</reasoning>\n<answer>\n22\n</answer>\n"
+    fns = task.reward_functions
+    values = {name: fn(strict, ex) for name, (fn, _) in fns.items()}
+    assert values == {"correctness": 1.0, "integer": 1.0, "strict_format": 1.0, "soft_format": 1.0, "xml_count": 1.0}
+    assert sum(fns[n][1] * v for n, v in values.items()) == 4.0  # d1's maximum
+    loose = "<reasoning>so</reasoning> <answer>22.0</answer> and more"
+    values = {name: fn(loose, ex) for name, (fn, _) in fns.items()}
+    assert values["correctness"] == 1.0 and values["integer"] == 0.0
+    assert values["strict_format"] == 0.0 and values["soft_format"] == 1.0
+    assert values["xml_count"] == 0.0  # no tag is written with its newlines
+    assert task.reward("1295", examples[2]) == 1.0  # "1,295" compares as a number
+    assert task.reward("22", ex) == 1.0 and task.reward("21", ex) == 0.0 and task.reward("twenty-two", ex) == 0.0
+    # the same file as JSON and parquet
+    rows = [json.loads(line) for line in (FIXTURES / "gsm8k_tiny.jsonl").read_text().splitlines()]
+    (tmp_path / "g.json").write_text(json.dumps(rows))
+    assert task.load("test", path=str(tmp_path / "g.json")) == examples
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "g.parquet")
+    assert task.load("test", path=str(tmp_path / "g.parquet")) == examples
+
+
+def test_gsm8k_and_math_data_errors(tmp_path):
+    gsm = get_task("gsm8k")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "#### 1"}\n\n{"question": "q2"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: missing field\(s\) answer"):
+        gsm.load("test", path=str(bad))
+    with pytest.raises(ValueError, match="no built-in data"):
+        gsm.load("test")
+    with pytest.raises(FileNotFoundError, match="not found"):  # a missing local file never goes to the hub
+        gsm.load("test", path=str(tmp_path / "nope.jsonl"))
+    bad.write_text('{"problem": "p", "solution": "no box here"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: no answer field"):
+        get_task("math500").load("test", path=str(bad))
+
+
+def test_math500_boxed_extraction_and_math_verify():
+    task = get_task("math500")
+    examples = task.load("test", path=str(FIXTURES / "math500_tiny.jsonl"))
+    assert [e["answer"] for e in examples] == ["\\frac{1}{2}", "6", "5\\sqrt{2}"]
+    half, six, root = examples
+    cases = [
+        ("<reasoning>\n...\n</reasoning>\n<answer>\n\\boxed{\\frac{1}{2}}\n</answer>", half, 1.0, 1.0),
+        ("<answer>0.5</answer>", half, 1.0, 0.5),
+        ("the answer is \\boxed{1/2}", half, 1.0, 0.0),
+        ("\\boxed{\\frac{2}{4}} then \\boxed{3}", half, 0.0, 0.0),  # the last box counts
+        ("<answer>\\boxed{x = 6}</answer>", six, 1.0, 1.0),
+        ("<answer>\\boxed{\\sqrt{50}}</answer>", root, 1.0, 1.0),
+        ("<answer>\\boxed{5\\sqrt{3}}</answer>", root, 0.0, 1.0),
+        ("\\boxed{", half, 0.0, 0.0),
+    ]
+    fns = task.reward_functions
+    for completion, ex, correct, boxed in cases:
+        assert fns["correctness"][0](completion, ex) == correct, completion
+        assert fns["boxed_format"][0](completion, ex) == boxed, completion
+    assert fns["correctness"][1] == 2.0 and fns["boxed_format"][1] == 1.0
+
+
+# -- fuzzing: every reward function, every task, any string ---------------------------------------
+
+def hostile_completions(rng: random.Random) -> list[str]:
+    alphabet = "0123456789+-*/()<>=, \n\\{}$.abcxyz^" + "٣²½é中\u200b\x00"
+    strings = [
+        "", " ", "\x00", "9**9**9", "9" * 5000, "1" + "0" * 100_000, "(" * 100_000 + "1" + ")" * 100_000,
+        "1e999999999", "10**10**10", "__import__('os').system('echo hacked')", "eval('1')",
+        "<answer>" * 20_000, "</answer>" * 20_000, "<answer>" + "(" * 5000 + "</answer>",
+        "<reasoning>" + "</reasoning>" * 20_000, "\\boxed{" * 5000, "\\boxed{" + "}" * 5000,
+        "<answer>\\boxed{9^{9^{9^{9}}}}</answer>", "<answer>\\boxed{10^{10^{10}}!}</answer>",
+        "<answer>" + "1/" * 99 + "1</answer>", "1" * 7, "1/0", "0/0", "-" * 1000,
+        "x" * 1_000_000, "<answer>" + "3" * 1_000_000 + "</answer>", "🙂" * 10_000,
+        "\udcff surrogate", "<answer>\u0663\u0660+\u0669\u0663</answer>",
+    ]
+    strings += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(150)]
+    return strings
+
+
+EXAMPLES = {
+    "sudoku4": SUDOKU,
+    "countdown": COUNTDOWN,
+    "gsm8k": {"question": "q", "answer": "22"},
+    "math500": {"problem": "p", "answer": "\\frac{1}{2}"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_reward_fuzzing_never_raises_and_stays_in_unit_interval(name):
+    task = get_task(name)
+    example = EXAMPLES[name]
+    rng = random.Random(0)
+    completions = hostile_completions(rng) + [None, 123, b"bytes", ["list"]]
+    if name == "math500":  # sympy parsing is slow; the hostile strings plus a few random ones suffice
+        completions = completions[:40] + completions[-4:]
+    for completion in completions:
+        start = time.perf_counter()
+        scores = [task.reward(completion, example)]
+        scores += [fn(completion, example) for fn, _ in task.reward_functions.values()]
+        task.is_correct(completion, example)
+        task.extract_answer(completion)
+        elapsed = time.perf_counter() - start
+        assert elapsed < 1.0, (name, repr(completion)[:60], elapsed)
+        for score in scores:
+            assert isinstance(score, float) and math.isfinite(score) and 0.0 <= score <= 1.0, (score, repr(completion)[:60])
