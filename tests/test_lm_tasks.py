@@ -395,6 +395,29 @@ def test_gsm8k_and_math_data_errors(tmp_path):
         get_task("math500").load("test", path=str(bad))
 
 
+def test_format_rewards_accept_the_same_strings_as_d1s_regexes():
+    import re
+
+    from dipod.lm.tasks.answer_format import soft_format, strict_format
+
+    soft = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
+    strict = re.compile(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$", re.DOTALL)
+    pieces = ["<reasoning>", "</reasoning>", "<answer>", "</answer>", "\n", " ", "x"]
+    rng = random.Random(1)
+    samples = ["<reasoning>\nr\n</reasoning>\n<answer>\n1\n</answer>\n", "<reasoning>\n\n</reasoning>\n<answer>\n\n</answer>\n\n"]
+    samples += ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(20_000)]
+    def filler() -> str:
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 4)))
+
+    # near misses of the strict format: its skeleton with random pieces spliced in
+    skeleton = ["<reasoning>\n", "\n</reasoning>\n<answer>\n", "\n</answer>\n"]
+    samples += [skeleton[0] + filler() + skeleton[1] + filler() + skeleton[2] + filler() for _ in range(3000)]
+    assert sum(strict_format(s) for s in samples) > 20 and sum(soft_format(s) for s in samples) > 200
+    for text in samples:
+        assert soft_format(text) == float(bool(soft.match(text))), repr(text)
+        assert strict_format(text) == float(bool(strict.match(text))), repr(text)
+
+
 def test_math500_boxed_extraction_and_math_verify():
     task = get_task("math500")
     examples = task.load("test", path=str(FIXTURES / "math500_tiny.jsonl"))
@@ -425,7 +448,9 @@ def hostile_completions(rng: random.Random) -> list[str]:
         "", " ", "\x00", "9**9**9", "9" * 5000, "1" + "0" * 100_000, "(" * 100_000 + "1" + ")" * 100_000,
         "1e999999999", "10**10**10", "__import__('os').system('echo hacked')", "eval('1')",
         "<answer>" * 20_000, "</answer>" * 20_000, "<answer>" + "(" * 5000 + "</answer>",
-        "<reasoning>" + "</reasoning>" * 20_000, "\\boxed{" * 5000, "\\boxed{" + "}" * 5000,
+        "<reasoning>" + "</reasoning>" * 15_000, "<reasoning>" + "</reasoning> \n" * 13_000 + "<answer>",
+        "(" * 90_000 + "1" + ")" * 90_000, "<answer>" + "3" * 150_000 + "</answer>",
+        "\\boxed{" * 5000, "\\boxed{" + "}" * 5000,
         "<answer>\\boxed{9^{9^{9^{9}}}}</answer>", "<answer>\\boxed{10^{10^{10}}!}</answer>",
         "<answer>" + "1/" * 99 + "1</answer>", "1" * 7, "1/0", "0/0", "-" * 1000,
         "x" * 1_000_000, "<answer>" + "3" * 1_000_000 + "</answer>", "🙂" * 10_000,

@@ -47,25 +47,28 @@ def soft_format(completion: str) -> float:
         return 0.0
     close = completion.find(REASONING_CLOSE, len(REASONING_OPEN))
     while close >= 0:
-        after = close + len(REASONING_CLOSE)
-        rest = completion[after:].lstrip()
-        if rest.startswith(OPEN):
-            opened = len(completion) - len(rest) + len(OPEN)
-            return 1.0 if completion.find(CLOSE, opened) >= 0 else 0.0
-        close = completion.find(REASONING_CLOSE, after)
+        i = close + len(REASONING_CLOSE)
+        while i < len(completion) and completion[i].isspace():
+            i += 1
+        if completion.startswith(OPEN, i):
+            # Later candidates lie further right, so they cannot find a closing tag this one misses.
+            return 1.0 if completion.find(CLOSE, i + len(OPEN)) >= 0 else 0.0
+        close = completion.find(REASONING_CLOSE, i)
     return 0.0
 
 
 def strict_format(completion: str) -> float:
-    """1.0 for exactly "<reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>\\n"."""
+    """1.0 for exactly "<reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>\\n" (like
+    d1's anchored regex, whose `$` also lets one extra newline follow)."""
     head, middle, tail = "<reasoning>\n", "\n</reasoning>\n<answer>\n", "\n</answer>\n"
-    if not (completion.startswith(head) and completion.endswith(tail)):
-        return 0.0
-    # The earliest middle marker after the head leaves the most room for the answer.
-    middle_at = completion.find(middle, len(head))
-    if middle_at < 0:
-        return 0.0
-    return 1.0 if middle_at + len(middle) <= len(completion) - len(tail) else 0.0
+    candidates = [completion, completion[:-1]] if completion.endswith("\n\n") else [completion]
+    for text in candidates:
+        if text.startswith(head) and text.endswith(tail):
+            # The earliest middle marker after the head leaves the most room for the answer.
+            middle_at = text.find(middle, len(head))
+            if 0 <= middle_at and middle_at + len(middle) <= len(text) - len(tail):
+                return 1.0
+    return 0.0
 
 
 def xml_count(completion: str) -> float:
