@@ -1,0 +1,170 @@
+"""Environments, runner, distillation, checkpoints and bad input for `dipod control`."""
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from dipod.checkpoint import latest_checkpoint, load_checkpoint
+from dipod.cli import main as cli_main
+from dipod.config import ConfigError
+from dipod.control.distill import DistillSettings, self_distill
+from dipod.control.envs import GymVecEnv, NonFiniteEnvError
+from dipod.control.evaluate import EvalConfig, evaluate
+from dipod.control.flow import FlowActor
+from dipod.control.runner import ControlConfig, Runner, train
+from dipod.runlog import read_metrics
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny MLPs: one thread (as the runner's default) avoids oversubscribing a shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class ConstantEnv(gym.Env):
+    """Reward 1 every step, constant observation, never terminates (only the time limit ends it)."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self, nan_at: int | None = None):
+        self.nan_at, self.t = nan_at, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.array([0.5, -0.5], np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        obs = np.array([0.5, -0.5 + 0.1 * self.t], np.float32)
+        if self.nan_at is not None and self.t >= self.nan_at:
+            obs[0] = np.nan
+        return obs, 1.0, False, False, {}
+
+
+gym.register("DipodTest/Constant-v0", entry_point=ConstantEnv, max_episode_steps=3)
+gym.register("DipodTest/NaN-v0", entry_point=ConstantEnv, kwargs={"nan_at": 150}, max_episode_steps=1000)
+
+FAST = dict(num_envs=2, rollout_steps=128, epochs=2, minibatches=4, actor_hidden=[32, 32], critic_hidden=[32, 32],
+            sampling_steps=4, num_draws=4, progress=False, tensorboard=False)
+
+
+def test_time_outs_are_reported_with_the_final_observation():
+    env = GymVecEnv("DipodTest/Constant-v0", 2)
+    env.reset(seed=0)
+    for _ in range(2):
+        _, _, done, extras = env.step(torch.zeros(2, 1))
+        assert not done.any() and not extras["time_outs"].any()
+    obs, reward, done, extras = env.step(torch.zeros(2, 1))
+    assert done.all() and extras["time_outs"].all()
+    assert torch.allclose(extras["final_obs"], torch.tensor([[0.5, -0.2]] * 2))  # last obs of the episode
+    assert torch.allclose(obs, torch.tensor([[0.5, -0.5]] * 2))  # already the next episode's first obs
+    assert extras["episode_returns"].tolist() == [3.0, 3.0] and extras["episode_lengths"].tolist() == [3, 3]
+
+
+def test_time_out_bootstrapping_makes_returns_match_the_infinite_horizon_value(tmp_path):
+    # V = 10 everywhere and r = 1 forever is the exact infinite-horizon value for gamma = 0.9.
+    # With bootstrapping the GAE targets equal 10; without it they would be 2.71, 1.9, 1.
+    cfg = ControlConfig(env="DipodTest/Constant-v0", output_dir=str(tmp_path), gamma=0.9, gae_lambda=1.0,
+                        normalize_rewards=False, total_steps=6, **{**FAST, "rollout_steps": 3, "minibatches": 1})
+    runner = Runner(cfg)
+    with torch.no_grad():
+        runner.critic.net[-1].weight.zero_()
+        runner.critic.net[-1].bias.fill_(10.0)
+    _, batch, stats = runner.collect(runner.env.reset(seed=0))
+    assert torch.allclose(batch.returns, torch.full((6,), 10.0), atol=1e-5)
+    assert stats["episode_return"] == 3.0
+    runner.close()
+
+
+def test_short_pendulum_run_writes_metrics_and_checkpoint_then_resumes(tmp_path):
+    out = tmp_path / "run"
+    last = train(ControlConfig(env="Pendulum-v1", output_dir=str(out), total_steps=1024, save_every=1, **FAST))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [256, 512, 768, 1024] and last["iteration"] == 4
+    for key in ("cfm_loss_before", "cfm_loss_after", "clip_ratio", "value_loss", "steps_per_s", "lr"):
+        assert np.isfinite(rows[-1][key])
+    assert latest_checkpoint(out).name == "checkpoint-1024"
+    weights, _, meta = load_checkpoint(latest_checkpoint(out))
+    with pytest.raises(ValueError, match="--resume auto"):  # a fresh run never overwrites one that exists
+        train(ControlConfig(env="Pendulum-v1", output_dir=str(out), total_steps=1536, **FAST))
+    runner = Runner(ControlConfig(env="Pendulum-v1", output_dir=str(out), total_steps=1536, resume="auto", **FAST))
+    assert runner.global_step == 1024 and runner.iteration == 4
+    assert torch.equal(runner.actor.obs_in.weight, weights["actor.obs_in.weight"])
+    runner.train()
+    runner.close()
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [256, 512, 768, 1024, 1280, 1536]
+    assert latest_checkpoint(out).name == "checkpoint-1536"
+    result = evaluate(EvalConfig(checkpoint=str(out), episodes=2, num_envs=2))
+    assert result["episodes"] == 2 and result["length_mean"] == 200 and np.isfinite(result["return_mean"])
+    assert json.loads((out / "checkpoint-1536" / "eval.json").read_text())["step"] == 1536
+
+
+def test_gaussian_ppo_and_dipod_variants_run(tmp_path):
+    train(ControlConfig(env="Pendulum-v1", policy="gaussian", output_dir=str(tmp_path / "g"), total_steps=256, **FAST))
+    assert "ratio_mean" in read_metrics(tmp_path / "g" / "metrics.jsonl")[-1]
+    train(ControlConfig(env="Pendulum-v1", output_dir=str(tmp_path / "d"), total_steps=768, dipod_beta=0.1,
+                        distill_initial_iterations=1, distill_every=2, distill_iterations=1, distill_rollout_steps=8,
+                        distill_updates=2, distill_minibatch_size=16, **FAST))
+    rows = read_metrics(tmp_path / "d" / "metrics.jsonl")
+    kinds = [r.get("distill/kind") for r in rows if "distill/kind" in r]
+    assert kinds == ["initial", "interleaved"]  # before iteration 1 and before iteration 3
+    assert rows[-1]["step"] == 768 + 2 * 16 and rows[-1]["dipod_loss"] > 0  # distillation env steps count
+
+
+def _pendulum_actor(seed):
+    torch.manual_seed(seed)
+    actor = FlowActor(3, 1, [-2.0], [2.0], hidden=(64, 64), sampling_steps=8)
+    actor.obs_norm.update(torch.randn(100, 3, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.7, 0.7, 4.0]))
+    return actor
+
+
+def test_self_distillation_tightens_the_bound_and_preserves_the_policy():
+    env = GymVecEnv("Pendulum-v1", 4)
+    actor = _pendulum_actor(0)
+    settings = DistillSettings(iterations=4, rollout_steps=16, updates_per_iteration=50, minibatch_size=64, num_draws=8)
+    _, info, _ = self_distill(actor, env, env.reset(seed=0), settings, torch.Generator().manual_seed(0))
+    env.close()
+    assert info["cfm_loss_after"] < info["cfm_loss_before"]  # the ELBO got tighter on the teacher's samples
+    assert info["action_mse_before"] == 0.0 and info["action_mse"] < 0.02  # actions from the same noise barely moved
+    assert info["env_steps"] == 4 * 16 * 4
+
+
+def test_distillation_pulls_a_different_student_onto_the_teacher():
+    env = GymVecEnv("Pendulum-v1", 4)
+    teacher, student = _pendulum_actor(0), _pendulum_actor(1)
+    with torch.no_grad():  # a teacher that clearly depends on the observation
+        teacher.trunk[-1].weight.mul_(5.0)
+    settings = DistillSettings(iterations=4, rollout_steps=16, updates_per_iteration=50, minibatch_size=64, num_draws=8)
+    _, info, _ = self_distill(student, env, env.reset(seed=0), settings, torch.Generator().manual_seed(0), teacher=teacher)
+    env.close()
+    assert info["action_mse"] < 0.5 * info["action_mse_before"]
+
+
+def test_nan_observation_stops_with_a_clear_error_and_keeps_outputs(tmp_path):
+    cfg = ControlConfig(env="DipodTest/NaN-v0", output_dir=str(tmp_path), total_steps=2048, save_every=1, **FAST)
+    with pytest.raises(NonFiniteEnvError, match=r"non-finite observation in env\(s\) \[0, 1\] at vector step 150"):
+        train(cfg)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [256]
+    load_checkpoint(latest_checkpoint(tmp_path))  # the checkpoint written before the NaN is intact
+
+
+def test_bad_env_and_incompatible_settings_fail_before_compute(tmp_path, capsys):
+    with pytest.raises(ValueError, match="did you mean.*HalfCheetah-v5"):
+        GymVecEnv("HalfCheeta-v5", 1)
+    with pytest.raises(ValueError, match="1-D Box"):
+        GymVecEnv("CartPole-v1", 1)
+    with pytest.raises(ConfigError, match="policy=gaussian"):
+        ControlConfig(policy="gaussian", dipod_beta=0.1)
+    with pytest.raises(ConfigError, match="minibatches"):
+        ControlConfig(num_envs=1, rollout_steps=8, minibatches=16, total_steps=100)
+    code = cli_main(["control", "train", "--env", "NoSuchTask-v0", "--output_dir", str(tmp_path / "x")])
+    assert code == 2 and "unknown environment id 'NoSuchTask-v0'" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
