@@ -10,6 +10,7 @@ import math
 import random
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
@@ -17,8 +18,6 @@ from dipod.lm.tasks import MAX_COMPLETION_CHARS, Task, get_task, register_task, 
 from dipod.lm.tasks.arithmetic import ExpressionError, evaluate, literals, parse_expression
 from dipod.lm.tasks.data_files import shared_data_dir
 from dipod.lm.tasks.sudoku4 import all_grids
-
-from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED = shared_data_dir()

@@ -72,7 +72,7 @@ def _shorter(a: str, b: str) -> bool:
 @functools.lru_cache(maxsize=1024)  # a table is ~15 kB; generation rarely repeats a triple
 def solve(numbers: tuple[int, ...]) -> dict[Value, str]:
     """Every exact value an expression using each number once can take -> a shortest such
-    expression (ties broken alphabetically).
+    expression (a deterministic choice among equally short ones).
 
     Dynamic programming over subsets of the numbers: the table of a subset combines the tables
     of each way to split it in two. Keeping the best text per (value, precedence level) keeps
