@@ -389,6 +389,14 @@ def test_gsm8k_and_math_data_errors(tmp_path):
         gsm.load("test")
     with pytest.raises(FileNotFoundError, match="not found"):  # a missing local file never goes to the hub
         gsm.load("test", path=str(tmp_path / "nope.jsonl"))
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n  {"question": "q", "answer": "1"},\n  {"question": "q2" "answer": "2"}\n]')
+    with pytest.raises(ValueError, match=r"broken.json:3: not valid JSON"):
+        gsm.load("test", path=str(broken))
+    table = tmp_path / "table.csv"
+    table.write_text("question,answer\nq,1\n")
+    with pytest.raises(ValueError, match="unsupported data file type"):
+        gsm.load("test", path=str(table))
     bad.write_text('{"problem": "p", "solution": "no box here"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: no answer field"):
         get_task("math500").load("test", path=str(bad))
