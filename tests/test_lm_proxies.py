@@ -364,3 +364,20 @@ def test_settings_and_batch_validation():
     with pytest.raises(ValueError, match="num_orders"):
         gap_lower_bound(lm, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2), torch.zeros(1, 2, dtype=torch.long),
                         ProxySettings(), 0, 0)
+
+
+def test_tiny_model_in_bf16_gives_finite_float32_proxies(tmp_path):
+    pytest.importorskip("transformers")
+    from dipod.lm.model import build_tiny_model, load_masked_lm
+
+    lm = load_masked_lm(build_tiny_model(tmp_path / "tiny", hidden_size=32, num_layers=1, num_heads=2,
+                                         intermediate_size=32, max_positions=64), dtype="bf16")
+    enc = lm.tokenizer(["1+2=", "sum 3 4:"], padding=True, return_tensors="pt")
+    completion = lm.tokenizer(["3<eos><eos><eos>", "7 ok"], return_tensors="pt")["input_ids"]
+    settings = ProxySettings(num_draws=2, masking="block_random", block_length=2, p_mask_prompt=0.1)
+    out = compute_proxies(lm, enc["input_ids"], enc["attention_mask"], completion, settings, 0, meanfield=True)
+    assert out.lengths_n.tolist() == [2.0, 4.0]  # "3<eos>" counts up to and including the first EOS
+    for value in (out.elbo_nk, out.eubo_n, out.meanfield_logp_nl):
+        assert value.dtype == torch.float32 and torch.isfinite(value).all()
+    gap = gap_lower_bound(lm, enc["input_ids"], enc["attention_mask"], completion, settings, 2, 0)
+    assert gap.dtype == torch.float32 and (gap >= -1e-5).all()
