@@ -425,6 +425,20 @@ def test_format_rewards_accept_the_same_strings_as_d1s_regexes():
         assert strict_format(text) == float(bool(strict.match(text))), repr(text)
 
 
+def test_a_hub_dataset_id_goes_to_datasets_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return [{"question": "q", "answer": "r\n#### 7"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert get_task("gsm8k").load("train", path="openai/gsm8k") == [{"question": "q", "answer": "7"}]
+    assert calls == [("openai/gsm8k", "main", "train")]
+
+
 def test_math500_boxed_extraction_and_math_verify():
     task = get_task("math500")
     examples = task.load("test", path=str(FIXTURES / "math500_tiny.jsonl"))
