@@ -39,8 +39,28 @@ class DistillSettings:
 @torch.no_grad()
 def action_mse(student: FlowActor, teacher: FlowActor, obs_nd: Tensor, generator: torch.Generator) -> float:
     """Mean squared difference of student and teacher actions from the same initial noise."""
-    noise = torch.randn(obs_nd.shape[0], student.action_dim, generator=generator)
+    noise = torch.randn(obs_nd.shape[0], student.action_dim, generator=generator, device=obs_nd.device)
     return float((student.sample(obs_nd, noise_na=noise) - teacher.sample(obs_nd, noise_na=noise)).pow(2).mean())
+
+
+def distill_updates(actor: FlowActor, optimizer: torch.optim.Optimizer, obs_nd: Tensor, actions_na: Tensor,
+                    settings: DistillSettings, generator: torch.Generator) -> float:
+    """``settings.updates_per_iteration`` student steps on the CFM loss of random buffer minibatches.
+
+    Random numbers are drawn on the buffer's device (``generator`` must live there); returns the
+    mean minibatch loss.
+    """
+    total = 0.0
+    for _ in range(settings.updates_per_iteration):
+        idx = torch.randint(obs_nd.shape[0], (settings.minibatch_size,), generator=generator, device=obs_nd.device)
+        eps, t = actor.draw_noise(idx.shape[0], settings.num_draws, generator, device=obs_nd.device)
+        loss = actor.cfm_loss(obs_nd[idx], actions_na[idx], eps, t).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(actor.parameters(), settings.max_grad_norm)
+        optimizer.step()
+        total += float(loss.detach())
+    return total / settings.updates_per_iteration
 
 
 def self_distill(actor: FlowActor, env: VecEnv, obs: Tensor, settings: DistillSettings, generator: torch.Generator,
@@ -70,14 +90,7 @@ def self_distill(actor: FlowActor, env: VecEnv, obs: Tensor, settings: DistillSe
             returns += extras["episode_returns"].tolist()
             steps += env.num_envs
         buffer_obs, buffer_actions = torch.cat(obs_chunks), torch.cat(action_chunks)
-        for _ in range(settings.updates_per_iteration):
-            idx = torch.randint(buffer_obs.shape[0], (settings.minibatch_size,), generator=generator)
-            eps, t = actor.draw_noise(idx.shape[0], settings.num_draws, generator)
-            loss = actor.cfm_loss(buffer_obs[idx], buffer_actions[idx], eps, t).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(actor.parameters(), settings.max_grad_norm)
-            optimizer.step()
+        distill_updates(actor, optimizer, buffer_obs, buffer_actions, settings, generator)
     eps, t = actor.draw_noise(buffer_obs.shape[0], settings.num_draws, generator)
     probe_obs = buffer_obs[: min(buffer_obs.shape[0], 4096)]
     metrics = {

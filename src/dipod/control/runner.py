@@ -34,7 +34,8 @@ from dipod.control.distill import DistillSettings, self_distill
 from dipod.control.envs import GymVecEnv, RewardScaler, VecEnv
 from dipod.control.flow import Critic, FlowActor
 from dipod.control.gaussian import GaussianActor
-from dipod.control.update import RolloutBatch, UpdateSettings, fpo_plus_plus_update, gaussian_ppo_update, mean_cfm_loss
+from dipod.control.update import (RolloutBatch, UpdateSettings, fpo_plus_plus_update, gaussian_ppo_update,
+                                 mean_cfm_loss, rollout_elbo)
 from dipod.runlog import MetricsLogger
 
 POLICIES = ("flow", "gaussian")
@@ -271,9 +272,7 @@ class Runner:
                              returns=flat(value_targets), values=flat(values_t))
         if cfg.policy == "flow":
             batch.eps, batch.t = self.actor.draw_noise(len(batch), cfg.num_draws, self.generator)
-            batch.elbo_old = torch.cat([self.actor.cfm_elbo(batch.obs[s:s + 4096], batch.actions[s:s + 4096],
-                                                            batch.eps[s:s + 4096], batch.t[s:s + 4096])
-                                        for s in range(0, len(batch), 4096)])
+            batch.elbo_old = rollout_elbo(self.actor, batch.obs, batch.actions, batch.eps, batch.t)
         else:
             batch.logp_old = flat(logp_t)
         self.recent_returns.extend(returns)

@@ -69,6 +69,7 @@ class RolloutBatch:
     t: Tensor | None = None  # [B, K]
     elbo_old: Tensor | None = None  # [B, K]
     logp_old: Tensor | None = None  # [B]
+    critic_obs: Tensor | None = None  # [B, Dc] when the critic sees other (e.g. privileged) observations
 
     def __len__(self) -> int:
         return self.obs.shape[0]
@@ -101,6 +102,13 @@ def mean_cfm_loss(actor: nn.Module, obs: Tensor, actions: Tensor, eps: Tensor, t
     return total / max(eps.shape[0] * eps.shape[1], 1)
 
 
+@torch.no_grad()
+def rollout_elbo(actor: nn.Module, obs: Tensor, actions: Tensor, eps: Tensor, t: Tensor, chunk: int = 4096) -> Tensor:
+    """Per-draw ``ELBO_old [B, K]`` of a rollout under ``actor`` (no graph), chunked over samples."""
+    return torch.cat([actor.cfm_elbo(obs[s:s + chunk], actions[s:s + chunk], eps[s:s + chunk], t[s:s + chunk])
+                      for s in range(0, obs.shape[0], chunk)])
+
+
 def _adapt_lr(optimizer: torch.optim.Optimizer, clip_fraction: float, settings: UpdateSettings) -> None:
     for group in optimizer.param_groups:
         lr = group["lr"]
@@ -123,6 +131,7 @@ def run_update(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, bat
         raise ValueError(f"update: {n} samples cannot fill {settings.minibatches} minibatches; "
                          "lower minibatches or collect more steps per iteration")
     adv = prepare_advantages(batch.advantages, settings.normalize_advantages, settings.advantage_clip)
+    critic_obs = batch.obs if batch.critic_obs is None else batch.critic_obs
     sums: dict[str, float] = {}
     count = 0
     for _ in range(settings.epochs):
@@ -131,7 +140,7 @@ def run_update(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, bat
         for start in range(0, mb_size * settings.minibatches, mb_size):
             idx = perm[start:start + mb_size]
             loss_pi, info = policy_loss(idx, adv[idx])
-            loss_v = clipped_value_loss(critic(batch.obs[idx]), batch.values[idx], batch.returns[idx], settings.value_clip)
+            loss_v = clipped_value_loss(critic(critic_obs[idx]), batch.values[idx], batch.returns[idx], settings.value_clip)
             loss = loss_pi + settings.value_coef * loss_v
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
