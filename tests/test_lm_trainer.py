@@ -1,0 +1,294 @@
+"""`dipod lm train`: configs, one real step per paper config (tiny stand-in model), exact resume,
+NaN skipping, bad input, and the DiPOD term's gradient on real proxies."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dipod.checkpoint import list_checkpoints, load_checkpoint
+from dipod.config import ConfigError, parse_config
+from dipod.lm import train_engine
+from dipod.lm.train_config import TrainConfig
+from dipod.lm.trainer import TIMING_KEYS, Trainer, TrainingDiverged, estimator_loss, main, rl_loss, train
+from dipod.runlog import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs" / "lm").glob("*.yaml"))
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's matrices are too small to gain from threads, and on a shared box torch's
+    thread pool can make them 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    from dipod.lm.model import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_layers=2, num_heads=2,
+                                intermediate_size=64, max_positions=128))
+
+
+def small(tiny_model: str, out: Path, **changes) -> TrainConfig:
+    """A seconds-long run of the tiny model on sudoku4."""
+    values = dict(model=tiny_model, task="sudoku4", prompt_style="compact", lora_r=0, dtype="float32",
+                  prompts_per_step=2, num_generations=3, gradient_accumulation_steps=2, gen_length=24, block_length=24,
+                  diffusion_steps=4, num_iterations=2, learning_rate=1e-3, max_steps=3, save_steps=1, eval_steps=2,
+                  eval_examples=2, gap_monitor_steps=2, gap_monitor_sequences=1, gap_monitor_orders=2, num_draws=2,
+                  masking="random", tensorboard=False, progress_bar=False, save_final_model=False, output_dir=str(out))
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_paper_configs_parse_with_the_published_settings(path):
+    cfg = parse_config(TrainConfig, ["--config", str(path)], "t")
+    assert (cfg.gen_length, cfg.block_length, cfg.diffusion_steps, cfg.num_generations) == (256, 32, 128, 6)
+    assert (cfg.learning_rate, cfg.lora_r, cfg.lora_alpha, cfg.dipod_beta) == (3e-6, 128, 64.0, 0.05)
+    assert (cfg.estimator, cfg.spg_negative_proxy_value(), cfg.spg_mix_weight_value()) == ("spg", "mix", 0.5)
+    assert cfg.eubo_beta_value() == (1.0 if cfg.task == "sudoku4" else 1.5)
+    assert cfg.few_shot == (3 if "3shot" in path.name else 0)
+    assert cfg.model == "GSAI-ML/LLaDA-8B-Instruct" and cfg.trust_remote_code and cfg.mask_token_id == 126336
+
+
+def test_there_is_a_config_per_paper_task_and_an_accelerate_config():
+    tasks = {parse_config(TrainConfig, ["--config", str(p)], "t").task for p in CONFIGS}
+    assert tasks == {"gsm8k", "math500", "countdown", "sudoku4"} and len(CONFIGS) == 5
+    assert (ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml").is_file()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_paper_config_runs_one_step_with_a_tiny_stand_in(path, tiny_model, tmp_path):
+    """Every setting of the file except model size, lengths and data scale, for one real step."""
+    data = {"gsm8k": FIXTURES / "gsm8k_tiny.jsonl", "math500": FIXTURES / "math500_tiny.jsonl"}
+    task = parse_config(TrainConfig, ["--config", str(path)], "t").task
+    flags = ["--config", str(path), "--model", tiny_model, "--trust_remote_code", "false", "--mask_token_id", "none",
+             "--prompt_style", "compact", "--lora_r", "4", "--dtype", "float32", "--gradient_checkpointing", "false",
+             "--prompts_per_step", "2", "--num_generations", "2", "--gradient_accumulation_steps", "2",
+             "--generation_batch_size", "2", "--gen_length", "16", "--block_length", "8", "--diffusion_steps", "4",
+             "--num_iterations", "2", "--max_prompt_length", "96", "--max_steps", "1", "--eval_examples", "1",
+             "--gap_monitor_steps", "1", "--gap_monitor_sequences", "1", "--gap_monitor_orders", "2",
+             "--tensorboard", "false", "--progress_bar", "false", "--output_dir", str(tmp_path)]
+    if task in data:
+        flags += ["--train_data", str(data[task]), "--eval_data", str(data[task])]
+    assert main(flags) == 0
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    last = rows[-1]
+    assert last["step"] == 1 and last["skipped_updates"] == 0.0
+    for key in ("reward", "accuracy", "completion_length", "elbo", "eubo", "gap_lower_bound", "grad_norm",
+                "learning_rate", "step_time", "tokens_per_s", "eval/accuracy", "dipod_loss"):
+        assert isinstance(last[key], float) and math.isfinite(last[key]), key
+    assert (tmp_path / "checkpoint-1" / "model.safetensors").is_file()
+    assert (tmp_path / "final_model" / "config.json").is_file()  # LoRA merged, loadable like a hub checkpoint
+
+
+# ----------------------------------------------------------------------------------- DiPOD term
+
+@pytest.fixture(scope="module")
+def batch(tiny_model):
+    lm = train_engine.load_policy(TrainConfig(model=tiny_model, lora_r=0, dtype="float32"), device="cpu")
+    g = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(4, 40, (4, 6), generator=g)
+    prompt_attn = torch.ones_like(prompt_ids)
+    prompt_attn[0, :2] = 0  # one left-padded prompt
+    completion_ids = torch.randint(4, 40, (4, 10), generator=g)
+    completion_ids[1, 6:] = lm.eos_id  # one short completion
+    adv_n = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    return lm, prompt_ids, prompt_attn, completion_ids, adv_n
+
+
+ESTIMATOR_SETTINGS = [dict(estimator="d1"), dict(estimator="fpo"), dict(estimator="fpo++"),
+                      dict(estimator="spg", spg_negative_proxy="mix"), dict(estimator="spg", spg_negative_proxy="eubo")]
+
+
+def _grads(lm, cfg, batch_, old, seed=7):
+    _, prompt_ids, prompt_attn, completion_ids, adv_n = batch_
+    lm.model.zero_grad()
+    new = train_engine.compute_proxies(lm, prompt_ids, prompt_attn, completion_ids, train_engine.proxy_settings(cfg),
+                                       seed, meanfield=cfg.estimator == "d1")
+    loss, _ = rl_loss(cfg, new, old, adv_n, None)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in lm.model.named_parameters()}
+
+
+@pytest.mark.parametrize("settings", ESTIMATOR_SETTINGS, ids=lambda s: "-".join(map(str, s.values())))
+def test_dipod_gradient_is_beta_times_grad_of_the_mean_elbo(settings, batch, tiny_model):
+    lm, prompt_ids, prompt_attn, completion_ids, adv_n = batch
+    cfg0 = TrainConfig(model=tiny_model, dipod_beta=0.0, **settings)
+    cfg = dataclasses.replace(cfg0, dipod_beta=0.2)
+    with torch.no_grad():  # "old" proxies of a slightly different policy, so ratios differ from 1
+        old = train_engine.compute_proxies(lm, prompt_ids, prompt_attn, completion_ids,
+                                           train_engine.proxy_settings(cfg), 7, meanfield=True)
+        old = dataclasses.replace(old, elbo_nk=old.elbo_nk + 0.05, meanfield_logp_nl=old.meanfield_logp_nl - 0.03)
+    loss0, grad0 = _grads(lm, cfg0, batch, old)
+    loss1, grad1 = _grads(lm, cfg, batch, old)
+    # beta = 0 is the pure estimator, bit for bit
+    new = train_engine.compute_proxies(lm, prompt_ids, prompt_attn, completion_ids, train_engine.proxy_settings(cfg),
+                                       7, meanfield=cfg.estimator == "d1")
+    assert torch.equal(loss0, estimator_loss(cfg0, new, old, adv_n, None)[0].detach())
+    # the update direction (minus the loss gradient) gains exactly beta * grad(sum_n ELBO_n / sum_n |o_n|),
+    # the length-weighted mean ELBO of the same forward
+    lm.model.zero_grad()
+    (new.elbo_n.sum() / new.lengths_n.sum()).backward()
+    for name, p in lm.model.named_parameters():
+        torch.testing.assert_close(-(grad1[name] - grad0[name]), 0.2 * p.grad, rtol=1e-4, atol=1e-6)
+    assert float(loss1 - loss0) == pytest.approx(float(-0.2 * new.elbo_n.sum() / new.lengths_n.sum()), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------- resume
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_model, tmp_path, monkeypatch):
+    cfg = small(tiny_model, tmp_path / "a", estimator="fpo", lr_scheduler="cosine", warmup_steps=2, max_steps=3)
+    straight = train(cfg)
+
+    killed = dataclasses.replace(cfg, output_dir=str(tmp_path / "b"))
+    original = Trainer.step
+
+    def dies_at_step_3(self, step):
+        if step == 3:
+            raise _Killed
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "step", dies_at_step_3)
+    with pytest.raises(_Killed):
+        train(killed)
+    monkeypatch.setattr(Trainer, "step", original)
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["checkpoint-1", "checkpoint-2"]
+    resumed = train(dataclasses.replace(killed, resume="latest"))
+
+    a, b = params_of(straight.model), params_of(resumed.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+    rows_a, rows_b = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in rows_b] == [0, 1, 2, 3]
+    assert strip(rows_a) == strip(rows_b)
+    assert rows_a[2]["learning_rate"] != rows_a[3]["learning_rate"]  # the schedule really moved
+
+
+# ----------------------------------------------------------------------------------- NaN / inf
+
+def _poison(monkeypatch, calls_to_poison):
+    """Make the chosen gradient-carrying proxy calls return a NaN ELBO."""
+    real = train_engine.compute_proxies
+    counter = {"n": 0}
+
+    def poisoned(lm, *args, **kwargs):
+        out = real(lm, *args, **kwargs)
+        if torch.is_grad_enabled():
+            counter["n"] += 1
+            if counter["n"] in calls_to_poison:
+                return dataclasses.replace(out, elbo_nk=out.elbo_nk * float("nan"), elbo_n=out.elbo_n * float("nan"))
+        return out
+
+    monkeypatch.setattr(train_engine, "compute_proxies", poisoned)
+
+
+def test_a_nan_proxy_skips_that_update_and_training_goes_on(tiny_model, tmp_path, monkeypatch):
+    _poison(monkeypatch, calls_to_poison={1})  # first micro-batch of the first update
+    result = train(small(tiny_model, tmp_path, estimator="spg", max_steps=2))
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows[1]["skipped_updates"] == 1.0 and rows[2]["skipped_updates"] == 0.0
+    assert all(math.isfinite(r["loss"]) for r in rows[1:])
+    weights, _, _ = load_checkpoint(tmp_path / "checkpoint-2")
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+    assert all(bool(torch.isfinite(p).all()) for p in result.model.parameters())
+
+
+def test_nan_in_a_row_stops_the_run_without_a_checkpoint(tiny_model, tmp_path, monkeypatch, capsys):
+    from dipod.lm.model import load_masked_lm
+
+    _poison(monkeypatch, calls_to_poison=set(range(1, 100)))
+    cfg = small(tiny_model, tmp_path, estimator="fpo", max_steps=3, max_nonfinite_updates=2)
+    with pytest.raises(TrainingDiverged, match="2 non-finite updates in a row"):
+        train(cfg)
+    assert list_checkpoints(tmp_path) == []
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows[-1]["step"] == 1 and rows[-1]["skipped_updates"] == 2.0
+    # the CLI turns it into a message and exit code 1
+    flags = ["--model", tiny_model, "--task", "sudoku4", "--prompt_style", "compact", "--lora_r", "0", "--dtype",
+             "float32", "--prompts_per_step", "2", "--num_generations", "2", "--gen_length", "24", "--block_length",
+             "24", "--diffusion_steps", "4", "--eval_examples", "1", "--max_nonfinite_updates", "1",
+             "--tensorboard", "false", "--progress_bar", "false", "--output_dir", str(tmp_path / "cli")]
+    assert main(flags) == 1
+    assert "non-finite updates in a row" in capsys.readouterr().err
+    assert list_checkpoints(tmp_path / "cli") == []
+    assert load_masked_lm(tiny_model) is not None  # the model files were never touched
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lernrate", "1"], "unrecognized arguments"),
+    (["--gen_length", "100", "--block_length", "32"], "not a multiple of block_length"),
+    (["--num_generations", "1"], "num_generations=1"),
+    (["--estimator", "fpo", "--spg_mix_weight", "0.3"], "spg_mix_weight"),
+    (["--estimator", "spg", "--clip_eps", "0.2"], "clip_eps"),
+    (["--estimator", "d1", "--log_ratio_max", "2"], "log_ratio_max"),
+    (["--estimator", "ppo"], "choose one of"),
+])
+def test_bad_flags_fail_before_any_compute(flags, message, capsys):
+    with pytest.raises((ConfigError, SystemExit)) as info:
+        parse_config(TrainConfig, flags, "dipod lm train")
+    text = str(info.value) + capsys.readouterr().err
+    assert message in text
+
+
+def test_unknown_yaml_key_lists_the_valid_ones(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("estimator: spg\nbeta_dipod: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['beta_dipod'\].*dipod_beta"):
+        parse_config(TrainConfig, ["--config", str(path)], "t")
+
+
+def test_missing_model_and_data_paths_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_model"):
+        TrainConfig(model=str(tmp_path / "no_such_model"))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        TrainConfig(model="org/name", train_data=str(tmp_path / "missing.jsonl"))
+
+
+def test_uneven_batches_fail_before_the_model_loads(tmp_path):
+    with pytest.raises(ConfigError, match="split evenly"):
+        Trainer(TrainConfig(model=str(tmp_path), task="sudoku4", prompts_per_step=1, num_generations=3,
+                            gradient_accumulation_steps=2))
+
+
+def test_out_of_memory_in_generation_suggests_a_smaller_generation_batch(tiny_model, tmp_path, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(train_engine, "generate", no_memory)
+    with pytest.raises(RuntimeError, match="--generation_batch_size 3"):
+        train(small(tiny_model, tmp_path, generation_batch_size=6, gradient_accumulation_steps=1))
+
+
+def test_cli_reports_bad_input_in_one_line(capsys):
+    from dipod.cli import main as cli_main
+
+    assert cli_main(["lm", "train", "--num_generations", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dipod lm train: error:") and "num_generations" in err[0]
