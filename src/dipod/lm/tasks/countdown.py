@@ -46,9 +46,9 @@ def _wrap(expr: _Expr, min_level: int) -> str:
 
 
 def _divide(x: Value, y: Value) -> Value:
-    if isinstance(x, int) and isinstance(y, int) and x % y == 0:
-        return x // y
-    quotient = Fraction(x) / y
+    if isinstance(x, int) and isinstance(y, int):
+        return x // y if x % y == 0 else Fraction(x, y)
+    quotient = x / y  # a Fraction is involved, so this is exact
     return quotient.numerator if quotient.denominator == 1 else quotient
 
 
@@ -78,13 +78,13 @@ def solve(numbers: tuple[int, ...]) -> dict[Value, str]:
     of each way to split it in two. Keeping the best text per (value, precedence level) keeps
     the shortest overall, since parentheses depend only on the level."""
     full = (1 << len(numbers)) - 1
-    tables: dict[int, dict[tuple[Value, int], _Expr]] = {}
+    tables: dict[int, dict[tuple[int, int, int], _Expr]] = {}
     for mask in sorted(range(1, full + 1), key=int.bit_count):
         if mask.bit_count() == 1:
             n = numbers[mask.bit_length() - 1]
-            tables[mask] = {(n, 2): _Expr(n, str(n), 2)}
+            tables[mask] = {(n, 1, 2): _Expr(n, str(n), 2)}
             continue
-        table: dict[tuple[Value, int], _Expr] = {}
+        table: dict[tuple[int, int, int], _Expr] = {}
         part = (mask - 1) & mask
         while part:
             rest = mask ^ part
@@ -92,16 +92,19 @@ def solve(numbers: tuple[int, ...]) -> dict[Value, str]:
                 for a in tables[part].values():
                     for b in tables[rest].values():
                         for expr in _combinations(a, b):
-                            key = (expr.value, expr.level)
+                            # ints and Fractions both have numerator/denominator; hashing a tuple
+                            # of ints is far cheaper than hashing a Fraction
+                            key = (expr.value.numerator, expr.value.denominator, expr.level)
                             if key not in table or _shorter(expr.text, table[key].text):
                                 table[key] = expr
             part = (part - 1) & mask
         tables[mask] = table
-    best: dict[Value, str] = {}
-    for (value, _), expr in tables[full].items():
-        if value not in best or _shorter(expr.text, best[value]):
-            best[value] = expr.text
-    return best
+    best: dict[tuple[int, int], _Expr] = {}
+    for (numerator, denominator, _), expr in tables[full].items():
+        key = (numerator, denominator)
+        if key not in best or _shorter(expr.text, best[key].text):
+            best[key] = expr
+    return {expr.value: expr.text for expr in best.values()}
 
 
 def _is_test_triple(numbers: tuple[int, ...], seed: int, test_fraction: float) -> bool:
