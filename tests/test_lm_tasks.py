@@ -237,6 +237,9 @@ def test_sudoku_csv_errors_name_the_line(tmp_path):
             task.load("test", path=str(path))
     with pytest.raises(FileNotFoundError, match="not found"):
         task.load("test", path=str(tmp_path / "missing.csv"))
+    excel = tmp_path / "excel.csv"  # a byte-order mark and extra columns are fine
+    excel.write_text("\ufeffid,puzzle,solution\n7," + good, encoding="utf-8")
+    assert task.load("test", path=str(excel)) == [SUDOKU]
 
 
 def test_missing_shared_data_says_how_to_point_at_it(tmp_path, monkeypatch):

@@ -47,7 +47,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-blank line; a line that is not a JSON object raises
     ValueError naming it."""
     path = existing_file(path)
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -64,7 +64,7 @@ def read_csv(path: str | Path, columns: tuple[str, ...]) -> Iterator[tuple[int, 
     """(line number, {column: value}) per data row. Header names match case-insensitively; a
     missing column or a row with the wrong number of fields raises ValueError naming the line."""
     path = existing_file(path)
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if header is None:
@@ -118,7 +118,7 @@ def read_records(path: str, split: str, hub_config: str | None = None) -> Iterat
 
 def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
     try:
-        data: Any = json.loads(path.read_text(encoding="utf-8"))
+        data: Any = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
