@@ -101,16 +101,20 @@ def _check_inputs(lm, prompt_ids: torch.Tensor, prompt_attn: torch.Tensor, setti
                          "create the generator on the prompts' device")
 
 
-def _guided_logits(lm, ids: torch.Tensor, attn: torch.Tensor, prompt_attn: torch.Tensor,
-                   cfg_scale: float) -> torch.Tensor:
-    """Float32 logits ``[B, T, V]``, with classifier-free guidance when ``cfg_scale > 0``."""
+def _block_logits(lm, ids_bt: torch.Tensor, attn_bt: torch.Tensor, prompt_attn: torch.Tensor, lo: int, hi: int,
+                  cfg_scale: float) -> torch.Tensor:
+    """Float32 logits ``[B, hi - lo, V]`` of the current block (guided when ``cfg_scale > 0``), mask token at -inf."""
     if cfg_scale == 0.0:
-        return lm.logits(ids, attn)
-    prompt_len = prompt_attn.shape[1]
-    uncond_ids = ids.clone()
-    uncond_ids[:, :prompt_len] = ids[:, :prompt_len].masked_fill(prompt_attn.bool(), lm.mask_id)
-    cond, uncond = lm.logits(torch.cat([ids, uncond_ids]), torch.cat([attn, attn])).chunk(2)
-    return uncond + (cfg_scale + 1.0) * (cond - uncond)
+        logits_blv = lm.logits(ids_bt, attn_bt)[:, lo:hi].clone()
+    else:
+        prompt_len = prompt_attn.shape[1]
+        uncond_ids_bt = ids_bt.clone()
+        uncond_ids_bt[:, :prompt_len] = ids_bt[:, :prompt_len].masked_fill(prompt_attn.bool(), lm.mask_id)
+        both_blv = lm.logits(torch.cat([ids_bt, uncond_ids_bt]), torch.cat([attn_bt, attn_bt]))[:, lo:hi]
+        cond_blv, uncond_blv = both_blv.chunk(2)
+        logits_blv = uncond_blv + (cfg_scale + 1.0) * (cond_blv - uncond_blv)
+    logits_blv[..., lm.mask_id] = float("-inf")  # never propose the mask token
+    return logits_blv
 
 
 def _propose(logits_blv: torch.Tensor, temperature: float, remasking: str,
@@ -176,9 +180,7 @@ def generate(lm, prompt_ids: torch.Tensor, prompt_attn: torch.Tensor, settings: 
                 start = block * settings.block_length
                 lo, hi = prompt_len + start, prompt_len + start + settings.block_length
                 for k in schedule:
-                    logits_blv = _guided_logits(lm, ids_bt, attn_bt, prompt_attn, settings.cfg_scale)[:, lo:hi]
-                    logits_blv = logits_blv.clone()
-                    logits_blv[..., mask_id] = float("-inf")
+                    logits_blv = _block_logits(lm, ids_bt, attn_bt, prompt_attn, lo, hi, settings.cfg_scale)
                     tokens_bl, score_bl = _propose(logits_blv, settings.temperature, settings.remasking, generator)
                     still_masked_bl = ids_bt[:, lo:hi] == mask_id
                     reveal_bl = top_k_mask(score_bl.masked_fill(~still_masked_bl, float("-inf")), k)
