@@ -13,6 +13,9 @@ import sys
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("toy",): ("dipod.toy", "exact two-token diagnostic of double drift (paper Fig. 2)"),
     ("lm", "train"): ("dipod.lm.trainer", "online RL post-training of a masked-diffusion LM (d1/FPO/FPO++/SPG + DiPOD)"),
+    ("lm", "sft"): ("dipod.lm.sft", "masked-diffusion supervised training (LLaDA loss); makes tiny reference policies"),
+    ("lm", "eval"): ("dipod.lm.evaluate", "accuracy and mean reward of a model on a task (greedy by default)"),
+    ("lm", "generate"): ("dipod.lm.generate", "print a model's completions on a task's prompts"),
     ("plot",): ("dipod.plot", "overlay the metrics (reward, accuracy, gap) of run folders in one PNG"),
     ("control", "train"): ("dipod.control.train", "train a flow (FPO++ + DiPOD) or Gaussian (PPO) policy on a gymnasium task"),
     ("control", "eval"): ("dipod.control.evaluate", "evaluate a control checkpoint over whole episodes"),

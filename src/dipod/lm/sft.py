@@ -1,0 +1,339 @@
+"""`dipod lm sft`: masked-diffusion supervised training on a task's demonstrations.
+
+The loss is LLaDA's SFT loss (`sft_loss`): per sequence a noise level t ~ U(0, 1) is drawn and
+every completion token is masked independently with probability p = (1 - eps) t + eps (eps keeps
+1/p finite); the masked completion tokens' cross-entropy, each weighted 1/p, is summed and divided
+by the completion length G, then averaged over the batch. Its expectation is the negative ELBO per
+token, an upper bound on -log pi(completion | prompt) / G. The prompt is never masked. Completions
+are padded with EOS to G and the padding counts as completion (as in LLaDA's SFT), so the model
+learns where to stop — the same EOS-padded layout the sampler returns.
+
+Training starts from a freshly built tiny model (``--model tiny``) or any model directory / hub
+id, evaluates greedily on held-out examples every ``eval_every`` steps, and can stop as soon as the
+held-out accuracy reaches ``target_accuracy_min`` — this is how the tiny reference policies are
+left at a mid-level accuracy with room for RL to improve. Outputs in OUTPUT_DIR: metrics.jsonl
+(+ tb/, plot.png), checkpoint-STEP/ (atomic, resumable), config.yaml, sft_result.json and model/
+(``save_pretrained`` format, loadable by ``load_masked_lm`` like any hub checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dipod.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
+                              save_checkpoint)
+from dipod.config import ConfigError, parse_config, save_config
+from dipod.lm.evaluate import PROMPT_STYLES, evaluate_policy
+from dipod.lm.sampler import SamplerSettings
+from dipod.runlog import MetricsLogger, atomic_write_json
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+RESULT_FILE = "sft_result.json"
+MODEL_DIR = "model"
+# stage codes for derive_seed: independent random streams per purpose
+_BATCHES, _MASKS = range(2)
+
+
+# ---------------------------------------------------------------------------------------- loss
+
+def draw_sft_masks(batch_size: int, gen_length: int, generator: torch.Generator,
+                   eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask_bg, p_mask_b)``: which completion tokens to mask, and each row's mask probability."""
+    t_b = torch.rand(batch_size, generator=generator, dtype=torch.float32)
+    p_mask_b = (1.0 - eps) * t_b + eps
+    mask_bg = torch.rand(batch_size, gen_length, generator=generator, dtype=torch.float32) < p_mask_b[:, None]
+    return mask_bg, p_mask_b
+
+
+def sft_loss(logits_fn: LogitsFn, prompt_ids: torch.Tensor, prompt_attn: torch.Tensor,
+             completion_ids: torch.Tensor, mask_bg: torch.Tensor, p_mask_b: torch.Tensor,
+             mask_id: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """LLaDA's SFT loss for one batch with the given masks; returns ``(loss, stats)``.
+
+    ``logits_fn(ids, attn)`` returns float32 logits ``[B, P+G, V]`` (``MaskedDiffusionLM.logits``).
+    """
+    prompt_len, gen_length = prompt_ids.shape[1], completion_ids.shape[1]
+    noisy_bg = completion_ids.masked_fill(mask_bg, mask_id)
+    ids = torch.cat([prompt_ids, noisy_bg], dim=1)
+    attn = torch.cat([prompt_attn, torch.ones_like(completion_ids)], dim=1)
+    logits_bgv = logits_fn(ids, attn)[:, prompt_len:].float()
+    nll_bg = F.cross_entropy(logits_bgv.transpose(1, 2), completion_ids, reduction="none")
+    masked_bg = mask_bg.float()
+    loss = ((nll_bg * masked_bg).sum(dim=1) / p_mask_b / gen_length).mean()
+    with torch.no_grad():
+        n_masked = masked_bg.sum().clamp_min(1.0)
+        stats = {"masked_nll": float((nll_bg * masked_bg).sum() / n_masked),
+                 "masked_token_acc": float(((logits_bgv.argmax(-1) == completion_ids).float() * masked_bg).sum()
+                                           / n_masked)}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------- config
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class SFTConfig:
+    # --- model ---
+    model: str = _help("'tiny' builds a fresh tiny ModernBERT; otherwise a model directory or hub id", default="tiny")
+    tiny_hidden_size: int = _help("tiny model: hidden size", default=128)
+    tiny_layers: int = _help("tiny model: transformer layers", default=4)
+    tiny_heads: int = _help("tiny model: attention heads", default=4)
+    tiny_intermediate_size: int = _help("tiny model: MLP width", default=256)
+    trust_remote_code: bool = _help("allow the model repository's own code (LLaDA needs true)", default=False)
+    mask_token_id: int | None = _help("mask token id when the tokenizer has none (LLaDA: 126336)", default=None)
+    # --- data ---
+    task: str = _help("task name: sudoku4, countdown, ...", default="sudoku4")
+    train_data: str | None = _help("training data file (None: the task's generated train split)", default=None)
+    train_examples: int | None = _help("use only the first N training examples (None: the task's default size)",
+                                       default=None)
+    eval_data: str | None = _help("held-out data file (None: the task's eval_split)", default=None)
+    eval_split: str = _help("held-out split of the task used for the periodic evaluation", default="test")
+    eval_examples: int = _help("held-out examples per evaluation (0: never evaluate)", default=200)
+    prompt_style: str = _help(f"prompt format, one of {PROMPT_STYLES}", default="compact")
+    max_prompt_length: int = _help("prompts longer than this many tokens are cut from the left", default=256)
+    # --- decoding (held-out evaluation; also the settings the policy is meant to be sampled with) ---
+    gen_length: int = _help("completion length in tokens; demonstrations are EOS-padded to it", default=32)
+    block_length: int = _help("sampler block length", default=32)
+    steps: int = _help("sampler steps over the whole completion", default=32)
+    remasking: str = _help("sampler remasking: low_confidence or random", default="low_confidence")
+    # --- optimisation ---
+    max_steps: int = _help("optimizer steps at most", default=2000)
+    batch_size: int = _help("sequences per step", default=64)
+    learning_rate: float = _help("AdamW learning rate", default=1e-3)
+    warmup_steps: int = _help("linear warm-up steps, then constant", default=50)
+    weight_decay: float = _help("AdamW weight decay", default=0.01)
+    max_grad_norm: float = _help("gradient clipping norm (0: off)", default=1.0)
+    mask_eps: float = _help("smallest mask probability eps in p = (1 - eps) t + eps", default=1e-3)
+    seed: int = _help("seed of the model init, batch order and masks (same seed => same run on CPU)", default=0)
+    # --- stopping at a mid-level accuracy ---
+    eval_every: int = _help("greedy held-out evaluation every this many steps (0: only at the end)", default=100)
+    target_accuracy_min: float | None = _help(
+        "stop once held-out greedy accuracy reaches this (None: train for max_steps)", default=None)
+    target_accuracy_max: float = _help(
+        "an evaluation above this counts as an overshoot (warned about; lower learning_rate or eval_every)",
+        default=1.0)
+    # --- run ---
+    output_dir: str = _help("run folder", default="runs/lm_sft")
+    save_every: int = _help("checkpoint every this many steps (0: only at the end)", default=500)
+    keep_checkpoints: int = _help("how many checkpoints to keep", default=2)
+    resume: bool = _help("continue from the newest checkpoint in output_dir", default=False)
+    tensorboard: bool = _help("mirror metrics to OUTPUT_DIR/tb", default=False)
+    progress_bar: bool = _help("show a tqdm progress bar", default=True)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        need(self.prompt_style in PROMPT_STYLES, f"prompt_style={self.prompt_style!r}; choose one of {PROMPT_STYLES}")
+        for name in ("max_steps", "batch_size", "max_prompt_length", "tiny_hidden_size", "tiny_layers", "tiny_heads",
+                     "tiny_intermediate_size"):
+            need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "eval_every", "eval_examples", "save_every", "keep_checkpoints"):
+            need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0")
+        need(self.train_examples is None or self.train_examples >= 1, "train_examples must be >= 1 (or None)")
+        need(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate must be a positive number")
+        need(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0")
+        need(0 < self.mask_eps < 1, f"mask_eps={self.mask_eps} must lie in (0, 1)")
+        lo, hi = self.target_accuracy_min, self.target_accuracy_max
+        need(0 <= hi <= 1, f"target_accuracy_max={hi} must lie in [0, 1]")
+        if lo is not None:
+            need(0 < lo <= hi, f"target_accuracy_min={lo} must lie in (0, target_accuracy_max={hi}]")
+            need(self.eval_examples > 0, "target_accuracy_min needs held-out evaluations: set eval_examples > 0")
+        self.sampler_settings()  # validates gen_length / block_length / steps / remasking
+
+    def sampler_settings(self) -> SamplerSettings:
+        return SamplerSettings(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps,
+                               temperature=0.0, remasking=self.remasking)
+
+
+# ---------------------------------------------------------------------------------------- data
+
+def encode_demonstrations(lm, task, examples: list[dict], prompt_style: str, max_prompt_length: int,
+                          gen_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(prompt_ids [N, P], prompt_attn [N, P], completion_ids [N, G])``: left-padded prompts and
+    each example's demonstration followed by EOS up to ``gen_length``."""
+    from dipod.lm.train_engine import encode_prompts
+
+    prompt_ids, prompt_attn = encode_prompts(lm, [task.prompt(ex, prompt_style) for ex in examples],
+                                             max_prompt_length, chat=prompt_style == "chat")
+    demos = [lm.tokenizer(task.demonstration(ex), add_special_tokens=False)["input_ids"] for ex in examples]
+    longest = max(len(d) for d in demos)
+    if longest > gen_length:
+        raise ConfigError(f"task {task.name}: a demonstration has {longest} tokens but gen_length={gen_length}; "
+                          f"raise --gen_length (and --block_length / --steps with it)")
+    completion_ids = torch.full((len(demos), gen_length), lm.eos_id, dtype=torch.long)
+    for i, demo in enumerate(demos):  # once per dataset, not per step
+        completion_ids[i, :len(demo)] = torch.tensor(demo, dtype=torch.long)
+    return prompt_ids, prompt_attn, completion_ids
+
+
+def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> torch.Tensor:
+    """Rows of step ``step`` (1-based): consecutive slices of a fresh seeded permutation per epoch,
+    a function of (seed, step) only, so a resumed run sees the same batches."""
+    from dipod.lm.trainer import derive_seed
+
+    positions = torch.arange((step - 1) * batch_size, step * batch_size)
+    epochs = positions.div(num_examples, rounding_mode="floor")
+    rows = torch.empty_like(positions)
+    for epoch in epochs.unique().tolist():  # at most two epochs per step
+        perm = torch.randperm(num_examples, generator=torch.Generator().manual_seed(derive_seed(seed, _BATCHES, epoch)))
+        here = epochs == epoch
+        rows[here] = perm[positions[here] % num_examples]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- training
+
+def _load_start_model(cfg: SFTConfig):
+    from dipod.lm.model import build_tiny_model, load_masked_lm
+
+    if cfg.model != "tiny":
+        return load_masked_lm(cfg.model, trust_remote_code=cfg.trust_remote_code, mask_token_id=cfg.mask_token_id)
+    with tempfile.TemporaryDirectory(prefix="dipod-tiny-") as tmp:
+        build_tiny_model(Path(tmp) / "init", hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_layers,
+                         num_heads=cfg.tiny_heads, intermediate_size=cfg.tiny_intermediate_size, seed=cfg.seed)
+        return load_masked_lm(Path(tmp) / "init")
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # Clones: tied embeddings share storage, which safetensors refuses to write twice.
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def train_sft(cfg: SFTConfig) -> dict:
+    """Run SFT; returns the content of OUTPUT_DIR/sft_result.json."""
+    from tqdm.auto import tqdm
+
+    from dipod.lm.tasks import get_task
+    from dipod.lm.trainer import derive_seed
+
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    task = get_task(cfg.task)
+    train_examples = task.load("train", path=cfg.train_data, limit=cfg.train_examples)
+    if not train_examples:
+        raise ValueError(f"task {cfg.task}: no training examples (train_data={cfg.train_data})")
+    held_out = task.load(cfg.eval_split, path=cfg.eval_data, limit=cfg.eval_examples) if cfg.eval_examples else []
+    torch.manual_seed(cfg.seed)
+    lm = _load_start_model(cfg)
+    prompt_ids, prompt_attn, completion_ids = encode_demonstrations(
+        lm, task, train_examples, cfg.prompt_style, cfg.max_prompt_length, cfg.gen_length)
+    model = lm.model
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+
+    start_step = 0
+    checkpoint = latest_checkpoint(out) if cfg.resume else None
+    if checkpoint is not None:
+        weights, state, meta = load_checkpoint(checkpoint)
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        start_step = int(meta["step"])
+    save_config(cfg, out / "config.yaml")
+    settings = cfg.sampler_settings()
+
+    def evaluate() -> dict:
+        report = evaluate_policy(lm, task, held_out, settings, prompt_style=cfg.prompt_style,
+                                 max_prompt_length=cfg.max_prompt_length)
+        return {"eval/accuracy": report["accuracy"], "eval/reward": report["mean_reward"]}
+
+    def save(step: int) -> None:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": capture_rng_state()}
+        save_checkpoint(out, step, _weights(model), state, {"task": cfg.task}, keep_last=cfg.keep_checkpoints)
+
+    last_eval: dict = {}
+    stopped_because = "max_steps"
+    step = start_step
+    logger = MetricsLogger(out, tensorboard=cfg.tensorboard, resume_from_step=start_step + 1 if cfg.resume else None)
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc=f"lm sft {cfg.task}", dynamic_ncols=True,
+               disable=not cfg.progress_bar)
+    try:
+        for step in range(start_step + 1, cfg.max_steps + 1):
+            rows = batch_indices(step, cfg.batch_size, len(train_examples), cfg.seed)
+            generator = torch.Generator().manual_seed(derive_seed(cfg.seed, _MASKS, step))
+            mask_bg, p_mask_b = draw_sft_masks(len(rows), cfg.gen_length, generator, cfg.mask_eps)
+            loss, stats = sft_loss(lm.logits, prompt_ids[rows], prompt_attn[rows], completion_ids[rows],
+                                   mask_bg, p_mask_b, lm.mask_id)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite SFT loss at step {step}; lower --learning_rate "
+                                         f"(the last checkpoint in {out} is intact; --resume true continues from it)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+            row = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), **stats}
+            optimizer.step()
+            scheduler.step()
+            if held_out and (step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                last_eval = evaluate()
+                row.update(last_eval)
+                if cfg.target_accuracy_min is not None and last_eval["eval/accuracy"] >= cfg.target_accuracy_min:
+                    stopped_because = "target_accuracy"
+            logger.log(step, row)
+            bar.update(1)
+            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "eval/accuracy") if k in row})
+            if stopped_because == "target_accuracy":
+                break
+            if cfg.save_every and step % cfg.save_every == 0:
+                save(step)
+        bar.close()
+        if step > start_step:
+            save(step)
+    finally:
+        logger.close()
+
+    accuracy = last_eval.get("eval/accuracy")
+    if accuracy is not None and accuracy > cfg.target_accuracy_max:
+        warnings.warn(f"held-out accuracy {accuracy:.3f} overshot target_accuracy_max={cfg.target_accuracy_max}; "
+                      "lower --learning_rate or --eval_every to stop inside the target range", stacklevel=2)
+    model_dir = lm.save_pretrained(out / MODEL_DIR)
+    result = {
+        "task": cfg.task, "model_dir": str(model_dir), "final_step": step, "stopped_because": stopped_because,
+        "eval_accuracy": accuracy, "eval_reward": last_eval.get("eval/reward"),
+        "eval_examples": len(held_out), "eval_split": None if cfg.eval_data else cfg.eval_split,
+        "target_reached": (accuracy is not None and cfg.target_accuracy_min is not None
+                           and cfg.target_accuracy_min <= accuracy <= cfg.target_accuracy_max),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "prompt_style": cfg.prompt_style,
+        "sampler": {"gen_length": cfg.gen_length, "block_length": cfg.block_length, "steps": cfg.steps,
+                    "remasking": cfg.remasking},
+    }
+    atomic_write_json(out / RESULT_FILE, result)
+    _plot(out)
+    return result
+
+
+def _plot(out: Path) -> None:
+    from dipod.plot import plot_runs
+
+    try:
+        plot_runs([out], out / "plot.png", keys=["loss", "eval/accuracy", "eval/reward"])
+    except ImportError:  # matplotlib is optional; the metrics file holds the same numbers
+        pass
+
+
+def main(argv: list[str], prog: str = "dipod lm sft") -> int:
+    cfg = parse_config(SFTConfig, argv, prog, description="Masked-diffusion supervised training (LLaDA's SFT loss).")
+    result = train_sft(cfg)
+    acc = result["eval_accuracy"]
+    summary = "no held-out evaluation" if acc is None else f"held-out greedy accuracy {acc:.3f}, reward {result['eval_reward']:.3f}"
+    print(f"{prog}: stopped after step {result['final_step']} ({result['stopped_because']}): {summary}; "
+          f"model in {result['model_dir']}", file=sys.stderr)
+    return 0
