@@ -189,6 +189,18 @@ def test_equal_confidences_go_to_the_leftmost_position():
     assert torch.equal(order, torch.tensor([[0, 1, 2, 3]]))
 
 
+def test_batched_top_k_equals_a_per_row_selection_with_ties_and_blocked_positions():
+    g = torch.Generator().manual_seed(0)
+    score_bl = torch.randint(0, 4, (64, 12), generator=g).double()  # many ties
+    score_bl[torch.rand(64, 12, generator=g) < 0.3] = float("-inf")  # already revealed positions
+    for k in (1, 3, 5):
+        expected = torch.zeros(64, 12, dtype=torch.bool)
+        for row in range(64):
+            ranked = sorted(range(12), key=lambda j: (-score_bl[row, j].item(), j))
+            expected[row, ranked[:k]] = True
+        assert torch.equal(top_k_mask(score_bl, k), expected)
+
+
 def test_random_remasking_reveals_uniformly_chosen_positions():
     # The model is very sure about position 0, but random remasking must ignore confidence.
     lm = toy_lm(FixedLogits(peaked_logits([9.0, 0.1, 0.1, 0.1, 0.1], [3, 4, 5, 6, 7])))
