@@ -221,6 +221,21 @@ def test_rejects_a_checkpoint_of_another_algorithm(tmp_path):
         runner.load(str(tmp_path / "ppo.pt"))
 
 
+def test_diverged_update_stops_before_the_runner_saves(tmp_path, monkeypatch):
+    import dipod.control.rsl_rl as adapter
+
+    def diverging_update(actor, *args, **kwargs):  # stands in for an update that blew up
+        with torch.no_grad():
+            actor.trunk[-1].bias.fill_(float("nan"))
+        return {}
+
+    runner = make_runner(tmp_path)
+    monkeypatch.setattr(adapter, "fpo_plus_plus_update", diverging_update)
+    with pytest.raises(FloatingPointError, match="non-finite weights"):
+        runner.learn(1)
+    assert not list(tmp_path.glob("model_*.pt"))
+
+
 def test_jit_export_matches_the_policy(tmp_path):
     torch.manual_seed(0)
     runner = make_runner()

@@ -327,8 +327,14 @@ class FPOPlusPlus:
 
     # ---- updates -----------------------------------------------------------------------------
     def update(self) -> dict[str, float]:
+        stage = "distillation" if self.distilling else "FPO++"
         info = self._distill_iteration() if self.distilling else self._rl_update()
         self.storage.clear()
+        bad = [name for module in ("actor", "critic") for name, p in getattr(self, module).named_parameters(prefix=module)
+               if not bool(torch.isfinite(p).all())]
+        if bad:  # stop before the runner saves the diverged weights; its earlier model_*.pt files stay as they are
+            raise FloatingPointError(f"FPOPlusPlus: non-finite weights {bad[:4]} after the {stage} update "
+                                     f"(metrics {info}); lower learning_rate / distill_lr or resume from an earlier checkpoint")
         return info
 
     def _flat_rollout(self) -> tuple[Tensor, Tensor, Tensor]:
