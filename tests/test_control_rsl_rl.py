@@ -213,6 +213,29 @@ def test_config_validation():
         OnPolicyRunner(PointReachVecEnv(num_envs=8), bad)
 
 
+def test_a_ppo_shaped_config_switches_by_class_name():
+    """What mjlab / IsaacLab pass after `asdict(agent_cfg)` when only class_name is changed."""
+    ppo_algorithm = {"num_learning_epochs": 5, "num_mini_batches": 4, "learning_rate": 1e-3, "schedule": "adaptive",
+                     "gamma": 0.99, "lam": 0.95, "entropy_coef": 0.005, "desired_kl": 0.01, "max_grad_norm": 1.0,
+                     "value_loss_coef": 1.0, "use_clipped_value_loss": True, "clip_param": 0.2,
+                     "normalize_advantage_per_mini_batch": False, "optimizer": "adam", "share_cnn_encoders": False,
+                     "rnd_cfg": None, "symmetry_cfg": None, "class_name": CLASS_NAME}
+    model = {"hidden_dims": (64, 64), "activation": "elu", "obs_normalization": True, "cnn_cfg": None,
+             "rnn_type": None, "rnn_hidden_dim": 256, "rnn_num_layers": 1, "class_name": "MLPModel"}
+    cfg = {"num_steps_per_env": 16, "save_interval": 50, "seed": 42, "obs_groups": {"actor": ["policy"], "critic": ["critic"]},
+           "actor": {**model, "distribution_cfg": {"class_name": "GaussianDistribution", "init_std": 1.0}},
+           "critic": {**model, "distribution_cfg": None}, "algorithm": ppo_algorithm, "clip_actions": None}
+    with pytest.warns(UserWarning) as caught:
+        runner = OnPolicyRunner(PointReachVecEnv(num_envs=16), cfg)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "entropy_coef" in messages and "distribution_cfg" in messages
+    settings = runner.alg.settings
+    assert (settings.clip_param, settings.learning_rate, settings.schedule, settings.num_draws) == (0.2, 1e-3, "adaptive", 16)
+    rows = record_updates(runner)
+    runner.learn(1)
+    assert all(math.isfinite(v) for v in rows[0].values())
+
+
 def test_rejects_a_checkpoint_of_another_algorithm(tmp_path):
     runner = make_runner()
     torch.save({"actor_state_dict": {}, "critic_state_dict": {}, "optimizer_state_dict": {}, "iter": 0, "infos": None},
