@@ -1,0 +1,241 @@
+"""DiPOD against d1, FPO and SPG on the tiny reference policies (sudoku4, countdown), same budget each.
+
+    python benchmarks/lm_dipod.py --quick          # about 15 minutes on 2 cores
+    python benchmarks/lm_dipod.py                  # the full run (about 2 hours on 2 cores)
+    python benchmarks/lm_dipod.py --betas 0.01,0.05,0.2 --methods spg_mix,spg_mix+dipod   # beta sweep
+
+Every (task, method, seed) is one `dipod lm train` run in its own process (one torch thread each,
+``--workers`` at a time); finished runs are reused, so an interrupted benchmark continues. Writes
+``OUT/lm_dipod.md`` (final held-out accuracy, reward and gap, mean +- std over seeds, plus the
+DiPOD step-time overhead measured in the same session) and ``OUT/lm_dipod.png`` (reward and
+gap-monitor curves, mean over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+METHODS: dict[str, dict] = {
+    "d1": {"estimator": "d1", "dipod_beta": 0.0, "num_draws": 1},
+    "fpo": {"estimator": "fpo", "dipod_beta": 0.0},
+    "fpo+dipod": {"estimator": "fpo"},
+    "spg_mix": {"estimator": "spg", "dipod_beta": 0.0},
+    "spg_mix+dipod": {"estimator": "spg"},
+}
+PRESETS = {
+    "quick": {"max_steps": 20, "eval_steps": 0, "eval_examples": 100, "gap_monitor_steps": 4},
+    "full": {"max_steps": 100, "eval_steps": 25, "eval_examples": 200, "gap_monitor_steps": 5},
+}
+TAIL = 1 / 3  # the "late" gap is the mean of the monitor over the last third of the run
+
+
+def run_one(job: dict) -> str:
+    """Worker: one training run (returns its folder). Skips runs that already finished."""
+    import torch
+
+    torch.set_num_threads(1)
+    from dipod.demo import tiny_rl_config
+    from dipod.lm.trainer import train
+    from dipod.runlog import read_metrics
+
+    out = Path(job["output_dir"])
+    if (out / "metrics.jsonl").is_file():
+        rows = read_metrics(out / "metrics.jsonl")
+        if rows and rows[-1].get("step") == job["changes"]["max_steps"] and "eval/accuracy" in rows[-1]:
+            return str(out)
+    cfg = tiny_rl_config(job["model_dir"], out, progress_bar=False, tensorboard=False, **job["changes"])
+    train(cfg)
+    return str(out)
+
+
+def measure_overhead(model_dir: Path, work: Path, repeats: int) -> dict:
+    """Update time with DiPOD (beta = 0.05) against without (beta = 0) on the same rollout batch,
+    interleaved so that load on a shared machine hits both alike."""
+    import torch
+
+    torch.set_num_threads(1)
+    from dipod.demo import tiny_rl_config
+    from dipod.lm.trainer import Trainer
+
+    out = {}
+    for estimator in ("spg", "fpo"):
+        cfg = tiny_rl_config(model_dir, work / f"overhead_{estimator}", estimator=estimator, progress_bar=False,
+                             tensorboard=False, eval_examples=1)
+        trainer = Trainer(cfg)
+        examples = trainer.step_examples(1)
+        prompt_ids, prompt_attn = trainer.encode(examples)
+        completion_ids = trainer.generate(prompt_ids, prompt_attn, cfg.temperature, seed=1)
+        adv_n = torch.linspace(-1, 1, completion_ids.shape[0])
+        batch = {"prompt_ids": prompt_ids, "prompt_attn": prompt_attn, "completion_ids": completion_ids, "adv_n": adv_n}
+        times: dict[float, list[float]] = {0.0: [], 0.05: []}
+        for r in range(repeats + 1):
+            for beta in ((0.0, 0.05) if r % 2 else (0.05, 0.0)):
+                trainer.cfg = cfg.with_changes(dipod_beta=beta)
+                start = time.perf_counter()
+                trainer.update(batch, step=1)
+                if r > 0:  # the first round warms up
+                    times[beta].append(time.perf_counter() - start)
+        base, with_dipod = statistics.median(times[0.0]), statistics.median(times[0.05])
+        out[estimator] = {"update_s_beta0": base, "update_s_beta005": with_dipod,
+                          "overhead_pct": 100.0 * (with_dipod / base - 1.0), "repeats": repeats}
+    return out
+
+
+def summarize(rows: list[dict]) -> dict:
+    final = rows[-1]
+    gaps = [r["gap_lower_bound"] for r in rows if isinstance(r.get("gap_lower_bound"), float)]
+    late = gaps[int(len(gaps) * (1 - TAIL)):] or gaps
+    return {"accuracy": final["eval/accuracy"], "reward": final["eval/reward"],
+            "eval_gap": final["eval/gap_lower_bound"], "late_gap": statistics.mean(late) if late else float("nan"),
+            "initial_accuracy": rows[0]["eval/accuracy"], "initial_gap": rows[0]["eval/gap_lower_bound"],
+            "train_reward_last": statistics.mean(r["reward"] for r in rows[-max(1, len(rows) // 4):] if "reward" in r)}
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def curves(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), float)]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot(results: dict, tasks: list[str], methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7), squeeze=False)
+    for col, task in enumerate(tasks):
+        for method in methods:
+            runs = results[task][method]
+            for row, key in enumerate(("reward", "gap_lower_bound")):
+                series = [curves(r, key) for r in runs]
+                length = min(len(s[1]) for s in series)
+                if length == 0:
+                    continue
+                ys = np.array([s[1][:length] for s in series])
+                xs = series[0][0][:length]
+                ax = axes[row][col]
+                ax.plot(xs, ys.mean(0), label=method)
+                if len(series) > 1:
+                    ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.15)
+        axes[0][col].set_title(f"{task}: rollout reward")
+        axes[1][col].set_title(f"{task}: gap lower bound IW_K - ELBO")
+        for row in range(2):
+            axes[row][col].set_xlabel("step")
+            axes[row][col].grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the 15-minute preset")
+    parser.add_argument("--tasks", default="sudoku4,countdown")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--beta", type=float, default=0.05, help="DiPOD beta of the +dipod methods")
+    parser.add_argument("--betas", default=None, help="sweep: extra spg_mix+dipod runs with these betas")
+    parser.add_argument("--max_steps", type=int, default=None, help="override the preset's RL steps")
+    parser.add_argument("--workers", type=int, default=2, help="runs in parallel (one torch thread each)")
+    parser.add_argument("--overhead_repeats", type=int, default=6, help="timed updates per beta (0: skip)")
+    parser.add_argument("--work", default="runs/bench_lm_dipod", help="folder of the individual runs")
+    parser.add_argument("--out", default="docs/results", help="where lm_dipod.md / .png go")
+    parser.add_argument("--name", default="lm_dipod", help="file stem of the outputs")
+    parser.add_argument("--cache_dir", default=None, help="reference-policy cache (default: dipod's)")
+    args = parser.parse_args(argv)
+
+    from dipod.lm.reference import ensure_reference_policy
+
+    preset = dict(PRESETS["quick" if args.quick else "full"])
+    if args.max_steps:
+        preset["max_steps"] = args.max_steps
+    tasks = [t for t in args.tasks.split(",") if t]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    methods = {}
+    for name in args.methods.split(","):
+        if name not in METHODS:
+            raise SystemExit(f"unknown method {name!r}; choose from {list(METHODS)}")
+        spec = dict(METHODS[name])
+        spec.setdefault("dipod_beta", args.beta)
+        methods[name] = spec
+    for beta in [float(b) for b in args.betas.split(",")] if args.betas else []:
+        methods[f"spg_mix+dipod(beta={beta:g})"] = {"estimator": "spg", "dipod_beta": beta}
+
+    started = time.time()
+    work = Path(args.work) / ("quick" if args.quick else "full")
+    models = {task: ensure_reference_policy(task, args.cache_dir, progress_bar=False) for task in tasks}
+    jobs = []
+    for task in tasks:
+        for name, spec in methods.items():
+            for seed in seeds:
+                changes = {**preset, **spec, "task": task, "seed": seed}
+                if task != "sudoku4" and changes.get("estimator") == "spg":
+                    changes["eubo_beta"] = 1.5  # the paper's value off sudoku
+                jobs.append({"output_dir": str(work / task / name.replace("+", "_") / f"seed{seed}"),
+                             "model_dir": str(models[task]), "changes": changes, "key": (task, name)})
+    with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
+        for done, out in enumerate(pool.imap_unordered(run_one, jobs), 1):
+            print(f"[{done}/{len(jobs)}] {out}  ({time.time() - started:.0f} s)", flush=True)
+    overhead = measure_overhead(models[tasks[0]], work, args.overhead_repeats) if args.overhead_repeats else {}
+
+    from dipod.runlog import read_metrics
+
+    results = {t: {m: [] for m in methods} for t in tasks}
+    for job in jobs:
+        results[job["key"][0]][job["key"][1]].append(read_metrics(Path(job["output_dir"]) / "metrics.jsonl"))
+    summary = {t: {m: [summarize(r) for r in runs] for m, runs in per.items()} for t, per in results.items()}
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(results, tasks, list(methods), out / f"{args.name}.png")
+    command = "python benchmarks/lm_dipod.py " + " ".join(argv)
+    lines = [f"# DiPOD on the tiny reference policies ({'quick' if args.quick else 'full'} preset)", "",
+             f"Command: `{command.strip()}`  ", f"Machine: shared 2-core CPU (other jobs running), "
+             f"{args.workers} runs in parallel, one torch thread each; wall time {time.time() - started:.0f} s.  ",
+             f"Budget per run: {preset['max_steps']} RL steps x {8} prompts x 4 completions; seeds {seeds}; "
+             f"held-out greedy eval on {preset['eval_examples']} test examples.", "",
+             "| task | method | held-out accuracy | held-out reward | gap (late rollouts) | gap (held-out) |",
+             "|---|---|---|---|---|---|"]
+    for task in tasks:
+        first = summary[task][next(iter(methods))][0]
+        lines.append(f"| {task} | reference policy (before RL) | {first['initial_accuracy']:.3f} | | "
+                     f"| {first['initial_gap']:.3f} |")
+        for name in methods:
+            s = summary[task][name]
+            lines.append(f"| {task} | {name} | {mean_std([x['accuracy'] for x in s])} | "
+                         f"{mean_std([x['reward'] for x in s])} | {mean_std([x['late_gap'] for x in s])} | "
+                         f"{mean_std([x['eval_gap'] for x in s])} |")
+    lines += ["", "Gap = IW_K - ELBO (K = 4 decoding orders), a lower bound on log pi - ELBO; 'late rollouts' is its "
+              f"mean over the last third of the run on training rollouts, 'held-out' on the greedy held-out completions "
+              "of the final policy.", ""]
+    if overhead:
+        lines += ["DiPOD step-time overhead (median update time over "
+                  f"{args.overhead_repeats} interleaved repeats on one rollout batch, beta = 0.05 vs 0):", ""]
+        for est, o in overhead.items():
+            lines.append(f"- {est}: {o['update_s_beta0'] * 1e3:.1f} ms -> {o['update_s_beta005'] * 1e3:.1f} ms "
+                         f"({o['overhead_pct']:+.1f}%)")
+        lines.append("")
+    lines.append(f"![curves]({args.name}.png)")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps({"command": command, "summary": summary, "overhead": overhead},
+                                                      indent=1, default=str))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
