@@ -26,8 +26,8 @@ from dipod.lm.proxies import ProxySettings, completion_mask, compute_proxies, dr
 def loop_proxies(lm, prompt_ids, prompt_attn, completion_ids, settings: ProxySettings, seed: int):
     """The same proxies, one forward per (sequence, draw): the straightforward implementation."""
     batch, gen_length = completion_ids.shape
-    draw = draw_masks(prompt_attn, gen_length, settings, torch.Generator().manual_seed(seed))
     mask_nl = completion_mask(completion_ids, lm.eos_id)
+    draw = draw_masks(prompt_attn, mask_nl, settings, torch.Generator().manual_seed(seed))
     logp_rows, elbo_rows, meanfield_rows = [], [], []
     for n in range(batch):
         logp_k, elbo_k = [], []
@@ -42,15 +42,13 @@ def loop_proxies(lm, prompt_ids, prompt_attn, completion_ids, settings: ProxySet
             if k == settings.num_draws:
                 meanfield_rows.append(logp)
                 continue
-            scored = draw.scored_nkl[n, k] & mask_nl[n].bool()
-            elbo_k.append(draw.weight_nk[n, k] * logp[scored].sum())
+            elbo_k.append(draw.weight_nk[n, k] * logp[draw.scored_nkl[n, k]].sum())
             logp_k.append(logp)
         logp_rows.append(torch.stack(logp_k))
         elbo_rows.append(torch.stack(elbo_k))
-    logp_nkl = torch.stack(logp_rows)
-    scored_nkl = draw.scored_nkl & mask_nl.bool()[:, None]
     return {"elbo_nk": torch.stack(elbo_rows),
-            "eubo_n": eubo_surrogate(logp_nkl, scored_nkl, draw.weight_nk, settings.eubo_beta),
+            "eubo_n": eubo_surrogate(torch.stack(logp_rows), draw.scored_nkl, draw.weight_nk, settings.eubo_beta,
+                                     mask_nl.sum(1)),
             "meanfield_logp_nl": torch.stack(meanfield_rows)}
 
 

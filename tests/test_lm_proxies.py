@@ -98,7 +98,7 @@ def test_completion_mask_counts_up_to_and_including_first_eos():
 def test_random_masking_counts_weights_and_uniform_count():
     g = torch.Generator().manual_seed(0)
     settings = ProxySettings(num_draws=4000, masking="random", p_mask_prompt=0.0)
-    draw = draw_masks(torch.ones(1, 3), 4, settings, g)
+    draw = draw_masks(torch.ones(1, 3), torch.ones(1, 4), settings, g)
     count_k = draw.masked_nkl[0].sum(-1)
     assert torch.equal(draw.masked_nkl, draw.scored_nkl)
     assert int(count_k.min()) >= 1 and int(count_k.max()) <= 4
@@ -112,7 +112,7 @@ def test_random_masking_counts_weights_and_uniform_count():
 
 def test_random_masking_rounds_count_up_within_t_range():
     settings = ProxySettings(num_draws=500, masking="random", min_t=0.3, max_t=0.5)
-    draw = draw_masks(torch.ones(2, 1), 10, settings, torch.Generator().manual_seed(1))
+    draw = draw_masks(torch.ones(2, 1), torch.ones(2, 10), settings, torch.Generator().manual_seed(1))
     counts = set(draw.masked_nkl.sum(-1).flatten().tolist())
     assert counts == {4, 5}  # ceil(10 t) for t in (0.3, 0.5); 3 only at t = 0.3 exactly
 
@@ -120,7 +120,7 @@ def test_random_masking_rounds_count_up_within_t_range():
 def test_block_random_masking_structure():
     settings = ProxySettings(num_draws=300, masking="block_random", block_length=4)
     gen_length = 10  # blocks of 4, 4, 2
-    draw = draw_masks(torch.ones(2, 3), gen_length, settings, torch.Generator().manual_seed(2))
+    draw = draw_masks(torch.ones(2, 3), torch.ones(2, gen_length), settings, torch.Generator().manual_seed(2))
     block_of_l = torch.arange(gen_length) // 4
     picked = set()
     for n in range(2):
@@ -138,12 +138,27 @@ def test_block_random_masking_structure():
     assert picked == {0, 1, 2}
 
 
+def test_block_random_uses_only_blocks_with_live_tokens():
+    settings = ProxySettings(num_draws=400, masking="block_random", block_length=4)
+    live = torch.zeros(1, 12)
+    live[0, :6] = 1  # L = 6 live tokens: blocks of 4 and 2 live tokens; block 2 is all EOS tail
+    draw = draw_masks(torch.ones(1, 2), live, settings, torch.Generator().manual_seed(4))
+    scored, masked, weight = draw.scored_nkl[0], draw.masked_nkl[0], draw.weight_nk[0]
+    first_block = scored[:, :4].any(1)
+    assert first_block.any() and (~first_block).any()
+    assert not scored[:, 6:].any() and masked[:, 6:].all()
+    count = scored.sum(1).float()
+    assert torch.allclose(weight, torch.where(first_block, 2 * 4 / count, 2 * 2 / count))
+    assert int(count[~first_block].max()) <= 2
+
+
 def test_masks_are_deterministic_per_seed_and_differ_across_seeds():
     settings = ProxySettings(num_draws=3, masking="random", p_mask_prompt=0.5)
     attn = torch.ones(4, 6)
-    d1 = draw_masks(attn, 12, settings, torch.Generator().manual_seed(7))
-    d2 = draw_masks(attn, 12, settings, torch.Generator().manual_seed(7))
-    d3 = draw_masks(attn, 12, settings, torch.Generator().manual_seed(8))
+    live = torch.ones(4, 12)
+    d1 = draw_masks(attn, live, settings, torch.Generator().manual_seed(7))
+    d2 = draw_masks(attn, live, settings, torch.Generator().manual_seed(7))
+    d3 = draw_masks(attn, live, settings, torch.Generator().manual_seed(8))
     for field in ("masked_nkl", "scored_nkl", "weight_nk", "prompt_masked_ncp"):
         assert torch.equal(getattr(d1, field), getattr(d2, field))
     assert not torch.equal(d1.masked_nkl, d3.masked_nkl)
@@ -153,7 +168,7 @@ def test_masks_are_deterministic_per_seed_and_differ_across_seeds():
 def test_prompt_padding_is_never_masked():
     settings = ProxySettings(num_draws=5, p_mask_prompt=1.0)
     attn = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    draw = draw_masks(attn, 3, settings, torch.Generator().manual_seed(0))
+    draw = draw_masks(attn, torch.ones(2, 3), settings, torch.Generator().manual_seed(0))
     assert torch.equal(draw.prompt_masked_ncp, attn.bool()[:, None].expand(-1, 6, -1))
 
 
@@ -166,10 +181,12 @@ def test_input_ignoring_model_each_draw_is_weighted_masked_sum(masking):
     model = PositionOnlyModel(prompt.shape[1] + completion.shape[1])
     settings = ProxySettings(num_draws=6, masking=masking, block_length=4, p_mask_prompt=0.3)
     out = compute_proxies(_lm(model), prompt, attn, completion, settings, seed=3, meanfield=True)
-    draw = draw_masks(attn, completion.shape[1], settings, torch.Generator().manual_seed(3))
-    logp_nl = _exact_position_only_logp(model, prompt, completion)
     mask_nl = completion_mask(completion, EOS)
-    expected_nk = draw.weight_nk * (draw.scored_nkl * (logp_nl * mask_nl)[:, None]).sum(-1)
+    draw = draw_masks(attn, mask_nl, settings, torch.Generator().manual_seed(3))
+    assert not (draw.scored_nkl & ~mask_nl.bool()[:, None]).any()  # the EOS tail is never scored
+    assert draw.masked_nkl[~mask_nl.bool()[:, None].expand_as(draw.masked_nkl)].all()  # ... and always masked
+    logp_nl = _exact_position_only_logp(model, prompt, completion)
+    expected_nk = draw.weight_nk * (draw.scored_nkl * logp_nl[:, None]).sum(-1)
     assert torch.allclose(out.elbo_nk, expected_nk, atol=1e-5)
     assert torch.allclose(out.meanfield_logp_nl, logp_nl, atol=1e-6)
     assert torch.equal(out.lengths_n, torch.tensor([6.0, 3.0, 6.0]))
@@ -268,9 +285,12 @@ def test_gap_monitor_converges_to_true_gap_for_many_orders():
 
 
 def test_decoding_orders_are_permutations_and_respect_blocks():
-    steps = decoding_orders(3, 5, 7, ProxySettings(masking="block_random", block_length=3),
+    live = torch.ones(3, 7)
+    live[0, 5:] = 0  # an EOS tail of two positions
+    steps = decoding_orders(live, 5, ProxySettings(masking="block_random", block_length=3),
                             torch.Generator().manual_seed(0))
     assert torch.equal(steps.sort(-1).values, torch.arange(7).expand(3, 5, -1))
+    assert (steps[0, :, 5:] >= 5).all()  # the tail comes after every live token
     block_of_l = torch.arange(7) // 3
     assert (steps[..., block_of_l == 0].max(-1).values < steps[..., block_of_l == 1].min(-1).values).all()
 
@@ -285,14 +305,16 @@ def test_eubo_surrogate_against_hand_computation():
     beta = 1.5
     token0 = math.log((2.0 * 0.5 ** beta + 3.0 * 0.4 ** beta) / 2) / beta
     token2 = math.log((2.0 * 0.9 ** beta) / 2) / beta  # scored in one draw of two; token 1 in none
-    value = eubo_surrogate(logp_nkl, scored_nkl, weight_nk, beta)
-    assert value.item() == pytest.approx(token0 + token2, rel=1e-6)
+    value = eubo_surrogate(logp_nkl, scored_nkl, weight_nk, beta, torch.tensor([3.0]))
+    assert value.item() == pytest.approx((token0 + token2) * 3 / 2, rel=1e-6)  # 2 of 3 live tokens seen
+    all_seen = eubo_surrogate(logp_nkl[..., [0, 2]], scored_nkl[..., [0, 2]], weight_nk, beta, torch.tensor([2.0]))
+    assert all_seen.item() == pytest.approx(token0 + token2, rel=1e-6)
 
 
 def test_eubo_gradient_is_finite_when_a_token_is_never_scored():
     logp_nkl = torch.log(torch.tensor([[[0.5, 0.2], [0.4, 0.3]]])).requires_grad_()
     scored_nkl = torch.tensor([[[True, False], [True, False]]])
-    eubo_surrogate(logp_nkl, scored_nkl, torch.ones(1, 2), 1.5).backward()
+    eubo_surrogate(logp_nkl, scored_nkl, torch.ones(1, 2), 1.5, torch.tensor([2.0])).backward()
     assert torch.isfinite(logp_nkl.grad).all()
     assert logp_nkl.grad[..., 1].abs().max() == 0
 
@@ -346,6 +368,33 @@ def test_chunked_forward_gives_the_same_values():
     gap_chunked = gap_lower_bound(lm, prompt, attn, completion, ProxySettings(max_tokens_per_forward=10), 3, seed=1)
     assert torch.allclose(gap_whole, gap_chunked, atol=1e-5)
     assert (gap_whole >= -1e-6).all()
+
+
+def test_eos_tail_never_changes_the_proxies():
+    torch.manual_seed(1)
+
+    class Mixer(nn.Module):  # every output position depends on every input token
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(VOCAB, 8), nn.Linear(16, VOCAB)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.embed(input_ids)
+            pooled = (h * attention_mask[..., None]).sum(1, keepdim=True).expand_as(h)
+            return SimpleNamespace(logits=self.head(torch.cat([h, pooled], -1)))
+
+    lm = _lm(Mixer())
+    prompt, attn, completion = _position_only_batch()
+    other_tail = completion.clone()
+    other_tail[1, 3:] = torch.tensor([1, 0, 0])  # after row 1's first EOS at position 2
+    settings = ProxySettings(num_draws=3, masking="block_random", block_length=2, p_mask_prompt=0.2)
+    a = compute_proxies(lm, prompt, attn, completion, settings, 9, meanfield=True)
+    b = compute_proxies(lm, prompt, attn, other_tail, settings, 9, meanfield=True)
+    assert torch.equal(a.elbo_nk, b.elbo_nk) and torch.equal(a.eubo_n, b.eubo_n)
+    live = a.completion_mask_nl.bool()
+    assert torch.equal(a.meanfield_logp_nl[live], b.meanfield_logp_nl[live])
+    gap_a = gap_lower_bound(lm, prompt, attn, completion, settings, 3, 0)
+    assert torch.equal(gap_a, gap_lower_bound(lm, prompt, attn, other_tail, settings, 3, 0))
 
 
 def test_settings_and_batch_validation():

@@ -3,27 +3,29 @@ log-probs, and the IW_K drift monitor. Conventions (see docs/lm_proxies.md):
 
 * Layout: ``prompt_ids [B, P]`` left-padded (``prompt_attn`` 0 on padding), ``completion_ids
   [B, G]``; the model sees ``cat([prompt, completion])``. ``K`` Monte-Carlo draws per sequence.
-* Scored tokens: ``completion_mask_nl`` is 1 up to and including the first EOS (as d1). Every
-  forward process acts on all ``G`` generated positions (later EOS padding is masked or revealed
-  like any other position, as d1's mean-field view masks all of them); only scored tokens'
-  log-probs enter the sums.
+* Live tokens: ``completion_mask_nl`` is 1 up to and including the first EOS (as d1 and SPG),
+  ``lengths_n = L_n`` its row sum. As in SPG's forward processes, positions after the first EOS
+  are ALWAYS masked (in every draw, the mean-field copy and the drift monitor) and never scored, so
+  the EOS tail never influences a proxy; the processes below act on the ``L_n`` live tokens.
 * Forward processes, per draw ``t = min_t + (max_t - min_t) u`` with ``u ~ U[0, 1)``:
-  ``random``: exactly ``m = clamp(ceil(t G), 1, G)`` of the G positions are masked, a uniformly
-  random subset; weight ``w = G / m``.
-  ``block_random`` (SPG): a block ``b`` of ``block_length`` positions is picked uniformly among the
-  ``J = ceil(G / block_length)`` blocks; earlier blocks stay clean, later blocks are fully masked,
-  and ``m = clamp(ceil(t L_b), 1, L_b)`` positions of block b are masked (``L_b`` its length);
-  only block b's masked positions are scored, with weight ``w = J L_b / m``.
-  Every scored token is masked with probability ``m / L`` given ``m``, so ``w`` makes each draw an
+  ``random``: exactly ``m = clamp(ceil(t L_n), 1, L_n)`` live tokens are masked, a uniformly
+  random subset; all of them are scored, weight ``w = L_n / m``.
+  ``block_random`` (SPG): the completion is cut into blocks of ``block_length`` positions; a block
+  ``b`` is picked uniformly among the ``J_n = ceil(L_n / block_length)`` blocks holding live
+  tokens; earlier blocks stay clean, later positions are masked, and ``m = clamp(ceil(t L_b), 1,
+  L_b)`` of block b's ``L_b`` live tokens are masked. Only block b's masked tokens are scored,
+  weight ``w = J_n L_b / m``.
+  Given ``m`` every scored token is masked with probability ``m / L``, so ``w`` makes each draw an
   unbiased estimate; with ``min_t = 0, max_t = 1``, ``m`` is uniform on ``{1..L}`` and the estimate
-  is unbiased for the any-order ELBO ``E_sigma[log p_sigma(x)]`` (for ``block_random``: orders
-  that decode block by block, LLaDA's semi-autoregressive factorisation).
+  is unbiased for the any-order ELBO ``E_sigma[log p_sigma(x)]`` of the live tokens (for
+  ``block_random``: orders that decode block by block, LLaDA's semi-autoregressive factorisation).
 * Prompt tokens (not padding) are masked independently with probability ``p_mask_prompt`` in every
   copy; they are never scored.
-* ``ELBO_nk = w_nk sum_l scored_nkl m_nl log p(x_l | z_nk)``; ``elbo_n`` its mean over draws;
+* ``ELBO_nk = w_nk sum_l scored_nkl log p(x_l | z_nk)``; ``elbo_n`` its mean over draws;
   ``elbo_per_token_n = elbo_n / lengths_n``.
-* ``EUBO_n = (1/beta) sum_l m_nl log( (1/K) sum_k w_nk scored_nkl p(x_l | z_nk)^beta )`` from the
-  same K draws; a token scored in none of the K draws has no estimate and contributes 0.
+* ``EUBO_n = (1/beta) sum_l log( (1/K) sum_k w_nk scored_nkl p(x_l | z_nk)^beta )`` over live
+  tokens, from the same K draws. A live token scored in none of the K draws has no estimate; as in
+  SPG, the sum over the scored tokens is rescaled by ``L_n / #scored`` (their mean stands in).
 * Mean-field (d1): one extra copy with every completion position masked, ``meanfield_logp_nl =
   log p(x_l | prompt with p_mask_prompt masking, all completion masked)``.
 
@@ -113,29 +115,34 @@ def _random_ranks(scores: Tensor) -> Tensor:
     return scores.argsort(-1).argsort(-1)
 
 
-def draw_masks(prompt_attn: Tensor, gen_length: int, settings: ProxySettings, generator: torch.Generator) -> MaskDraw:
+def draw_masks(prompt_attn: Tensor, completion_mask_nl: Tensor, settings: ProxySettings,
+               generator: torch.Generator) -> MaskDraw:
     """Sample the K forward-process draws (and the mean-field copy's prompt mask) described above."""
     batch, prompt_len = prompt_attn.shape
+    gen_length = completion_mask_nl.shape[1]
     draws = settings.num_draws
-    block = gen_length if settings.masking == "random" else min(settings.block_length, gen_length)
-    num_blocks = math.ceil(gen_length / block)
     u_nk = torch.rand(batch, draws, generator=generator)
-    block_nk = torch.randint(num_blocks, (batch, draws), generator=generator)
+    u_block_nk = torch.rand(batch, draws, generator=generator)
     scores_nkl = torch.rand(batch, draws, gen_length, generator=generator)
     prompt_u_ncp = torch.rand(batch, draws + 1, prompt_len, generator=generator)
 
+    live_nl = completion_mask_nl.bool().cpu()
+    length_n = live_nl.sum(1)
+    block = gen_length if settings.masking == "random" else settings.block_length
+    num_blocks_n = (length_n + block - 1) // block  # blocks holding live tokens
+    block_nk = torch.minimum((u_block_nk * num_blocks_n[:, None]).long(), num_blocks_n[:, None] - 1)
+    block_len_nk = (length_n[:, None] - block_nk * block).clamp(max=block)  # live tokens of the block
     t_nk = settings.min_t + (settings.max_t - settings.min_t) * u_nk
-    block_len_nk = (gen_length - block_nk * block).clamp(max=block)
-    num_masked_nk = torch.ceil(t_nk * block_len_nk).long().clamp(min=1)
-    num_masked_nk = torch.minimum(num_masked_nk, block_len_nk)
+    num_masked_nk = torch.minimum(torch.ceil(t_nk * block_len_nk).long().clamp(min=1), block_len_nk)
+
     block_of_l = torch.arange(gen_length) // block
-    in_block_nkl = block_of_l == block_nk[..., None]
-    # Positions outside the picked block get scores above 1, so the block's positions take the
-    # smallest ranks 0..L_b-1 in a uniformly random order.
+    in_block_nkl = (block_of_l == block_nk[..., None]) & live_nl[:, None]
+    # Scores above 1 outside the block's live tokens: those take the smallest ranks 0..L_b-1 in a
+    # uniformly random order.
     ranks_nkl = _random_ranks(torch.where(in_block_nkl, scores_nkl, 2.0))
     scored_nkl = in_block_nkl & (ranks_nkl < num_masked_nk[..., None])
-    masked_nkl = scored_nkl | (block_of_l > block_nk[..., None])
-    weight_nk = (num_blocks * block_len_nk / num_masked_nk).float()
+    masked_nkl = scored_nkl | (block_of_l > block_nk[..., None]) | ~live_nl[:, None]
+    weight_nk = (num_blocks_n[:, None] * block_len_nk / num_masked_nk).float()
     prompt_masked_ncp = (prompt_u_ncp < settings.p_mask_prompt) & prompt_attn.bool().cpu()[:, None, :]
     return MaskDraw(masked_nkl, scored_nkl, weight_nk, prompt_masked_ncp)
 
@@ -166,7 +173,8 @@ def compute_proxies(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tens
     _check_batch(prompt_ids, prompt_attn, completion_ids)
     batch, gen_length = completion_ids.shape
     device = completion_ids.device
-    draw = draw_masks(prompt_attn, gen_length, settings, torch.Generator().manual_seed(int(seed)))
+    mask_nl = completion_mask(completion_ids, lm.eos_id)
+    draw = draw_masks(prompt_attn, mask_nl, settings, torch.Generator().manual_seed(int(seed)))
     copies = settings.num_draws + int(meanfield)
 
     masked_ncl = draw.masked_nkl.to(device)
@@ -180,61 +188,68 @@ def compute_proxies(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tens
         noisy_ncl.flatten(0, 1), completion_ids[:, None].expand(-1, copies, -1).flatten(0, 1),
         settings.max_tokens_per_forward).view(batch, copies, gen_length)
 
-    mask_nl = completion_mask(completion_ids, lm.eos_id)
     lengths_n = mask_nl.sum(1)
     logp_nkl = logp_ncl[:, :settings.num_draws]
-    scored_nkl = draw.scored_nkl.to(device) & mask_nl.bool()[:, None]
+    scored_nkl = draw.scored_nkl.to(device)
     weight_nk = draw.weight_nk.to(device)
     elbo_nk = weight_nk * torch.where(scored_nkl, logp_nkl, 0.0).sum(-1)
     elbo_n = elbo_nk.mean(1)
     return Proxies(
-        elbo_nk=elbo_nk, elbo_n=elbo_n, elbo_per_token_n=elbo_n / lengths_n.clamp_min(1.0),
-        eubo_n=eubo_surrogate(logp_nkl, scored_nkl, weight_nk, settings.eubo_beta),
+        elbo_nk=elbo_nk, elbo_n=elbo_n, elbo_per_token_n=elbo_n / lengths_n,
+        eubo_n=eubo_surrogate(logp_nkl, scored_nkl, weight_nk, settings.eubo_beta, lengths_n),
         completion_mask_nl=mask_nl, lengths_n=lengths_n,
         meanfield_logp_nl=logp_ncl[:, -1] if meanfield else None)
 
 
-def eubo_surrogate(logp_nkl: Tensor, scored_nkl: Tensor, weight_nk: Tensor, beta: float) -> Tensor:
-    """``(1/beta) sum_l log((1/K) sum_k w_nk scored_nkl p_nkl^beta)`` -> ``[B]``; tokens scored in no
-    draw contribute 0. Computed in log space (logsumexp over draws)."""
+def eubo_surrogate(logp_nkl: Tensor, scored_nkl: Tensor, weight_nk: Tensor, beta: float,
+                   lengths_n: Tensor) -> Tensor:
+    """``(L_n / S_n) (1/beta) sum_l log((1/K) sum_k w_nk scored_nkl p_nkl^beta)`` -> ``[B]``, the sum
+    over the ``S_n`` tokens scored in at least one draw, rescaled to the ``L_n`` live tokens (SPG).
+    Computed in log space (logsumexp over draws)."""
     draws = logp_nkl.shape[1]
     log_terms_nkl = torch.where(scored_nkl, weight_nk.log()[..., None] + beta * logp_nkl, -math.inf)
     seen_nl = scored_nkl.any(1)
     # Rows of all -inf would give NaN gradients through logsumexp; give them a finite dummy instead.
     log_terms_nkl = torch.where(seen_nl[:, None], log_terms_nkl, 0.0)
     per_token_nl = (torch.logsumexp(log_terms_nkl, dim=1) - math.log(draws)) / beta
-    return torch.where(seen_nl, per_token_nl, 0.0).sum(1)
+    seen_sum_n = torch.where(seen_nl, per_token_nl, 0.0).sum(1)
+    return seen_sum_n * lengths_n.to(seen_sum_n.dtype) / seen_nl.sum(1).clamp_min(1)
 
 
-def decoding_orders(batch: int, num_orders: int, gen_length: int, settings: ProxySettings,
+def decoding_orders(completion_mask_nl: Tensor, num_orders: int, settings: ProxySettings,
                     generator: torch.Generator) -> Tensor:
-    """``step_nkl [B, K, G]``: the step at which each position is revealed, a uniformly random
-    order (``random``) or block by block with a random order inside each block (``block_random``)."""
+    """``step_nkl [B, K, G]``: the step at which each position is revealed; live tokens take steps
+    ``0..L_n-1`` in a uniformly random order (``random``) or block by block with a random order
+    inside each block (``block_random``); the EOS tail comes after them (never revealed in practice)."""
+    live_nl = completion_mask_nl.bool().cpu()
+    batch, gen_length = live_nl.shape
     keys_nkl = torch.rand(batch, num_orders, gen_length, generator=generator)
     if settings.masking == "block_random":
         keys_nkl = keys_nkl + (torch.arange(gen_length) // settings.block_length).float()
+    keys_nkl = torch.where(live_nl[:, None], keys_nkl, keys_nkl + gen_length + 1.0)
     return _random_ranks(keys_nkl)
 
 
 @torch.no_grad()
 def order_log_probs(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor,
                     step_nkl: Tensor, max_tokens_per_forward: int | None = None) -> Tensor:
-    """``log p_sigma_k(x)`` ``[B, K]``: decode along each order revealing one token per step; sums the
-    scored (completion-mask) tokens' log-probs. One batched forward over ``B x K`` rows per step."""
+    """``log p_sigma_k(x)`` ``[B, K]`` of the live tokens: decode along each order revealing one token
+    per step (the EOS tail stays masked). One batched forward over ``B x K`` rows per step."""
     _check_batch(prompt_ids, prompt_attn, completion_ids)
-    batch, gen_length = completion_ids.shape
+    batch = completion_ids.shape[0]
     num_orders = step_nkl.shape[1]
+    mask_nl = completion_mask(completion_ids, lm.eos_id)
     step_rl = step_nkl.to(completion_ids.device).flatten(0, 1)
     target_rl = completion_ids[:, None].expand(-1, num_orders, -1).flatten(0, 1)
     prompt_rp = prompt_ids[:, None].expand(-1, num_orders, -1).flatten(0, 1)
     attn_rp = prompt_attn[:, None].expand(-1, num_orders, -1).flatten(0, 1)
     logp_rl = torch.zeros(step_rl.shape, dtype=torch.float32, device=completion_ids.device)
-    for step in range(gen_length):
-        noisy_rl = target_rl.masked_fill(step_rl >= step, lm.mask_id)  # not yet revealed
+    live_rl = mask_nl.bool()[:, None].expand(-1, num_orders, -1).flatten(0, 1)
+    for step in range(int(mask_nl.sum(1).max())):
+        noisy_rl = target_rl.masked_fill((step_rl >= step) | ~live_rl, lm.mask_id)  # not yet revealed
         logp_step_rl = token_log_probs(lm, prompt_rp, attn_rp, noisy_rl, target_rl, max_tokens_per_forward)
         logp_rl = torch.where(step_rl == step, logp_step_rl, logp_rl)
-    mask_rl = completion_mask(completion_ids, lm.eos_id)[:, None].expand(-1, num_orders, -1).flatten(0, 1)
-    return (logp_rl * mask_rl).sum(1).view(batch, num_orders)
+    return torch.where(live_rl, logp_rl, 0.0).sum(1).view(batch, num_orders)
 
 
 def gap_lower_bound(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor,
@@ -244,12 +259,13 @@ def gap_lower_bound(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tens
     ``IW_K = log (1/K) sum_k p_sigma_k(x)`` and ``ELBO_K = (1/K) sum_k log p_sigma_k(x)`` from the same
     orders. ``E[ELBO_K] = ELBO`` exactly and ``ELBO <= E[IW_K] <= log pi`` with ``E[IW_K]`` rising
     to ``log pi`` as K grows, so the expectation lies in ``[0, log pi - ELBO]`` and tends to the gap.
-    The prompt is never masked here; orders follow ``settings.masking`` (block by block for
-    ``block_random``). Costs G forwards of ``B x K`` rows.
+    The prompt is never masked here and the EOS tail always is; orders follow ``settings.masking``
+    (block by block for ``block_random``). Costs ``max_n L_n`` forwards of ``B x K`` rows.
     """
     if num_orders < 1:
         raise ValueError(f"gap_lower_bound: num_orders={num_orders} must be >= 1")
-    orders = decoding_orders(completion_ids.shape[0], num_orders, completion_ids.shape[1], settings,
+    _check_batch(prompt_ids, prompt_attn, completion_ids)
+    orders = decoding_orders(completion_mask(completion_ids, lm.eos_id), num_orders, settings,
                              torch.Generator().manual_seed(int(seed)))
     log_p_nk = order_log_probs(lm, prompt_ids, prompt_attn, completion_ids, orders, settings.max_tokens_per_forward)
     iw_n = torch.logsumexp(log_p_nk, dim=1) - math.log(num_orders)
