@@ -269,7 +269,7 @@ class Trainer:
                         continue
                     acc.backward(loss)
                     if iteration == 0:
-                        first_pass.append(new)
+                        first_pass.append(_detached(new))
                     for key, value in {"loss": float(loss.detach()), **info}.items():
                         sums[key] = sums.get(key, 0.0) + value
                         counts[key] = counts.get(key, 0) + 1
@@ -436,7 +436,7 @@ class Trainer:
         out = Path(cfg.output_dir)
         if cfg.resume:
             self.restore()
-        resumed = self.start_step > 0 or bool(cfg.resume)
+        resumed = self.start_step > 0  # (--resume with no checkpoint yet starts afresh)
         logger = None
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
