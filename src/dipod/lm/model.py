@@ -175,8 +175,9 @@ def load_masked_lm(
             # Remote-code mask predictors such as LLaDA register only AutoModel.
             model = AutoModel.from_pretrained(name, config=config, dtype=torch_dtype, **kwargs)
     except OSError as err:
+        where = "from local directory" if local else "(no such local directory; tried it as a hub id)"
         raise FileNotFoundError(
-            f"could not load model {name!r}: {err}. Pass a local directory written by save_pretrained, "
+            f"could not load model {name!r} {where}: {err} Pass a local directory written by save_pretrained, "
             "or a hub id reachable from this machine (download it first when offline)") from err
 
     mask_id = mask_token_id if mask_token_id is not None else _resolve_special_id(tokenizer, config, "mask_token_id")

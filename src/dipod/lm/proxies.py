@@ -155,7 +155,7 @@ def token_log_probs(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tens
     """
     rows, prompt_len = prompt_ids.shape
     ids_rt = torch.cat([prompt_ids, noisy_completion_rl], dim=1)
-    attn_rt = torch.cat([prompt_attn, torch.ones_like(noisy_completion_rl)], dim=1)
+    attn_rt = torch.cat([prompt_attn, torch.ones_like(noisy_completion_rl, dtype=prompt_attn.dtype)], dim=1)
     seq_len = ids_rt.shape[1]
     chunk = rows if max_tokens_per_forward is None else max(1, max_tokens_per_forward // seq_len)
     out = []
