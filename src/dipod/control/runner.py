@@ -72,7 +72,7 @@ class ControlConfig:
     init_log_std: float = field(default=0.0, metadata=_help("Gaussian policy: initial log std (normalised actions)"))
     learning_rate: float = field(default=3e-4, metadata=_help("AdamW learning rate (FPO++: 1e-4)"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay of the RL optimizer"))
-    epochs: int = field(default=10, metadata=_help("passes over each rollout (FPO++: 16)"))
+    epochs: int = field(default=5, metadata=_help("passes over each rollout (FPO++: 16); 5 keeps the CPU update short"))
     minibatches: int = field(default=32, metadata=_help("minibatches per epoch"))
     clip_eps: float | None = field(default=None, metadata=_help("trust region; default 0.05 (flow) / 0.2 (gaussian)"))
     log_ratio_max: float = field(default=3.0, metadata=_help("per-draw log-ratio clamp (from above, straight-through)"))
