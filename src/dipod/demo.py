@@ -24,7 +24,7 @@ TINY_RL_RECIPE: dict = {
     "gen_length": 16, "block_length": 16, "diffusion_steps": 16, "temperature": 1.0, "max_prompt_length": 64,
     "num_draws": 2, "masking": "random", "num_iterations": 2,
     "estimator": "spg", "spg_negative_proxy": "mix", "spg_mix_weight": 0.5, "eubo_beta": 1.0, "dipod_beta": 0.05,
-    "learning_rate": 1e-4, "weight_decay": 0.0, "max_grad_norm": 1.0, "warmup_steps": 5,
+    "learning_rate": 3e-5, "weight_decay": 0.0, "max_grad_norm": 1.0, "warmup_steps": 5,
     "max_steps": 60, "save_steps": 20, "eval_steps": 20, "eval_examples": 100,
     "gap_monitor_steps": 5, "gap_monitor_sequences": 4, "gap_monitor_orders": 4,
     "save_final_model": False,
