@@ -138,3 +138,42 @@ def test_fpo_plus_plus_update_starts_on_policy_and_moves_towards_positive_advant
     elbo_new = actor.cfm_elbo(obs, actions, eps, t).detach()
     gain = (elbo_new - elbo_old).mean(1)
     assert float(gain[:32].mean()) > 0 > float(gain[32:].mean())  # likelihood up for A>0, down for A<0
+
+
+def _negative_advantage_batch(actor, generator):
+    obs = torch.randn(16, 3, generator=generator)
+    actions = actor.sample(obs, generator)
+    eps, t = actor.draw_noise(16, 4, generator)
+    elbo_old = actor.cfm_elbo(obs, actions, eps, t).detach()
+    return RolloutBatch(obs, actions, -torch.ones(16), torch.zeros(16), torch.zeros(16), eps, t, elbo_old)
+
+
+def test_cfm_clamp_stops_the_push_on_negative_advantage_draws():
+    for clamp, should_move in ((1e-3, False), (100.0, True)):
+        actor, critic = small_actor(), torch.nn.Linear(3, 1)
+        before = [p.detach().clone() for p in actor.parameters()]
+        batch = _negative_advantage_batch(actor, torch.Generator().manual_seed(0))
+        opt = torch.optim.AdamW(list(actor.parameters()) + list(critic.parameters()), lr=1e-2, weight_decay=0.0)
+        settings = UpdateSettings(epochs=1, minibatches=1, normalize_advantages=False, cfm_clamp_negative=clamp)
+        critic_fn = lambda obs: critic(obs).squeeze(-1)  # noqa: E731
+        critic_fn.parameters = critic.parameters
+        fpo_plus_plus_update(actor, critic_fn, opt, batch, settings, torch.Generator().manual_seed(1))
+        moved = any(not torch.equal(a, b) for a, b in zip(before, actor.parameters()))
+        assert moved == should_move  # every CFM loss (~2) is above 1e-3: clamped draws get no gradient
+
+
+def test_adaptive_learning_rate_follows_the_clip_fraction():
+    from dipod.control.update import _adapt_lr
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    settings = UpdateSettings(lr_schedule="adaptive", target_clip_fraction=0.1, lr_min=5e-5, lr_max=2e-4)
+    _adapt_lr(opt, 0.3, settings)  # > 2 x target: divide by 1.5
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 / 1.5)
+    _adapt_lr(opt, 0.1, settings)  # inside the band: unchanged
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 / 1.5)
+    for _ in range(5):
+        _adapt_lr(opt, 0.0, settings)  # < target / 2: multiply by 1.5, capped at lr_max
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-4)
+    for _ in range(5):
+        _adapt_lr(opt, 0.9, settings)
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-5)
