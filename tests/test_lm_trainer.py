@@ -292,3 +292,33 @@ def test_cli_reports_bad_input_in_one_line(capsys):
     assert cli_main(["lm", "train", "--num_generations", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dipod lm train: error:") and "num_generations" in err[0]
+
+
+# ----------------------------------------------------------------------------------- demo
+
+def test_demo_recipe_switches_estimators_cleanly():
+    from dipod.demo import tiny_rl_config
+
+    spg = tiny_rl_config("org/model", "out")
+    assert (spg.estimator, spg.spg_negative_proxy, spg.eubo_beta, spg.dipod_beta) == ("spg", "mix", 1.0, 0.05)
+    fpo = tiny_rl_config("org/model", "out", estimator="fpo", dipod_beta=0.0)
+    assert fpo.spg_mix_weight is None and fpo.eubo_beta is None and fpo.clip_eps_value() == 0.2
+
+
+def test_demo_table_shows_before_and_after():
+    from dipod.demo import before_after_table
+
+    table = before_after_table({"eval/accuracy": 0.25, "eval/reward": 0.5, "eval/gap_lower_bound": 1.0},
+                               {"eval/accuracy": 0.5, "eval/reward": 0.75, "eval/gap_lower_bound": 0.125})
+    assert "0.250      0.500" in table and "1.000      0.125" in table and len(table.splitlines()) == 4
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys):
+    """Minutes: trains the sudoku4 reference policy unless $DIPOD_CACHE already holds it."""
+    from dipod.cli import main as cli_main
+
+    assert cli_main(["demo", "--max_steps", "2", "--output_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy (greedy)" in out and (tmp_path / "demo.png").is_file()
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["step"] == 2

@@ -83,7 +83,7 @@ def main(argv: list[str], prog: str = "dipod demo") -> int:
     print("[3/3] results", flush=True)
     print(before_after_table(result.before, result.after))
     plot = plot_runs([Path(args.output_dir)], Path(args.output_dir) / "demo.png",
-                     keys=["reward", "eval/accuracy", "gap_lower_bound", "elbo_per_token"], labels=["SPG(mix)+DiPOD"])
+                     keys=["reward", "eval/accuracy", "gap_lower_bound", "eval/gap_lower_bound", "elbo_per_token"], labels=["SPG(mix)+DiPOD"])
     print(f"plot: {plot}\nmetrics: {Path(args.output_dir) / 'metrics.jsonl'}\n"
           f"total time: {time.perf_counter() - start:.0f} s")
     return 0
