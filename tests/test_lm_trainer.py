@@ -189,6 +189,20 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_model, tmp_path, 
     assert rows_a[2]["learning_rate"] != rows_a[3]["learning_rate"]  # the schedule really moved
 
 
+def test_d1_with_kl_to_the_reference_logs_a_nonnegative_kl(tiny_model, tmp_path):
+    train(small(tiny_model, tmp_path, estimator="d1", kl_beta=0.04, max_steps=1, gap_monitor_steps=0))
+    row = read_metrics(tmp_path / "metrics.jsonl")[1]
+    assert row["kl"] >= 0.0 and math.isfinite(row["kl"]) and 0.0 <= row["clip_ratio"] <= 1.0
+
+
+def test_bare_resume_flag_means_latest():
+    from dipod.lm.trainer import _normalise_resume_flag
+
+    assert _normalise_resume_flag(["--resume", "--seed", "1"]) == ["--resume", "latest", "--seed", "1"]
+    assert _normalise_resume_flag(["--resume"]) == ["--resume", "latest"]
+    assert _normalise_resume_flag(["--resume", "runs/x/checkpoint-4"]) == ["--resume", "runs/x/checkpoint-4"]
+
+
 # ----------------------------------------------------------------------------------- NaN / inf
 
 def _poison(monkeypatch, calls_to_poison):
