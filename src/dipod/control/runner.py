@@ -119,8 +119,8 @@ class ControlConfig:
         for name in ("dipod_beta", "distill_initial_iterations", "distill_every", "weight_decay", "distill_weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0 turns it off)")
-        if not (0 < self.gamma <= 1 and 0 <= self.gae_lambda <= 1):
-            raise ConfigError(f"gamma={self.gamma} must lie in (0, 1] and gae_lambda={self.gae_lambda} in [0, 1]")
+        if not (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1):
+            raise ConfigError(f"gamma={self.gamma} and gae_lambda={self.gae_lambda} must lie in [0, 1]")
         if self.clip_eps is not None and not 0 < self.clip_eps < 1:
             raise ConfigError(f"clip_eps={self.clip_eps} must lie in (0, 1)")
         if not self.actor_hidden or not self.critic_hidden or min(self.actor_hidden + self.critic_hidden) < 1:
