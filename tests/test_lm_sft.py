@@ -17,7 +17,7 @@ from dipod import cli
 from dipod.config import ConfigError
 from dipod.lm.model import load_masked_lm
 from dipod.lm.reference import ensure_reference_policy, reference_config, settings_key
-from dipod.lm.sft import SFTConfig, draw_sft_masks, sft_loss, train_sft
+from dipod.lm.sft import SFTConfig, draw_sft_masks, lr_factor, sft_loss, train_sft
 from dipod.lm.tasks import get_task
 from dipod.runlog import read_metrics
 
@@ -204,3 +204,13 @@ def test_reference_policy_is_cached_by_its_settings(tmp_path, monkeypatch):
         ensure_reference_policy("sudoku4", tmp_path, changed)
     with pytest.raises(ValueError, match="no reference-policy recipe"):
         ensure_reference_policy("gsm8k", tmp_path)
+
+
+def test_lr_factor_warms_up_then_decays_by_cosine():
+    cosine = lr_factor(SFTConfig(max_steps=110, warmup_steps=10, lr_schedule="cosine"))
+    assert [cosine(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [cosine(s) for s in (10, 60, 110)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+    constant = lr_factor(SFTConfig(max_steps=110, warmup_steps=0))
+    assert constant(0) == constant(109) == 1.0
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        SFTConfig(lr_schedule="linear")

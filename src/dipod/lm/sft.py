@@ -42,6 +42,7 @@ RESULT_FILE = "sft_result.json"
 MODEL_DIR = "model"
 # stage codes for derive_seed: independent random streams per purpose
 _BATCHES, _MASKS = range(2)
+LR_SCHEDULES = ("constant", "cosine")
 
 
 # ---------------------------------------------------------------------------------------- loss
@@ -113,7 +114,9 @@ class SFTConfig:
     max_steps: int = _help("optimizer steps at most", default=2000)
     batch_size: int = _help("sequences per step", default=64)
     learning_rate: float = _help("AdamW learning rate", default=1e-3)
-    warmup_steps: int = _help("linear warm-up steps, then constant", default=50)
+    warmup_steps: int = _help("linear warm-up steps", default=50)
+    lr_schedule: str = _help(f"after warm-up, one of {LR_SCHEDULES}: constant, or cosine decay to 0 at max_steps",
+                             default="constant")
     weight_decay: float = _help("AdamW weight decay", default=0.01)
     max_grad_norm: float = _help("gradient clipping norm (0: off)", default=1.0)
     mask_eps: float = _help("smallest mask probability eps in p = (1 - eps) t + eps", default=1e-3)
@@ -148,6 +151,7 @@ class SFTConfig:
         need(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate must be a positive number")
         need(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0")
         need(0 < self.mask_eps < 1, f"mask_eps={self.mask_eps} must lie in (0, 1)")
+        need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule={self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         lo, hi = self.target_accuracy_min, self.target_accuracy_max
         need(0 <= hi <= 1, f"target_accuracy_max={hi} must lie in [0, 1]")
         if lo is not None:
@@ -214,6 +218,20 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
+def lr_factor(cfg: SFTConfig) -> Callable[[int], float]:
+    """Learning-rate multiplier of update ``s`` (0-based): linear warm-up, then constant or cosine to 0."""
+
+    def factor(s: int) -> float:
+        if s < cfg.warmup_steps:
+            return (s + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (s - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
 def train_sft(cfg: SFTConfig) -> dict:
     """Run SFT; returns the content of OUTPUT_DIR/sft_result.json."""
     from tqdm.auto import tqdm
@@ -236,7 +254,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
 
     start_step = 0
     checkpoint = latest_checkpoint(out) if cfg.resume else None
