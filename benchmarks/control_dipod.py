@@ -38,6 +38,7 @@ VARIANTS: dict[str, list[str]] = {
     "FPO++ + DiPOD term": ["--dipod_beta", "0.1"],
     "FPO++ + interleaved distill": ["--distill_every", "5"],
     "Gaussian PPO": ["--policy", "gaussian"],
+    "FPO++ clip 0.2": ["--clip_eps", "0.2"],  # PPO's trust region instead of FPO++'s 0.05
 }
 
 
@@ -100,7 +101,7 @@ def curve_on_grid(out: Path, grid: np.ndarray) -> np.ndarray:
     return np.interp(grid, [r["step"] for r in rows], [r["episode_return"] for r in rows])
 
 
-def plot(root: Path, envs: list[str], seeds: list[int], total_steps: int, path: Path) -> None:
+def plot(root: Path, envs: list[str], variants: list[str], seeds: list[int], total_steps: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +110,7 @@ def plot(root: Path, envs: list[str], seeds: list[int], total_steps: int, path: 
     grid = np.linspace(0, total_steps, 100)
     fig, axes = plt.subplots(1, len(envs), figsize=(6 * len(envs), 4), squeeze=False)
     for ax, env in zip(axes[0], envs):
-        for variant in VARIANTS:
+        for variant in variants:
             curves = np.stack([curve_on_grid(run_dir(root, env, variant, s), grid) for s in seeds])
             mean, std = curves.mean(0), curves.std(0)
             ax.plot(grid, mean, label=variant)
@@ -131,11 +132,16 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (each on one torch thread)")
     parser.add_argument("--output_dir", default="runs/bench_control")
     parser.add_argument("--results_dir", default="docs/results")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     parser.add_argument("--extra", default="", help="extra flags for every run, e.g. '--num_envs 4'")
     args = parser.parse_args()
     envs, seeds = args.envs.split(","), [int(s) for s in args.seeds.split(",")]
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     root, extra = Path(args.output_dir), args.extra.split()
-    jobs = [(env, variant, seed) for seed in seeds for env in envs for variant in VARIANTS]
+    jobs = [(env, variant, seed) for seed in seeds for env in envs for variant in variants]
     start = time.time()
     with ThreadPoolExecutor(args.workers) as pool:
         futures = [pool.submit(train_one, root, env, variant, seed, args.total_steps, extra) for env, variant, seed in jobs]
@@ -151,7 +157,7 @@ def main() -> int:
         lines += [f"## {env}", "",
                   "| variant | final train return | eval return (final ckpt) | AUC (mean return) | env steps/s | distill wall s (share) |",
                   "|---|---|---|---|---|---|"]
-        for variant in VARIANTS:
+        for variant in variants:
             stats = [summarise(run_dir(root, env, variant, s), args.total_steps) for s in seeds]
             col = lambda key, d=0: fmt([s[key] for s in stats], d)  # noqa: E731
             share = fmt([100 * s["distill_frac"] for s in stats], 1)
@@ -160,7 +166,7 @@ def main() -> int:
         lines.append("")
     results = Path(args.results_dir)
     atomic_write_text(results / "control_dipod.md", "\n".join(lines) + "\n")
-    plot(root, envs, seeds, args.total_steps, results / "control_dipod.png")
+    plot(root, envs, variants, seeds, args.total_steps, results / "control_dipod.png")
     print("\n".join(lines))
     return 0
 
