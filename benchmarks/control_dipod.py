@@ -32,13 +32,14 @@ import numpy as np
 from dipod.checkpoint import latest_checkpoint
 from dipod.runlog import atomic_write_text, read_metrics
 
+# The FPO++ variants use FPO++'s published per-draw trust region 0.05; "FPO++ clip 0.2" is the CPU default.
 VARIANTS: dict[str, list[str]] = {
-    "FPO++": [],
-    "FPO++ + initial distill": ["--distill_initial_iterations", "10"],
-    "FPO++ + DiPOD term": ["--dipod_beta", "0.1"],
-    "FPO++ + interleaved distill": ["--distill_every", "5"],
+    "FPO++": ["--clip_eps", "0.05"],
+    "FPO++ + initial distill": ["--clip_eps", "0.05", "--distill_initial_iterations", "10"],
+    "FPO++ + DiPOD term": ["--clip_eps", "0.05", "--dipod_beta", "0.1"],
+    "FPO++ + interleaved distill": ["--clip_eps", "0.05", "--distill_every", "5"],
     "Gaussian PPO": ["--policy", "gaussian"],
-    "FPO++ clip 0.2": ["--clip_eps", "0.2"],  # PPO's trust region instead of FPO++'s 0.05
+    "FPO++ clip 0.2": ["--clip_eps", "0.2"],
 }
 
 
