@@ -27,11 +27,13 @@ RECIPES: dict[str, dict] = {
         "batch_size": 64, "learning_rate": 1e-3, "warmup_steps": 50, "max_steps": 3000,
         "eval_every": 100, "eval_examples": 200, "target_accuracy_min": 0.3, "target_accuracy_max": 0.6,
     },
+    # The tiny model learns countdown slowly (docs/lm_sft.md): cosine decay over 3000 steps, and a
+    # lower bar for stopping early.
     "countdown": {
         "task": "countdown", "model": "tiny", "seed": 0,
         "gen_length": 16, "block_length": 16, "steps": 16,
-        "batch_size": 64, "learning_rate": 1e-3, "warmup_steps": 50, "max_steps": 3000,
-        "eval_every": 100, "eval_examples": 200, "target_accuracy_min": 0.3, "target_accuracy_max": 0.6,
+        "batch_size": 64, "learning_rate": 1e-3, "warmup_steps": 50, "max_steps": 3000, "lr_schedule": "cosine",
+        "eval_every": 100, "eval_examples": 200, "target_accuracy_min": 0.2, "target_accuracy_max": 0.6,
     },
 }
 # Fields that change where and how a run is shown, not what it learns: left out of the cache key.
