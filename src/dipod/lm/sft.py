@@ -273,9 +273,13 @@ def train_sft(cfg: SFTConfig) -> dict:
                                  max_prompt_length=cfg.max_prompt_length)
         return {"eval/accuracy": report["accuracy"], "eval/reward": report["mean_reward"]}
 
+    last_saved = start_step
+
     def save(step: int) -> None:
+        nonlocal last_saved
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": capture_rng_state()}
         save_checkpoint(out, step, _weights(model), state, {"task": cfg.task}, keep_last=cfg.keep_checkpoints)
+        last_saved = step
 
     last_eval: dict = {}
     stopped_because = "max_steps"
@@ -312,7 +316,7 @@ def train_sft(cfg: SFTConfig) -> dict:
             if cfg.save_every and step % cfg.save_every == 0:
                 save(step)
         bar.close()
-        if step > start_step:
+        if step > last_saved:
             save(step)
     finally:
         logger.close()
