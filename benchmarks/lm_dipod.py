@@ -161,6 +161,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default="docs/results", help="where lm_dipod.md / .png go")
     parser.add_argument("--name", default="lm_dipod", help="file stem of the outputs")
     parser.add_argument("--cache_dir", default=None, help="reference-policy cache (default: dipod's)")
+    parser.add_argument("--model_dirs", default=None,
+                        help="TASK=DIR,... : start from these reference policies instead of the cached recipe ones")
     args = parser.parse_args(argv)
 
     from dipod.lm.reference import ensure_reference_policy
@@ -182,7 +184,9 @@ def main(argv: list[str]) -> int:
 
     started = time.time()
     work = Path(args.work) / ("quick" if args.quick else "full")
-    models = {task: ensure_reference_policy(task, args.cache_dir, progress_bar=False) for task in tasks}
+    pinned = dict(item.split("=", 1) for item in args.model_dirs.split(",")) if args.model_dirs else {}
+    models = {task: Path(pinned[task]) if task in pinned else ensure_reference_policy(task, args.cache_dir, progress_bar=False)
+              for task in tasks}
     jobs = []
     for task in tasks:
         for name, spec in methods.items():
