@@ -359,5 +359,6 @@ def train(cfg: ControlConfig, env: VecEnv | None = None) -> dict[str, Any]:
 
 
 def config_from_checkpoint(meta: dict[str, Any]) -> ControlConfig:
+    """Rebuild the training config saved in a checkpoint (unknown keys and nulls fall back to defaults)."""
     names = {f.name for f in dataclasses.fields(ControlConfig)}
-    return ControlConfig(**{k: v for k, v in meta["config"].items() if k in names})
+    return ControlConfig(**{k: v for k, v in meta["config"].items() if k in names and v is not None})
