@@ -10,14 +10,6 @@ from dipod.control.flow import FlowActor, RunningObsNorm, flow_times
 from dipod.control.update import RolloutBatch, UpdateSettings, clipped_value_loss, fpo_plus_plus_update, prepare_advantages
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny MLPs: one thread (as the runner's default) avoids oversubscribing a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def small_actor(action_dim=2, obs_dim=3, steps=10):
     torch.manual_seed(0)

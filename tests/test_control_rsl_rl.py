@@ -18,14 +18,6 @@ from dipod.control.update import clipped_value_loss
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices on a shared 2-core box: one intra-op thread is >10x faster than two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def train_cfg(**algorithm) -> dict:
     """A CPU-test-sized config; the speed-ups over FPO++'s published values are named here."""

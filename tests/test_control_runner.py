@@ -18,14 +18,6 @@ from dipod.control.runner import ControlConfig, Runner, train
 from dipod.runlog import read_metrics
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny MLPs: one thread (as the runner's default) avoids oversubscribing a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 class ConstantEnv(gym.Env):
     """Reward 1 every step, constant observation, never terminates (only the time limit ends it)."""
