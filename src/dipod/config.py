@@ -130,6 +130,11 @@ def save_config(cfg: Any, path: str | Path) -> None:
     atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))
 
 
+def option(help: str, **field_kwargs: Any) -> Any:
+    """A dataclass field carrying the help text its command-line flag shows."""
+    return dataclasses.field(metadata={"help": help}, **field_kwargs)
+
+
 def _help_text(field: dataclasses.Field) -> str:
     doc = field.metadata.get("help", "")
     default = field.default if field.default is not dataclasses.MISSING else (

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,7 +42,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from dipod.advantages import generalized_advantage_estimation
-from dipod.config import ConfigError, config_from_dict
+from dipod.config import ConfigError, config_from_dict, option
 from dipod.control.distill import DistillSettings, action_mse, distill_updates
 from dipod.control.flow import Critic, FlowActor
 from dipod.control.update import RolloutBatch, UpdateSettings, fpo_plus_plus_update, mean_cfm_loss, rollout_elbo
@@ -58,10 +58,6 @@ MODEL_IGNORED_KEYS = ("activation", "distribution_cfg", "init_noise_std", "noise
 MODEL_UNSUPPORTED_KEYS = ("cnn_cfg", "rnn_type")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
 class FPOPlusPlusConfig:
     """``cfg["algorithm"]`` of ``FPOPlusPlus``. Defaults are FPO++'s published values.
@@ -71,40 +67,48 @@ class FPOPlusPlusConfig:
     (``hidden_dims``, ``obs_normalization``), like rsl-rl's own models.
     """
 
-    num_learning_epochs: int = field(default=16, metadata=_help("passes over each rollout (FPO++: 16)"))
-    num_mini_batches: int = field(default=4, metadata=_help("minibatches per epoch"))
-    clip_param: float = field(default=0.05, metadata=_help("per-draw trust region epsilon (FPO++: 0.05)"))
-    learning_rate: float = field(default=1e-4, metadata=_help("AdamW learning rate (FPO++: 1e-4)"))
-    schedule: str = field(default="fixed", metadata=_help(
-        "'fixed' or 'adaptive' (flow policies have no KL: the rate follows the fraction of draws outside the trust region)"))
-    target_clip_fraction: float = field(default=0.2, metadata=_help("adaptive schedule: target clip fraction"))
-    gamma: float = field(default=0.99, metadata=_help("discount"))
-    lam: float = field(default=0.95, metadata=_help("GAE lambda"))
-    value_loss_coef: float = field(default=1.0, metadata=_help("value-loss weight, as in rsl-rl's PPO"))
-    use_clipped_value_loss: bool = field(default=True, metadata=_help("PPO-style clipped value loss"))
-    value_clip_param: float = field(default=0.2, metadata=_help(
-        "value clipping range (rsl-rl's PPO reuses clip_param; FPO++'s 0.05 is a per-draw ratio range, not a value range)"))
-    max_grad_norm: float = field(default=1.0, metadata=_help("global gradient-norm clip"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay of the RL optimizer"))
-    advantage_clip: float = field(default=5.0, metadata=_help("clamp batch-normalised advantages to +-this (<= 0: off)"))
-    num_draws: int = field(default=16, metadata=_help("Monte-Carlo (eps, t) draws per action (FPO++: 16)"))
-    sampling_steps: int = field(default=64, metadata=_help("Euler steps of the flow sampler (FPO++: 64)"))
-    time_skew_b: float = field(default=1.0, metadata=_help("b in t = 0.005 + 0.99 (1 - (1 - u)^(1/b)); 1 = uniform"))
-    time_embed_dim: int = field(default=16, metadata=_help("sinusoidal flow-time features"))
-    action_bound: float = field(default=1.0, metadata=_help(
-        "environment action = action_bound * clip(a, -1, 1) for the flow's normalised action a"))
-    log_ratio_max: float = field(default=3.0, metadata=_help("per-draw log-ratio clamp (from above, straight-through)"))
-    cfm_clamp_negative: float = field(default=5.0, metadata=_help("CFM-loss clamp on negative-advantage draws"))
-    dipod_beta: float = field(default=0.0, metadata=_help("DiPOD per-update ELBO term weight (Algorithm 2); 0 = off"))
-    distill_initial_iterations: int = field(default=0, metadata=_help(
-        "initial self-distillation (Algorithm 3): the first K runner iterations; 0 = off"))
-    distill_every: int = field(default=0, metadata=_help("interleaved self-distillation after every n RL updates; 0 = off"))
-    distill_iterations: int = field(default=4, metadata=_help("runner iterations of each interleaved stage"))
-    distill_updates: int = field(default=32, metadata=_help("student AdamW steps per distillation iteration"))
-    distill_minibatch_size: int = field(default=4096, metadata=_help("distillation minibatch (obs, action) pairs"))
-    distill_lr: float = field(default=3e-4, metadata=_help("distillation AdamW learning rate"))
-    distill_weight_decay: float = field(default=1e-4, metadata=_help("distillation AdamW weight decay"))
-    distill_max_grad_norm: float = field(default=1.0, metadata=_help("distillation gradient-norm clip"))
+    num_learning_epochs: int = option("passes over each rollout (FPO++: 16)", default=16)
+    num_mini_batches: int = option("minibatches per epoch", default=4)
+    clip_param: float = option("per-draw trust region epsilon (FPO++: 0.05)", default=0.05)
+    learning_rate: float = option("AdamW learning rate (FPO++: 1e-4)", default=1e-4)
+    schedule: str = option(
+        "'fixed' or 'adaptive' (flow policies have no KL: the rate follows the fraction of draws outside the trust region)",
+        default="fixed",
+    )
+    target_clip_fraction: float = option("adaptive schedule: target clip fraction", default=0.2)
+    gamma: float = option("discount", default=0.99)
+    lam: float = option("GAE lambda", default=0.95)
+    value_loss_coef: float = option("value-loss weight, as in rsl-rl's PPO", default=1.0)
+    use_clipped_value_loss: bool = option("PPO-style clipped value loss", default=True)
+    value_clip_param: float = option(
+        "value clipping range (rsl-rl's PPO reuses clip_param; FPO++'s 0.05 is a per-draw ratio range, not a value range)",
+        default=0.2,
+    )
+    max_grad_norm: float = option("global gradient-norm clip", default=1.0)
+    weight_decay: float = option("AdamW weight decay of the RL optimizer", default=0.0)
+    advantage_clip: float = option("clamp batch-normalised advantages to +-this (<= 0: off)", default=5.0)
+    num_draws: int = option("Monte-Carlo (eps, t) draws per action (FPO++: 16)", default=16)
+    sampling_steps: int = option("Euler steps of the flow sampler (FPO++: 64)", default=64)
+    time_skew_b: float = option("b in t = 0.005 + 0.99 (1 - (1 - u)^(1/b)); 1 = uniform", default=1.0)
+    time_embed_dim: int = option("sinusoidal flow-time features", default=16)
+    action_bound: float = option(
+        "environment action = action_bound * clip(a, -1, 1) for the flow's normalised action a",
+        default=1.0,
+    )
+    log_ratio_max: float = option("per-draw log-ratio clamp (from above, straight-through)", default=3.0)
+    cfm_clamp_negative: float = option("CFM-loss clamp on negative-advantage draws", default=5.0)
+    dipod_beta: float = option("DiPOD per-update ELBO term weight (Algorithm 2); 0 = off", default=0.0)
+    distill_initial_iterations: int = option(
+        "initial self-distillation (Algorithm 3): the first K runner iterations; 0 = off",
+        default=0,
+    )
+    distill_every: int = option("interleaved self-distillation after every n RL updates; 0 = off", default=0)
+    distill_iterations: int = option("runner iterations of each interleaved stage", default=4)
+    distill_updates: int = option("student AdamW steps per distillation iteration", default=32)
+    distill_minibatch_size: int = option("distillation minibatch (obs, action) pairs", default=4096)
+    distill_lr: float = option("distillation AdamW learning rate", default=3e-4)
+    distill_weight_decay: float = option("distillation AdamW weight decay", default=1e-4)
+    distill_max_grad_norm: float = option("distillation gradient-norm clip", default=1.0)
 
     def __post_init__(self) -> None:
         if self.schedule not in LR_SCHEDULES:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from dipod.advantages import generalized_advantage_estimation
 from dipod.checkpoint import capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
-from dipod.config import ConfigError, config_to_dict, save_config
+from dipod.config import ConfigError, config_to_dict, option, save_config
 from dipod.control.distill import DistillSettings, self_distill
 from dipod.control.envs import GymVecEnv, RewardScaler, VecEnv
 from dipod.control.flow import Critic, FlowActor
@@ -42,66 +42,68 @@ POLICIES = ("flow", "gaussian")
 LR_SCHEDULES = ("fixed", "adaptive")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
 class ControlConfig:
     """``dipod control train`` settings. Defaults are CPU-sized for MuJoCo (see docs/control.md);
     ``configs/control_fpo_plus_plus_paper.yaml`` holds FPO++'s published values."""
 
-    env: str = field(default="HalfCheetah-v5", metadata=_help("gymnasium task id (1-D Box actions)"))
-    policy: str = field(default="flow", metadata=_help("'flow' (FPO++) or 'gaussian' (PPO baseline)"))
-    output_dir: str = field(default="runs/control", metadata=_help("run folder: metrics.jsonl, tb/, checkpoint-STEP/"))
-    total_steps: int = field(default=100_000, metadata=_help("environment steps (all envs, distillation included)"))
-    seed: int = field(default=0, metadata=_help("seed of torch, the generators and the environments"))
-    resume: str | None = field(default=None, metadata=_help(
-        "'auto' (latest checkpoint in output_dir if any), 'latest' (must exist) or a checkpoint-STEP folder"))
-    num_envs: int = field(default=8, metadata=_help("parallel environments"))
-    rollout_steps: int = field(default=256, metadata=_help("vector steps per iteration (batch = num_envs * rollout_steps)"))
-    gamma: float = field(default=0.99, metadata=_help("discount"))
-    gae_lambda: float = field(default=0.95, metadata=_help("GAE lambda"))
-    normalize_rewards: bool = field(default=True, metadata=_help("divide rewards by the running std of the return"))
-    actor_hidden: list[int] = field(default_factory=lambda: [256, 256], metadata=_help("actor MLP widths"))
-    critic_hidden: list[int] = field(default_factory=lambda: [256, 256], metadata=_help("critic MLP widths"))
-    sampling_steps: int = field(default=10, metadata=_help("Euler steps of the flow sampler (FPO++: 64, FPO: 10)"))
-    num_draws: int = field(default=8, metadata=_help("Monte-Carlo (eps, t) draws per action (FPO++: 16, FPO: 8)"))
-    time_skew_b: float = field(default=1.0, metadata=_help("b in t = 0.005 + 0.99 (1 - (1 - u)^(1/b)); 1 = uniform"))
-    init_log_std: float = field(default=0.0, metadata=_help("Gaussian policy: initial log std (normalised actions)"))
-    learning_rate: float = field(default=3e-4, metadata=_help("AdamW learning rate (FPO++: 1e-4)"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay of the RL optimizer"))
-    epochs: int = field(default=5, metadata=_help("passes over each rollout (FPO++: 16); 5 keeps the CPU update short"))
-    minibatches: int = field(default=32, metadata=_help("minibatches per epoch"))
+    env: str = option("gymnasium task id (1-D Box actions)", default="HalfCheetah-v5")
+    policy: str = option("'flow' (FPO++) or 'gaussian' (PPO baseline)", default="flow")
+    output_dir: str = option("run folder: metrics.jsonl, tb/, checkpoint-STEP/", default="runs/control")
+    total_steps: int = option("environment steps (all envs, distillation included)", default=100_000)
+    seed: int = option("seed of torch, the generators and the environments", default=0)
+    resume: str | None = option(
+        "'auto' (latest checkpoint in output_dir if any), 'latest' (must exist) or a checkpoint-STEP folder",
+        default=None,
+    )
+    num_envs: int = option("parallel environments", default=8)
+    rollout_steps: int = option("vector steps per iteration (batch = num_envs * rollout_steps)", default=256)
+    gamma: float = option("discount", default=0.99)
+    gae_lambda: float = option("GAE lambda", default=0.95)
+    normalize_rewards: bool = option("divide rewards by the running std of the return", default=True)
+    actor_hidden: list[int] = option("actor MLP widths", default_factory=lambda: [256, 256])
+    critic_hidden: list[int] = option("critic MLP widths", default_factory=lambda: [256, 256])
+    sampling_steps: int = option("Euler steps of the flow sampler (FPO++: 64, FPO: 10)", default=10)
+    num_draws: int = option("Monte-Carlo (eps, t) draws per action (FPO++: 16, FPO: 8)", default=8)
+    time_skew_b: float = option("b in t = 0.005 + 0.99 (1 - (1 - u)^(1/b)); 1 = uniform", default=1.0)
+    init_log_std: float = option("Gaussian policy: initial log std (normalised actions)", default=0.0)
+    learning_rate: float = option("AdamW learning rate (FPO++: 1e-4)", default=3e-4)
+    weight_decay: float = option("AdamW weight decay of the RL optimizer", default=0.0)
+    epochs: int = option("passes over each rollout (FPO++: 16); 5 keeps the CPU update short", default=5)
+    minibatches: int = option("minibatches per epoch", default=32)
     # FPO++ published 0.05 for ~100k-sample GPU batches; with 2048-sample CPU batches it held flows back
     # (docs/results/control_dipod.md: 0.2 learned faster on HalfCheetah, Hopper and a bandit).
-    clip_eps: float = field(default=0.2, metadata=_help("trust region, per draw for flows (FPO++: 0.05, PPO: 0.2)"))
-    log_ratio_max: float = field(default=3.0, metadata=_help("per-draw log-ratio clamp (from above, straight-through)"))
-    cfm_clamp_negative: float = field(default=5.0, metadata=_help("CFM-loss clamp on negative-advantage draws"))
-    value_coef: float = field(default=0.5, metadata=_help("value-loss weight"))
-    value_clip: float = field(default=0.2, metadata=_help("value clipping range (<= 0: unclipped MSE)"))
-    max_grad_norm: float = field(default=0.5, metadata=_help("global gradient-norm clip"))
-    normalize_advantages: bool = field(default=True, metadata=_help("normalise advantages over the batch"))
-    advantage_clip: float = field(default=5.0, metadata=_help("clamp (normalised) advantages to +-this (<= 0: off)"))
-    lr_schedule: str = field(default="fixed", metadata=_help("'fixed' or 'adaptive' (clip-fraction driven, KL-free)"))
-    target_clip_fraction: float = field(default=0.2, metadata=_help("adaptive LR: target fraction outside the trust region"))
-    dipod_beta: float = field(default=0.0, metadata=_help("DiPOD per-update ELBO term weight (Algorithm 2); 0 = off"))
-    distill_initial_iterations: int = field(default=0, metadata=_help(
-        "initial self-distillation (Algorithm 3): K iterations before RL; 0 = off"))
-    distill_every: int = field(default=0, metadata=_help("interleaved self-distillation every n RL iterations; 0 = off"))
-    distill_iterations: int = field(default=4, metadata=_help("iterations of each interleaved distillation stage"))
-    distill_rollout_steps: int = field(default=32, metadata=_help("teacher rollout vector steps per distillation iteration"))
-    distill_updates: int = field(default=32, metadata=_help("student AdamW steps per distillation iteration"))
-    distill_minibatch_size: int = field(default=256, metadata=_help("distillation minibatch (obs, action) pairs"))
-    distill_lr: float = field(default=3e-4, metadata=_help("distillation AdamW learning rate"))
-    distill_weight_decay: float = field(default=1e-4, metadata=_help("distillation AdamW weight decay"))
-    distill_max_grad_norm: float = field(default=1.0, metadata=_help("distillation gradient-norm clip"))
-    save_every: int = field(default=10, metadata=_help("checkpoint every n iterations (and at the end)"))
-    keep_checkpoints: int = field(default=2, metadata=_help("checkpoints kept on disk"))
-    tensorboard: bool = field(default=True, metadata=_help("mirror metrics to TensorBoard (output_dir/tb)"))
-    progress: bool = field(default=True, metadata=_help("show a progress bar"))
-    num_threads: int = field(default=1, metadata=_help(
-        "torch CPU threads; small MLPs run fastest on one (more threads oversubscribe a shared CPU)"))
+    clip_eps: float = option("trust region, per draw for flows (FPO++: 0.05, PPO: 0.2)", default=0.2)
+    log_ratio_max: float = option("per-draw log-ratio clamp (from above, straight-through)", default=3.0)
+    cfm_clamp_negative: float = option("CFM-loss clamp on negative-advantage draws", default=5.0)
+    value_coef: float = option("value-loss weight", default=0.5)
+    value_clip: float = option("value clipping range (<= 0: unclipped MSE)", default=0.2)
+    max_grad_norm: float = option("global gradient-norm clip", default=0.5)
+    normalize_advantages: bool = option("normalise advantages over the batch", default=True)
+    advantage_clip: float = option("clamp (normalised) advantages to +-this (<= 0: off)", default=5.0)
+    lr_schedule: str = option("'fixed' or 'adaptive' (clip-fraction driven, KL-free)", default="fixed")
+    target_clip_fraction: float = option("adaptive LR: target fraction outside the trust region", default=0.2)
+    dipod_beta: float = option("DiPOD per-update ELBO term weight (Algorithm 2); 0 = off", default=0.0)
+    distill_initial_iterations: int = option(
+        "initial self-distillation (Algorithm 3): K iterations before RL; 0 = off",
+        default=0,
+    )
+    distill_every: int = option("interleaved self-distillation every n RL iterations; 0 = off", default=0)
+    distill_iterations: int = option("iterations of each interleaved distillation stage", default=4)
+    distill_rollout_steps: int = option("teacher rollout vector steps per distillation iteration", default=32)
+    distill_updates: int = option("student AdamW steps per distillation iteration", default=32)
+    distill_minibatch_size: int = option("distillation minibatch (obs, action) pairs", default=256)
+    distill_lr: float = option("distillation AdamW learning rate", default=3e-4)
+    distill_weight_decay: float = option("distillation AdamW weight decay", default=1e-4)
+    distill_max_grad_norm: float = option("distillation gradient-norm clip", default=1.0)
+    save_every: int = option("checkpoint every n iterations (and at the end)", default=10)
+    keep_checkpoints: int = option("checkpoints kept on disk", default=2)
+    tensorboard: bool = option("mirror metrics to TensorBoard (output_dir/tb)", default=True)
+    progress: bool = option("show a progress bar", default=True)
+    num_threads: int = option(
+        "torch CPU threads; small MLPs run fastest on one (more threads oversubscribe a shared CPU)",
+        default=1,
+    )
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

@@ -21,30 +21,26 @@ Conventions (see docs/lm_sampler.md):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from dipod.config import ConfigError
+from dipod.config import ConfigError, option
 
 REMASKING = ("low_confidence", "random")
-
-
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
 
 
 @dataclass
 class SamplerSettings:
     """Decoding settings; defaults are d1's LLaDA evaluation settings (256 tokens, blocks of 32, 128 steps)."""
 
-    gen_length: int = _help("completion length in tokens", default=256)
-    block_length: int = _help("semi-autoregressive block length; gen_length must be a multiple", default=32)
-    steps: int = _help("model calls over the whole completion; a multiple of gen_length / block_length", default=128)
-    temperature: float = _help("Gumbel-max sampling temperature (0 = greedy argmax)", default=0.0)
-    remasking: str = _help(f"which proposals a step keeps, one of {REMASKING}", default="low_confidence")
-    cfg_scale: float = _help("classifier-free guidance scale (0 = no unconditional pass)", default=0.0)
-    fill_after_eos: bool = _help("set every position after the first EOS to EOS in the result", default=True)
+    gen_length: int = option("completion length in tokens", default=256)
+    block_length: int = option("semi-autoregressive block length; gen_length must be a multiple", default=32)
+    steps: int = option("model calls over the whole completion; a multiple of gen_length / block_length", default=128)
+    temperature: float = option("Gumbel-max sampling temperature (0 = greedy argmax)", default=0.0)
+    remasking: str = option(f"which proposals a step keeps, one of {REMASKING}", default="low_confidence")
+    cfg_scale: float = option("classifier-free guidance scale (0 = no unconditional pass)", default=0.0)
+    fill_after_eos: bool = option("set every position after the first EOS to EOS in the result", default=True)
 
     def __post_init__(self) -> None:
         if self.gen_length < 1 or self.block_length < 1 or self.steps < 1:
