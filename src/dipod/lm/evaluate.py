@@ -8,20 +8,16 @@ also what `dipod lm sft` calls for its periodic held-out evaluation.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dipod.config import ConfigError, parse_config
+from dipod.config import ConfigError, option, parse_config
 from dipod.lm.sampler import SamplerSettings
 from dipod.runlog import atomic_write_json
 
 PROMPT_STYLES = ("compact", "chat")
-
-
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
 
 
 @dataclass
@@ -32,26 +28,26 @@ class DecodeConfig:
     step); for LLaDA use d1's --gen_length 256 --block_length 32 --steps 128.
     """
 
-    model: str = _help("local directory (save_pretrained format, e.g. RUN/model from `dipod lm sft`) or hub id",
+    model: str = option("local directory (save_pretrained format, e.g. RUN/model from `dipod lm sft`) or hub id",
                        default="")
-    task: str = _help("task name: sudoku4, countdown, gsm8k, math500, ...", default="")
-    data: str | None = _help("data file or hub dataset id to read instead of the task's own split", default=None)
-    split: str = _help("which split of the task to read (ignored with --data)", default="test")
-    limit: int | None = _help("use only the first LIMIT examples", default=None)
-    prompt_style: str = _help(f"prompt format, one of {PROMPT_STYLES} (compact for the tiny model)", default="compact")
-    max_prompt_length: int = _help("prompts longer than this many tokens are cut from the left", default=256)
-    gen_length: int = _help("completion length in tokens", default=32)
-    block_length: int = _help("semi-autoregressive block length (gen_length must be a multiple)", default=32)
-    steps: int = _help("sampler steps over the whole completion", default=32)
-    temperature: float = _help("sampling temperature (0 = greedy)", default=0.0)
-    remasking: str = _help("low_confidence or random", default="low_confidence")
-    cfg_scale: float = _help("classifier-free guidance scale", default=0.0)
-    batch_size: int = _help("prompts decoded per sampler call", default=64)
-    seed: int = _help("seed of the sampler's random draws (temperature > 0 or random remasking)", default=0)
-    dtype: str = _help("model dtype: float32, bfloat16 or float16", default="float32")
-    trust_remote_code: bool = _help("allow the model repository's own code (LLaDA needs true)", default=False)
-    mask_token_id: int | None = _help("mask token id when the tokenizer has none (LLaDA: 126336)", default=None)
-    device: str = _help("torch device", default="cpu")
+    task: str = option("task name: sudoku4, countdown, gsm8k, math500, ...", default="")
+    data: str | None = option("data file or hub dataset id to read instead of the task's own split", default=None)
+    split: str = option("which split of the task to read (ignored with --data)", default="test")
+    limit: int | None = option("use only the first LIMIT examples", default=None)
+    prompt_style: str = option(f"prompt format, one of {PROMPT_STYLES} (compact for the tiny model)", default="compact")
+    max_prompt_length: int = option("prompts longer than this many tokens are cut from the left", default=256)
+    gen_length: int = option("completion length in tokens", default=32)
+    block_length: int = option("semi-autoregressive block length (gen_length must be a multiple)", default=32)
+    steps: int = option("sampler steps over the whole completion", default=32)
+    temperature: float = option("sampling temperature (0 = greedy)", default=0.0)
+    remasking: str = option("low_confidence or random", default="low_confidence")
+    cfg_scale: float = option("classifier-free guidance scale", default=0.0)
+    batch_size: int = option("prompts decoded per sampler call", default=64)
+    seed: int = option("seed of the sampler's random draws (temperature > 0 or random remasking)", default=0)
+    dtype: str = option("model dtype: float32, bfloat16 or float16", default="float32")
+    trust_remote_code: bool = option("allow the model repository's own code (LLaDA needs true)", default=False)
+    mask_token_id: int | None = option("mask token id when the tokenizer has none (LLaDA: 126336)", default=None)
+    device: str = option("torch device", default="cpu")
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -73,7 +69,7 @@ class DecodeConfig:
 
 @dataclass
 class EvalConfig(DecodeConfig):
-    json: str | None = _help("write accuracy, mean reward and per-example results to this JSON file", default=None)
+    json: str | None = option("write accuracy, mean reward and per-example results to this JSON file", default=None)
 
 
 @torch.no_grad()

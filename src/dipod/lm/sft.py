@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from dipod.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
                               save_checkpoint)
-from dipod.config import ConfigError, parse_config, save_config
+from dipod.config import ConfigError, option, parse_config, save_config
 from dipod.lm.evaluate import PROMPT_STYLES, evaluate_policy
 from dipod.lm.sampler import SamplerSettings
 from dipod.runlog import MetricsLogger, atomic_write_json
@@ -81,60 +81,56 @@ def sft_loss(logits_fn: LogitsFn, prompt_ids: torch.Tensor, prompt_attn: torch.T
 
 # ---------------------------------------------------------------------------------------- config
 
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
-
-
 @dataclass
 class SFTConfig:
     # --- model ---
-    model: str = _help("'tiny' builds a fresh tiny ModernBERT; otherwise a model directory or hub id", default="tiny")
-    tiny_hidden_size: int = _help("tiny model: hidden size", default=128)
-    tiny_layers: int = _help("tiny model: transformer layers", default=4)
-    tiny_heads: int = _help("tiny model: attention heads", default=4)
-    tiny_intermediate_size: int = _help("tiny model: MLP width", default=256)
-    trust_remote_code: bool = _help("allow the model repository's own code (LLaDA needs true)", default=False)
-    mask_token_id: int | None = _help("mask token id when the tokenizer has none (LLaDA: 126336)", default=None)
+    model: str = option("'tiny' builds a fresh tiny ModernBERT; otherwise a model directory or hub id", default="tiny")
+    tiny_hidden_size: int = option("tiny model: hidden size", default=128)
+    tiny_layers: int = option("tiny model: transformer layers", default=4)
+    tiny_heads: int = option("tiny model: attention heads", default=4)
+    tiny_intermediate_size: int = option("tiny model: MLP width", default=256)
+    trust_remote_code: bool = option("allow the model repository's own code (LLaDA needs true)", default=False)
+    mask_token_id: int | None = option("mask token id when the tokenizer has none (LLaDA: 126336)", default=None)
     # --- data ---
-    task: str = _help("task name: sudoku4, countdown, ...", default="sudoku4")
-    train_data: str | None = _help("training data file (None: the task's generated train split)", default=None)
-    train_examples: int | None = _help("use only the first N training examples (None: the task's default size)",
+    task: str = option("task name: sudoku4, countdown, ...", default="sudoku4")
+    train_data: str | None = option("training data file (None: the task's generated train split)", default=None)
+    train_examples: int | None = option("use only the first N training examples (None: the task's default size)",
                                        default=None)
-    eval_data: str | None = _help("held-out data file (None: the task's eval_split)", default=None)
-    eval_split: str = _help("held-out split of the task used for the periodic evaluation", default="test")
-    eval_examples: int = _help("held-out examples per evaluation (0: never evaluate)", default=200)
-    prompt_style: str = _help(f"prompt format, one of {PROMPT_STYLES}", default="compact")
-    max_prompt_length: int = _help("prompts longer than this many tokens are cut from the left", default=256)
+    eval_data: str | None = option("held-out data file (None: the task's eval_split)", default=None)
+    eval_split: str = option("held-out split of the task used for the periodic evaluation", default="test")
+    eval_examples: int = option("held-out examples per evaluation (0: never evaluate)", default=200)
+    prompt_style: str = option(f"prompt format, one of {PROMPT_STYLES}", default="compact")
+    max_prompt_length: int = option("prompts longer than this many tokens are cut from the left", default=256)
     # --- decoding (held-out evaluation; also the settings the policy is meant to be sampled with) ---
-    gen_length: int = _help("completion length in tokens; demonstrations are EOS-padded to it", default=32)
-    block_length: int = _help("sampler block length", default=32)
-    steps: int = _help("sampler steps over the whole completion", default=32)
-    remasking: str = _help("sampler remasking: low_confidence or random", default="low_confidence")
+    gen_length: int = option("completion length in tokens; demonstrations are EOS-padded to it", default=32)
+    block_length: int = option("sampler block length", default=32)
+    steps: int = option("sampler steps over the whole completion", default=32)
+    remasking: str = option("sampler remasking: low_confidence or random", default="low_confidence")
     # --- optimisation ---
-    max_steps: int = _help("optimizer steps at most", default=2000)
-    batch_size: int = _help("sequences per step", default=64)
-    learning_rate: float = _help("AdamW learning rate", default=1e-3)
-    warmup_steps: int = _help("linear warm-up steps", default=50)
-    lr_schedule: str = _help(f"after warm-up, one of {LR_SCHEDULES}: constant, or cosine decay to 0 at max_steps",
+    max_steps: int = option("optimizer steps at most", default=2000)
+    batch_size: int = option("sequences per step", default=64)
+    learning_rate: float = option("AdamW learning rate", default=1e-3)
+    warmup_steps: int = option("linear warm-up steps", default=50)
+    lr_schedule: str = option(f"after warm-up, one of {LR_SCHEDULES}: constant, or cosine decay to 0 at max_steps",
                              default="constant")
-    weight_decay: float = _help("AdamW weight decay", default=0.01)
-    max_grad_norm: float = _help("gradient clipping norm (0: off)", default=1.0)
-    mask_eps: float = _help("smallest mask probability eps in p = (1 - eps) t + eps", default=1e-3)
-    seed: int = _help("seed of the model init, batch order and masks (same seed => same run on CPU)", default=0)
+    weight_decay: float = option("AdamW weight decay", default=0.01)
+    max_grad_norm: float = option("gradient clipping norm (0: off)", default=1.0)
+    mask_eps: float = option("smallest mask probability eps in p = (1 - eps) t + eps", default=1e-3)
+    seed: int = option("seed of the model init, batch order and masks (same seed => same run on CPU)", default=0)
     # --- stopping at a mid-level accuracy ---
-    eval_every: int = _help("greedy held-out evaluation every this many steps (0: only at the end)", default=100)
-    target_accuracy_min: float | None = _help(
+    eval_every: int = option("greedy held-out evaluation every this many steps (0: only at the end)", default=100)
+    target_accuracy_min: float | None = option(
         "stop once held-out greedy accuracy reaches this (None: train for max_steps)", default=None)
-    target_accuracy_max: float = _help(
+    target_accuracy_max: float = option(
         "an evaluation above this counts as an overshoot (warned about; lower learning_rate or eval_every)",
         default=1.0)
     # --- run ---
-    output_dir: str = _help("run folder", default="runs/lm_sft")
-    save_every: int = _help("checkpoint every this many steps (0: only at the end)", default=500)
-    keep_checkpoints: int = _help("how many checkpoints to keep", default=2)
-    resume: bool = _help("continue from the newest checkpoint in output_dir", default=False)
-    tensorboard: bool = _help("mirror metrics to OUTPUT_DIR/tb", default=False)
-    progress_bar: bool = _help("show a tqdm progress bar", default=True)
+    output_dir: str = option("run folder", default="runs/lm_sft")
+    save_every: int = option("checkpoint every this many steps (0: only at the end)", default=500)
+    keep_checkpoints: int = option("how many checkpoints to keep", default=2)
+    resume: bool = option("continue from the newest checkpoint in output_dir", default=False)
+    tensorboard: bool = option("mirror metrics to OUTPUT_DIR/tb", default=False)
+    progress_bar: bool = option("show a tqdm progress bar", default=True)
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:

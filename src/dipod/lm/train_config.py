@@ -10,10 +10,10 @@ estimator (say ``--spg_mix_weight`` with ``--estimator fpo``) fails instead of b
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from dipod.config import ConfigError
+from dipod.config import ConfigError, option
 
 ESTIMATORS = ("d1", "fpo", "fpo++", "spg")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -31,86 +31,82 @@ ESTIMATOR_FIELDS: dict[str, tuple[str, ...]] = {
 DEFAULT_CLIP_EPS = {"d1": 0.2, "fpo": 0.2, "fpo++": 0.05}
 
 
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
-
-
 @dataclass
 class TrainConfig:
     # --- model ---
-    model: str = _help("hub id or local directory of a mask predictor (dipod.lm.model.load_masked_lm)",
+    model: str = option("hub id or local directory of a mask predictor (dipod.lm.model.load_masked_lm)",
                        default="GSAI-ML/LLaDA-8B-Instruct")
-    trust_remote_code: bool = _help("allow the model repository's own code (LLaDA needs true)", default=False)
-    mask_token_id: int | None = _help("mask token id when the tokenizer has none (LLaDA: 126336)", default=None)
-    dtype: str = _help(f"model weights dtype, one of {DTYPES}; proxy arithmetic is float32 anyway", default="bfloat16")
-    lora_r: int = _help("LoRA rank; 0 trains all weights", default=128)
-    lora_alpha: float = _help("LoRA alpha", default=64.0)
-    lora_dropout: float = _help("LoRA dropout", default=0.05)
-    lora_target_modules: list[str] | None = _help("LoRA target module names (None: the loader's default)", default=None)
-    gradient_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
+    trust_remote_code: bool = option("allow the model repository's own code (LLaDA needs true)", default=False)
+    mask_token_id: int | None = option("mask token id when the tokenizer has none (LLaDA: 126336)", default=None)
+    dtype: str = option(f"model weights dtype, one of {DTYPES}; proxy arithmetic is float32 anyway", default="bfloat16")
+    lora_r: int = option("LoRA rank; 0 trains all weights", default=128)
+    lora_alpha: float = option("LoRA alpha", default=64.0)
+    lora_dropout: float = option("LoRA dropout", default=0.05)
+    lora_target_modules: list[str] | None = option("LoRA target module names (None: the loader's default)", default=None)
+    gradient_checkpointing: bool = option("recompute activations in backward to save memory", default=False)
     # --- task and data ---
-    task: str = _help("task name (dipod.lm.tasks.get_task): sudoku4, countdown, gsm8k, math500, ...", default="gsm8k")
-    train_data: str | None = _help("training data file or hub dataset id (None: the task's default)", default=None)
-    eval_data: str | None = _help("held-out data file or hub dataset id (None: the task's default)", default=None)
-    prompt_style: str = _help("'chat' (instruct models, chat template) or 'compact' (tiny models)", default="chat")
-    few_shot: int = _help("number of solved training examples prepended to each prompt", default=0)
-    max_prompt_length: int = _help("prompts longer than this many tokens are cut from the left", default=256)
-    reward_weights: list[float] | None = _help(
+    task: str = option("task name (dipod.lm.tasks.get_task): sudoku4, countdown, gsm8k, math500, ...", default="gsm8k")
+    train_data: str | None = option("training data file or hub dataset id (None: the task's default)", default=None)
+    eval_data: str | None = option("held-out data file or hub dataset id (None: the task's default)", default=None)
+    prompt_style: str = option("'chat' (instruct models, chat template) or 'compact' (tiny models)", default="chat")
+    few_shot: int = option("number of solved training examples prepended to each prompt", default=0)
+    max_prompt_length: int = option("prompts longer than this many tokens are cut from the left", default=256)
+    reward_weights: list[float] | None = option(
         "one weight per reward function of the task, in the task's order (None: the task's weights)", default=None)
     # --- rollouts ---
-    prompts_per_step: int = _help("prompts per step over all processes; each gets num_generations completions", default=16)
-    num_generations: int = _help("completions per prompt (the GRPO group size), >= 2", default=6)
-    generation_batch_size: int | None = _help("completions generated per sampler call (lower it on OOM)", default=None)
-    gen_length: int = _help("completion length in tokens", default=256)
-    block_length: int = _help("semi-autoregressive block length; gen_length must be a multiple", default=32)
-    diffusion_steps: int = _help("sampler steps over the whole completion (a multiple of the block count)", default=128)
-    temperature: float = _help("rollout sampling temperature (0 = greedy)", default=0.9)
-    remasking: str = _help("sampler remasking: low_confidence or random", default="low_confidence")
-    cfg_scale: float = _help("classifier-free guidance scale of the sampler", default=0.0)
-    scale_rewards: bool = _help("divide group-centred advantages by the group's reward std", default=False)
+    prompts_per_step: int = option("prompts per step over all processes; each gets num_generations completions", default=16)
+    num_generations: int = option("completions per prompt (the GRPO group size), >= 2", default=6)
+    generation_batch_size: int | None = option("completions generated per sampler call (lower it on OOM)", default=None)
+    gen_length: int = option("completion length in tokens", default=256)
+    block_length: int = option("semi-autoregressive block length; gen_length must be a multiple", default=32)
+    diffusion_steps: int = option("sampler steps over the whole completion (a multiple of the block count)", default=128)
+    temperature: float = option("rollout sampling temperature (0 = greedy)", default=0.9)
+    remasking: str = option("sampler remasking: low_confidence or random", default="low_confidence")
+    cfg_scale: float = option("classifier-free guidance scale of the sampler", default=0.0)
+    scale_rewards: bool = option("divide group-centred advantages by the group's reward std", default=False)
     # --- likelihood proxies ---
-    num_draws: int = _help("Monte-Carlo masking draws K per completion for ELBO/EUBO", default=2)
-    masking: str = _help("forward process: block_random (SPG) or random", default="block_random")
-    min_t: float = _help("smallest mask ratio of a draw", default=0.0)
-    max_t: float = _help("largest mask ratio of a draw", default=1.0)
-    p_mask_prompt: float = _help("probability of masking each prompt token in the proxies", default=0.0)
-    max_tokens_per_forward: int | None = _help("chunk proxy forwards to this many tokens (None: no chunking)", default=None)
+    num_draws: int = option("Monte-Carlo masking draws K per completion for ELBO/EUBO", default=2)
+    masking: str = option("forward process: block_random (SPG) or random", default="block_random")
+    min_t: float = option("smallest mask ratio of a draw", default=0.0)
+    max_t: float = option("largest mask ratio of a draw", default=1.0)
+    p_mask_prompt: float = option("probability of masking each prompt token in the proxies", default=0.0)
+    max_tokens_per_forward: int | None = option("chunk proxy forwards to this many tokens (None: no chunking)", default=None)
     # --- estimator ---
-    estimator: str = _help(f"policy-gradient estimator, one of {ESTIMATORS}", default="spg")
-    clip_eps: float | None = _help("PPO clip range (d1, fpo: 0.2; fpo++: 0.05)", default=None)
-    log_ratio_max: float | None = _help("fpo++: log-ratio clamp from above (default 3.0)", default=None)
-    spg_negative_proxy: str | None = _help("spg: proxy for negative advantages: eubo, elbo or mix (default mix)", default=None)
-    spg_mix_weight: float | None = _help("spg: EUBO weight in 'mix' (default 0.5)", default=None)
-    eubo_beta: float | None = _help("spg: EUBO exponent beta (default 1.5; 1.0 for sudoku)", default=None)
-    kl_beta: float | None = _help("d1: weight of the k3 KL to the initial (reference) policy (default 0)", default=None)
-    dipod_beta: float = _help("DiPOD weight: adds beta * grad ELBO each update (0 turns DiPOD off)", default=0.05)
-    num_iterations: int = _help("policy updates per rollout batch (mu)", default=12)
+    estimator: str = option(f"policy-gradient estimator, one of {ESTIMATORS}", default="spg")
+    clip_eps: float | None = option("PPO clip range (d1, fpo: 0.2; fpo++: 0.05)", default=None)
+    log_ratio_max: float | None = option("fpo++: log-ratio clamp from above (default 3.0)", default=None)
+    spg_negative_proxy: str | None = option("spg: proxy for negative advantages: eubo, elbo or mix (default mix)", default=None)
+    spg_mix_weight: float | None = option("spg: EUBO weight in 'mix' (default 0.5)", default=None)
+    eubo_beta: float | None = option("spg: EUBO exponent beta (default 1.5; 1.0 for sudoku)", default=None)
+    kl_beta: float | None = option("d1: weight of the k3 KL to the initial (reference) policy (default 0)", default=None)
+    dipod_beta: float = option("DiPOD weight: adds beta * grad ELBO each update (0 turns DiPOD off)", default=0.05)
+    num_iterations: int = option("policy updates per rollout batch (mu)", default=12)
     # --- optimisation ---
-    learning_rate: float = _help("AdamW learning rate", default=3e-6)
-    weight_decay: float = _help("AdamW weight decay", default=0.1)
-    adam_beta1: float = _help("AdamW beta1", default=0.9)
-    adam_beta2: float = _help("AdamW beta2", default=0.99)
-    max_grad_norm: float = _help("gradient clipping norm (0 turns clipping off)", default=0.2)
-    lr_scheduler: str = _help(f"learning-rate schedule after warm-up, one of {LR_SCHEDULERS}", default="constant")
-    warmup_steps: int = _help("linear warm-up length in optimizer updates", default=0)
-    gradient_accumulation_steps: int = _help("micro-batches per update on each process", default=2)
+    learning_rate: float = option("AdamW learning rate", default=3e-6)
+    weight_decay: float = option("AdamW weight decay", default=0.1)
+    adam_beta1: float = option("AdamW beta1", default=0.9)
+    adam_beta2: float = option("AdamW beta2", default=0.99)
+    max_grad_norm: float = option("gradient clipping norm (0 turns clipping off)", default=0.2)
+    lr_scheduler: str = option(f"learning-rate schedule after warm-up, one of {LR_SCHEDULERS}", default="constant")
+    warmup_steps: int = option("linear warm-up length in optimizer updates", default=0)
+    gradient_accumulation_steps: int = option("micro-batches per update on each process", default=2)
     # --- run ---
-    output_dir: str = _help("run folder: metrics.jsonl, tb/, checkpoint-STEP/, final_model/", default="runs/lm_train")
-    max_steps: int = _help("rollout batches to train on (each makes num_iterations updates)", default=100)
-    seed: int = _help("seed of every random draw (same seed => same run on CPU)", default=42)
-    resume: str | None = _help("'latest' (newest checkpoint in output_dir) or a checkpoint-STEP folder", default=None)
-    save_steps: int = _help("write a checkpoint every this many steps (0: only at the end)", default=50)
-    keep_checkpoints: int = _help("how many checkpoints to keep", default=2)
-    eval_steps: int = _help("greedy held-out evaluation every this many steps (0: only before and after)", default=50)
-    eval_examples: int = _help("held-out examples per evaluation", default=64)
-    gap_monitor_steps: int = _help("drift monitor (IW_K - ELBO) every this many steps (0: off)", default=10)
-    gap_monitor_sequences: int = _help("rollouts per process the drift monitor scores", default=2)
-    gap_monitor_orders: int = _help("decoding orders K of the drift monitor", default=4)
-    max_nonfinite_updates: int = _help("stop after this many non-finite updates in a row", default=5)
-    tensorboard: bool = _help("mirror metrics to OUTPUT_DIR/tb", default=True)
-    wandb_project: str | None = _help("also log to this wandb project", default=None)
-    progress_bar: bool = _help("show a tqdm progress bar", default=True)
-    save_final_model: bool = _help("save the trained policy to OUTPUT_DIR/final_model", default=True)
+    output_dir: str = option("run folder: metrics.jsonl, tb/, checkpoint-STEP/, final_model/", default="runs/lm_train")
+    max_steps: int = option("rollout batches to train on (each makes num_iterations updates)", default=100)
+    seed: int = option("seed of every random draw (same seed => same run on CPU)", default=42)
+    resume: str | None = option("'latest' (newest checkpoint in output_dir) or a checkpoint-STEP folder", default=None)
+    save_steps: int = option("write a checkpoint every this many steps (0: only at the end)", default=50)
+    keep_checkpoints: int = option("how many checkpoints to keep", default=2)
+    eval_steps: int = option("greedy held-out evaluation every this many steps (0: only before and after)", default=50)
+    eval_examples: int = option("held-out examples per evaluation", default=64)
+    gap_monitor_steps: int = option("drift monitor (IW_K - ELBO) every this many steps (0: off)", default=10)
+    gap_monitor_sequences: int = option("rollouts per process the drift monitor scores", default=2)
+    gap_monitor_orders: int = option("decoding orders K of the drift monitor", default=4)
+    max_nonfinite_updates: int = option("stop after this many non-finite updates in a row", default=5)
+    tensorboard: bool = option("mirror metrics to OUTPUT_DIR/tb", default=True)
+    wandb_project: str | None = option("also log to this wandb project", default=None)
+    progress_bar: bool = option("show a tqdm progress bar", default=True)
+    save_final_model: bool = option("save the trained policy to OUTPUT_DIR/final_model", default=True)
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:

@@ -17,7 +17,6 @@ one exactly on CPU.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import sys
