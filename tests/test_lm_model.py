@@ -103,9 +103,14 @@ def test_lora_settings_validation():
         LoraSettings(dropout=1.0)
 
 
-def test_bad_paths_and_missing_mask_token_give_clear_errors(tiny_dir, tmp_path):
+def test_bad_paths_and_missing_mask_token_give_clear_errors(tiny_dir, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_masked_lm(tmp_path / "nowhere")
+    # "runs/missing" has the shape of a hub id, but its "org" is a local folder: no hub lookup.
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_masked_lm("runs/missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_masked_lm(tmp_path / "empty")

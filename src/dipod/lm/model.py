@@ -122,8 +122,14 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _looks_like_path(name: str) -> bool:
-    """A hub id is ``name`` or ``org/name``; anything else (absolute, ./, ~, deeper) is a path."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+    """A hub id is ``name`` or ``org/name``; anything else (absolute, ./, ~, deeper) is a path.
+
+    ``org/name`` whose ``org`` is a local folder (``runs/tiny``) is a missing path too: failing at
+    once beats a slow, doomed hub lookup on an offline machine.
+    """
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+        return True
+    return "/" in name and os.path.isdir(name.split("/", 1)[0])
 
 
 def _resolve_special_id(tokenizer: Any, config: Any, attr: str) -> int | None:
