@@ -13,6 +13,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar
 
+from .data_files import shared_file
+
 STYLES = ("compact", "chat")
 
 # Far above any real completion (LLaDA's longest setting, 512 tokens, is a few thousand
@@ -93,6 +95,35 @@ class Task(ABC):
         """name -> (callable(completion, example) -> float, weight); the trainer sums
         weight * value. Default: the headline reward alone."""
         return {"correctness": (self.reward, 1.0)}
+
+
+class GeneratedTask(Task):
+    """A task whose `train`/`test` splits are generated here as deterministic streams and whose
+    `d1_test` split is the paper's evaluation file in the shared data folder. Subclasses set
+    `d1_test_file` and `default_size` (split -> size) and implement `_read_file` and `_generate`."""
+
+    splits: ClassVar[tuple[str, ...]] = ("train", "test", "d1_test")
+    d1_test_file: ClassVar[str]
+    default_size: dict[str, int]
+
+    def load(self, split: str, path: str | None = None, limit: int | None = None) -> list[dict]:
+        check_limit(limit)
+        if path is None and split == "d1_test":
+            path = shared_file(self.d1_test_file)
+        if path is not None:
+            examples = self._read_file(path)
+            return examples if limit is None else examples[:limit]
+        if split not in self.default_size:
+            raise ValueError(f"unknown {self.name} split {split!r}; use one of {', '.join(self.splits)}")
+        return self._generate(split, self.default_size[split] if limit is None else limit)
+
+    @abstractmethod
+    def _read_file(self, path: str) -> list[dict]:
+        """Every example of a data file in the format the paper's code uses."""
+
+    @abstractmethod
+    def _generate(self, split: str, count: int) -> list[dict]:
+        """The first `count` examples of the split's deterministic stream."""
 
 
 def check_limit(limit: int | None) -> None:

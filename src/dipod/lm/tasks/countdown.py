@@ -22,8 +22,8 @@ import numpy as np
 
 from .answer_format import CHAT_FORMAT, answer_text
 from .arithmetic import MAX_CHARS, ExpressionError, evaluate, literals, parse_expression
-from .base import Task, check_limit, register_task
-from .data_files import read_jsonl, shared_file
+from .base import GeneratedTask, register_task
+from .data_files import read_jsonl
 
 FORMAT_SCORE = 0.1
 D1_TEST_FILE = "countdown_cd3_test.jsonl"
@@ -113,9 +113,9 @@ def _is_test_triple(numbers: tuple[int, ...], seed: int, test_fraction: float) -
 
 
 @register_task
-class CountdownTask(Task):
+class CountdownTask(GeneratedTask):
     name = "countdown"
-    splits = ("train", "test", "d1_test")
+    d1_test_file = D1_TEST_FILE
 
     def __init__(self, seed: int = 0, test_fraction: float = 0.1, train_size: int = 5000,
                  test_size: int = 500):
@@ -126,16 +126,8 @@ class CountdownTask(Task):
 
     # -- data ----------------------------------------------------------------------------------
 
-    def load(self, split: str, path: str | None = None, limit: int | None = None) -> list[dict]:
-        check_limit(limit)
-        if path is None and split == "d1_test":
-            path = shared_file(D1_TEST_FILE)
-        if path is not None:
-            examples = read_countdown_jsonl(path)
-            return examples if limit is None else examples[:limit]
-        if split not in self.default_size:
-            raise ValueError(f"unknown countdown split {split!r}; use one of {', '.join(self.splits)}")
-        return self._generate(split, self.default_size[split] if limit is None else limit)
+    def _read_file(self, path: str) -> list[dict]:
+        return read_countdown_jsonl(path)
 
     def _generate(self, split: str, count: int) -> list[dict]:
         """The first `count` items of the split's deterministic stream."""

@@ -18,8 +18,8 @@ import functools
 import numpy as np
 
 from .answer_format import CHAT_FORMAT, tagged_answer
-from .base import Task, check_limit, register_task
-from .data_files import read_csv, shared_file
+from .base import GeneratedTask, register_task
+from .data_files import read_csv
 
 CELLS = 16
 D1_TEST_FILE = "sudoku4_d1_test.csv"
@@ -77,9 +77,9 @@ def _digits(text: str) -> str:
 
 
 @register_task
-class Sudoku4Task(Task):
+class Sudoku4Task(GeneratedTask):
     name = "sudoku4"
-    splits = ("train", "test", "d1_test")
+    d1_test_file = D1_TEST_FILE
 
     def __init__(self, num_blanks: int = 8, seed: int = 0, test_grids: int = 48,
                  train_size: int = 5000, test_size: int = 500):
@@ -94,16 +94,8 @@ class Sudoku4Task(Task):
 
     # -- data ----------------------------------------------------------------------------------
 
-    def load(self, split: str, path: str | None = None, limit: int | None = None) -> list[dict]:
-        check_limit(limit)
-        if path is None and split == "d1_test":
-            path = shared_file(D1_TEST_FILE)
-        if path is not None:
-            examples = read_sudoku_csv(path)
-            return examples if limit is None else examples[:limit]
-        if split not in self.split_grids:
-            raise ValueError(f"unknown sudoku4 split {split!r}; use one of {', '.join(self.splits)}")
-        return self._generate(split, self.default_size[split] if limit is None else limit)
+    def _read_file(self, path: str) -> list[dict]:
+        return read_sudoku_csv(path)
 
     def _generate(self, split: str, count: int) -> list[dict]:
         """The first `count` puzzles of the split's deterministic stream (so a smaller `count`
