@@ -35,8 +35,8 @@ PRESETS = {
 TAIL = 1 / 3  # the "late" gap is the mean of the monitor over the last third of the run
 
 
-def run_one(job: dict) -> str:
-    """Worker: one training run (returns its folder). Skips runs that already finished."""
+def run_one(job: dict) -> tuple[str, bool]:
+    """Worker: one training run; returns its folder and whether it had already finished (reused)."""
     import torch
 
     torch.set_num_threads(1)
@@ -48,10 +48,38 @@ def run_one(job: dict) -> str:
     if (out / "metrics.jsonl").is_file():
         rows = read_metrics(out / "metrics.jsonl")
         if rows and rows[-1].get("step") == job["changes"]["max_steps"] and "eval/accuracy" in rows[-1]:
-            return str(out)
+            return str(out), True
     cfg = tiny_rl_config(job["model_dir"], out, progress_bar=False, tensorboard=False, **job["changes"])
     train(cfg)
-    return str(out)
+    return str(out), False
+
+
+def paper_set_eval(job: dict) -> dict:
+    """Worker: greedy accuracy and reward on the paper's own test set (`d1_test`) of a run's final
+    checkpoint, or of the reference policy itself when ``run_dir`` is None."""
+    import torch
+
+    torch.set_num_threads(1)
+    from dipod.checkpoint import latest_checkpoint, load_checkpoint
+    from dipod.demo import tiny_rl_config
+    from dipod.lm.evaluate import evaluate_policy
+    from dipod.lm.model import load_masked_lm
+    from dipod.lm.tasks import get_task
+    from dipod.lm.train_engine import sampler_settings
+
+    lm = load_masked_lm(job["model_dir"])
+    if job["run_dir"] is not None:
+        checkpoint = latest_checkpoint(Path(job["run_dir"]))
+        if checkpoint is None:
+            raise FileNotFoundError(f"no checkpoint in {job['run_dir']}; rerun the benchmark to finish that run")
+        weights, _, _ = load_checkpoint(checkpoint)
+        unexpected = lm.model.load_state_dict(weights, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{checkpoint}: weights {unexpected[:3]} do not belong to {job['model_dir']}")
+    cfg = tiny_rl_config(job["model_dir"], job["run_dir"] or "unused", task=job["task"])
+    task = get_task(job["task"])
+    result = evaluate_policy(lm, task, task.load("d1_test"), sampler_settings(cfg, 0.0), batch_size=128)
+    return {"paper_accuracy": result["accuracy"], "paper_reward": result["mean_reward"]}
 
 
 def measure_overhead(model_dir: Path, work: Path, repeats: int) -> dict:
@@ -197,16 +225,28 @@ def main(argv: list[str]) -> int:
                 jobs.append({"output_dir": str(work / task / name.replace("+", "_") / f"seed{seed}"),
                              "model_dir": str(models[task]), "changes": changes, "key": (task, name)})
     with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
-        for done, out in enumerate(pool.imap_unordered(run_one, jobs), 1):
-            print(f"[{done}/{len(jobs)}] {out}  ({time.time() - started:.0f} s)", flush=True)
+        reused = 0
+        for done, (out, was_done) in enumerate(pool.imap_unordered(run_one, jobs), 1):
+            reused += was_done
+            print(f"[{done}/{len(jobs)}] {out}{' (reused)' if was_done else ''}  ({time.time() - started:.0f} s)", flush=True)
+    # The paper's own evaluation sets (500 sudoku puzzles, 256 countdown items), beside our test splits.
+    paper_jobs = [{"task": t, "model_dir": str(models[t]), "run_dir": None} for t in tasks]
+    paper_jobs += [{"task": job["key"][0], "model_dir": job["model_dir"], "run_dir": job["output_dir"]} for job in jobs]
+    with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
+        paper = pool.map(paper_set_eval, paper_jobs)
+    paper_reference = {job["task"]: res for job, res in zip(paper_jobs, paper) if job["run_dir"] is None}
+    paper_by_run = {job["run_dir"]: res for job, res in zip(paper_jobs, paper) if job["run_dir"] is not None}
     overhead = measure_overhead(models[tasks[0]], work, args.overhead_repeats) if args.overhead_repeats else {}
 
     from dipod.runlog import read_metrics
 
     results = {t: {m: [] for m in methods} for t in tasks}
+    summary = {t: {m: [] for m in methods} for t in tasks}
     for job in jobs:
-        results[job["key"][0]][job["key"][1]].append(read_metrics(Path(job["output_dir"]) / "metrics.jsonl"))
-    summary = {t: {m: [summarize(r) for r in runs] for m, runs in per.items()} for t, per in results.items()}
+        task, name = job["key"]
+        rows = read_metrics(Path(job["output_dir"]) / "metrics.jsonl")
+        results[task][name].append(rows)
+        summary[task][name].append({**summarize(rows), **paper_by_run[job["output_dir"]]})
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,23 +254,27 @@ def main(argv: list[str]) -> int:
     command = "python benchmarks/lm_dipod.py " + " ".join(argv)
     lines = [f"# DiPOD on the tiny reference policies ({'quick' if args.quick else 'full'} preset)", "",
              f"Command: `{command.strip()}`  ", f"Machine: shared 2-core CPU (other jobs running), "
-             f"{args.workers} runs in parallel, one torch thread each; wall time {time.time() - started:.0f} s.  ",
+             f"{args.workers} runs in parallel, one torch thread each; wall time {time.time() - started:.0f} s"
+             f"{f' ({reused} of {len(jobs)} training runs reused from an earlier invocation)' if reused else ''}.  ",
              f"Budget per run: {preset['max_steps']} RL steps x {8} prompts x 4 completions; seeds {seeds}; "
              f"held-out greedy eval on {preset['eval_examples']} test examples.", "",
-             "| task | method | held-out accuracy | held-out reward | gap (late rollouts) | gap (held-out) |",
-             "|---|---|---|---|---|---|"]
+             "| task | method | held-out accuracy | held-out reward | paper test set accuracy | gap (late rollouts) "
+             "| gap (held-out) |",
+             "|---|---|---|---|---|---|---|"]
     for task in tasks:
         first = summary[task][next(iter(methods))][0]
         lines.append(f"| {task} | reference policy (before RL) | {first['initial_accuracy']:.3f} | | "
-                     f"| {first['initial_gap']:.3f} |")
+                     f"{paper_reference[task]['paper_accuracy']:.3f} | | {first['initial_gap']:.3f} |")
         for name in methods:
             s = summary[task][name]
             lines.append(f"| {task} | {name} | {mean_std([x['accuracy'] for x in s])} | "
-                         f"{mean_std([x['reward'] for x in s])} | {mean_std([x['late_gap'] for x in s])} | "
+                         f"{mean_std([x['reward'] for x in s])} | {mean_std([x['paper_accuracy'] for x in s])} | "
+                         f"{mean_std([x['late_gap'] for x in s])} | "
                          f"{mean_std([x['eval_gap'] for x in s])} |")
     lines += ["", "Gap = IW_K - ELBO (K = 4 decoding orders), a lower bound on log pi - ELBO; 'late rollouts' is its "
-              f"mean over the last third of the run on training rollouts, 'held-out' on the greedy held-out completions "
-              "of the final policy.", ""]
+              "mean over the last third of the run on training rollouts, 'held-out' on the greedy held-out completions "
+              "of the final policy. 'Paper test set': greedy accuracy of the final checkpoint on the paper's own "
+              "evaluation set (`d1_test`: sudoku4_d1_test.csv, 500 puzzles; countdown_cd3_test.jsonl, 256 items).", ""]
     if overhead:
         lines += ["DiPOD step-time overhead: median time of one update (num_iterations inner steps) on the same "
                   f"rollout batch, beta = 0.05 vs 0, {args.overhead_repeats} interleaved repeats each; CPU time of "
