@@ -65,7 +65,6 @@ def paper_set_eval(job: dict) -> dict:
     from dipod.lm.evaluate import evaluate_policy
     from dipod.lm.model import load_masked_lm
     from dipod.lm.tasks import get_task
-    from dipod.lm.train_engine import sampler_settings
 
     lm = load_masked_lm(job["model_dir"])
     if job["run_dir"] is not None:
@@ -78,7 +77,7 @@ def paper_set_eval(job: dict) -> dict:
             raise ValueError(f"{checkpoint}: weights {unexpected[:3]} do not belong to {job['model_dir']}")
     cfg = tiny_rl_config(job["model_dir"], job["run_dir"] or "unused", task=job["task"])
     task = get_task(job["task"])
-    result = evaluate_policy(lm, task, task.load("d1_test"), sampler_settings(cfg, 0.0), batch_size=128)
+    result = evaluate_policy(lm, task, task.load("d1_test"), cfg.sampler_settings(0.0), batch_size=128)
     return {"paper_accuracy": result["accuracy"], "paper_reward": result["mean_reward"]}
 
 

@@ -24,6 +24,12 @@ class ConfigError(ValueError):
     """A config value, key or file is invalid; the message names it and the fix."""
 
 
+def require(ok: bool, message: str) -> None:
+    """Raise ``ConfigError(message)`` unless ``ok``: the one-line form of a config check."""
+    if not ok:
+        raise ConfigError(message)
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from dipod.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
                               save_checkpoint)
-from dipod.config import ConfigError, option, parse_config, save_config
+from dipod.config import ConfigError, option, parse_config, require, save_config
 from dipod.lm.evaluate import PROMPT_STYLES, evaluate_policy
 from dipod.lm.sampler import SamplerSettings
 from dipod.runlog import MetricsLogger, atomic_write_json
@@ -133,26 +133,22 @@ class SFTConfig:
     progress_bar: bool = option("show a tqdm progress bar", default=True)
 
     def __post_init__(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
-        need(self.prompt_style in PROMPT_STYLES, f"prompt_style={self.prompt_style!r}; choose one of {PROMPT_STYLES}")
+        require(self.prompt_style in PROMPT_STYLES, f"prompt_style={self.prompt_style!r}; choose one of {PROMPT_STYLES}")
         for name in ("max_steps", "batch_size", "max_prompt_length", "tiny_hidden_size", "tiny_layers", "tiny_heads",
                      "tiny_intermediate_size"):
-            need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
+            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
         for name in ("warmup_steps", "eval_every", "eval_examples", "save_every", "keep_checkpoints"):
-            need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0")
-        need(self.train_examples is None or self.train_examples >= 1, "train_examples must be >= 1 (or None)")
-        need(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate must be a positive number")
-        need(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0")
-        need(0 < self.mask_eps < 1, f"mask_eps={self.mask_eps} must lie in (0, 1)")
-        need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule={self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+            require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0")
+        require(self.train_examples is None or self.train_examples >= 1, "train_examples must be >= 1 (or None)")
+        require(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate must be a positive number")
+        require(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0")
+        require(0 < self.mask_eps < 1, f"mask_eps={self.mask_eps} must lie in (0, 1)")
+        require(self.lr_schedule in LR_SCHEDULES, f"lr_schedule={self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         lo, hi = self.target_accuracy_min, self.target_accuracy_max
-        need(0 <= hi <= 1, f"target_accuracy_max={hi} must lie in [0, 1]")
+        require(0 <= hi <= 1, f"target_accuracy_max={hi} must lie in [0, 1]")
         if lo is not None:
-            need(0 < lo <= hi, f"target_accuracy_min={lo} must lie in (0, target_accuracy_max={hi}]")
-            need(self.eval_examples > 0, "target_accuracy_min needs held-out evaluations: set eval_examples > 0")
+            require(0 < lo <= hi, f"target_accuracy_min={lo} must lie in (0, target_accuracy_max={hi}]")
+            require(self.eval_examples > 0, "target_accuracy_min needs held-out evaluations: set eval_examples > 0")
         self.sampler_settings()  # validates gen_length / block_length / steps / remasking
 
     def sampler_settings(self) -> SamplerSettings:

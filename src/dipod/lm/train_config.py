@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from dipod.config import ConfigError, option
+from dipod.config import option, require
 
 ESTIMATORS = ("d1", "fpo", "fpo++", "spg")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -109,46 +109,39 @@ class TrainConfig:
     save_final_model: bool = option("save the trained policy to OUTPUT_DIR/final_model", default=True)
 
     def __post_init__(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
-        need(self.estimator in ESTIMATORS, f"estimator={self.estimator!r}; choose one of {ESTIMATORS}")
+        require(self.estimator in ESTIMATORS, f"estimator={self.estimator!r}; choose one of {ESTIMATORS}")
         foreign = [name for name, owners in ESTIMATOR_FIELDS.items()
                    if getattr(self, name) is not None and self.estimator not in owners]
-        need(not foreign, f"{', '.join(f'{n} (used by {ESTIMATOR_FIELDS[n]})' for n in foreign)} "
+        require(not foreign, f"{', '.join(f'{n} (used by {ESTIMATOR_FIELDS[n]})' for n in foreign)} "
                           f"do not apply to estimator={self.estimator!r}; remove them or change --estimator")
-        need(self.num_generations >= 2, f"num_generations={self.num_generations}: group-relative advantages need >= 2 "
+        require(self.num_generations >= 2, f"num_generations={self.num_generations}: group-relative advantages need >= 2 "
                                         "completions per prompt")
         # the sampler's own checks: gen_length a multiple of block_length, steps a multiple of the block count
-        from dipod.lm.sampler import SamplerSettings
-
-        SamplerSettings(gen_length=self.gen_length, block_length=self.block_length, steps=self.diffusion_steps,
-                        temperature=self.temperature, remasking=self.remasking, cfg_scale=self.cfg_scale)
-        need(self.dtype in DTYPES, f"dtype={self.dtype!r}; choose one of {DTYPES}")
-        need(self.prompt_style in ("chat", "compact"), f"prompt_style={self.prompt_style!r}; choose chat or compact")
-        need(self.masking in ("block_random", "random"), f"masking={self.masking!r}; choose block_random or random")
-        need(self.lr_scheduler in LR_SCHEDULERS, f"lr_scheduler={self.lr_scheduler!r}; choose one of {LR_SCHEDULERS}")
-        need(self.dipod_beta >= 0, f"dipod_beta={self.dipod_beta} must be >= 0 (0 turns DiPOD off)")
-        need(self.kl_beta is None or self.kl_beta >= 0, f"kl_beta={self.kl_beta} must be >= 0")
-        need(self.spg_negative_proxy in (None, "eubo", "elbo", "mix"),
+        self.sampler_settings(self.temperature)
+        require(self.dtype in DTYPES, f"dtype={self.dtype!r}; choose one of {DTYPES}")
+        require(self.prompt_style in ("chat", "compact"), f"prompt_style={self.prompt_style!r}; choose chat or compact")
+        require(self.masking in ("block_random", "random"), f"masking={self.masking!r}; choose block_random or random")
+        require(self.lr_scheduler in LR_SCHEDULERS, f"lr_scheduler={self.lr_scheduler!r}; choose one of {LR_SCHEDULERS}")
+        require(self.dipod_beta >= 0, f"dipod_beta={self.dipod_beta} must be >= 0 (0 turns DiPOD off)")
+        require(self.kl_beta is None or self.kl_beta >= 0, f"kl_beta={self.kl_beta} must be >= 0")
+        require(self.spg_negative_proxy in (None, "eubo", "elbo", "mix"),
              f"spg_negative_proxy={self.spg_negative_proxy!r}; choose eubo, elbo or mix")
-        need(self.spg_mix_weight is None or 0.0 <= self.spg_mix_weight <= 1.0,
+        require(self.spg_mix_weight is None or 0.0 <= self.spg_mix_weight <= 1.0,
              f"spg_mix_weight={self.spg_mix_weight} must lie in [0, 1]")
-        need(self.eubo_beta is None or self.eubo_beta > 0, f"eubo_beta={self.eubo_beta} must be > 0")
-        need(self.clip_eps is None or self.clip_eps > 0, f"clip_eps={self.clip_eps} must be > 0")
-        need(0.0 <= self.min_t <= self.max_t <= 1.0, f"need 0 <= min_t <= max_t <= 1, got {self.min_t}, {self.max_t}")
-        need(0.0 <= self.p_mask_prompt < 1.0, f"p_mask_prompt={self.p_mask_prompt} must lie in [0, 1)")
+        require(self.eubo_beta is None or self.eubo_beta > 0, f"eubo_beta={self.eubo_beta} must be > 0")
+        require(self.clip_eps is None or self.clip_eps > 0, f"clip_eps={self.clip_eps} must be > 0")
+        require(0.0 <= self.min_t <= self.max_t <= 1.0, f"need 0 <= min_t <= max_t <= 1, got {self.min_t}, {self.max_t}")
+        require(0.0 <= self.p_mask_prompt < 1.0, f"p_mask_prompt={self.p_mask_prompt} must lie in [0, 1)")
         for name in ("prompts_per_step", "num_iterations", "gradient_accumulation_steps", "max_steps", "num_draws",
                      "max_prompt_length", "max_nonfinite_updates", "eval_examples", "gap_monitor_orders",
                      "gap_monitor_sequences", "keep_checkpoints"):
-            need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
+            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
         for name in ("save_steps", "eval_steps", "gap_monitor_steps", "warmup_steps", "few_shot", "lora_r"):
-            need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0")
-        need(self.generation_batch_size is None or self.generation_batch_size >= 1,
+            require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0")
+        require(self.generation_batch_size is None or self.generation_batch_size >= 1,
              f"generation_batch_size={self.generation_batch_size} must be >= 1")
-        need(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
-        need(self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm} must be >= 0 (0: no clipping)")
+        require(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
+        require(self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm} must be >= 0 (0: no clipping)")
         for name in ("train_data", "eval_data"):
             path = getattr(self, name)
             if path is not None and _looks_like_path(path) and not Path(path).exists():
@@ -174,6 +167,13 @@ class TrainConfig:
 
     def kl_beta_value(self) -> float:
         return self.kl_beta or 0.0
+
+    def sampler_settings(self, temperature: float):
+        """Decoding settings of this run at ``temperature`` (rollouts: the config's; evaluation: 0)."""
+        from dipod.lm.sampler import SamplerSettings
+
+        return SamplerSettings(gen_length=self.gen_length, block_length=self.block_length, steps=self.diffusion_steps,
+                               temperature=temperature, remasking=self.remasking, cfg_scale=self.cfg_scale)
 
     def needs_eubo(self) -> bool:
         return self.estimator == "spg" and self.spg_negative_proxy_value() != "elbo"

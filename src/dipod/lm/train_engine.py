@@ -37,11 +37,6 @@ def gap_lower_bound(lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids:
     return _gap(lm, prompt_ids, prompt_attn, completion_ids, settings, num_orders, seed)
 
 
-def sampler_settings(cfg: TrainConfig, temperature: float) -> SamplerSettings:
-    return SamplerSettings(gen_length=cfg.gen_length, block_length=cfg.block_length, steps=cfg.diffusion_steps,
-                           temperature=temperature, remasking=cfg.remasking, cfg_scale=cfg.cfg_scale)
-
-
 def proxy_settings(cfg: TrainConfig):
     from dipod.lm.proxies import ProxySettings
 

@@ -195,7 +195,7 @@ class Trainer:
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_attn: Tensor, temperature: float, seed: int) -> Tensor:
         cfg = self.cfg
-        settings = self.engine.sampler_settings(cfg, temperature)
+        settings = cfg.sampler_settings(temperature)
         generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
         chunk = cfg.generation_batch_size or prompt_ids.shape[0]
         try:
