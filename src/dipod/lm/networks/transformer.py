@@ -1,0 +1,170 @@
+"""The pre-norm RoPE transformer that LLaDA and Dream both are, written once with a block KV cache.
+
+A layer is ``x + Attn(RMSNorm(x))`` then ``x + Down(SiLU(Gate(h)) * Up(h))`` with ``h =
+RMSNorm(x)``; attention is bidirectional (no causal mask), rotary positions rotate the two halves
+of each head, and grouped-query attention repeats each key/value head over its query heads. The
+families differ only in what ``NetworkSpec`` records (sizes, epsilon, RoPE base and precision,
+whether logits are shifted) and in their weight names (``llada.py``, ``dream.py``).
+
+Numerics follow the hub code so that float32 logits agree to rounding and bfloat16 ones to
+bfloat16 rounding: RMSNorm statistics in float32, cast back, then scaled by the weight; RoPE
+tables in float32, applied in float32 (LLaDA's ``rope_full_precision``) or in the model dtype
+(Dream); softmax attention through ``F.scaled_dot_product_attention``.
+
+Padding: keys where ``attn == 0`` are masked out. Positions stay absolute (padding included);
+because RoPE scores depend only on position differences, this equals running the prompt without
+its padding (tests/test_lm_networks.py checks it). LLaDA's hub code attends to padding; ours does
+not, so padded batches decode as the prompts would one at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    rope_theta: float
+    rope_in_float32: bool  # LLaDA rotates q/k in float32 then casts; Dream rotates in the model dtype
+    shifted: bool  # the logits at position i predict position i + 1 (Dream)
+    tied_head: bool = False  # the output head is the input embedding matrix
+    embed_scale: float = 1.0
+    logit_scale: float = 1.0
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """float32 ``(cos, sin)`` of shape ``[Q, head_dim]`` for integer ``positions [Q]``."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rope(x_bhqd: Tensor, cos: Tensor, sin: Tensor, in_float32: bool) -> Tensor:
+    if in_float32:
+        xf = x_bhqd.float()
+        return (xf * cos + _rotate_half(xf) * sin).to(x_bhqd.dtype)
+    cos, sin = cos.to(x_bhqd.dtype), sin.to(x_bhqd.dtype)
+    return x_bhqd * cos + _rotate_half(x_bhqd) * sin
+
+
+class LayerKV:
+    """Keys (after RoPE) and values of one layer over the whole sequence, ``[B, H_kv, T, D]``.
+
+    The first update (a full pass from position 0) keeps its tensors; later ones overwrite the
+    positions they recompute and leave the rest as cached.
+    """
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k is None:
+            if start != 0:
+                raise RuntimeError("the KV cache must be filled by a full pass from position 0 first")
+            self.k, self.v = k, v
+        else:
+            self.k[:, :, start:start + k.shape[2]] = k
+            self.v[:, :, start:start + v.shape[2]] = v
+        return self.k, self.v
+
+
+class Layer(nn.Module):
+    """One transformer layer. Its submodules may be the hub model's own (shared, not copied)."""
+
+    def __init__(self, spec: NetworkSpec, attn_norm: nn.Module, q: nn.Module, k: nn.Module, v: nn.Module,
+                 o: nn.Module, mlp_norm: nn.Module, gate: nn.Module, up: nn.Module, down: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.attn_norm, self.q, self.k, self.v, self.o = attn_norm, q, k, v, o
+        self.mlp_norm, self.gate, self.up, self.down = mlp_norm, gate, up, down
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None, start: int,
+                kv: LayerKV | None) -> Tensor:
+        spec = self.spec
+        batch, length, _ = x.shape
+        h = rms_norm(x, self.attn_norm.weight, spec.norm_eps)
+        q = self.q(h).view(batch, length, spec.n_heads, spec.head_dim).transpose(1, 2)
+        k = self.k(h).view(batch, length, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
+        v = self.v(h).view(batch, length, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin, spec.rope_in_float32)
+        k = apply_rope(k, cos, sin, spec.rope_in_float32)
+        if kv is not None:
+            k, v = kv.update(start, k, v)
+        if spec.n_kv_heads != spec.n_heads:
+            groups = spec.n_heads // spec.n_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        x = x + self.o(att.transpose(1, 2).reshape(batch, length, spec.n_heads * spec.head_dim))
+        h = rms_norm(x, self.mlp_norm.weight, spec.norm_eps)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+def key_padding_mask(attn_bt: Tensor | None) -> Tensor | None:
+    """Boolean ``[B, 1, 1, T]`` (True = attend), or None when nothing is padding (the hub's kernel)."""
+    if attn_bt is None or bool((attn_bt != 0).all()):
+        return None
+    return (attn_bt != 0)[:, None, None, :]
+
+
+class Network(nn.Module):
+    """A LLaDA/Dream network. ``forward`` gives the hub model's float32 logits ``[B, T, V]`` (unshifted)."""
+
+    def __init__(self, spec: NetworkSpec, embed: nn.Module, layers: list[Layer], final_norm: nn.Module,
+                 head: nn.Module | None):
+        super().__init__()
+        if spec.n_heads % spec.n_kv_heads:
+            raise ValueError(f"{spec.family}: n_heads={spec.n_heads} is not a multiple of n_kv_heads={spec.n_kv_heads}")
+        self.spec = spec
+        self.embed, self.layers, self.final_norm, self.head = embed, nn.ModuleList(layers), final_norm, head
+
+    def hidden(self, ids_bq: Tensor, start: int = 0, key_mask: Tensor | None = None,
+               cache: list[LayerKV] | None = None) -> Tensor:
+        """Final-norm hidden states ``[B, Q, d]`` of the tokens at positions ``start .. start + Q - 1``.
+
+        With ``cache`` the keys/values of these positions are written into it and attention runs
+        over every cached position; without it, over the ``Q`` tokens alone.
+        """
+        x = self.embed(ids_bq)
+        if self.spec.embed_scale != 1.0:
+            x = x * self.spec.embed_scale
+        positions = torch.arange(start, start + ids_bq.shape[1], device=ids_bq.device)
+        cos, sin = rope_tables(positions, self.spec.head_dim, self.spec.rope_theta)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, key_mask, start, None if cache is None else cache[i])
+        return rms_norm(x, self.final_norm.weight, self.spec.norm_eps)
+
+    def head_logits(self, hidden: Tensor) -> Tensor:
+        """float32 logits of final hidden states (computed in the model dtype, as the hub does)."""
+        logits = F.linear(hidden, self.embed.weight) if self.spec.tied_head else self.head(hidden)
+        if self.spec.logit_scale != 1.0:
+            logits = logits * self.spec.logit_scale
+        return logits.float()
+
+    def new_cache(self) -> list[LayerKV]:
+        return [LayerKV() for _ in self.layers]
+
+    def forward(self, ids_bt: Tensor, attn_bt: Tensor | None = None) -> Tensor:
+        return self.head_logits(self.hidden(ids_bt, 0, key_padding_mask(attn_bt)))
