@@ -1,44 +1,112 @@
-"""LLaDA-style decoding of a masked-diffusion language model.
+"""Decoding of a masked-diffusion language model: LLaDA's semi-autoregressive blocks, Dream's
+global schedule, and threshold parallel decoding, in one loop.
 
-The completion starts as ``gen_length`` mask tokens after the (left-padded) prompt and is decoded
-in semi-autoregressive blocks of ``block_length`` tokens, left to right. Each block gets
-``steps / num_blocks`` steps; a step runs the model once on the whole sequence, proposes a token
-for every still-masked position of the current block (greedy at temperature 0, Gumbel-max at
-temperature > 0, in float64) and reveals the ``k`` proposals with the highest score: the model's
-probability of the proposed token (``low_confidence`` remasking) or a uniform draw (``random``).
-The block's mask count is split evenly over its steps, the remainder going to the first steps.
+The completion starts as ``gen_length`` mask tokens after the (left-padded) prompt. It is decoded
+block by block, left to right: ``block_length`` tokens per block with the ``blocks`` schedule
+(LLaDA), the whole completion as one block with the ``global`` schedule (Dream). A step obtains the
+current block's logits from a ``forward`` callable (the full model by default, a KV-cached one with
+``kv_cache``), proposes a token for every still-masked position of the block (greedy at temperature
+0, Gumbel-max at temperature > 0, in float64), scores the proposals with the reveal rule
+(``dipod.lm.reveal.REVEAL_RULES``) and reveals each row's ``k`` best, ``k`` given by the count rule:
+LLaDA's even split of a block over its steps, Dream's ``linspace(1, eps, steps + 1)`` schedule, or,
+with ``confidence_threshold``, every position whose score exceeds the threshold (at least one).
 
 Conventions (see docs/lm_sampler.md):
-- the mask token is never proposed (its logit is set to -inf), so no mask is left at the end;
+- the mask token is never proposed (its logit is set to -inf before proposing and scoring), so no
+  mask is left at the end;
 - ties between equal scores go to the leftmost position, so outputs are deterministic at
   temperature 0, and at temperature > 0 with a fixed ``torch.Generator``;
 - classifier-free guidance runs an unconditional pass in the same forward (batch stacked), with
   the real prompt tokens replaced by the mask token, and uses
   ``uncond + (cfg_scale + 1) * (cond - uncond)``;
 - with ``fill_after_eos`` (default) every position after the first EOS is set to EOS in the
-  returned completion, the EOS-padded form the SFT data and the proxies use.
+  returned completion, the EOS-padded form the SFT data and the proxies use;
+- settings left unset (``None``) take the model family's ``sampler_defaults`` (Dream: the global
+  schedule and ``maskgit_plus``), then the built-in ones (``blocks``, ``low_confidence``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from torch import Tensor
 
 from dipod.config import ConfigError, option
+from dipod.lm.reveal import (REVEAL_RULES, even_counts, global_counts, reveal_schedule, threshold_counts,
+                             top_k_mask)
 
-REMASKING = ("low_confidence", "random")
+SCHEDULES = ("blocks", "global")
+KV_CACHES = ("prefix", "dual")
+BUILTIN_DEFAULTS = {"remasking": "low_confidence", "schedule": "blocks"}
+
+# forward(x_bt, attn_bt, lo, hi, new_block) -> float32 logits [B, hi - lo, V] predicting positions lo..hi-1
+BlockForward = Callable[[Tensor, Tensor, int, int, bool], Tensor]
+
+__all__ = ["DecodingOptions", "SamplerSettings", "Decoded", "decode", "generate", "reveal_schedule", "top_k_mask",
+           "fill_after_first_eos"]
 
 
 @dataclass
-class SamplerSettings:
+class DecodingOptions:
+    """Decoding options shared by every config that decodes (train, SFT, eval, generate): declared once here."""
+
+    remasking: str | None = option(f"reveal rule, one of {tuple(REVEAL_RULES)} (None: the model family's, "
+                                   "else low_confidence)", default=None)
+    schedule: str | None = option(f"how many tokens a step reveals, one of {SCHEDULES}: LLaDA's blocks, or Dream's "
+                                  "global schedule over the whole completion (None: the model family's, else blocks)",
+                                  default=None)
+    schedule_eps: float = option("global schedule: final time eps of linspace(1, eps, steps + 1) (Dream's eps)",
+                                 default=1e-3)
+    confidence_threshold: float | None = option(
+        "threshold parallel decoding: each step reveals every masked position of the block whose score exceeds "
+        "this, at least one (None: the schedule's fixed counts)", default=None)
+    max_reveal_per_step: int | None = option("with confidence_threshold: reveal at most this many per step",
+                                             default=None)
+    kv_cache: str | None = option(f"block KV cache for decoding, one of {KV_CACHES} (None: full forwards)",
+                                  default=None)
+
+    def decoding_options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(DecodingOptions)}
+
+    def check_decoding_options(self) -> None:
+        if self.remasking is not None and self.remasking not in REVEAL_RULES:
+            raise ConfigError(f"remasking={self.remasking!r}; choose one of {tuple(REVEAL_RULES)}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r}; choose one of {SCHEDULES}")
+        if not 0.0 < self.schedule_eps < 1.0:
+            raise ConfigError(f"schedule_eps={self.schedule_eps} must lie in (0, 1) (Dream uses 1e-3)")
+        threshold = self.confidence_threshold
+        if threshold is not None:
+            if not 0.0 < threshold <= 1.0:  # also rejects NaN
+                raise ConfigError(f"confidence_threshold={threshold} must lie in (0, 1] (e.g. 0.9), or leave it "
+                                  "unset for the fixed schedule")
+            if self.remasking is not None and not REVEAL_RULES[self.remasking].is_probability:
+                usable = tuple(name for name, rule in REVEAL_RULES.items() if rule.is_probability)
+                raise ConfigError(f"confidence_threshold compares a probability, but remasking={self.remasking!r} "
+                                  f"scores are not one; use one of {usable}")
+        if self.max_reveal_per_step is not None:
+            if threshold is None:
+                raise ConfigError("max_reveal_per_step caps threshold decoding; set confidence_threshold too "
+                                  "or remove max_reveal_per_step")
+            if self.max_reveal_per_step < 1:
+                raise ConfigError(f"max_reveal_per_step={self.max_reveal_per_step} must be >= 1")
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHES:
+            raise ConfigError(f"kv_cache={self.kv_cache!r}; choose one of {KV_CACHES} or leave it unset")
+
+
+@dataclass
+class SamplerSettings(DecodingOptions):
     """Decoding settings; defaults are d1's LLaDA evaluation settings (256 tokens, blocks of 32, 128 steps)."""
 
     gen_length: int = option("completion length in tokens", default=256)
-    block_length: int = option("semi-autoregressive block length; gen_length must be a multiple", default=32)
-    steps: int = option("model calls over the whole completion; a multiple of gen_length / block_length", default=128)
+    block_length: int = option("semi-autoregressive block length (blocks schedule); gen_length must be a multiple",
+                               default=32)
+    steps: int = option("model calls over the whole completion (fixed schedules); with the blocks schedule a "
+                        "multiple of gen_length / block_length", default=128)
     temperature: float = option("Gumbel-max sampling temperature (0 = greedy argmax)", default=0.0)
-    remasking: str = option(f"which proposals a step keeps, one of {REMASKING}", default="low_confidence")
     cfg_scale: float = option("classifier-free guidance scale (0 = no unconditional pass)", default=0.0)
     fill_after_eos: bool = option("set every position after the first EOS to EOS in the result", default=True)
 
@@ -46,38 +114,71 @@ class SamplerSettings:
         if self.gen_length < 1 or self.block_length < 1 or self.steps < 1:
             raise ConfigError(f"gen_length={self.gen_length}, block_length={self.block_length} and "
                               f"steps={self.steps} must all be >= 1")
-        if self.gen_length % self.block_length:
-            raise ConfigError(f"gen_length={self.gen_length} is not a multiple of block_length={self.block_length}; "
-                              "change one of them (the sampler decodes whole blocks)")
-        if self.steps % self.num_blocks:
-            raise ConfigError(f"steps={self.steps} is not a multiple of the block count {self.num_blocks} "
-                              f"(gen_length / block_length); use e.g. steps={self.num_blocks * max(1, self.steps // self.num_blocks)}")
-        if self.steps_per_block > self.block_length:
-            raise ConfigError(f"steps={self.steps} gives {self.steps_per_block} steps per block but a block has only "
-                              f"{self.block_length} tokens, so some steps would reveal nothing; use steps <= gen_length")
+        self.check_decoding_options()
+        if self.schedule == "global":
+            if self.steps > self.gen_length:
+                raise ConfigError(f"steps={self.steps} exceeds gen_length={self.gen_length}; use steps <= gen_length")
+        else:  # blocks, or not chosen yet (blocks unless the model family says otherwise)
+            if self.gen_length % self.block_length:
+                raise ConfigError(f"gen_length={self.gen_length} is not a multiple of block_length={self.block_length};"
+                                  " change one of them (the sampler decodes whole blocks)")
+            if self.steps % self.num_blocks:
+                raise ConfigError(f"steps={self.steps} is not a multiple of the block count {self.num_blocks} "
+                                  f"(gen_length / block_length); use e.g. "
+                                  f"steps={self.num_blocks * max(1, self.steps // self.num_blocks)}")
+            if self.steps_per_block > self.block_length:
+                raise ConfigError(f"steps={self.steps} gives {self.steps_per_block} steps per block but a block has "
+                                  f"only {self.block_length} tokens, so some steps would reveal nothing; "
+                                  "use steps <= gen_length")
         if not self.temperature >= 0.0:  # also rejects NaN
             raise ConfigError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if self.remasking not in REMASKING:
-            raise ConfigError(f"remasking={self.remasking!r}; choose one of {REMASKING}")
         if not self.cfg_scale >= 0.0:
             raise ConfigError(f"cfg_scale={self.cfg_scale} must be >= 0 (0 = no guidance)")
 
     @property
     def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
+        return 1 if self.schedule == "global" else self.gen_length // self.block_length
 
     @property
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
 
+    def resolved(self, family_defaults: dict | None = None) -> "SamplerSettings":
+        """A copy with every unset option filled: the family's ``sampler_defaults`` first, then the built-in ones."""
+        family_defaults = dict(family_defaults or {})
+        unknown = sorted(set(family_defaults) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"sampler_defaults names unknown SamplerSettings fields {unknown}")
+        changes = {name: value for name, value in family_defaults.items()
+                   if value is not None and getattr(self, name) is None}
+        merged = dataclasses.replace(self, **changes)
+        return dataclasses.replace(merged, **{name: value for name, value in BUILTIN_DEFAULTS.items()
+                                              if getattr(merged, name) is None})
 
-def reveal_schedule(num_masked: int, steps: int) -> list[int]:
-    """Tokens revealed at each of ``steps`` steps: ``num_masked`` split evenly, remainder to the first steps."""
-    base, extra = divmod(num_masked, steps)
-    return [base + (1 if step < extra else 0) for step in range(steps)]
+    def blocks(self) -> list[tuple[int, int]]:
+        """``(start, end)`` of each block within the completion, left to right."""
+        length = self.gen_length if self.schedule == "global" else self.block_length
+        return [(start, start + length) for start in range(0, self.gen_length, length)]
+
+    def count_rule(self, block_length: int):
+        """How many tokens each step of a block reveals (``dipod.lm.reveal`` count rules)."""
+        if self.confidence_threshold is not None:
+            return threshold_counts(self.confidence_threshold, self.max_reveal_per_step)
+        if self.schedule == "global":
+            return global_counts(self.steps, self.schedule_eps)
+        return even_counts(block_length, self.steps_per_block)
 
 
-def _check_inputs(lm, prompt_ids: torch.Tensor, prompt_attn: torch.Tensor, settings: SamplerSettings,
+@dataclass
+class Decoded:
+    """What one ``decode`` call returns."""
+
+    completion_bg: Tensor  # long [B, G]
+    order_bg: Tensor  # long [B, G]: the step, counted from 0 over the whole decode, that revealed each position
+    forward_passes: int  # model calls actually run (a guided step's stacked pass counts once)
+
+
+def _check_inputs(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSettings,
                   generator: torch.Generator | None) -> None:
     if not isinstance(settings, SamplerSettings):
         raise TypeError(f"settings must be a SamplerSettings, got {type(settings).__name__}")
@@ -97,96 +198,122 @@ def _check_inputs(lm, prompt_ids: torch.Tensor, prompt_attn: torch.Tensor, setti
                          "create the generator on the prompts' device")
 
 
-def _block_logits(lm, ids_bt: torch.Tensor, attn_bt: torch.Tensor, prompt_attn: torch.Tensor, lo: int, hi: int,
-                  cfg_scale: float) -> torch.Tensor:
+def family_sampler_defaults(lm) -> dict:
+    """The model family's ``sampler_defaults`` (empty for a model without a family)."""
+    return dict(getattr(getattr(lm, "family", None), "sampler_defaults", None) or {})
+
+
+def full_forward(lm) -> BlockForward:
+    """The default block forward: the whole sequence through the model, logits of ``lo:hi`` kept."""
+
+    def forward(x_bt: Tensor, attn_bt: Tensor, lo: int, hi: int, new_block: bool) -> Tensor:
+        return lm.logits(x_bt, attn_bt)[:, lo:hi]
+    return forward
+
+
+def block_forward(lm, kv_cache: str | None) -> BlockForward:
+    """The full forward, or with ``kv_cache`` the cached one of ``dipod.lm.networks`` (imported only then)."""
+    if kv_cache is None:
+        return full_forward(lm)
+    try:
+        from dipod.lm.networks import make_cached_forward
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("dipod.lm.networks",):
+            raise
+        raise ConfigError(f"kv_cache={kv_cache!r} needs dipod.lm.networks, which this install lacks; "
+                          "leave kv_cache unset") from None
+    return make_cached_forward(lm, kv_cache)  # raises for a family without our implementation
+
+
+def _guided_block_logits(forward: BlockForward, mask_id: int, ids_bt: Tensor, attn_bt: Tensor,
+                         prompt_attn: Tensor, lo: int, hi: int, cfg_scale: float, new_block: bool) -> Tensor:
     """Float32 logits ``[B, hi - lo, V]`` of the current block (guided when ``cfg_scale > 0``), mask token at -inf."""
     if cfg_scale == 0.0:
-        logits_blv = lm.logits(ids_bt, attn_bt)[:, lo:hi].clone()
+        logits_blv = forward(ids_bt, attn_bt, lo, hi, new_block).float().clone()
     else:
         prompt_len = prompt_attn.shape[1]
         uncond_ids_bt = ids_bt.clone()
-        uncond_ids_bt[:, :prompt_len] = ids_bt[:, :prompt_len].masked_fill(prompt_attn.bool(), lm.mask_id)
-        both_blv = lm.logits(torch.cat([ids_bt, uncond_ids_bt]), torch.cat([attn_bt, attn_bt]))[:, lo:hi]
-        cond_blv, uncond_blv = both_blv.chunk(2)
+        uncond_ids_bt[:, :prompt_len] = ids_bt[:, :prompt_len].masked_fill(prompt_attn.bool(), mask_id)
+        both_blv = forward(torch.cat([ids_bt, uncond_ids_bt]), torch.cat([attn_bt, attn_bt]), lo, hi, new_block)
+        cond_blv, uncond_blv = both_blv.float().chunk(2)
         logits_blv = uncond_blv + (cfg_scale + 1.0) * (cond_blv - uncond_blv)
-    logits_blv[..., lm.mask_id] = float("-inf")  # never propose the mask token
+    logits_blv[..., mask_id] = float("-inf")  # never propose the mask token
     return logits_blv
 
 
-def _propose(logits_blv: torch.Tensor, temperature: float, remasking: str,
-             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(tokens_bl, score_bl)``: a proposed token per position and the score that ranks it."""
+def _propose(logits_blv: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """A proposed token per position: the argmax at temperature 0, else a draw from ``softmax(logits / T)``."""
     if temperature == 0.0:
-        tokens_bl = logits_blv.argmax(dim=-1)
-    else:
-        # Gumbel-max: argmax(logits / T + G) is a draw from softmax(logits / T); float64 keeps the
-        # noise's tails (and so the low-probability tokens) exact enough.
-        uniform = torch.rand(logits_blv.shape, generator=generator, dtype=torch.float64, device=logits_blv.device)
-        gumbel = -torch.log(-torch.log(uniform.clamp_min_(torch.finfo(torch.float64).tiny)))
-        tokens_bl = (logits_blv.double() / temperature + gumbel).argmax(dim=-1)
-    if remasking == "low_confidence":
-        probs_blv = torch.softmax(logits_blv.double(), dim=-1)
-        score_bl = probs_blv.gather(-1, tokens_bl.unsqueeze(-1)).squeeze(-1)
-    else:
-        score_bl = torch.rand(tokens_bl.shape, generator=generator, dtype=torch.float64, device=tokens_bl.device)
-    return tokens_bl, score_bl
+        return logits_blv.argmax(dim=-1)
+    # Gumbel-max: argmax(logits / T + G) is a draw from softmax(logits / T); float64 keeps the
+    # noise's tails (and so the low-probability tokens) exact enough.
+    uniform = torch.rand(logits_blv.shape, generator=generator, dtype=torch.float64, device=logits_blv.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min_(torch.finfo(torch.float64).tiny)))
+    return (logits_blv.double() / temperature + gumbel).argmax(dim=-1)
 
 
-def top_k_mask(score_bl: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean ``[B, L]`` marking each row's ``k`` highest scores; equal scores go to the leftmost position."""
-    # A stable descending sort keeps equal scores in position order, so the tie rule is exact.
-    top_idx_bk = torch.sort(score_bl, dim=1, descending=True, stable=True).indices[:, :k]
-    return torch.zeros_like(score_bl, dtype=torch.bool).scatter_(1, top_idx_bk, True)
-
-
-def fill_after_first_eos(completion_bg: torch.Tensor, eos_id: int) -> torch.Tensor:
+def fill_after_first_eos(completion_bg: Tensor, eos_id: int) -> Tensor:
     """Copy of ``completion_bg`` with every position after the first EOS of its row set to EOS."""
     is_eos_bg = completion_bg == eos_id
     after_first_eos_bg = (is_eos_bg.cumsum(dim=1) - is_eos_bg.long()) > 0
     return completion_bg.masked_fill(after_first_eos_bg, eos_id)
 
 
-def generate(lm, prompt_ids: torch.Tensor, prompt_attn: torch.Tensor, settings: SamplerSettings,
-             generator: torch.Generator | None = None, return_order: bool = False):
-    """Decode completions ``[B, G]`` for left-padded prompts ``[B, P]`` (``prompt_attn`` 0 on padding).
+def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSettings,
+           generator: torch.Generator | None = None, forward: BlockForward | None = None) -> Decoded:
+    """Decode completions for left-padded prompts ``[B, P]`` (``prompt_attn`` 0 on padding).
 
-    ``lm`` is a ``dipod.lm.model.MaskedDiffusionLM`` (``logits``, ``model``, ``mask_id``, ``eos_id``).
-    Randomness (temperature > 0 or ``random`` remasking) comes from ``generator`` (the global RNG
-    when None). With ``return_order`` also returns ``order_bg`` (long ``[B, G]``): the step, counted
-    from 0 over the whole decode, at which each position was revealed.
+    ``lm`` is a ``dipod.lm.model.MaskedDiffusionLM`` (``logits``, ``model``, ``mask_id``, ``eos_id``,
+    optionally ``family.sampler_defaults``). Randomness (temperature > 0 or ``random`` remasking)
+    comes from ``generator`` (the global RNG when None). ``forward`` replaces the block forward
+    (default: ``settings.kv_cache``'s, i.e. the full model when unset): it is called as
+    ``forward(x_bt, attn_bt, lo, hi, new_block)`` and returns float32 logits ``[B, hi - lo, V]``
+    predicting positions ``lo..hi-1``, with ``new_block`` true on each block's first step.
     """
     _check_inputs(lm, prompt_ids, prompt_attn, settings, generator)
+    settings = settings.resolved(family_sampler_defaults(lm))
+    rule = REVEAL_RULES[settings.remasking]
     batch, prompt_len = prompt_ids.shape
-    mask_id = lm.mask_id
-    device = prompt_ids.device
+    mask_id, device = lm.mask_id, prompt_ids.device
     ids_bt = torch.cat([prompt_ids, torch.full((batch, settings.gen_length), mask_id, dtype=torch.long,
                                                device=device)], dim=1)
     attn_bt = torch.cat([prompt_attn.long(), torch.ones((batch, settings.gen_length), dtype=torch.long,
                                                         device=device)], dim=1)
     order_bg = torch.full((batch, settings.gen_length), -1, dtype=torch.long, device=device)
-    # Every row's block is fully masked when its turn comes, so one schedule serves all rows.
-    schedule = reveal_schedule(settings.block_length, settings.steps_per_block)
+    forward = forward if forward is not None else block_forward(lm, settings.kv_cache)
 
     was_training = lm.model.training
     lm.model.eval()
+    step = 0
     try:
         with torch.inference_mode():
-            step = 0
-            for block in range(settings.num_blocks):
-                start = block * settings.block_length
-                lo, hi = prompt_len + start, prompt_len + start + settings.block_length
-                for k in schedule:
-                    logits_blv = _block_logits(lm, ids_bt, attn_bt, prompt_attn, lo, hi, settings.cfg_scale)
-                    tokens_bl, score_bl = _propose(logits_blv, settings.temperature, settings.remasking, generator)
-                    still_masked_bl = ids_bt[:, lo:hi] == mask_id
-                    reveal_bl = top_k_mask(score_bl.masked_fill(~still_masked_bl, float("-inf")), k)
+            for start, end in settings.blocks():
+                lo, hi = prompt_len + start, prompt_len + end
+                count = settings.count_rule(end - start)
+                block_step = 0
+                while (masked_bl := ids_bt[:, lo:hi] == mask_id).any():
+                    logits_blv = _guided_block_logits(forward, mask_id, ids_bt, attn_bt, prompt_attn, lo, hi,
+                                                      settings.cfg_scale, new_block=block_step == 0)
+                    tokens_bl = _propose(logits_blv, settings.temperature, generator)
+                    score_bl = rule.score(logits_blv, tokens_bl, settings.temperature, generator)
+                    score_bl = score_bl.masked_fill(~masked_bl, float("-inf"))
+                    reveal_bl = top_k_mask(score_bl, count(block_step, masked_bl, score_bl))
                     ids_bt[:, lo:hi] = torch.where(reveal_bl, tokens_bl, ids_bt[:, lo:hi])
-                    order_bg[:, start:start + settings.block_length].masked_fill_(reveal_bl, step)
+                    order_bg[:, start:end].masked_fill_(reveal_bl, step)
                     step += 1
+                    block_step += 1
     finally:
         lm.model.train(was_training)
 
     completion_bg = ids_bt[:, prompt_len:]
     if settings.fill_after_eos:
         completion_bg = fill_after_first_eos(completion_bg, lm.eos_id)
-    return (completion_bg, order_bg) if return_order else completion_bg
+    return Decoded(completion_bg=completion_bg, order_bg=order_bg, forward_passes=step)
+
+
+def generate(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSettings,
+             generator: torch.Generator | None = None, return_order: bool = False,
+             forward: BlockForward | None = None):
+    """``decode``'s completions ``[B, G]`` (and with ``return_order`` its ``order_bg``)."""
+    out = decode(lm, prompt_ids, prompt_attn, settings, generator=generator, forward=forward)
+    return (out.completion_bg, out.order_bg) if return_order else out.completion_bg
