@@ -1,0 +1,193 @@
+"""Our LLaDA / Dream networks against the hub code of the ../shared/models snapshots, and the block KV cache."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from dipod.lm.networks import load_network, make_cached_forward, native_network
+from dipod.lm.networks.cache import BlockCachedForward
+from dipod.lm.networks.transformer import Network
+
+MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+SNAPSHOTS = ("tiny-llada", "tiny-dream")
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=2e-2)}
+
+
+def _snapshot(name: str) -> Path:
+    path = MODELS / name
+    if not (path / "model.safetensors").is_file():
+        pytest.skip(f"snapshot {path} is absent")
+    return path
+
+
+def _hub(name: str, dtype=torch.float32):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(_snapshot(name), trust_remote_code=True, dtype=dtype,
+                                     local_files_only=True).eval()
+
+
+def _lm(hub):
+    # native_network reads only lm.model (a MaskedDiffusionLM or anything holding the hub model).
+    return types.SimpleNamespace(model=hub)
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _left_padded(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], attn[i, width - len(r):] = r, 1
+    return ids, attn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", SNAPSHOTS)
+def test_logits_equal_the_hub_code(name, dtype):
+    hub = _hub(name, dtype)
+    ids = _ids(3, 21)
+    with torch.no_grad():
+        expected = hub(input_ids=ids).logits.float()
+        shared = native_network(_lm(hub))(ids)
+        from_safetensors = load_network(_snapshot(name), dtype)(ids)
+    assert expected.abs().max() > 1.0  # real, non-degenerate logits
+    torch.testing.assert_close(shared, expected, **TOL[dtype])
+    torch.testing.assert_close(from_safetensors, expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("name", SNAPSHOTS)
+def test_masked_padding_equals_the_prompt_without_padding(name):
+    """Keys at padding are masked and positions stay absolute; RoPE being relative, each row's real
+    positions get the logits of that row run alone (the hub code on the unpadded row)."""
+    hub = _hub(name)
+    rows = [_ids(1, n, seed=n)[0] for n in (9, 14, 5)]
+    ids, attn = _left_padded(rows, pad_id=97)
+    with torch.no_grad():
+        ours = native_network(_lm(hub))(ids, attn)
+        for i, row in enumerate(rows):
+            alone = hub(input_ids=row[None]).logits.float()[0]
+            torch.testing.assert_close(ours[i, ids.shape[1] - len(row):], alone, **TOL[torch.float32])
+
+
+def test_dream_padding_matches_dreams_own_masked_call():
+    """Dream's generate() passes a 4-D boolean mask and position ids restarting at the first real token."""
+    hub = _hub("tiny-dream")
+    rows = [_ids(1, n, seed=n)[0] for n in (12, 7)]
+    ids, attn = _left_padded(rows, pad_id=97)
+    positions = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 1)
+    mask_4d = attn.bool()[:, None, None, :] & attn.bool()[:, None, :, None]
+    with torch.no_grad():
+        expected = hub(input_ids=ids, attention_mask=mask_4d, position_ids=positions).logits.float()
+        ours = native_network(_lm(hub))(ids, attn)
+    real = attn.bool()
+    torch.testing.assert_close(ours[real], expected[real], **TOL[torch.float32])
+
+
+def test_shared_modules_follow_weight_updates_and_lora():
+    from dipod.lm.model import LoraSettings, apply_lora
+
+    hub = _hub("tiny-llada")
+    ids = _ids(2, 10)
+    model = apply_lora(hub, LoraSettings(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "ff_proj")))
+    net = native_network(_lm(model))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # LoRA starts as a no-op; make the adapters matter
+                param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+        model.get_base_model().model.transformer.blocks[1].attn_out.weight.mul_(3.0)
+        expected = model(input_ids=ids).logits.float()
+        torch.testing.assert_close(net(ids), expected, **TOL[torch.float32])
+        assert (expected - load_network(_snapshot("tiny-llada"))(ids)).abs().max() > 0.1  # the edits did change it
+
+
+def _full_block_logits(net: Network, ids, attn, lo: int, hi: int) -> torch.Tensor:
+    """The uncached reference: full forward, re-aligned for shifted families."""
+    shift = 1 if net.spec.shifted else 0
+    return net(ids, attn)[:, lo - shift:hi - shift]
+
+
+def _padded_sequence(mask_id: int = 120):
+    rows = [_ids(1, n, seed=n)[0] for n in (6, 9)]
+    prompt, prompt_attn = _left_padded(rows, pad_id=97)
+    completion = torch.full((2, 12), mask_id)
+    completion[:, :4] = _ids(2, 4, seed=7)  # one finished block of 4 before the current one
+    ids = torch.cat([prompt, completion], dim=1)
+    attn = torch.cat([prompt_attn, torch.ones_like(completion)], dim=1)
+    lo = prompt.shape[1] + 4
+    return ids, attn, lo, lo + 4
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("name", SNAPSHOTS)
+def test_cached_forward_is_exact_at_the_first_step_and_while_nothing_changed(name, mode):
+    net = load_network(_snapshot(name))
+    ids, attn, lo, hi = _padded_sequence()
+    forward = BlockCachedForward(net, mode)
+    with torch.no_grad():
+        expected = _full_block_logits(net, ids, attn, lo, hi)
+        torch.testing.assert_close(forward(ids, attn, lo, hi, new_block=True), expected, **TOL[torch.float32])
+        # Same tokens: the cached keys/values are the current ones, so a cached step is exact too.
+        torch.testing.assert_close(forward(ids, attn, lo, hi, new_block=False), expected, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("name", SNAPSHOTS)
+def test_cache_staleness_is_exactly_what_fast_dllm_describes(name):
+    """After tokens of the block are revealed, a one-layer network's keys/values of the unchanged
+    prefix (and, for dual, the unchanged suffix) are still exact, so both caches equal the full
+    forward there; with two layers they go stale (they saw the old block) and differ."""
+    full = load_network(_snapshot(name))
+    one_layer = Network(full.spec, full.embed, list(full.layers[:1]), full.final_norm, full.head)
+    ids, attn, lo, hi = _padded_sequence()
+    revealed = ids.clone()
+    revealed[:, lo:lo + 2] = _ids(2, 2, seed=3)
+    with torch.no_grad():
+        for mode in ("prefix", "dual"):
+            for net, exact in ((one_layer, True), (full, False)):
+                forward = BlockCachedForward(net, mode)
+                forward(ids, attn, lo, hi, new_block=True)
+                cached = forward(revealed, attn, lo, hi, new_block=False)
+                expected = _full_block_logits(net, revealed, attn, lo, hi)
+                if exact:
+                    torch.testing.assert_close(cached, expected, **TOL[torch.float32])
+                else:
+                    assert (cached - expected).abs().max() > 1e-4
+
+
+def test_prefix_cache_recomputes_the_suffix_dual_does_not():
+    net = load_network(_snapshot("tiny-llada"))
+    one_layer = Network(net.spec, net.embed, list(net.layers[:1]), net.final_norm, net.head)
+    ids, attn, lo, hi = _padded_sequence()
+    changed = ids.clone()
+    changed[:, hi:hi + 3] = _ids(2, 3, seed=5)  # the suffix changes (a one-layer net's prefix stays exact)
+    with torch.no_grad():
+        expected = _full_block_logits(one_layer, changed, attn, lo, hi)
+        results = {}
+        for mode in ("prefix", "dual"):
+            forward = BlockCachedForward(one_layer, mode)
+            forward(ids, attn, lo, hi, new_block=True)
+            results[mode] = forward(changed, attn, lo, hi, new_block=False)
+    torch.testing.assert_close(results["prefix"], expected, **TOL[torch.float32])
+    assert (results["dual"] - expected).abs().max() > 1e-4
+
+
+def test_bad_use_is_a_clear_error():
+    net = load_network(_snapshot("tiny-dream"))
+    ids, attn, lo, hi = _padded_sequence()
+    with pytest.raises(ValueError, match="choose one of"):
+        BlockCachedForward(net, "suffix")
+    forward = BlockCachedForward(net, "dual")
+    with pytest.raises(RuntimeError, match="new_block=True"):
+        forward(ids, attn, lo, hi, new_block=False)
+    with pytest.raises(ValueError, match="shifted family"):
+        forward(ids, attn, 0, 4, new_block=True)
+    bert = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(model_type="modernbert")))
+    with pytest.raises(ValueError, match=r"'modernbert' has no native network.*\['dream', 'llada'\]"):
+        make_cached_forward(bert, "prefix")
