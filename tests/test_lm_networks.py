@@ -191,3 +191,40 @@ def test_bad_use_is_a_clear_error():
     bert = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(model_type="modernbert")))
     with pytest.raises(ValueError, match=r"'modernbert' has no native network.*\['dream', 'llada'\]"):
         make_cached_forward(bert, "prefix")
+
+
+def _snapshot_lm(name: str):
+    from dipod.lm.model import load_masked_lm
+
+    return load_masked_lm(_snapshot(name), trust_remote_code=True)
+
+
+@pytest.mark.parametrize("name", SNAPSHOTS)
+def test_decoding_with_cache_and_threshold_through_the_sampler(name):
+    from dipod.lm.sampler import SamplerSettings, decode
+
+    lm = _snapshot_lm(name)
+    prompts, prompt_attn = _left_padded([_ids(1, n, seed=n)[0] for n in (7, 4, 6)], pad_id=lm.pad_id)
+    base = dict(gen_length=16, block_length=8, steps=8)
+    for mode in ("prefix", "dual"):
+        # A threshold every proposal passes reveals a block in its first (exact) step: same tokens as uncached.
+        one_step = [decode(lm, prompts, prompt_attn, SamplerSettings(**base, confidence_threshold=1e-9, kv_cache=kv))
+                    for kv in (None, mode)]
+        assert torch.equal(one_step[0].completion_bg, one_step[1].completion_bg)
+        assert one_step[1].forward_passes == len(SamplerSettings(**base).resolved(lm.family.sampler_defaults).blocks())
+        # Many steps per block: the cached forward is the one the sampler calls, and every row is finished.
+        settings = SamplerSettings(**base, confidence_threshold=0.3, kv_cache=mode)
+        calls = []
+        cached = make_cached_forward(lm, mode)
+        counted = decode(lm, prompts, prompt_attn, settings,
+                         forward=lambda *args: calls.append(args[-1]) or cached(*args))
+        wired = decode(lm, prompts, prompt_attn, settings)
+        assert torch.equal(counted.completion_bg, wired.completion_bg)
+        assert len(calls) == counted.forward_passes > one_step[1].forward_passes
+        assert (counted.order_bg >= 0).all() and not (counted.completion_bg == lm.mask_id).any()
+        # Padding keys are masked, so a row decodes as it does alone (the hub LLaDA code would attend to padding).
+        width = prompts.shape[1]
+        for i in range(len(prompts)):
+            real = prompt_attn[i].bool()
+            alone = decode(lm, prompts[i:i + 1, real], prompt_attn[i:i + 1, real], settings)
+            assert torch.equal(alone.completion_bg[0], counted.completion_bg[i]), (mode, i, width)
