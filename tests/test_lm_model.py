@@ -63,14 +63,16 @@ def test_tiny_model_is_bidirectional_and_ignores_padding(tiny_dir):
     assert torch.allclose(lm.logits(repadded, attn)[1, 4:], base[1, 4:], atol=1e-6)
 
 
-def test_mask_token_override_and_bf16_gives_float32_logits(tiny_dir):
-    lm = load_masked_lm(tiny_dir, dtype="bf16", mask_token_id=5)
-    assert lm.mask_id == 5
+def test_mask_token_must_agree_and_bf16_gives_float32_logits(tiny_dir):
+    lm = load_masked_lm(tiny_dir, dtype="bf16", mask_token_id=1)  # the tokenizer's own id: accepted
+    assert lm.mask_id == 1
     assert next(lm.model.parameters()).dtype == torch.bfloat16
     ids, attn = _batch(lm, ["42"])
     assert lm.logits(ids, attn).dtype == torch.float32
-    with pytest.raises(ValueError, match="mask_token_id"):
-        load_masked_lm(tiny_dir, mask_token_id=10_000)
+    # A different id would silently decode garbage: an error naming the flag and both values.
+    with pytest.raises(ValueError, match=r"--mask_token_id=5 disagrees with the model's mask token id 1 "
+                                         r"\(from its tokenizer\)"):
+        load_masked_lm(tiny_dir, mask_token_id=5)
     with pytest.raises(ValueError, match="dtype"):
         load_masked_lm(tiny_dir, dtype="int8")
 
@@ -127,3 +129,5 @@ def test_bad_paths_and_missing_mask_token_give_clear_errors(tiny_dir, tmp_path, 
     with pytest.raises(ValueError, match="--mask_token_id"):
         load_masked_lm(no_mask)
     assert load_masked_lm(no_mask, mask_token_id=1).mask_id == 1
+    with pytest.raises(ValueError, match=r"mask_token_id=10000 is outside the vocabulary \[0, 100\)"):
+        load_masked_lm(no_mask, mask_token_id=10_000)

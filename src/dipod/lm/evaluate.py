@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from dipod.config import ConfigError, option, parse_config
+from dipod.lm.families import FAMILIES
 from dipod.lm.sampler import SamplerSettings
 from dipod.runlog import atomic_write_json
 
@@ -46,7 +47,10 @@ class DecodeConfig:
     seed: int = option("seed of the sampler's random draws (temperature > 0 or random remasking)", default=0)
     dtype: str = option("model dtype: float32, bfloat16 or float16", default="float32")
     trust_remote_code: bool = option("allow the model repository's own code (LLaDA needs true)", default=False)
-    mask_token_id: int | None = option("mask token id when the tokenizer has none (LLaDA: 126336)", default=None)
+    mask_token_id: int | None = option(
+        "mask token id for a model that defines none; must equal the model's own id otherwise", default=None)
+    model_family: str | None = option(
+        "model family: llada, dream or hf_masked_lm (None: detected from config.json)", default=None)
     device: str = option("torch device", default="cpu")
 
     def __post_init__(self) -> None:
@@ -60,6 +64,8 @@ class DecodeConfig:
             raise ConfigError(f"limit={self.limit} must be >= 1 (or leave it out for the whole split)")
         if self.batch_size < 1 or self.max_prompt_length < 1:
             raise ConfigError("batch_size and max_prompt_length must be >= 1")
+        if self.model_family is not None and self.model_family not in FAMILIES:
+            raise ConfigError(f"model_family={self.model_family!r}; choose one of {sorted(FAMILIES)} or leave it out (detected)")
         self.sampler_settings()  # validates the decoding fields
 
     def sampler_settings(self) -> SamplerSettings:
@@ -112,7 +118,7 @@ def load_for_decoding(cfg: DecodeConfig):
     task = get_task(cfg.task)
     examples = task.load(cfg.split, path=cfg.data, limit=cfg.limit)
     lm = load_masked_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                        mask_token_id=cfg.mask_token_id, device=cfg.device)
+                        mask_token_id=cfg.mask_token_id, model_family=cfg.model_family, device=cfg.device)
     return lm, task, examples
 
 

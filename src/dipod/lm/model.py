@@ -1,9 +1,11 @@
-"""Masked-diffusion language models: load any Hugging Face mask predictor, or build the tiny one.
+"""Masked-diffusion language models: load LLaDA, Dream or a Hugging Face mask predictor, or build the tiny one.
 
-A mask predictor is any model whose forward ``model(input_ids=ids, attention_mask=attn).logits``
-returns ``[B, T, V]`` logits over the full sequence with bidirectional attention (LLaDA, or a BERT-
-style masked LM). ``load_masked_lm`` loads one from a hub id or a local directory, resolves the
-mask / pad / EOS token ids, and optionally wraps it with LoRA adapters (``peft``).
+A mask predictor returns ``[B, T, V]`` logits over the full sequence with bidirectional
+attention. How to call it (attention input, shifted logits, checkpointing, saving) is its
+family's business (dipod.lm.families); ``MaskedDiffusionLM.logits`` is the one path every caller
+(sampler, proxies, SFT, drift monitor) takes, so a family's convention applies everywhere.
+``load_masked_lm`` loads one from a hub id or a local directory, resolves the family and the
+mask / pad / EOS / end-of-turn token ids, and optionally wraps it with LoRA adapters (``peft``).
 
 ``build_tiny_model`` creates the CPU default: a small ModernBERT masked LM (bidirectional, rotary
 positions) from a config, plus a character-level tokenizer built with ``tokenizers``; both are
@@ -13,17 +15,21 @@ saved with ``save_pretrained`` so ``load_masked_lm(dir)`` loads them exactly lik
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import os
+import re
 import shutil
 import string
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from dipod.lm.families import FAMILIES, ModelFamily, detect_family, get_family
 
 PAD_TOKEN, MASK_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<mask>", "<eos>", "<unk>"
 TINY_SPECIAL_TOKENS = (PAD_TOKEN, MASK_TOKEN, EOS_TOKEN, UNK_TOKEN)
@@ -42,14 +48,15 @@ DTYPES = {
 class LoraSettings:
     """LoRA adapters through ``peft``. Defaults follow d1/SPG (r 128, alpha 64, dropout 0.05).
 
-    ``target_modules``: module-name suffixes to adapt, or ``"all-linear"`` (every linear layer but
-    the output head; works for any architecture). LLaDA: ``q_proj,k_proj,v_proj``.
+    ``target_modules``: module-name suffixes to adapt, ``"all-linear"`` (every linear layer but
+    the output head; works for any architecture), or None for the model family's default
+    (dipod.lm.families: every linear layer of the transformer blocks). The head is never adapted.
     """
 
     r: int = 128
     alpha: float = 64.0
     dropout: float = 0.05
-    target_modules: str | tuple[str, ...] = "all-linear"
+    target_modules: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.r <= 0:
@@ -61,19 +68,25 @@ class LoraSettings:
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             # "q_proj,k_proj" from a command line becomes a tuple of names.
             self.target_modules = tuple(m.strip() for m in self.target_modules.split(",") if m.strip())
-        if not self.target_modules:
+        if self.target_modules is not None and not self.target_modules:
             raise ValueError("LoraSettings: target_modules is empty; name module suffixes or use 'all-linear'")
 
 
 @dataclass
 class MaskedDiffusionLM:
-    """A mask predictor with its tokenizer and the special-token ids the proxies and sampler need."""
+    """A mask predictor with its tokenizer, its family and the special-token ids the proxies and sampler need.
+
+    ``eot_id`` is the end-of-turn token of the family's chat format (LLaDA ``<|eot_id|>``, Dream
+    ``<|im_end|>``), None when the family or tokenizer has none.
+    """
 
     model: nn.Module
     tokenizer: Any
     mask_id: int
     pad_id: int
     eos_id: int
+    eot_id: int | None = None
+    family: ModelFamily = field(default=FAMILIES["hf_masked_lm"])
     source: str = field(default="")
 
     @property
@@ -81,14 +94,12 @@ class MaskedDiffusionLM:
         return next(self.model.parameters()).device
 
     def logits(self, ids: Tensor, attn: Tensor) -> Tensor:
-        """float32 logits ``[B, T, V]`` of ``model(input_ids=ids, attention_mask=attn)``."""
-        out = self.model(input_ids=ids, attention_mask=attn)
-        logits = getattr(out, "logits", None)
-        if logits is None:
-            raise ValueError(
-                f"model {self.source!r} returned no .logits; dipod needs a mask predictor whose forward "
-                "returns logits over the full sequence (e.g. LLaDA, or an AutoModelForMaskedLM)")
-        return logits.float()
+        """float32 logits ``[B, T, V]`` for ``ids`` with 0/1 mask ``attn``; ``[:, i]`` predicts token i.
+
+        The family decides how the model is called (dipod.lm.families), so a shifted model is
+        shifted for every caller; rows are independent of the rest of the batch.
+        """
+        return self.family.logits(self.model, ids, attn).float()
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
         """Write model + tokenizer to ``out_dir`` atomically (LoRA adapters are merged into a copy)."""
@@ -99,7 +110,8 @@ class MaskedDiffusionLM:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            model.save_pretrained(tmp)
+            with self.family.saving(model):
+                model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             old = out.with_name(f".{out.name}.old")
             if out.exists():
@@ -132,7 +144,56 @@ def _looks_like_path(name: str) -> bool:
     return "/" in name and os.path.isdir(name.split("/", 1)[0])
 
 
-def _resolve_special_id(tokenizer: Any, config: Any, attr: str) -> int | None:
+def _read_config_dict(name: str, local: bool) -> dict:
+    """The raw ``config.json`` (no model code runs): enough to pick the family and check the snapshot."""
+    if local:
+        with open(os.path.join(name, "config.json"), encoding="utf-8") as f:
+            return json.load(f)
+    from transformers import PretrainedConfig
+
+    try:
+        return PretrainedConfig.get_config_dict(name)[0]
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not load model {name!r} (no such local directory; tried it as a hub id): {err} Pass a local "
+            "directory written by save_pretrained, or a hub id reachable from this machine (download it first "
+            "when offline)") from err
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _check_snapshot(name: str, config: dict) -> None:
+    """A local snapshot has the weights, a tokenizer and every code file its auto_map needs."""
+    def missing(what: str, files) -> FileNotFoundError:
+        return FileNotFoundError(
+            f"model directory {name!r} has no {what} ({' or '.join(files)}); the snapshot is incomplete: "
+            "download the whole repository again (e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) "
+            "or save the model with save_pretrained")
+
+    if not any(os.path.isfile(os.path.join(name, f)) for f in _WEIGHT_FILES):
+        raise missing("weights", _WEIGHT_FILES)
+    if not any(os.path.isfile(os.path.join(name, f)) for f in _TOKENIZER_FILES):
+        raise missing("tokenizer", _TOKENIZER_FILES)
+    # auto_map entries look like "modeling_llada.LLaDAModelLM"; the code may import siblings
+    # ("from .generation_utils import ..."), which must be there too.
+    todo = [ref.split("--")[-1].split(".")[0] for ref in (config.get("auto_map") or {}).values() if isinstance(ref, str)]
+    seen: set[str] = set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        path = os.path.join(name, module + ".py")
+        if not os.path.isfile(path):
+            raise missing(f"model code file {module}.py (named by config.json auto_map or imported by its code)",
+                          (module + ".py",))
+        with open(path, encoding="utf-8") as f:
+            todo += re.findall(r"^\s*from \.(\w+) import", f.read(), flags=re.MULTILINE)
+
+
+def _special_id(tokenizer: Any, config: Any, attr: str) -> int | None:
     value = getattr(tokenizer, attr, None)
     if value is None:
         value = getattr(config, attr, None)
@@ -141,23 +202,51 @@ def _resolve_special_id(tokenizer: Any, config: Any, attr: str) -> int | None:
     return None if value is None else int(value)
 
 
+def _resolve_mask_id(name: str, tokenizer: Any, config: Any, requested: int | None, vocab_size: int | None) -> int:
+    """The model's mask id (tokenizer or config); ``requested`` (--mask_token_id) must agree with it."""
+    sources = {where: int(v) for where, v in (("tokenizer", getattr(tokenizer, "mask_token_id", None)),
+                                              ("config.json", getattr(config, "mask_token_id", None)))
+               if v is not None}
+    if len(set(sources.values())) > 1:
+        raise ValueError(f"model {name!r}: its tokenizer's mask token id {sources['tokenizer']} disagrees with "
+                         f"config.json mask_token_id {sources['config.json']}; fix the snapshot")
+    model_id = next(iter(sources.values()), None)
+    if requested is not None and model_id is not None and requested != model_id:
+        where = " and ".join(sources)
+        raise ValueError(f"--mask_token_id={requested} disagrees with the model's mask token id {model_id} (from its "
+                         f"{where}); drop --mask_token_id (the model's id is used) or load the model it belongs to")
+    mask_id = model_id if model_id is not None else requested
+    if mask_id is None:
+        raise ValueError(f"model {name!r} defines no mask token (neither tokenizer nor config has mask_token_id); "
+                         "pass --mask_token_id with the id the model was trained with")
+    if mask_id < 0 or (vocab_size is not None and mask_id >= vocab_size):
+        raise ValueError(f"mask_token_id={mask_id} is outside the vocabulary [0, {vocab_size}); fix --mask_token_id")
+    return mask_id
+
+
 def load_masked_lm(
     name_or_path: str | os.PathLike,
     *,
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
     mask_token_id: int | None = None,
+    model_family: str | None = None,
     lora: LoraSettings | None = None,
     gradient_checkpointing: bool = False,
     device: str | torch.device = "cpu",
 ) -> MaskedDiffusionLM:
     """Load a mask predictor and its tokenizer from a local directory or a hub id.
 
-    A local directory is loaded with ``local_files_only=True`` (never touches the network).
-    ``trust_remote_code`` is passed only as given (LLaDA needs ``True``). The mask id is
-    ``mask_token_id`` if given, else the tokenizer's, else the config's; LLaDA's is 126336.
+    Everything that can be checked from ``config.json`` and the folder is checked before any model
+    code runs: the family (``model_family`` or detected, see dipod.lm.families), that
+    ``trust_remote_code`` is on for a model that ships its own code, and that a local snapshot
+    has its weights, tokenizer and code files. A local directory is loaded with
+    ``local_files_only=True`` (never touches the network). The mask id is the model's
+    (tokenizer or config); ``mask_token_id`` only fills in for a model that has none and must
+    agree otherwise. ``lora.target_modules=None`` means the family's default targets.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
     name = os.fspath(name_or_path)
     torch_dtype = resolve_dtype(dtype)
@@ -171,62 +260,75 @@ def load_masked_lm(
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise FileNotFoundError(
                 f"model directory {name!r} has no config.json; point to a directory written by save_pretrained")
+    raw_config = _read_config_dict(name, local)
+    family = get_family(model_family) if model_family else detect_family(raw_config, name)
+    if raw_config.get("auto_map") and not trust_remote_code:
+        raise ValueError(
+            f"model {name!r} ({family.name}) ships its own model code (config.json auto_map); pass "
+            "--trust_remote_code true to run it")
+    if local:
+        _check_snapshot(name, raw_config)
     kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local}
     try:
         config = AutoConfig.from_pretrained(name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        try:
-            model = AutoModelForMaskedLM.from_pretrained(name, config=config, dtype=torch_dtype, **kwargs)
-        except ValueError:
-            # Remote-code mask predictors such as LLaDA register only AutoModel.
-            model = AutoModel.from_pretrained(name, config=config, dtype=torch_dtype, **kwargs)
+        auto = getattr(transformers, family.auto_class())
+        model = auto.from_pretrained(name, config=config, dtype=torch_dtype, **kwargs)
     except OSError as err:
         where = "from local directory" if local else "(no such local directory; tried it as a hub id)"
         raise FileNotFoundError(
             f"could not load model {name!r} {where}: {err} Pass a local directory written by save_pretrained, "
             "or a hub id reachable from this machine (download it first when offline)") from err
 
-    mask_id = mask_token_id if mask_token_id is not None else _resolve_special_id(tokenizer, config, "mask_token_id")
-    if mask_id is None:
-        raise ValueError(
-            f"model {name!r} defines no mask token (neither tokenizer nor config has mask_token_id); "
-            "pass --mask_token_id (LLaDA: 126336)")
-    vocab_size = model.get_input_embeddings().weight.shape[0] if model.get_input_embeddings() is not None else None
-    if mask_id < 0 or (vocab_size is not None and mask_id >= vocab_size):
-        raise ValueError(f"mask_token_id={mask_id} is outside the vocabulary [0, {vocab_size}); fix --mask_token_id")
-    eos_id = _resolve_special_id(tokenizer, config, "eos_token_id")
+    embeddings = model.get_input_embeddings()
+    vocab_size = embeddings.weight.shape[0] if embeddings is not None else None
+    mask_id = _resolve_mask_id(name, tokenizer, config, mask_token_id, vocab_size)
+    eos_id = _special_id(tokenizer, config, "eos_token_id")
     if eos_id is None:
         raise ValueError(f"model {name!r} defines no EOS token; its tokenizer needs an eos_token")
-    pad_id = _resolve_special_id(tokenizer, config, "pad_token_id")
+    pad_id = _special_id(tokenizer, config, "pad_token_id")
     pad_id = eos_id if pad_id is None else pad_id
+    eot_id = None
+    if family.end_of_turn_token is not None:
+        eot_id = tokenizer.convert_tokens_to_ids(family.end_of_turn_token)
+        eot_id = None if eot_id == getattr(tokenizer, "unk_token_id", None) else eot_id
 
     model.to(device)
     if gradient_checkpointing:
-        if getattr(model, "supports_gradient_checkpointing", False):
-            # Non-reentrant checkpointing also works when only LoRA adapters require grad.
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            warnings.warn(f"model {name!r} does not support gradient checkpointing; continuing without it")
+        family.enable_activation_checkpointing(model)
     if lora is not None:
+        if lora.target_modules is None:
+            lora = dataclasses.replace(lora, target_modules=family.lora_targets)
         model = apply_lora(model, lora)
-    return MaskedDiffusionLM(model=model, tokenizer=tokenizer, mask_id=mask_id, pad_id=pad_id,
-                             eos_id=eos_id, source=name)
+    return MaskedDiffusionLM(model=model, tokenizer=tokenizer, mask_id=mask_id, pad_id=pad_id, eos_id=eos_id,
+                             eot_id=eot_id, family=family, source=name)
 
 
 def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
-    """Wrap ``model`` with LoRA adapters; only the adapters stay trainable."""
+    """Wrap ``model`` with LoRA adapters; only the adapters stay trainable.
+
+    Name suffixes are expanded to the full names of the matching linear layers, leaving out the
+    output head (LLaDA's head and its blocks' MLP output share the name ``ff_out``).
+    """
     from peft import LoraConfig, get_peft_model
 
-    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    targets = lora.target_modules
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if not isinstance(targets, str):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        full = [n for n, m in linears.items() if m is not head and n.rsplit(".", 1)[-1] in targets]
+        unmatched = sorted(set(targets) - {n.rsplit(".", 1)[-1] for n in full})
+        if unmatched:
+            names = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            raise ValueError(f"LoRA target_modules {unmatched} match no linear layer of the model (output head "
+                             f"excluded); linear layers here are named {names}")
+        targets = full
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                         bias="none")
     try:
         return get_peft_model(model, config)
     except ValueError as err:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        names = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise ValueError(f"LoRA target_modules={targets!r} did not match the model ({err}); "
                          f"linear layers here are named {names}") from err
 

@@ -34,6 +34,8 @@ from dipod.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpo
                               save_checkpoint)
 from dipod.config import ConfigError, option, parse_config, require, save_config
 from dipod.lm.evaluate import PROMPT_STYLES, evaluate_policy
+from dipod.lm.families import FAMILIES
+from dipod.lm.train_config import DTYPES
 from dipod.lm.sampler import SamplerSettings
 from dipod.runlog import MetricsLogger, atomic_write_json
 
@@ -90,7 +92,11 @@ class SFTConfig:
     tiny_heads: int = option("tiny model: attention heads", default=4)
     tiny_intermediate_size: int = option("tiny model: MLP width", default=256)
     trust_remote_code: bool = option("allow the model repository's own code (LLaDA needs true)", default=False)
-    mask_token_id: int | None = option("mask token id when the tokenizer has none (LLaDA: 126336)", default=None)
+    mask_token_id: int | None = option(
+        "mask token id for a model that defines none; must equal the model's own id otherwise", default=None)
+    model_family: str | None = option(
+        "model family: llada, dream or hf_masked_lm (None: detected from config.json)", default=None)
+    dtype: str = option(f"model weights dtype, one of {DTYPES}", default="float32")
     # --- data ---
     task: str = option("task name: sudoku4, countdown, ...", default="sudoku4")
     train_data: str | None = option("training data file (None: the task's generated train split)", default=None)
@@ -133,6 +139,9 @@ class SFTConfig:
     progress_bar: bool = option("show a tqdm progress bar", default=True)
 
     def __post_init__(self) -> None:
+        require(self.model_family is None or self.model_family in FAMILIES,
+                f"model_family={self.model_family!r}; choose one of {sorted(FAMILIES)} or leave it out (detected)")
+        require(self.dtype in DTYPES, f"dtype={self.dtype!r}; choose one of {DTYPES}")
         require(self.prompt_style in PROMPT_STYLES, f"prompt_style={self.prompt_style!r}; choose one of {PROMPT_STYLES}")
         for name in ("max_steps", "batch_size", "max_prompt_length", "tiny_hidden_size", "tiny_layers", "tiny_heads",
                      "tiny_intermediate_size"):
@@ -198,11 +207,12 @@ def _load_start_model(cfg: SFTConfig):
     from dipod.lm.model import build_tiny_model, load_masked_lm
 
     if cfg.model != "tiny":
-        return load_masked_lm(cfg.model, trust_remote_code=cfg.trust_remote_code, mask_token_id=cfg.mask_token_id)
+        return load_masked_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                              mask_token_id=cfg.mask_token_id, model_family=cfg.model_family)
     with tempfile.TemporaryDirectory(prefix="dipod-tiny-") as tmp:
         build_tiny_model(Path(tmp) / "init", hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_layers,
                          num_heads=cfg.tiny_heads, intermediate_size=cfg.tiny_intermediate_size, seed=cfg.seed)
-        return load_masked_lm(Path(tmp) / "init")
+        return load_masked_lm(Path(tmp) / "init", dtype=cfg.dtype)
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

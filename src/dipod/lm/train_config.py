@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dipod.config import option, require
+from dipod.lm.families import FAMILIES
 
 ESTIMATORS = ("d1", "fpo", "fpo++", "spg")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -37,7 +38,10 @@ class TrainConfig:
     model: str = option("hub id or local directory of a mask predictor (dipod.lm.model.load_masked_lm)",
                        default="GSAI-ML/LLaDA-8B-Instruct")
     trust_remote_code: bool = option("allow the model repository's own code (LLaDA needs true)", default=False)
-    mask_token_id: int | None = option("mask token id when the tokenizer has none (LLaDA: 126336)", default=None)
+    mask_token_id: int | None = option(
+        "mask token id for a model that defines none; must equal the model's own id otherwise", default=None)
+    model_family: str | None = option(
+        "model family: llada, dream or hf_masked_lm (None: detected from config.json)", default=None)
     dtype: str = option(f"model weights dtype, one of {DTYPES}; proxy arithmetic is float32 anyway", default="bfloat16")
     lora_r: int = option("LoRA rank; 0 trains all weights", default=128)
     lora_alpha: float = option("LoRA alpha", default=64.0)
@@ -113,6 +117,8 @@ class TrainConfig:
         foreign = [name for name, owners in ESTIMATOR_FIELDS.items()
                    if getattr(self, name) is not None and self.estimator not in owners]
         require(not foreign, f"{', '.join(f'{n} (used by {ESTIMATOR_FIELDS[n]})' for n in foreign)} "
+        require(self.model_family is None or self.model_family in FAMILIES,
+                f"model_family={self.model_family!r}; choose one of {sorted(FAMILIES)} or leave it out (detected)")
                           f"do not apply to estimator={self.estimator!r}; remove them or change --estimator")
         require(self.num_generations >= 2, f"num_generations={self.num_generations}: group-relative advantages need >= 2 "
                                         "completions per prompt")

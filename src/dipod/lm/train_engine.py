@@ -100,7 +100,8 @@ def load_policy(cfg: TrainConfig, device):
         targets = {"target_modules": tuple(cfg.lora_target_modules)} if cfg.lora_target_modules else {}
         lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, **targets)
     lm = load_masked_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                        mask_token_id=cfg.mask_token_id, lora=lora, gradient_checkpointing=cfg.gradient_checkpointing,
+                        mask_token_id=cfg.mask_token_id, model_family=cfg.model_family, lora=lora,
+                        gradient_checkpointing=cfg.gradient_checkpointing,
                         device=device)
     lm.model.train()
     return lm
@@ -111,6 +112,6 @@ def load_reference(cfg: TrainConfig, device):
     from dipod.lm.model import load_masked_lm
 
     ref = load_masked_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                         mask_token_id=cfg.mask_token_id, device=device)
+                         mask_token_id=cfg.mask_token_id, model_family=cfg.model_family, device=device)
     ref.model.eval().requires_grad_(False)
     return ref

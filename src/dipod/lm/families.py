@@ -1,0 +1,239 @@
+"""Model families: how to call each kind of mask predictor, decided once when the model is loaded.
+
+A family says everything dipod must know about an architecture that its ``config.json`` does not:
+
+* the attention input its forward takes (``attention``): ``"2d"`` (Hugging Face ``[B, T]`` 0/1
+  mask), ``"4d_bool"`` (Dream: ``[B, 1, T, T]``-broadcastable boolean, plus position ids that
+  restart at the first real token) or ``"none"`` (LLaDA: the code ignores any mask);
+* whether its logits are shifted (``shifted_logits``: Dream predicts token i from the logits at
+  i - 1). ``logits`` always returns logits re-aligned so that ``[:, i]`` predicts token i;
+* the end-of-turn token of its chat format (``end_of_turn_token``);
+* its default LoRA targets (``lora_targets``), how to turn on activation checkpointing
+  (``enable_activation_checkpointing``) and how to save it (``saving``);
+* its decoding defaults (``sampler_defaults``).
+
+Families: ``llada`` (LLaDA-8B-Instruct / -Base, LLaDA-1.5: one code base), ``dream``
+(Dream-v0-Instruct-7B / -Base-7B) and ``hf_masked_lm`` (any ``AutoModelForMaskedLM`` of
+transformers, e.g. our tiny ModernBERT). ``detect_family`` reads ``model_type`` and ``auto_map``
+of the config; ``--model_family`` names one explicitly. See docs/lm_models.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class ModelFamily:
+    """Base class: one instance per family in ``FAMILIES``; subclasses override what differs."""
+
+    name: str = ""
+    attention: str = "2d"
+    shifted_logits: bool = False
+    needs_remote_code: bool = False
+    end_of_turn_token: str | None = None
+    # LoRA target module-name suffixes, or "all-linear". The output head is never adapted
+    # (dipod.lm.model.apply_lora drops it), so a suffix such as LLaDA's "ff_out" only hits blocks.
+    lora_targets: str | tuple[str, ...] = "all-linear"
+    # Decoding defaults of the family: a plain dict of SamplerSettings field names -> values that
+    # dipod.lm.sampler applies where the user left a field unset. Keys must be SamplerSettings
+    # fields ("schedule": "blocks" (LLaDA's semi-autoregressive blocks, even split per block) or
+    # "global" (Dream: one schedule over the whole completion); "remasking": the confidence rule,
+    # LLaDA "low_confidence", Dream "maskgit_plus" / "topk_margin" / "entropy").
+    sampler_defaults: Mapping[str, Any] = MappingProxyType({})
+
+    def matches(self, config: Mapping[str, Any]) -> bool:
+        """Whether a raw ``config.json`` dict belongs to this family."""
+        return False
+
+    def auto_class(self) -> str:
+        """Name of the transformers Auto class that builds the model."""
+        return "AutoModel"
+
+    def forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
+        """Raw logits ``[B, T, V]`` (model dtype) for ``ids`` with 0/1 mask ``attn`` (0 = padding)."""
+        return _logits_of(model(input_ids=ids, attention_mask=attn))
+
+    def logits(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
+        """Logits ``[B, T, V]`` with ``[:, i]`` predicting token i, whatever the family's convention."""
+        logits = self.forward(model, ids, attn)
+        if self.shifted_logits:
+            # The model's output at i predicts token i + 1. Position 0 has no prediction; it gets
+            # position 0's output, as Dream's own sampler does (it is a prompt token, never scored).
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+    def enable_activation_checkpointing(self, model: nn.Module) -> None:
+        """Recompute activations in backward (Hugging Face gradient checkpointing, non-reentrant)."""
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(model).__name__} does not support Hugging Face gradient checkpointing; "
+                             "set gradient_checkpointing false")
+        # Non-reentrant checkpointing also works when only LoRA adapters require grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @contextlib.contextmanager
+    def saving(self, model: nn.Module) -> Iterator[None]:
+        """Context in which ``model.save_pretrained`` works for this family."""
+        yield
+
+
+def _logits_of(out: Any) -> Tensor:
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        raise ValueError("the model returned no .logits; dipod needs a mask predictor whose forward returns "
+                         "logits over the full sequence (e.g. LLaDA, Dream, or an AutoModelForMaskedLM)")
+    return logits
+
+
+class HFMaskedLM(ModelFamily):
+    """Any transformers ``AutoModelForMaskedLM``: honours a 2-D attention mask, unshifted logits."""
+
+    name = "hf_masked_lm"
+
+    def matches(self, config: Mapping[str, Any]) -> bool:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+        return "auto_map" not in config and config.get("model_type") in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    def auto_class(self) -> str:
+        return "AutoModelForMaskedLM"
+
+
+class LLaDA(ModelFamily):
+    """LLaDA-8B-Instruct / -Base and LLaDA-1.5 (hub code ``modeling_llada.py``).
+
+    Its attention is called without a mask, so left padding is attended to. To make every row's
+    logits independent of the others, rows are grouped by their padding pattern and each group
+    runs without its padding columns; padding positions get zero logits (never read).
+    """
+
+    name = "llada"
+    attention = "none"
+    needs_remote_code = True
+    end_of_turn_token = "<|eot_id|>"
+    # Every linear layer of a block (attention q/k/v/out, SwiGLU ff_proj/up_proj/ff_out).
+    lora_targets = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+    sampler_defaults = MappingProxyType({"schedule": "blocks", "remasking": "low_confidence"})
+
+    def matches(self, config: Mapping[str, Any]) -> bool:
+        return config.get("model_type") == "llada"
+
+    def forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
+        return without_padding(lambda x: _logits_of(model(input_ids=x, use_cache=False)), ids, attn)
+
+    def enable_activation_checkpointing(self, model: nn.Module) -> None:
+        # LLaDA does not declare Hugging Face gradient checkpointing; its LLaDAModel has its own
+        # (torch.utils.checkpoint, non-reentrant) with per-layer strategies.
+        inner = getattr(model, "model", None)
+        if not hasattr(inner, "set_activation_checkpointing"):
+            raise ValueError(f"{type(model).__name__} has no model.set_activation_checkpointing; is this LLaDA's code?")
+        config_module = sys.modules.get(type(model.config).__module__)
+        strategy = getattr(getattr(config_module, "ActivationCheckpointingStrategy", None), "whole_layer", "whole_layer")
+        inner.set_activation_checkpointing(strategy)
+
+
+class Dream(ModelFamily):
+    """Dream-v0-Instruct-7B / -Base-7B (hub code ``modeling_dream.py``, Qwen2-style network).
+
+    The forward takes a boolean attention mask (a 2-D long mask crashes SDPA) and position ids
+    that start at 0 on each row's first real token, as Dream's ``diffusion_generate`` builds
+    them; logits are shifted by one. Only the key side is masked (padding queries still attend
+    to real tokens), which leaves real positions exactly as Dream computes them and keeps the
+    padding rows finite.
+    """
+
+    name = "dream"
+    attention = "4d_bool"
+    shifted_logits = True
+    needs_remote_code = True
+    end_of_turn_token = "<|im_end|>"
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    sampler_defaults = MappingProxyType({"schedule": "global", "remasking": "maskgit_plus"})
+
+    def matches(self, config: Mapping[str, Any]) -> bool:
+        return str(config.get("model_type", "")).lower() == "dream"
+
+    def forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
+        if bool(attn.all()):
+            return _logits_of(model(input_ids=ids))
+        keep = attn.bool()
+        positions = (attn.long().cumsum(-1) - 1).masked_fill(~keep, 1)  # Dream's tok_idx
+        return _logits_of(model(input_ids=ids, attention_mask=keep[:, None, None, :], position_ids=positions))
+
+    @contextlib.contextmanager
+    def saving(self, model: nn.Module) -> Iterator[None]:
+        # transformers 4.57 saves a generation config after validate(strict=True); Dream's
+        # DreamGenerationConfig.validate takes no `strict`. Write its JSON directly instead.
+        original = model.generation_config
+        model.generation_config = _GenerationConfigWriter(original)
+        try:
+            yield
+        finally:
+            model.generation_config = original
+
+
+class _GenerationConfigWriter:
+    """Stands in for a generation config during save_pretrained: writes its JSON, no validation."""
+
+    def __init__(self, config: Any) -> None:
+        self._config = config
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        self._config.to_json_file(os.path.join(save_directory, "generation_config.json"), use_diff=True)
+
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLaDA(), Dream(), HFMaskedLM())}
+
+
+def get_family(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise ValueError(f"model_family={name!r} is unknown; choose one of {sorted(FAMILIES)} (docs/lm_models.md)")
+    return FAMILIES[name]
+
+
+def detect_family(config: Mapping[str, Any], source: str = "") -> ModelFamily:
+    """The family of a raw ``config.json`` dict; a clear error when none matches."""
+    for family in FAMILIES.values():
+        if family.matches(config):
+            return family
+    auto_map = config.get("auto_map")
+    what = (f"model_type={config.get('model_type')!r}" + (f" with its own code (auto_map {dict(auto_map)})"
+                                                            if auto_map else ""))
+    raise ValueError(
+        f"model {source!r} ({what}) is not a known family; dipod supports {sorted(FAMILIES)} (docs/lm_models.md). "
+        "If it is a bidirectional mask predictor called like a Hugging Face masked LM, pass "
+        "--model_family hf_masked_lm; block-diffusion and MoE variants are not supported yet")
+
+
+def without_padding(forward: Callable[[Tensor], Tensor], ids: Tensor, attn: Tensor) -> Tensor:
+    """Logits of ``forward`` for a model that ignores masks, each row computed without its padding.
+
+    Rows with the same 0/1 pattern in ``attn`` run together with the padding columns removed, so a
+    row's logits equal those of running it alone; padding positions get zeros.
+    """
+    keep = attn.bool()
+    if bool(keep.all()):
+        return forward(ids)
+    patterns, group = torch.unique(keep, dim=0, return_inverse=True)
+    out = None
+    for g, pattern in enumerate(patterns):
+        cols = pattern.nonzero().squeeze(1)
+        if cols.numel() == 0:
+            continue  # an all-padding row has nothing to predict
+        rows = (group == g).nonzero().squeeze(1)
+        logits = forward(ids[rows][:, cols])
+        if out is None:
+            out = logits.new_zeros(*ids.shape, logits.shape[-1])
+        out[rows[:, None], cols[None, :]] = logits
+    return out if out is not None else forward(ids)
