@@ -113,12 +113,12 @@ class TrainConfig:
     save_final_model: bool = option("save the trained policy to OUTPUT_DIR/final_model", default=True)
 
     def __post_init__(self) -> None:
+        require(self.model_family is None or self.model_family in FAMILIES,
+                f"model_family={self.model_family!r}; choose one of {sorted(FAMILIES)} or leave it out (detected)")
         require(self.estimator in ESTIMATORS, f"estimator={self.estimator!r}; choose one of {ESTIMATORS}")
         foreign = [name for name, owners in ESTIMATOR_FIELDS.items()
                    if getattr(self, name) is not None and self.estimator not in owners]
         require(not foreign, f"{', '.join(f'{n} (used by {ESTIMATOR_FIELDS[n]})' for n in foreign)} "
-        require(self.model_family is None or self.model_family in FAMILIES,
-                f"model_family={self.model_family!r}; choose one of {sorted(FAMILIES)} or leave it out (detected)")
                           f"do not apply to estimator={self.estimator!r}; remove them or change --estimator")
         require(self.num_generations >= 2, f"num_generations={self.num_generations}: group-relative advantages need >= 2 "
                                         "completions per prompt")
