@@ -32,6 +32,8 @@ from dipod.advantages import group_relative_advantages
 from dipod.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
                               save_checkpoint)
 from dipod.config import ConfigError, config_to_dict, parse_config, save_config
+from dipod.lm.monitors import CollapseWatch, group_reward_stats, log_completions, rollout_confidence
+from dipod.lm.proxies import completion_mask
 from dipod.lm.train_config import TrainConfig
 from dipod.objectives import d1_loss, dipod_term, fpo_loss, fpo_plus_plus_loss, spg_loss
 from dipod.runlog import MetricsLogger
@@ -160,6 +162,7 @@ class Trainer:
         self.proxy_settings = engine.proxy_settings(cfg)
         self.nonfinite_streak = 0
         self.start_step = 0
+        self.collapse_watch = CollapseWatch(cfg.collapse_warn_fraction)
 
     # ------------------------------------------------------------------ data
     def _few_shot_prefix(self) -> str:
@@ -337,6 +340,12 @@ class Trainer:
             completion = self.generate(ids, attn, temperature=0.0, seed=0)
             texts = self.engine.decode_completions(self.lm, completion)
             rows = [(float(self.task.reward(t, ex)), float(self.task.is_correct(t, ex))) for t, ex in zip(texts, shard)]
+            if cfg.log_completions and self.accelerator.is_main_process:
+                prompts = [self.task.prompt(ex, cfg.prompt_style) for ex in shard]
+                shown = log_completions(Path(cfg.output_dir) / "completions.jsonl", step, prompts, texts,
+                                        [r for r, _ in rows], cfg.log_completions)
+                self.accelerator.print(f"step {step}: held-out completions [reward] prompt -> completion\n"
+                                       + "\n".join(shown))
             k = min(cfg.gap_monitor_sequences, len(shard))
             gaps = self.gap_lower_bound(ids[:k], attn[:k], completion[:k], derive_seed(cfg.seed, _MONITOR, step, self.rank, 1))
         rows, gaps = gather_object(rows), gather_object(gaps)
@@ -355,6 +364,9 @@ class Trainer:
         texts = self.engine.decode_completions(self.lm, completion_ids)
         rewards_nf, correct_n = self.score(texts, examples)
         adv_n, all_rewards_nf = self.advantages(rewards_nf)
+        # the policy the rollouts came from, before this step's updates
+        sharpness = rollout_confidence(self.frozen_view, prompt_ids, prompt_attn,
+                                       completion_mask(completion_ids, self.lm.eos_id))
         generated = time.perf_counter()
         batch = {"prompt_ids": prompt_ids, "prompt_attn": prompt_attn, "completion_ids": completion_ids,
                  "adv_n": adv_n.to(acc.device)}
@@ -365,6 +377,11 @@ class Trainer:
         metrics: dict[str, float] = {"reward": float(total_reward_n.mean()), "reward_std": float(total_reward_n.std())}
         for name, column in zip(self.reward_names, all_rewards_nf.T):
             metrics[f"reward/{name}"] = float(column.mean())
+        metrics.update(group_reward_stats(total_reward_n, cfg.num_generations))
+        warning = self.collapse_watch.check(step, metrics["frac_reward_zero_std"], metrics["frac_groups_all_zero"])
+        if warning:
+            acc.print(f"WARNING {warning}")
+        stats.update(sharpness)
         local = {k: v for k, v in stats.items() if k != "skipped_updates"}
         keys = sorted(local)
         # every process has the same number of rollouts, so the mean of local means is the global mean

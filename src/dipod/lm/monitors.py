@@ -1,0 +1,105 @@
+"""Monitors of an RL run going wrong: collapsed reward groups, over-confident rollouts, completion logs.
+
+Group-relative advantages are zero for a prompt whose completions all earn the same reward, so when
+most groups are "collapsed" the estimator's gradient is (almost) only the DiPOD term and the run
+stops learning. ``group_reward_stats`` measures that per step; ``rollout_confidence`` measures the
+sharpness of the policy the rollouts are drawn from; ``CollapseWatch`` turns a streak of mostly
+collapsed steps into one warning that names the settings which restore exploration.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+# The knobs measured to restore spread in reward groups (docs/lm_rl_diagnosis.md).
+EXPLORATION_HINT = ("raise --temperature (e.g. 1.5-2.0), use --remasking random for rollouts, raise "
+                    "--num_generations, or lower --learning_rate / raise --dipod_beta less (a policy that "
+                    "sharpened on its own samples stops varying)")
+
+
+def group_reward_stats(rewards_n: Tensor, group_size: int, atol: float = 1e-6) -> dict[str, float]:
+    """Over consecutive groups of ``group_size`` rewards: the fraction of groups whose rewards are all
+    equal (TRL's ``frac_reward_zero_std``), the mean within-group std, and the fractions of groups
+    that are all-max (solved by every completion) and all-zero."""
+    if group_size < 1 or rewards_n.numel() % group_size:
+        raise ValueError(f"group_reward_stats: {rewards_n.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards_n.detach().double().reshape(-1, group_size)
+    spread = grouped.max(1).values - grouped.min(1).values
+    same = spread <= atol
+    std = grouped.std(1, unbiased=False)
+    return {"frac_reward_zero_std": float(same.double().mean()),
+            "reward_std_in_group": float(std.mean()),
+            "frac_groups_all_zero": float((same & (grouped[:, 0].abs() <= atol)).double().mean())}
+
+
+@torch.no_grad()
+def rollout_confidence(lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_mask_nl: Tensor) -> dict[str, float]:
+    """Sharpness of the policy where every rollout starts: one forward with the whole completion
+    masked (the sampler's first step). Returns the mean over live completion positions of the
+    predictive entropy (nats) and of the top token's probability (confidence). A policy that has
+    collapsed onto one answer has entropy near 0 and confidence near 1 there."""
+    gen_length = completion_mask_nl.shape[1]
+    masked = torch.full((prompt_ids.shape[0], gen_length), lm.mask_id, dtype=torch.long, device=prompt_ids.device)
+    ids = torch.cat([prompt_ids, masked], dim=1)
+    attn = torch.cat([prompt_attn.long(), torch.ones_like(masked)], dim=1)
+    was_training = lm.model.training
+    lm.model.eval()
+    try:
+        logits = lm.logits(ids, attn)[:, prompt_ids.shape[1]:]
+    finally:
+        lm.model.train(was_training)
+    logits[..., lm.mask_id] = float("-inf")  # the sampler never proposes the mask token
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    probs = logp.exp()
+    entropy_nl = -(probs * logp.masked_fill(probs == 0, 0.0)).sum(-1)
+    confidence_nl = probs.max(-1).values
+    weight = completion_mask_nl.double()
+    total = weight.sum().clamp_min(1.0)
+    return {"rollout_entropy": float((entropy_nl * weight).sum() / total),
+            "rollout_confidence": float((confidence_nl * weight).sum() / total)}
+
+
+class CollapseWatch:
+    """Warns once when, for ``patience`` steps in a row, at least ``fraction`` of the prompt groups
+    had identical rewards; ``check`` returns the warning text (None otherwise)."""
+
+    def __init__(self, fraction: float, patience: int = 3):
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"collapse fraction {fraction} must lie in (0, 1] (1: warn only when every group collapsed)")
+        if patience < 1:
+            raise ValueError(f"patience {patience} must be >= 1")
+        self.fraction, self.patience = fraction, patience
+        self.streak, self.warned = 0, False
+
+    def check(self, step: int, frac_same: float, all_zero: float) -> str | None:
+        self.streak = self.streak + 1 if frac_same >= self.fraction else 0
+        if self.warned or self.streak < self.patience:
+            return None
+        self.warned = True
+        what = ("most groups earn reward 0 in every completion (the task is too hard for the policy: start from a "
+                "better reference or shape the reward)" if all_zero >= 0.5 * frac_same else
+                "the policy gives the same answer to the same prompt, so the advantages are zero")
+        return (f"step {step}: {frac_same:.0%} of prompt groups had identical rewards for {self.streak} steps in a row; "
+                f"{what}. To restore exploration: {EXPLORATION_HINT}.")
+
+
+def log_completions(path: Path, step: int, prompts: list[str], completions: list[str], rewards: list[float],
+                    limit: int) -> list[str]:
+    """Append the first ``limit`` (prompt, completion, reward) of an evaluation to ``path`` (JSON lines)
+    and return them as short printable lines."""
+    lines = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for prompt, completion, reward in list(zip(prompts, completions, rewards))[:limit]:
+            f.write(json.dumps({"step": step, "prompt": prompt, "completion": completion, "reward": reward}) + "\n")
+            lines.append(f"  [{reward:.2f}] {_short(prompt)!r} -> {_short(completion)!r}")
+    return lines
+
+
+def _short(text: str, width: int = 80) -> str:
+    return text if len(text) <= width else text[: width // 2 - 2] + " .. " + text[-(width // 2 - 2):]
+
