@@ -106,6 +106,10 @@ class TrainConfig:
     gap_monitor_steps: int = option("drift monitor (IW_K - ELBO) every this many steps (0: off)", default=10)
     gap_monitor_sequences: int = option("rollouts per process the drift monitor scores", default=2)
     gap_monitor_orders: int = option("decoding orders K of the drift monitor", default=4)
+    collapse_warn_fraction: float = option(
+        "warn when at least this fraction of prompt groups has identical rewards 3 steps in a row", default=0.75)
+    log_completions: int = option("held-out completions per evaluation written to completions.jsonl and printed",
+                                  default=3)
     max_nonfinite_updates: int = option("stop after this many non-finite updates in a row", default=5)
     tensorboard: bool = option("mirror metrics to OUTPUT_DIR/tb", default=True)
     wandb_project: str | None = option("also log to this wandb project", default=None)
@@ -137,6 +141,9 @@ class TrainConfig:
         require(self.eubo_beta is None or self.eubo_beta > 0, f"eubo_beta={self.eubo_beta} must be > 0")
         require(self.clip_eps is None or self.clip_eps > 0, f"clip_eps={self.clip_eps} must be > 0")
         require(0.0 <= self.min_t <= self.max_t <= 1.0, f"need 0 <= min_t <= max_t <= 1, got {self.min_t}, {self.max_t}")
+        require(0.0 < self.collapse_warn_fraction <= 1.0,
+                f"collapse_warn_fraction={self.collapse_warn_fraction} must lie in (0, 1]")
+        require(self.log_completions >= 0, f"log_completions={self.log_completions} must be >= 0 (0: none)")
         require(0.0 <= self.p_mask_prompt < 1.0, f"p_mask_prompt={self.p_mask_prompt} must lie in [0, 1)")
         for name in ("prompts_per_step", "num_iterations", "gradient_accumulation_steps", "max_steps", "num_draws",
                      "max_prompt_length", "max_nonfinite_updates", "eval_examples", "gap_monitor_orders",
