@@ -1,5 +1,6 @@
-"""dipod.lm.proxies against closed forms: an input-ignoring model, the exact two-token model of
-dipod.toy, hand-computed EUBO values, and invariants (determinism, chunking, shapes, dtypes)."""
+"""dipod.lm.proxies against the released processes and closed forms: the released per-sequence
+formulas computed by hand on known log-probs, the laws of the block / count / subset draws, the
+exact two-token model of dipod.toy, and invariants (determinism, chunking, shapes, dtypes)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ from dipod.lm.proxies import (
     ProxySettings,
     completion_mask,
     compute_proxies,
+    MASKINGS,
+    MaskDraw,
     decoding_orders,
     draw_masks,
     eubo_surrogate,
     gap_lower_bound,
+    live_mask,
     order_log_probs,
 )
 
@@ -86,131 +90,226 @@ def _exact_position_only_logp(model, prompt, completion):
     return logq.gather(1, completion.T).T  # [B, G]
 
 
+# ----------------------------------------------------------------------------- the released formulas by hand
+
+
+def _released_spg_per_token(logp_nkl, masked_nkl, live_nl, beta):
+    """SPG's released per-token ELBO and EUBO (written from its formulas, loops and all): the mean
+    log-prob over the masked live tokens of each draw; p^beta averaged over draws divided by each
+    draw's empirical mask ratio, tokens never masked left out."""
+    batch, draws, gen = logp_nkl.shape
+    elbo, eubo = torch.zeros(batch), torch.zeros(batch)
+    for n in range(batch):
+        live = live_nl[n].float()
+        per_draw = []
+        avg = torch.zeros(gen)
+        for k in range(draws):
+            hit = masked_nkl[n, k].float() * live
+            per_draw.append(float((logp_nkl[n, k] * hit).sum() / hit.sum()))
+            empirical_t = hit.sum() / live.sum()
+            avg += logp_nkl[n, k].exp() ** beta * hit / empirical_t / draws
+        elbo[n] = sum(per_draw) / draws
+        seen = avg > 0
+        eubo[n] = (torch.where(seen, avg, 1.0).log() * seen).sum() / seen.sum() / beta
+    return elbo, eubo
+
+
+def _released_fpo_elbo(logp_nkl, masked_nkl, live_nl):
+    """The d1 fork's FPO ELBO: per draw (L / max(n, 1)) * sum of the masked tokens' log-probs, mean over draws."""
+    length_n = live_nl.float().sum(1)
+    n_nk = masked_nkl.float().sum(-1)
+    return (length_n[:, None] / n_nk.clamp(min=1) * (logp_nkl * masked_nkl).sum(-1)).mean(1)
+
+
 # ----------------------------------------------------------------------------- masks
 
 
-def test_completion_mask_counts_up_to_and_including_first_eos():
-    mask = completion_mask(torch.tensor([[5, EOS, 6, EOS], [5, 6, 7, 8], [EOS, 5, 5, 5]]), EOS)
+def test_completion_mask_conventions_of_the_two_processes():
+    ids = torch.tensor([[5, EOS, 6, EOS], [5, 6, 7, 8], [EOS, 5, 5, 5]])
+    mask = completion_mask(ids, EOS)
     assert mask.dtype == torch.float32
-    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]  # SPG: the first EOS counts
+    assert completion_mask(ids, EOS, include_eos=False).tolist() == [[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]
+    assert torch.equal(live_mask(ids, EOS, ProxySettings(masking="block_random")), mask)
+    assert torch.equal(live_mask(ids, EOS, ProxySettings(masking="random")), completion_mask(ids, EOS, False))
+    assert ProxySettings(masking="block_random").num_draws == 2 and ProxySettings(masking="random").num_draws == 4
 
 
-def test_random_masking_counts_weights_and_uniform_count():
+def test_random_is_fpo_floor_count_with_weight_l_over_max_n():
     g = torch.Generator().manual_seed(0)
-    settings = ProxySettings(num_draws=4000, masking="random", p_mask_prompt=0.0)
-    draw = draw_masks(torch.ones(1, 3), torch.ones(1, 4), settings, g)
+    settings = ProxySettings(num_draws=4000, masking="random")
+    live = torch.zeros(1, 6)
+    live[0, :4] = 1  # L = 4, then the (visible) EOS and tail
+    draw = draw_masks(torch.ones(1, 3), live, settings, g)
     count_k = draw.masked_nkl[0].sum(-1)
     assert torch.equal(draw.masked_nkl, draw.scored_nkl)
-    assert int(count_k.min()) >= 1 and int(count_k.max()) <= 4
-    assert torch.allclose(draw.weight_nk[0], 4.0 / count_k.float())
-    freq = torch.bincount(count_k, minlength=5)[1:].float() / count_k.numel()
-    assert torch.allclose(freq, torch.full((4,), 0.25), atol=0.03)  # m = ceil(t G) uniform on {1..G}
-    # every position is masked equally often
-    assert torch.allclose(draw.masked_nkl[0].float().mean(0), torch.full((4,), 0.625), atol=0.03)
+    assert not draw.masked_nkl[..., 4:].any()  # EOS and tail stay visible
+    freq = torch.bincount(count_k, minlength=4).float() / count_k.numel()
+    assert torch.allclose(freq, torch.full((4,), 0.25), atol=0.03)  # n = floor(u L) uniform on {0..L-1}
+    assert torch.allclose(draw.weight_nk[0], 4.0 / count_k.clamp(min=1).float())
     assert not draw.prompt_masked_ncp.any()
+    narrow = draw_masks(torch.ones(2, 1), torch.ones(2, 10), ProxySettings(num_draws=500, masking="random",
+                                                                          min_t=0.3, max_t=0.5), g)
+    assert set(narrow.masked_nkl.sum(-1).flatten().tolist()) == {3, 4}  # floor(10 t), t in [0.3, 0.5)
 
 
-def test_random_masking_rounds_count_up_within_t_range():
-    settings = ProxySettings(num_draws=500, masking="random", min_t=0.3, max_t=0.5)
-    draw = draw_masks(torch.ones(2, 1), torch.ones(2, 10), settings, torch.Generator().manual_seed(1))
-    counts = set(draw.masked_nkl.sum(-1).flatten().tolist())
-    assert counts == {4, 5}  # ceil(10 t) for t in (0.3, 0.5); 3 only at t = 0.3 exactly
+def _block_of(masked_nkl, live_nl, block):
+    """The block of each draw: the first block (of live tokens) that is not fully clean, with p_mask_prompt = 0."""
+    blocks = torch.arange(masked_nkl.shape[-1]) // block
+    hit = masked_nkl & live_nl.bool()[:, None]
+    return torch.where(hit, blocks, 10 ** 6).min(-1).values
 
 
-def test_block_random_masking_structure():
-    settings = ProxySettings(num_draws=300, masking="block_random", block_length=4)
-    gen_length = 10  # blocks of 4, 4, 2
-    draw = draw_masks(torch.ones(2, 3), torch.ones(2, gen_length), settings, torch.Generator().manual_seed(2))
-    block_of_l = torch.arange(gen_length) // 4
-    picked = set()
-    for n in range(2):
-        for k in range(300):
-            scored, masked = draw.scored_nkl[n, k], draw.masked_nkl[n, k]
-            blocks = block_of_l[scored].unique()
-            assert blocks.numel() == 1
-            b = int(blocks)
-            picked.add(b)
-            assert not masked[block_of_l < b].any()  # earlier blocks clean
-            assert masked[block_of_l > b].all()  # later blocks fully masked
-            assert torch.equal(masked[block_of_l == b], scored[block_of_l == b])
-            block_len = int((block_of_l == b).sum())
-            assert draw.weight_nk[n, k] == pytest.approx(3 * block_len / int(scored.sum()))
-    assert picked == {0, 1, 2}
+def test_block_random_structure_counts_and_weights():
+    settings = ProxySettings(num_draws=2, masking="block_random", block_length=4)
+    gen_length = 12  # three blocks of 4
+    live = torch.ones(600, gen_length)
+    live[:, 10:] = 0  # L = 10: the last block holds 2 live tokens
+    draw = draw_masks(torch.ones(600, 3), live, settings, torch.Generator().manual_seed(2))
+    b_nk = _block_of(draw.masked_nkl, live, 4)
+    blocks = torch.arange(gen_length) // 4
+    for n in range(600):
+        for k in range(2):
+            b, masked, scored = int(b_nk[n, k]), draw.masked_nkl[n, k], draw.scored_nkl[n, k]
+            assert not masked[blocks < b].any()  # earlier blocks clean (p_mask_prompt = 0)
+            assert masked[blocks > b].all()  # every later position masked, the tail included
+            in_block = int(masked[(blocks == b) & live[n].bool()].sum())
+            assert 1 <= in_block <= min(4, 10 - 4 * b)
+            assert torch.equal(scored, masked & live[n].bool())  # later blocks are scored too
+            assert draw.weight_nk[n, k] == pytest.approx(10 / int(scored.sum()))
+    assert (b_nk[:, 0] != b_nk[:, 1]).all()  # J = nb = 3: two entries of one permutation differ
+    counts = torch.bincount(b_nk.flatten(), minlength=3).float() / b_nk.numel()
+    assert torch.allclose(counts, torch.full((3,), 1 / 3), atol=0.04)
 
 
-def test_block_random_uses_only_blocks_with_live_tokens():
-    settings = ProxySettings(num_draws=400, masking="block_random", block_length=4)
-    live = torch.zeros(1, 12)
-    live[0, :6] = 1  # L = 6 live tokens: blocks of 4 and 2 live tokens; block 2 is all EOS tail
-    draw = draw_masks(torch.ones(1, 2), live, settings, torch.Generator().manual_seed(4))
-    scored, masked, weight = draw.scored_nkl[0], draw.masked_nkl[0], draw.weight_nk[0]
-    first_block = scored[:, :4].any(1)
-    assert first_block.any() and (~first_block).any()
-    assert not scored[:, 6:].any() and masked[:, 6:].all()
-    count = scored.sum(1).float()
-    assert torch.allclose(weight, torch.where(first_block, 2 * 4 / count, 2 * 2 / count))
-    assert int(count[~first_block].max()) <= 2
+def test_block_random_block_law_is_permutation_modulo_live_blocks():
+    """8 blocks, J = 3 live blocks: P(b) = (3, 3, 2) / 8 and P(b_0 = b_1) = 14 / 56 (SPG's randperm % J)."""
+    settings = ProxySettings(num_draws=2, masking="block_random", block_length=2)
+    live = torch.zeros(8000, 16)
+    live[:, :6] = 1
+    draw = draw_masks(torch.ones(8000, 1), live, settings, torch.Generator().manual_seed(3))
+    b_nk = _block_of(draw.masked_nkl, live, 2)
+    freq = torch.bincount(b_nk.flatten(), minlength=3).float() / b_nk.numel()
+    assert torch.allclose(freq, torch.tensor([3 / 8, 3 / 8, 2 / 8]), atol=0.015)
+    assert float((b_nk[:, 0] == b_nk[:, 1]).float().mean()) == pytest.approx(0.25, abs=0.015)
+    in_block = (draw.masked_nkl & (torch.arange(16) // 2 == b_nk[..., None])).sum(-1)
+    assert set(in_block.flatten().tolist()) == {1, 2}  # randint(1, M) with M = 2
+
+
+def test_block_random_p_mask_prompt_reaches_earlier_blocks_and_they_are_scored():
+    settings = ProxySettings(num_draws=2, masking="block_random", block_length=2, p_mask_prompt=1.0)
+    attn = torch.tensor([[0, 1, 1]] * 50)
+    live = torch.ones(50, 8)
+    draw = draw_masks(attn, live, settings, torch.Generator().manual_seed(5))
+    blocks = torch.arange(8) // 2
+    assert torch.equal(draw.prompt_masked_ncp, attn.bool()[:, None].expand(-1, 3, -1))  # padding never
+    assert draw.masked_nkl.sum(-1).min() >= 1
+    for n in range(50):
+        for k in range(2):
+            masked = draw.masked_nkl[n, k]
+            first_clean = (~masked).nonzero()
+            if first_clean.numel() == 0:
+                continue  # the chosen block had every token masked
+            b = int(blocks[first_clean[0, 0]])  # the chosen block: the only one that can hold clean tokens
+            assert masked[blocks != b].all()  # earlier blocks all masked by p_mask_prompt = 1, later ones always
+    assert torch.equal(draw.scored_nkl, draw.masked_nkl)
+    assert torch.allclose(draw.weight_nk, 8 / draw.scored_nkl.sum(-1).float())
 
 
 def test_masks_are_deterministic_per_seed_and_differ_across_seeds():
-    settings = ProxySettings(num_draws=3, masking="random", p_mask_prompt=0.5)
-    attn = torch.ones(4, 6)
-    live = torch.ones(4, 12)
-    d1 = draw_masks(attn, live, settings, torch.Generator().manual_seed(7))
-    d2 = draw_masks(attn, live, settings, torch.Generator().manual_seed(7))
-    d3 = draw_masks(attn, live, settings, torch.Generator().manual_seed(8))
-    for field in ("masked_nkl", "scored_nkl", "weight_nk", "prompt_masked_ncp"):
-        assert torch.equal(getattr(d1, field), getattr(d2, field))
-    assert not torch.equal(d1.masked_nkl, d3.masked_nkl)
-    assert d1.prompt_masked_ncp.any() and not d1.prompt_masked_ncp.all()
-
-
-def test_prompt_padding_is_never_masked():
-    settings = ProxySettings(num_draws=5, p_mask_prompt=1.0)
-    attn = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    draw = draw_masks(attn, torch.ones(2, 3), settings, torch.Generator().manual_seed(0))
-    assert torch.equal(draw.prompt_masked_ncp, attn.bool()[:, None].expand(-1, 6, -1))
+    for masking in MASKINGS:
+        settings = ProxySettings(num_draws=3, masking=masking, block_length=4, p_mask_prompt=0.5)
+        attn, live = torch.ones(4, 6), torch.ones(4, 12)
+        d1 = draw_masks(attn, live, settings, torch.Generator().manual_seed(7))
+        d2 = draw_masks(attn, live, settings, torch.Generator().manual_seed(7))
+        d3 = draw_masks(attn, live, settings, torch.Generator().manual_seed(8))
+        for field in ("masked_nkl", "scored_nkl", "weight_nk", "prompt_masked_ncp"):
+            assert torch.equal(getattr(d1, field), getattr(d2, field))
+        assert not torch.equal(d1.masked_nkl, d3.masked_nkl)
+        assert d1.prompt_masked_ncp.any() and not d1.prompt_masked_ncp.all()
 
 
 # ----------------------------------------------------------------------------- input-ignoring model
 
 
-@pytest.mark.parametrize("masking", ["random", "block_random"])
-def test_input_ignoring_model_each_draw_is_weighted_masked_sum(masking):
+@pytest.mark.parametrize("masking", MASKINGS)
+def test_per_sequence_values_equal_the_released_formulas(masking):
+    """Same draws, known log-probs: ELBO and EUBO equal the released per-sequence values (SPG's per-token
+    values times L; FPO's L/max(n,1)-weighted sums) to float32 rounding."""
     prompt, attn, completion = _position_only_batch()
     model = PositionOnlyModel(prompt.shape[1] + completion.shape[1])
-    settings = ProxySettings(num_draws=6, masking=masking, block_length=4, p_mask_prompt=0.3)
+    settings = ProxySettings(num_draws=6 if masking == "random" else 1, masking=masking, block_length=2,
+                             p_mask_prompt=0.3)
     out = compute_proxies(_lm(model), prompt, attn, completion, settings, seed=3, meanfield=True)
-    mask_nl = completion_mask(completion, EOS)
-    draw = draw_masks(attn, mask_nl, settings, torch.Generator().manual_seed(3))
-    assert not (draw.scored_nkl & ~mask_nl.bool()[:, None]).any()  # the EOS tail is never scored
-    assert draw.masked_nkl[~mask_nl.bool()[:, None].expand_as(draw.masked_nkl)].all()  # ... and always masked
+    live = live_mask(completion, EOS, settings)
+    draw = draw_masks(attn, live, settings, torch.Generator().manual_seed(3))
     logp_nl = _exact_position_only_logp(model, prompt, completion)
-    expected_nk = draw.weight_nk * (draw.scored_nkl * logp_nl[:, None]).sum(-1)
-    assert torch.allclose(out.elbo_nk, expected_nk, atol=1e-5)
+    logp_nkl = logp_nl[:, None].expand(-1, settings.num_draws, -1)
+    if masking == "random":
+        assert torch.allclose(out.elbo_n, _released_fpo_elbo(logp_nkl, draw.masked_nkl, live), atol=1e-5)
+        assert torch.equal(out.lengths_n, torch.tensor([6.0, 2.0, 5.0]))
+    else:
+        elbo_pt, eubo_pt = _released_spg_per_token(logp_nkl, draw.masked_nkl, live, settings.eubo_beta)
+        assert torch.allclose(out.elbo_n, elbo_pt * out.lengths_n, atol=1e-5)
+        assert torch.allclose(out.elbo_per_token_n, elbo_pt, atol=1e-6)
+        assert torch.allclose(out.eubo_n, eubo_pt * out.lengths_n, atol=1e-5)
+        assert torch.equal(out.lengths_n, torch.tensor([6.0, 3.0, 6.0]))
     assert torch.allclose(out.meanfield_logp_nl, logp_nl, atol=1e-6)
-    assert torch.equal(out.lengths_n, torch.tensor([6.0, 3.0, 6.0]))
 
 
-def test_input_ignoring_model_elbo_equals_log_likelihood():
+def test_spg_formulas_with_two_draws_by_hand():
+    """One row, L = 4, two given draws; the released SPG values computed with pencil-and-paper numbers."""
+    logp = torch.log(torch.tensor([0.5, 0.25, 0.8, 0.1]))
+    masked = torch.tensor([[[False, True, True, True], [False, False, True, False]]])
+    draw = MaskDraw.from_masks(masked, torch.ones(1, 4), torch.zeros(1, 3, 1, dtype=torch.bool))
+    assert torch.allclose(draw.weight_nk, torch.tensor([[4 / 3, 4.0]]))
+    elbo_nk = draw.weight_nk * (draw.scored_nkl * logp).sum(-1)
+    expected_elbo = 0.5 * (4 / 3 * math.log(0.25 * 0.8 * 0.1) + 4 * math.log(0.8))
+    assert float(elbo_nk.mean()) == pytest.approx(expected_elbo, rel=1e-6)
+    beta = 1.5  # token 0 never masked: left out, the 3 seen tokens rescaled to L = 4
+    e1 = math.log(0.5 * (4 / 3) * 0.25 ** beta) / beta
+    e2 = math.log(0.5 * ((4 / 3) * 0.8 ** beta + 4 * 0.8 ** beta)) / beta
+    e3 = math.log(0.5 * (4 / 3) * 0.1 ** beta) / beta
+    eubo = eubo_surrogate(logp.expand(1, 2, 4), draw.scored_nkl, draw.weight_nk, beta, torch.tensor([4.0]))
+    assert float(eubo) == pytest.approx((e1 + e2 + e3) * 4 / 3, rel=1e-6)
+    _, eubo_pt = _released_spg_per_token(logp.expand(1, 2, 4), masked, torch.ones(1, 4), beta)
+    assert float(eubo) == pytest.approx(float(eubo_pt) * 4, rel=1e-6)
+
+
+def test_random_keeps_eos_and_tail_visible_block_random_hides_the_tail():
+    seen = []
+
+    class Recorder(nn.Module):
+        def forward(self, input_ids, attention_mask):
+            seen.append(input_ids.clone())
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, VOCAB))
+
+    prompt, attn, completion = _position_only_batch()
+    for masking in MASKINGS:
+        seen.clear()
+        compute_proxies(_lm(Recorder()), prompt, attn, completion, ProxySettings(num_draws=2, masking=masking,
+                                                                                 block_length=2), 0)
+        noisy = seen[0][:, prompt.shape[1]:].view(3, 2, -1)
+        tail = completion_mask(completion, EOS, include_eos=False) == 0  # the EOS and after
+        if masking == "random":
+            assert torch.equal(noisy[tail[:, None].expand_as(noisy)], completion[:, None].expand_as(noisy)[
+                tail[:, None].expand_as(noisy)])
+        else:
+            after_eos = completion_mask(completion, EOS) == 0
+            assert (noisy[after_eos[:, None].expand_as(noisy)] == MASK).all()
+
+
+def test_input_ignoring_model_all_masked_is_the_log_likelihood():
     prompt, attn, completion = _position_only_batch()
     model = PositionOnlyModel(prompt.shape[1] + completion.shape[1])
-    lm = _lm(model)
-    log_lik_n = (_exact_position_only_logp(model, prompt, completion) * completion_mask(completion, EOS)).sum(1)
-    # All masked (t = 1): every draw is exactly the log-likelihood, and so is the EUBO.
-    full = compute_proxies(lm, prompt, attn, completion, ProxySettings(num_draws=3, masking="random", min_t=1.0), 0)
+    settings = ProxySettings(num_draws=3, masking="random", min_t=1.0)
+    full = compute_proxies(_lm(model), prompt, attn, completion, settings, 0)
+    live = live_mask(completion, EOS, settings)
+    log_lik_n = (_exact_position_only_logp(model, prompt, completion) * live).sum(1)
     assert torch.allclose(full.elbo_nk, log_lik_n[:, None].expand(-1, 3), atol=1e-5)
     assert torch.allclose(full.eubo_n, log_lik_n, atol=1e-5)
-    assert torch.allclose(full.elbo_per_token_n, log_lik_n / full.lengths_n, atol=1e-6)
-    # t ~ U(0, 1): unbiased, so the mean over many draws converges to the log-likelihood.
-    for masking in ("random", "block_random"):
-        many = compute_proxies(lm, prompt, attn, completion,
-                               ProxySettings(num_draws=4000, masking=masking, block_length=4), 1)
-        stderr = many.elbo_nk.std(1) / math.sqrt(4000)
-        assert ((many.elbo_n - log_lik_n).abs() < 4 * stderr + 1e-4).all(), masking
-    # The drift monitor sees no gap: every order gives the same probability.
-    gap = gap_lower_bound(lm, prompt, attn, completion, ProxySettings(masking="random"), num_orders=5, seed=0)
-    assert gap.abs().max() < 1e-5
+    gap = gap_lower_bound(_lm(model), prompt, attn, completion, ProxySettings(masking="random"), num_orders=5, seed=0)
+    assert gap.abs().max() < 1e-5  # every order gives the same probability
 
 
 # ----------------------------------------------------------------------------- the exact two-token model
@@ -224,20 +323,47 @@ def test_order_log_probs_match_exact_two_token_orders():
     assert torch.allclose(log_p_nk.double(), toy.order_log_probs(THETA), atol=1e-5)
 
 
-def test_elbo_and_eubo_estimates_converge_to_exact_two_token_values():
+def _two_token_conditionals():
+    """Exact ``log p(x_i | context)`` of the two-token model for the four outputs: (x1 | x2 masked),
+    (x2 | x1 masked), (x1 | x2), (x2 | x1), each [4], from the six logits of THETA."""
+    a, b, c, d, e, f = THETA
+    x1_is_a, x2_is_a = OUTPUTS[:, 0] == A, OUTPUTS[:, 1] == A
+
+    def logp(logit, is_a):
+        return torch.where(is_a, torch.nn.functional.logsigmoid(logit), torch.nn.functional.logsigmoid(-logit))
+
+    ones = torch.ones(4, dtype=THETA.dtype)
+    return (logp(b * ones, x1_is_a), logp(d * ones, x2_is_a),
+            logp(torch.where(x2_is_a, a, e), x1_is_a), logp(torch.where(x1_is_a, c, f), x2_is_a))
+
+
+def test_two_token_block_random_values_in_closed_form():
+    """Blocks of one token, K = 2 = all blocks: the draws are block 0 (both tokens masked, both
+    scored, w = 1) and block 1 (x1 visible, x2 scored, w = 2), in some order: exact values."""
     lm = _lm(TwoTokenModel(THETA))
     prompt, attn, completion = _toy_batch()
+    x1_mf, x2_mf, _, x2_given_x1 = _two_token_conditionals()
+    beta = 1.5
+    out = compute_proxies(lm, prompt, attn, completion,
+                          ProxySettings(num_draws=2, masking="block_random", block_length=1, eubo_beta=beta), seed=0)
+    expected_elbo = 0.5 * (x1_mf + x2_mf) + x2_given_x1
+    assert torch.allclose(out.elbo_n.double(), expected_elbo, atol=1e-5)
+    eubo_x1 = torch.log(0.5 * (beta * x1_mf).exp()) / beta
+    eubo_x2 = torch.log(0.5 * ((beta * x2_mf).exp() + 2 * (beta * x2_given_x1).exp())) / beta
+    assert torch.allclose(out.eubo_n.double(), eubo_x1 + eubo_x2, atol=1e-5)
+
+
+def test_two_token_random_mean_converges_to_closed_form():
+    """FPO's process with L = 2: n = floor(2u) is 0 (the draw is 0) or 1 (one token scored with w = 2,
+    the other visible), so E[ELBO_k] = (log p(x1 | x2) + log p(x2 | x1)) / 2."""
+    lm = _lm(TwoTokenModel(THETA))
+    prompt, attn, completion = _toy_batch()
+    _, _, x1_given_x2, x2_given_x1 = _two_token_conditionals()
     draws = 20000
-    out = compute_proxies(lm, prompt, attn, completion, ProxySettings(num_draws=draws, masking="random",
-                                                                      eubo_beta=1.5), seed=0)
+    out = compute_proxies(lm, prompt, attn, completion, ProxySettings(num_draws=draws, masking="random"), seed=0)
     stderr = out.elbo_nk.std(1).double() / math.sqrt(draws)
-    assert ((out.elbo_n.double() - toy.elbo(THETA)).abs() < 4 * stderr).all()
-    assert torch.allclose(out.eubo_n.double(), toy.eubo(THETA, 1.5), atol=0.02)
-    # block_random with blocks of one token: the x1-then-x2 order only, i.e. log q_1 + log r_2.
-    block = compute_proxies(lm, prompt, attn, completion,
-                            ProxySettings(num_draws=draws, masking="block_random", block_length=1), seed=0)
-    stderr = block.elbo_nk.std(1).double() / math.sqrt(draws)
-    assert ((block.elbo_n.double() - toy.order_log_probs(THETA)[:, 0]).abs() < 4 * stderr).all()
+    assert ((out.elbo_n.double() - 0.5 * (x1_given_x2 + x2_given_x1)).abs() < 4 * stderr).all()
+    assert float((out.elbo_nk == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
 
 
 def _exact_expected_monitor(num_orders: int) -> torch.Tensor:
@@ -326,9 +452,9 @@ def test_shapes_dtypes_determinism_and_gradients():
     prompt, attn, completion = _position_only_batch()
     model = PositionOnlyModel(prompt.shape[1] + completion.shape[1]).to(torch.bfloat16)
     lm = _lm(model)
-    settings = ProxySettings(num_draws=4, masking="block_random", block_length=4, p_mask_prompt=0.2)
+    settings = ProxySettings(num_draws=3, masking="block_random", block_length=2, p_mask_prompt=0.2)
     out = compute_proxies(lm, prompt, attn, completion, settings, seed=11, meanfield=True)
-    shapes = {"elbo_nk": (3, 4), "elbo_n": (3,), "elbo_per_token_n": (3,), "eubo_n": (3,),
+    shapes = {"elbo_nk": (3, 3), "elbo_n": (3,), "elbo_per_token_n": (3,), "eubo_n": (3,),
               "completion_mask_nl": (3, 6), "lengths_n": (3,), "meanfield_logp_nl": (3, 6)}
     for name, shape in shapes.items():
         value = getattr(out, name)
@@ -406,6 +532,11 @@ def test_settings_and_batch_validation():
         ProxySettings(num_draws=0)
     with pytest.raises(ValueError, match="eubo_beta"):
         ProxySettings(eubo_beta=0.0)
+    live = torch.ones(1, 6)
+    with pytest.raises(ValueError, match="multiple of block_length=4"):
+        draw_masks(torch.ones(1, 2), live, ProxySettings(block_length=4), torch.Generator())
+    with pytest.raises(ValueError, match="num_draws=4 exceeds the 3 blocks"):
+        draw_masks(torch.ones(1, 2), live, ProxySettings(num_draws=4, block_length=2), torch.Generator())
     lm = _lm(PositionOnlyModel(8))
     with pytest.raises(ValueError, match="same B"):
         compute_proxies(lm, torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), torch.zeros(3, 4, dtype=torch.long),

@@ -1,33 +1,29 @@
 r"""Likelihood proxies of a masked-diffusion LM: ELBO, SPG's EUBO surrogate, d1's mean-field
-log-probs, and the IW_K drift monitor. Conventions (see docs/lm_proxies.md):
+log-probs, and the IW_K drift monitor. The two forward processes are the paper's released ones,
+by their released names (see docs/lm_proxies.md for the derivations and the parity checks):
 
 * Layout: ``prompt_ids [B, P]`` left-padded (``prompt_attn`` 0 on padding), ``completion_ids
   [B, G]``; the model sees ``cat([prompt, completion])``. ``K`` Monte-Carlo draws per sequence.
-* Live tokens: ``completion_mask_nl`` is 1 up to and including the first EOS (as d1 and SPG),
-  ``lengths_n = L_n`` its row sum. As in SPG's forward processes, positions after the first EOS
-  are ALWAYS masked (in every draw, the mean-field copy and the drift monitor) and never scored, so
-  the EOS tail never influences a proxy; the processes below act on the ``L_n`` live tokens.
-* Forward processes, per draw ``t = min_t + (max_t - min_t) u`` with ``u ~ U[0, 1)``:
-  ``random``: exactly ``m = clamp(ceil(t L_n), 1, L_n)`` live tokens are masked, a uniformly
-  random subset; all of them are scored, weight ``w = L_n / m``.
-  ``block_random`` (SPG): the completion is cut into blocks of ``block_length`` positions; a block
-  ``b`` is picked uniformly among the ``J_n = ceil(L_n / block_length)`` blocks holding live
-  tokens; earlier blocks stay clean, later positions are masked, and ``m = clamp(ceil(t L_b), 1,
-  L_b)`` of block b's ``L_b`` live tokens are masked. Only block b's masked tokens are scored,
-  weight ``w = J_n L_b / m``.
-  Given ``m`` every scored token is masked with probability ``m / L``, so ``w`` makes each draw an
-  unbiased estimate; with ``min_t = 0, max_t = 1``, ``m`` is uniform on ``{1..L}`` and the estimate
-  is unbiased for the any-order ELBO ``E_sigma[log p_sigma(x)]`` of the live tokens (for
-  ``block_random``: orders that decode block by block, LLaDA's semi-autoregressive factorisation).
-* Prompt tokens (not padding) are masked independently with probability ``p_mask_prompt`` in every
-  copy; they are never scored.
+* ``block_random`` (SPG's ``forward_type=block_random``). Live tokens: up to AND including the
+  first EOS (``L_n`` of them); every position after it is masked in every copy and never scored.
+  The completion is cut into ``G / block_length`` blocks; the draws' blocks are the first K entries
+  of a random permutation of all block indices taken modulo ``J_n = ceil(L_n / block_length)`` (so
+  blocks are not equally likely, and the K draws of a row are dependent). In block ``b`` a count
+  ``n ~ randint(max(floor(min_t M), 1), min(floor(max_t M), M))`` of its ``M`` live tokens is
+  masked (a uniform subset); every later position is masked; each position NOT masked by this
+  (prompt and earlier blocks) is masked with probability ``p_mask_prompt``. Every masked live
+  token is scored (later blocks and prompt-masked earlier tokens too), weight ``L_n / |scored|``.
+* ``random`` (the d1 fork's FPO ELBO). Live tokens: strictly before the first EOS; the EOS and the
+  tail stay visible and unscored. ``n = floor(t L_n)`` live tokens are masked, a uniform subset,
+  with ``t = min_t + (max_t - min_t) u``, ``u ~ U[0, 1)``; all of them are scored, weight
+  ``L_n / max(n, 1)`` (a draw with ``n = 0`` contributes 0). Prompt tokens (not padding) are masked
+  with probability ``p_mask_prompt`` (the release never masks them there: its configs set 0).
 * ``ELBO_nk = w_nk sum_l scored_nkl log p(x_l | z_nk)``; ``elbo_n`` its mean over draws;
-  ``elbo_per_token_n = elbo_n / lengths_n``.
-* ``EUBO_n = (1/beta) sum_l log( (1/K) sum_k w_nk scored_nkl p(x_l | z_nk)^beta )`` over live
-  tokens, from the same K draws. A live token scored in none of the K draws has no estimate; as in
-  SPG, the sum over the scored tokens is rescaled by ``L_n / #scored`` (their mean stands in).
-* Mean-field (d1): one extra copy with every completion position masked, ``meanfield_logp_nl =
-  log p(x_l | prompt with p_mask_prompt masking, all completion masked)``.
+  ``elbo_per_token_n = elbo_n / max(L_n, 1)`` (SPG's per-sequence value).
+* ``EUBO_n = (L_n / S_n) (1/beta) sum_l log( (1/K) sum_k w_nk scored_nkl p(x_l | z_nk)^beta )``
+  over the ``S_n`` live tokens scored in at least one draw (SPG's ``empirical_t`` weighting).
+* Mean-field (d1): one extra copy with every completion position masked and the prompt masked with
+  ``p_mask_prompt``; ``meanfield_logp_nl = log p(x_l | that copy)``.
 
 All K draws (and the mean-field copy) go through ONE batched forward (chunked to
 ``max_tokens_per_forward`` tokens); arithmetic is float32 whatever the model dtype. Randomness is
@@ -45,14 +41,36 @@ from torch import Tensor
 
 from dipod.lm.model import MaskedDiffusionLM
 
-MASKINGS = ("random", "block_random")
+
+@dataclass(frozen=True)
+class ForwardProcess:
+    """The released facts of one forward process (the sampling itself is ``draw_masks``)."""
+
+    name: str
+    scores_eos: bool  # the first EOS is a live, scored token
+    masks_tail: bool  # positions after the first EOS are masked in every copy
+    default_draws: int  # the release's number of draws
+    reseeds_per_iteration: bool  # the release draws new masks for every inner iteration
+    source: str
+
+
+PROCESSES = {
+    "block_random": ForwardProcess("block_random", scores_eos=True, masks_tail=True, default_draws=2,
+                                   reseeds_per_iteration=True,
+                                   source="language/SPG/spg/spg_trainer.py forward_process (num_t 2, random_masking)"),
+    "random": ForwardProcess("random", scores_eos=False, masks_tail=False, default_draws=4,
+                             reseeds_per_iteration=False,
+                             source="language/d1/diffu-grpo/diffu_grpo_trainer.py _get_sequence_elbo "
+                                    "(elbo_num_samples 4, stored randomness)"),
+}
+MASKINGS = tuple(PROCESSES)
 
 
 @dataclass
 class ProxySettings:
-    """How the likelihood proxies are estimated (defaults: SPG's block masking, t ~ U(0, 1))."""
+    """How the likelihood proxies are estimated (defaults: SPG's released block_random process)."""
 
-    num_draws: int = 2
+    num_draws: int | None = None  # None: the process's released count (block_random 2, random 4)
     masking: str = "block_random"
     min_t: float = 0.0
     max_t: float = 1.0
@@ -62,10 +80,12 @@ class ProxySettings:
     max_tokens_per_forward: int | None = None
 
     def __post_init__(self) -> None:
+        if self.masking not in PROCESSES:
+            raise ValueError(f"ProxySettings: masking={self.masking!r}; choose one of {MASKINGS}")
+        if self.num_draws is None:
+            self.num_draws = PROCESSES[self.masking].default_draws
         if self.num_draws < 1:
             raise ValueError(f"ProxySettings: num_draws={self.num_draws} must be >= 1")
-        if self.masking not in MASKINGS:
-            raise ValueError(f"ProxySettings: masking={self.masking!r}; choose one of {MASKINGS}")
         if not 0.0 <= self.min_t <= self.max_t <= 1.0:
             raise ValueError(f"ProxySettings: need 0 <= min_t <= max_t <= 1, got min_t={self.min_t}, max_t={self.max_t}")
         if self.block_length < 1:
@@ -78,6 +98,10 @@ class ProxySettings:
             raise ValueError(f"ProxySettings: max_tokens_per_forward={self.max_tokens_per_forward} must be >= 1 "
                              "(or None for a single forward)")
 
+    @property
+    def process(self) -> ForwardProcess:
+        return PROCESSES[self.masking]
+
 
 @dataclass
 class Proxies:
@@ -87,8 +111,8 @@ class Proxies:
     elbo_n: Tensor  # [B]
     elbo_per_token_n: Tensor  # [B]
     eubo_n: Tensor  # [B]
-    completion_mask_nl: Tensor  # [B, G], 1.0 up to and including the first EOS
-    lengths_n: Tensor  # [B], number of scored completion tokens
+    completion_mask_nl: Tensor  # [B, G], 1.0 on the live tokens of the process
+    lengths_n: Tensor  # [B], number of live tokens L_n
     meanfield_logp_nl: Tensor | None = None  # [B, G]
 
 
@@ -101,13 +125,31 @@ class MaskDraw:
     weight_nk: Tensor  # float32 [B, K]: importance weight of each draw
     prompt_masked_ncp: Tensor  # bool [B, K + 1, P]: prompt positions masked; copy K is the mean-field one
 
+    @classmethod
+    def from_masks(cls, masked_nkl: Tensor, live_nl: Tensor, prompt_masked_ncp: Tensor) -> "MaskDraw":
+        """Both released processes score every masked live token with weight ``L_n / max(|scored|, 1)``
+        (for ``random`` ``|scored| = n``); this is the one place that rule lives, so a mask set taken
+        from the released code (benchmarks/released_parity.py) is scored exactly as ours."""
+        live_nl = live_nl.bool().to(masked_nkl.device)
+        scored_nkl = masked_nkl & live_nl[:, None]
+        weight_nk = live_nl.sum(1)[:, None].float() / scored_nkl.sum(-1).clamp(min=1).float()
+        return cls(masked_nkl, scored_nkl, weight_nk, prompt_masked_ncp)
 
-def completion_mask(completion_ids: Tensor, eos_id: int) -> Tensor:
-    """float32 ``[B, G]``: 1 up to and including each row's first EOS (all ones without EOS)."""
+
+def completion_mask(completion_ids: Tensor, eos_id: int, include_eos: bool = True) -> Tensor:
+    """float32 ``[B, G]``: 1 before each row's first EOS, and on it when ``include_eos`` (all ones
+    without EOS)."""
     is_eos = completion_ids == eos_id
     gen_length = completion_ids.shape[1]
     first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), gen_length)
-    return (torch.arange(gen_length, device=completion_ids.device)[None] <= first_eos[:, None]).float()
+    positions = torch.arange(gen_length, device=completion_ids.device)[None]
+    live = positions <= first_eos[:, None] if include_eos else positions < first_eos[:, None]
+    return live.float()
+
+
+def live_mask(completion_ids: Tensor, eos_id: int, settings: ProxySettings) -> Tensor:
+    """The live tokens of ``settings``' process (float32 ``[B, G]``)."""
+    return completion_mask(completion_ids, eos_id, include_eos=settings.process.scores_eos)
 
 
 def _random_ranks(scores: Tensor) -> Tensor:
@@ -115,36 +157,64 @@ def _random_ranks(scores: Tensor) -> Tensor:
     return scores.argsort(-1).argsort(-1)
 
 
-def draw_masks(prompt_attn: Tensor, completion_mask_nl: Tensor, settings: ProxySettings,
+def _uniform_subset(candidates_nkl: Tensor, count_nk: Tensor, scores_nkl: Tensor) -> Tensor:
+    """A uniformly random subset of ``count_nk`` of the candidate positions (bool, same shape)."""
+    ranks_nkl = _random_ranks(torch.where(candidates_nkl, scores_nkl, 2.0))  # non-candidates rank last
+    return candidates_nkl & (ranks_nkl < count_nk[..., None])
+
+
+def draw_masks(prompt_attn: Tensor, live_nl: Tensor, settings: ProxySettings,
                generator: torch.Generator) -> MaskDraw:
-    """Sample the K forward-process draws (and the mean-field copy's prompt mask) described above."""
+    """Sample the K draws of ``settings.masking`` (and the mean-field copy's prompt mask).
+
+    ``live_nl`` is ``live_mask(...)`` of the same settings. Every call consumes the generator in
+    the same order: ``u [B, K]``, ``block keys [B, nb]``, ``position scores [B, K, G]``, ``p_mask_prompt
+    uniforms [B, K + 1, P + G]``.
+    """
     batch, prompt_len = prompt_attn.shape
-    gen_length = completion_mask_nl.shape[1]
+    gen_length = live_nl.shape[1]
     draws = settings.num_draws
     u_nk = torch.rand(batch, draws, generator=generator)
-    u_block_nk = torch.rand(batch, draws, generator=generator)
+    num_blocks = max(1, gen_length // settings.block_length)
+    block_keys_nb = torch.rand(batch, num_blocks, generator=generator)
     scores_nkl = torch.rand(batch, draws, gen_length, generator=generator)
-    prompt_u_ncp = torch.rand(batch, draws + 1, prompt_len, generator=generator)
+    prompt_u_ncx = torch.rand(batch, draws + 1, prompt_len + gen_length, generator=generator)
 
-    live_nl = completion_mask_nl.bool().cpu()
+    live_nl = live_nl.bool().cpu()
     length_n = live_nl.sum(1)
-    block = gen_length if settings.masking == "random" else settings.block_length
-    num_blocks_n = (length_n + block - 1) // block  # blocks holding live tokens
-    block_nk = torch.minimum((u_block_nk * num_blocks_n[:, None]).long(), num_blocks_n[:, None] - 1)
-    block_len_nk = (length_n[:, None] - block_nk * block).clamp(max=block)  # live tokens of the block
-    t_nk = settings.min_t + (settings.max_t - settings.min_t) * u_nk
-    num_masked_nk = torch.minimum(torch.ceil(t_nk * block_len_nk).long().clamp(min=1), block_len_nk)
+    real_prompt_ncp = prompt_attn.bool().cpu()[:, None, :].expand(-1, draws + 1, -1)
+    prompt_masked_ncp = (prompt_u_ncx[..., :prompt_len] < settings.p_mask_prompt) & real_prompt_ncp
+    if settings.masking == "random":
+        t_nk = settings.min_t + (settings.max_t - settings.min_t) * u_nk
+        num_masked_nk = (t_nk * length_n[:, None].float()).long()  # floor, as the release
+        masked_nkl = _uniform_subset(live_nl[:, None].expand(-1, draws, -1), num_masked_nk, scores_nkl)
+        return MaskDraw.from_masks(masked_nkl, live_nl, prompt_masked_ncp)
+
+    block = settings.block_length
+    _check_blocks(gen_length, block, draws)
+    num_live_blocks_n = (length_n - 1).div(block, rounding_mode="floor") + 1
+    block_nk = block_keys_nb.argsort(-1)[:, :draws] % num_live_blocks_n[:, None]
+    block_live_nk = torch.minimum(length_n[:, None] - block * block_nk, torch.tensor(block))
+    low_nk = (block_live_nk.float() * settings.min_t).long().clamp(min=1)
+    high_nk = torch.maximum(torch.minimum((block_live_nk.float() * settings.max_t).long(), block_live_nk), low_nk)
+    count_nk = low_nk + (u_nk * (high_nk - low_nk + 1).float()).long().clamp(max=high_nk - low_nk)
 
     block_of_l = torch.arange(gen_length) // block
     in_block_nkl = (block_of_l == block_nk[..., None]) & live_nl[:, None]
-    # Scores above 1 outside the block's live tokens: those take the smallest ranks 0..L_b-1 in a
-    # uniformly random order.
-    ranks_nkl = _random_ranks(torch.where(in_block_nkl, scores_nkl, 2.0))
-    scored_nkl = in_block_nkl & (ranks_nkl < num_masked_nk[..., None])
-    masked_nkl = scored_nkl | (block_of_l > block_nk[..., None]) | ~live_nl[:, None]
-    weight_nk = (num_blocks_n[:, None] * block_len_nk / num_masked_nk).float()
-    prompt_masked_ncp = (prompt_u_ncp < settings.p_mask_prompt) & prompt_attn.bool().cpu()[:, None, :]
-    return MaskDraw(masked_nkl, scored_nkl, weight_nk, prompt_masked_ncp)
+    chosen_nkl = _uniform_subset(in_block_nkl, count_nk, scores_nkl)
+    before_nkl = block_of_l < block_nk[..., None]
+    extra_nkl = before_nkl & (prompt_u_ncx[:, :draws, prompt_len:] < settings.p_mask_prompt)
+    masked_nkl = chosen_nkl | extra_nkl | (block_of_l > block_nk[..., None]) | ~live_nl[:, None]
+    return MaskDraw.from_masks(masked_nkl, live_nl, prompt_masked_ncp)
+
+
+def _check_blocks(gen_length: int, block: int, draws: int) -> None:
+    if gen_length % block:
+        raise ValueError(f"block_random: completion length {gen_length} is not a multiple of block_length={block}; "
+                         "change block_length (the release asserts the same)")
+    if draws > gen_length // block:
+        raise ValueError(f"block_random: num_draws={draws} exceeds the {gen_length // block} blocks (draws are "
+                         "distinct entries of one block permutation); lower num_draws")
 
 
 def token_log_probs(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tensor, noisy_completion_rl: Tensor,
@@ -171,11 +241,18 @@ def compute_proxies(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tens
     """ELBO (per draw, mean, per token), EUBO surrogate and, with ``meanfield``, d1's per-token
     log-probs, all from one batched forward over ``B x (K [+1])`` masked copies."""
     _check_batch(prompt_ids, prompt_attn, completion_ids)
+    mask_nl = live_mask(completion_ids, lm.eos_id, settings)
+    draw = draw_masks(prompt_attn, mask_nl, settings, torch.Generator().manual_seed(int(seed)))
+    return score_draw(lm, prompt_ids, prompt_attn, completion_ids, draw, settings, meanfield=meanfield)
+
+
+def score_draw(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor,
+               draw: MaskDraw, settings: ProxySettings, *, meanfield: bool = False) -> Proxies:
+    """The proxies of one given ``draw`` (its K copies, plus the mean-field copy when asked)."""
     batch, gen_length = completion_ids.shape
     device = completion_ids.device
-    mask_nl = completion_mask(completion_ids, lm.eos_id)
-    draw = draw_masks(prompt_attn, mask_nl, settings, torch.Generator().manual_seed(int(seed)))
-    copies = settings.num_draws + int(meanfield)
+    mask_nl = live_mask(completion_ids, lm.eos_id, settings)
+    copies = draw.masked_nkl.shape[1] + int(meanfield)
 
     masked_ncl = draw.masked_nkl.to(device)
     if meanfield:
@@ -189,13 +266,13 @@ def compute_proxies(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tens
         settings.max_tokens_per_forward).view(batch, copies, gen_length)
 
     lengths_n = mask_nl.sum(1)
-    logp_nkl = logp_ncl[:, :settings.num_draws]
+    logp_nkl = logp_ncl[:, :draw.masked_nkl.shape[1]]
     scored_nkl = draw.scored_nkl.to(device)
     weight_nk = draw.weight_nk.to(device)
     elbo_nk = weight_nk * torch.where(scored_nkl, logp_nkl, 0.0).sum(-1)
     elbo_n = elbo_nk.mean(1)
     return Proxies(
-        elbo_nk=elbo_nk, elbo_n=elbo_n, elbo_per_token_n=elbo_n / lengths_n,
+        elbo_nk=elbo_nk, elbo_n=elbo_n, elbo_per_token_n=elbo_n / lengths_n.clamp_min(1.0),
         eubo_n=eubo_surrogate(logp_nkl, scored_nkl, weight_nk, settings.eubo_beta, lengths_n),
         completion_mask_nl=mask_nl, lengths_n=lengths_n,
         meanfield_logp_nl=logp_ncl[:, -1] if meanfield else None)
@@ -205,7 +282,7 @@ def eubo_surrogate(logp_nkl: Tensor, scored_nkl: Tensor, weight_nk: Tensor, beta
                    lengths_n: Tensor) -> Tensor:
     """``(L_n / S_n) (1/beta) sum_l log((1/K) sum_k w_nk scored_nkl p_nkl^beta)`` -> ``[B]``, the sum
     over the ``S_n`` tokens scored in at least one draw, rescaled to the ``L_n`` live tokens (SPG).
-    Computed in log space (logsumexp over draws)."""
+    Computed in log space (logsumexp over draws), so a tiny ``p^beta`` never underflows to 0."""
     draws = logp_nkl.shape[1]
     log_terms_nkl = torch.where(scored_nkl, weight_nk.log()[..., None] + beta * logp_nkl, -math.inf)
     seen_nl = scored_nkl.any(1)
@@ -220,7 +297,7 @@ def decoding_orders(completion_mask_nl: Tensor, num_orders: int, settings: Proxy
                     generator: torch.Generator) -> Tensor:
     """``step_nkl [B, K, G]``: the step at which each position is revealed; live tokens take steps
     ``0..L_n-1`` in a uniformly random order (``random``) or block by block with a random order
-    inside each block (``block_random``); the EOS tail comes after them (never revealed in practice)."""
+    inside each block (``block_random``); the other positions come after them (never revealed)."""
     live_nl = completion_mask_nl.bool().cpu()
     batch, gen_length = live_nl.shape
     keys_nkl = torch.rand(batch, num_orders, gen_length, generator=generator)
@@ -232,21 +309,26 @@ def decoding_orders(completion_mask_nl: Tensor, num_orders: int, settings: Proxy
 
 @torch.no_grad()
 def order_log_probs(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor,
-                    step_nkl: Tensor, max_tokens_per_forward: int | None = None) -> Tensor:
-    """``log p_sigma_k(x)`` ``[B, K]`` of the live tokens: decode along each order revealing one token
-    per step (the EOS tail stays masked). One batched forward over ``B x K`` rows per step."""
+                    step_nkl: Tensor, max_tokens_per_forward: int | None = None,
+                    settings: ProxySettings | None = None) -> Tensor:
+    """``log p_sigma_k(x)`` ``[B, K]`` of the live tokens of ``settings``' process (default SPG's):
+    decode along each order revealing one token per step; the positions after the live tokens stay
+    masked (``block_random``) or visible (``random``), as in that process. One batched forward over
+    ``B x K`` rows per step."""
     _check_batch(prompt_ids, prompt_attn, completion_ids)
+    settings = settings or ProxySettings()
     batch = completion_ids.shape[0]
     num_orders = step_nkl.shape[1]
-    mask_nl = completion_mask(completion_ids, lm.eos_id)
+    mask_nl = live_mask(completion_ids, lm.eos_id, settings)
     step_rl = step_nkl.to(completion_ids.device).flatten(0, 1)
     target_rl = completion_ids[:, None].expand(-1, num_orders, -1).flatten(0, 1)
     prompt_rp = prompt_ids[:, None].expand(-1, num_orders, -1).flatten(0, 1)
     attn_rp = prompt_attn[:, None].expand(-1, num_orders, -1).flatten(0, 1)
     logp_rl = torch.zeros(step_rl.shape, dtype=torch.float32, device=completion_ids.device)
     live_rl = mask_nl.bool()[:, None].expand(-1, num_orders, -1).flatten(0, 1)
+    hidden_rl = ~live_rl if settings.process.masks_tail else torch.zeros_like(live_rl)
     for step in range(int(mask_nl.sum(1).max())):
-        noisy_rl = target_rl.masked_fill((step_rl >= step) | ~live_rl, lm.mask_id)  # not yet revealed
+        noisy_rl = target_rl.masked_fill(((step_rl >= step) & live_rl) | hidden_rl, lm.mask_id)  # not yet revealed
         logp_step_rl = token_log_probs(lm, prompt_rp, attn_rp, noisy_rl, target_rl, max_tokens_per_forward)
         logp_rl = torch.where(step_rl == step, logp_step_rl, logp_rl)
     return torch.where(live_rl, logp_rl, 0.0).sum(1).view(batch, num_orders)
@@ -257,17 +339,18 @@ def gap_lower_bound(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tens
     """The drift monitor ``IW_K - ELBO_K`` ``[B]`` (float32, >= 0) over ``K = num_orders`` random orders.
 
     ``IW_K = log (1/K) sum_k p_sigma_k(x)`` and ``ELBO_K = (1/K) sum_k log p_sigma_k(x)`` from the same
-    orders. ``E[ELBO_K] = ELBO`` exactly and ``ELBO <= E[IW_K] <= log pi`` with ``E[IW_K]`` rising
-    to ``log pi`` as K grows, so the expectation lies in ``[0, log pi - ELBO]`` and tends to the gap.
-    The prompt is never masked here and the EOS tail always is; orders follow ``settings.masking``
-    (block by block for ``block_random``). Costs ``max_n L_n`` forwards of ``B x K`` rows.
+    orders. ``E[ELBO_K]`` is the any-order ELBO of the live tokens and ``E[IW_K]`` rises with K to
+    ``log pi``, so the expectation lies in ``[0, log pi - ELBO]`` and tends to the gap. The prompt is
+    never masked here; live tokens and the tail follow ``settings.masking`` (block by block for
+    ``block_random``). Costs ``max_n L_n`` forwards of ``B x K`` rows.
     """
     if num_orders < 1:
         raise ValueError(f"gap_lower_bound: num_orders={num_orders} must be >= 1")
     _check_batch(prompt_ids, prompt_attn, completion_ids)
-    orders = decoding_orders(completion_mask(completion_ids, lm.eos_id), num_orders, settings,
+    orders = decoding_orders(live_mask(completion_ids, lm.eos_id, settings), num_orders, settings,
                              torch.Generator().manual_seed(int(seed)))
-    log_p_nk = order_log_probs(lm, prompt_ids, prompt_attn, completion_ids, orders, settings.max_tokens_per_forward)
+    log_p_nk = order_log_probs(lm, prompt_ids, prompt_attn, completion_ids, orders, settings.max_tokens_per_forward,
+                               settings)
     iw_n = torch.logsumexp(log_p_nk, dim=1) - math.log(num_orders)
     return iw_n - log_p_nk.mean(1)
 
