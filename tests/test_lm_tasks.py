@@ -196,8 +196,9 @@ def test_sudoku_rewards_on_hand_made_completions():
         "31422431": (4 / 8, False),  # d1 pads a short answer with 0
         "31422431421313249999": (1.0, True),  # ... and cuts a long one to 16
         "3142 2431 4213 1324": (1.0, True),
-        "solution: 3142243142131324": (0.0, False),  # compact answers are digits only
-        "<answer>3142243142131324": (0.0, False),  # unclosed tag: read as compact -> not digits
+        "solution: 3142243142131324": (1.0, True),  # untagged prose: a written-out 16-digit grid
+        "the 4x4 grid has 8 blanks": (0.0, False),  # ... but no prose digits
+        "<answer>3142243142131324": (1.0, True),  # an unclosed tag still opens the answer
         "": (0.0, False),
         "0000000000000000": (0.0, False),
     }
@@ -292,10 +293,14 @@ def test_countdown_rewards_on_hand_made_completions():
         "100-93+30": 0.1,  # right numbers, wrong value (37)
         "30+93": 0.1,  # a number unused
         "30*93/(100-100)": 0.1,  # division by zero is an evaluation failure, not a crash
-        "30+93-100=23": 0.0,  # not an expression
+        "30+93-100=23": 1.0,  # "expr = target": the side that uses the numbers
+        "30+93-100=24": 1.0,  # the expression is evaluated; a wrong claimed value does not count
+        "23=30+93-100": 1.0,
+        "23=24=25=26=30+93-100": 0.1,  # only the first 4 sides of a chain are read
         "-30+93": 0.0,  # no unary minus
         "30+93-100)": 0.0,
-        "<answer>30+93-100": 0.0,  # unclosed tag -> compact text with '<' -> unparseable
+        "<answer>30+93-100": 1.0,  # an unclosed tag still opens the answer
+        "30 plus 93 minus 100": 0.0,  # prose is not an expression
         "<answer></answer>": 0.0,
         "": 0.0,
     }

@@ -1,26 +1,45 @@
 """Where the answer sits in a completion, and d1's format rewards.
 
-One rule for every task, so compact completions (tiny model) and instruct-model completions are
-read the same way:
+One reading for every task, written for real instruct-model text (LLaDA-8B-Instruct under the d1
+prompt) and the tiny model's compact completions alike:
 
-* if the completion contains ``<answer>`` ... ``</answer>``, the answer is the text between the
-  last ``</answer>`` and the last ``<answer>`` before it, stripped (instruct models, d1 format);
-* otherwise the whole completion, stripped, is the answer (compact format: the tiny model writes
-  the answer itself and stops at EOS).
+* the text ends at the first end-of-sequence marker (``<|eot_id|>``, ``<|endoftext|>``, ...);
+  what a sampler writes after EOS is padding, never an answer;
+* the answer region is the text after the last ``<answer>``, up to the next closing tag or the end
+  of the text (real completions often open ``<answer>`` and hit EOS). A closing tag is anything
+  starting with ``</answer`` (``</answer}`` is a common typo). With no opening tag but a stray
+  closing tag, the region is what precedes the last closing tag, after ``</reasoning>`` if that
+  is there; with no tag at all there is no region, and a task reads the whole text (compact
+  format: the tiny model writes the answer itself and stops at EOS);
+* math answers: the content of the last non-empty ``\\boxed{...}`` before EOS (balanced
+  braces; the final box, also when a model boxes again after ``</answer>``), else the region.
 
-Everything here is linear in the completion length (``str.find``/``rfind``/``count``, no
-backtracking regular expressions), so hostile completions cannot stall the trainer.
+Everything here is linear in the completion length (``str.find``/``rfind``/``count`` and one
+brace scan, no backtracking regular expressions), so hostile completions cannot stall a trainer.
 """
 
 from __future__ import annotations
 
 OPEN, CLOSE = "<answer>", "</answer>"
+CLOSE_STEM = "</answer"  # also catches `</answer}` and `</answer >`
 REASONING_OPEN, REASONING_CLOSE = "<reasoning>", "</reasoning>"
+EOS_MARKERS = ("<|eot_id|>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>", "<|eom_id|>", "</s>")
+BOXES = ("\\boxed", "\\fbox")
 
 CHAT_FORMAT = (
     "Think step by step, then give the final answer. Respond in exactly this format:\n"
     "<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
 )
+
+
+def before_eos(completion: str) -> str:
+    """The completion up to its first end-of-sequence marker."""
+    end = len(completion)
+    for marker in EOS_MARKERS:
+        at = completion.find(marker, 0, end)
+        if at >= 0:
+            end = at
+    return completion[:end]
 
 
 def tagged_answer(completion: str) -> str | None:
@@ -34,10 +53,62 @@ def tagged_answer(completion: str) -> str | None:
     return completion[start + len(OPEN) : end].strip()
 
 
+def answer_region(completion: str) -> str | None:
+    """The answer region by the rules above (stripped), or None when the text has no answer tag."""
+    text = before_eos(completion)
+    start = text.rfind(OPEN)
+    if start >= 0:
+        body = text[start + len(OPEN) :]
+        end = body.find(CLOSE_STEM)
+        region = (body if end < 0 else body[:end]).strip()
+        # An empty last region (the model reopened the tag and stopped) falls back to the last
+        # closed pair, which holds the answer it did give.
+        return region or tagged_answer(text) or ""
+    end = text.rfind(CLOSE_STEM)
+    if end < 0:
+        return None
+    body = text[:end]
+    reasoning_end = body.rfind(REASONING_CLOSE)
+    return (body if reasoning_end < 0 else body[reasoning_end + len(REASONING_CLOSE) :]).strip()
+
+
 def answer_text(completion: str) -> str:
-    """The answer part of a completion by the rule above (tagged if present, else compact)."""
-    tagged = tagged_answer(completion)
-    return completion.strip() if tagged is None else tagged
+    """The answer region, or the whole text before EOS when there is none (compact format)."""
+    region = answer_region(completion)
+    return before_eos(completion).strip() if region is None else region
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced braces, stripped;
+    ``\\boxed 5`` (no braces) gives the token after it. None when there is no complete box."""
+    start, name = max((text.rfind(box), box) for box in BOXES)
+    if start < 0:
+        return None
+    i = j = start + len(name)
+    while j < len(text) and text[j] == " ":
+        j += 1
+    if j < len(text) and text[j] == "{":
+        depth = 0
+        for k in range(j, len(text)):
+            if text[k] == "{":
+                depth += 1
+            elif text[k] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[j + 1 : k].strip()
+        return None
+    if j > i:  # "\\boxed 5"
+        token = text[j:].split(None, 1)
+        return (token[0].rstrip("$.") or None) if token else None
+    return None
+
+
+def boxed_or_region(completion: str) -> str | None:
+    """Math-style answer: the last non-empty box before EOS, else the answer region; None when
+    the text has neither (the caller decides what untagged text means)."""
+    text = before_eos(completion)
+    boxed = last_boxed(text)
+    return boxed if boxed else answer_region(text)
 
 
 def soft_format(completion: str) -> float:

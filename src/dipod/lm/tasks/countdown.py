@@ -8,7 +8,10 @@ splits share no triple, whatever sizes are asked for.
 Reward (as d1): 1.0 when the answer is an expression using each given number exactly once whose
 exact value is the target; 0.1 when it is a well-formed expression that fails (wrong numbers,
 wrong value, division by zero); 0.0 when there is no parseable expression. The answer is read by
-the rule of `answer_format` (tagged or compact) and evaluated by `arithmetic` (never `eval`).
+the rule of `answer_format` (last box, else the tagged region, else the whole text), written in
+plain arithmetic by `plain_math` (``\\times``, ``\\div``, ``\\cdot``, ``\\frac``), split at ``=``
+(``55 - 53 = 2``: the side that uses the given numbers counts) and evaluated by `arithmetic`
+(never `eval`).
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .answer_format import CHAT_FORMAT, answer_text
+from .answer_format import CHAT_FORMAT, before_eos, boxed_or_region
 from .arithmetic import MAX_CHARS, ExpressionError, evaluate, literals, parse_expression
 from .base import GeneratedTask, register_task
 from .data_files import read_jsonl
+from .plain_math import plain_math
 
 FORMAT_SCORE = 0.1
+MAX_ANSWER_CHARS = 4 * MAX_CHARS  # room for LaTeX around an expression of MAX_CHARS
+MAX_SIDES = 4  # "a = b = c" chains longer than this are not answers
 D1_TEST_FILE = "countdown_cd3_test.jsonl"
 NUMBER_RANGE = (1, 100)
 TARGET_RANGE = (1, 100)
@@ -174,24 +180,37 @@ class CountdownTask(GeneratedTask):
     # -- scoring -------------------------------------------------------------------------------
 
     def _extract_answer(self, completion: str) -> str | None:
-        text = answer_text(completion)
-        return text if 0 < len(text) <= MAX_CHARS else None
+        answer = boxed_or_region(completion)
+        text = before_eos(completion) if answer is None else answer
+        return text.strip() or None if len(text) <= MAX_ANSWER_CHARS else None
 
     def _reward(self, completion: str, example: dict) -> float:
         text = self._extract_answer(completion)
-        if text is None:
+        trees = [] if text is None else candidate_expressions(text)
+        if not trees:
             return 0.0
-        try:
-            tree = parse_expression(text)
-        except ExpressionError:
-            return 0.0
-        if sorted(literals(tree)) != sorted(example["numbers"]):
-            return FORMAT_SCORE
-        try:
-            value = evaluate(tree)
-        except ExpressionError:
-            return FORMAT_SCORE
-        return 1.0 if value == example["target"] else FORMAT_SCORE
+        numbers = sorted(example["numbers"])
+        for tree in trees:  # the side of "expr = target" that uses the given numbers
+            if sorted(literals(tree)) == numbers:
+                try:
+                    return 1.0 if evaluate(tree) == example["target"] else FORMAT_SCORE
+                except ExpressionError:
+                    return FORMAT_SCORE
+        return FORMAT_SCORE
+
+
+def candidate_expressions(text: str) -> list:
+    """Parsed sides of an answer such as ``\\boxed{(55 - 53) \\times 2 = 4}``: the text in plain
+    arithmetic, split at ``=``, each side that parses (never eval'd)."""
+    trees = []
+    for side in plain_math(text).replace("{", "(").replace("}", ")").split("=")[:MAX_SIDES]:
+        side = side.strip().rstrip(".").strip()
+        if side:
+            try:
+                trees.append(parse_expression(side))
+            except ExpressionError:
+                pass
+    return trees
 
 
 def _int_field(value, what: str, where: str) -> int:

@@ -5,41 +5,35 @@ dataset's answer field (or the whole field when it has no ``####``). Data comes 
 the user points: a local .json/.jsonl/.parquet file with `question` and `answer` fields, or a
 hub dataset id such as ``openai/gsm8k`` (the only case that touches the network).
 
+Answer (the reading of `answer_format`): the last non-empty ``\\boxed{}`` before EOS, else the
+answer region (unclosed and stray tags included), else the whole text. The number it states is
+read by `plain_math.read_number` (units, ``\\$``, ``\\%``, ``\\text{...}``, thousands commas and LaTeX
+operators removed; the part after the last ``=``; else its last number), so ``\\boxed{43,500}``,
+``130 dollars`` and ``-3`` all read as numbers.
+
 Rewards (d1's five, each here in [0, 1], weights restoring d1's scale, maximum total 4.0):
-correctness x2.0 (the answer equals the reference as a number, else as text), integer x0.5 (the
+correctness x2.0 (the stated number equals the reference exactly), integer x0.5 (the
 answer is all digits), strict_format x0.5, soft_format x0.5, xml_count x0.5. The headline
 `reward` is correctness alone, so it is also the accuracy.
 """
 
 from __future__ import annotations
 
-import re
 from fractions import Fraction
 
-from .answer_format import CHAT_FORMAT, answer_text, soft_format, strict_format, xml_count
+from .answer_format import CHAT_FORMAT, before_eos, boxed_or_region, soft_format, strict_format, xml_count
 from .base import RewardFn, Task, check_limit, guarded, register_task
 from .data_files import read_records, require_fields
-
-_NUMBER = re.compile(r"-?\d+(\.\d+)?")
-_MAX_ANSWER_CHARS = 40  # longer "numbers" are garbage; also keeps Fraction() cheap
-
+from .plain_math import read_number
 
 def final_answer(answer_field: str) -> str:
     return answer_field.split("####")[-1].strip()
 
 
-def normalise(answer: str) -> str:
-    return answer.strip().replace(",", "").replace("$", "").rstrip(".").strip()
-
-
 def same_answer(predicted: str, reference: str) -> bool:
-    """Numeric equality when both are plain decimals ("72" == "72.0"), else exact text."""
-    predicted, reference = normalise(predicted), normalise(reference)
-    if len(predicted) > _MAX_ANSWER_CHARS:
-        return False
-    if _NUMBER.fullmatch(predicted) and _NUMBER.fullmatch(reference):
-        return Fraction(predicted) == Fraction(reference)
-    return predicted == reference
+    """The number `predicted` states equals the reference number (exactly, as fractions)."""
+    stated, wanted = read_number(predicted), read_number(reference)
+    return stated is not None and stated == wanted
 
 
 @register_task
@@ -81,14 +75,15 @@ class GSM8KTask(Task):
         return example["answer"]
 
     def _extract_answer(self, completion: str) -> str | None:
-        return answer_text(completion) or None
+        answer = boxed_or_region(completion)
+        return (before_eos(completion).strip() if answer is None else answer) or None
 
     def _reward(self, completion: str, example: dict) -> float:
         answer = self._extract_answer(completion)
         return 1.0 if answer is not None and same_answer(answer, example["answer"]) else 0.0
 
     def _integer(self, completion: str, example: dict) -> float:
-        answer = answer_text(completion)
+        answer = self._extract_answer(completion)
         return 1.0 if answer and all(c in "0123456789" for c in answer) else 0.0
 
     @property

@@ -4,9 +4,10 @@ Examples are ``{"problem": ..., "answer": "\\frac{1}{2}"}``; `answer` is the dat
 field, or the last ``\\boxed{...}`` of its `solution` field. Data comes from a local
 .json/.jsonl/.parquet file or a hub dataset id such as ``HuggingFaceH4/MATH-500``.
 
-Answer: the answer part of the completion (tagged or compact, see `answer_format`); if it holds
-a ``\\boxed{...}``, the content of the last one. Correctness: `math_verify.verify` of the
-reference against that answer. Rewards (d1's two): correctness x2.0 and boxed_format x1.0
+Answer (see `answer_format`): the last non-empty ``\\boxed{...}`` before EOS, else the answer
+region, else the whole text. Correctness: equal after removing spacing and ``\\left``/``\\right``
+(so every reference grades correct against itself), else `math_verify.verify` of the reference
+against that answer, on answers `cheap_to_verify` admits. Rewards (d1's two): correctness x2.0 and boxed_format x1.0
 (0.5 for an <answer>...</answer> pair, 0.5 more when the tagged answer holds a \\boxed{}).
 """
 
@@ -16,7 +17,7 @@ import functools
 import re
 import threading
 
-from .answer_format import CHAT_FORMAT, answer_text, tagged_answer
+from .answer_format import CHAT_FORMAT, answer_region, before_eos, boxed_or_region, last_boxed
 from .base import RewardFn, Task, check_limit, guarded, register_task
 from .data_files import read_records, require_fields
 
@@ -30,27 +31,6 @@ _BIG_FACTORIAL = re.compile(r"([0-9]{4,}|[)}\]])\s*!")
 _BIG_BINOMIAL = re.compile(r"binom.*[0-9]{4,}")
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (balanced braces), or None."""
-    start = text.rfind(BOXED)
-    if start < 0:
-        return None
-    i = start + len(BOXED)
-    while i < len(text) and text[i] == " ":
-        i += 1
-    if i >= len(text) or text[i] != "{":
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j].strip()
-    return None
-
-
 def _group_end(text: str, start: int) -> int:
     """Index just past the brace group opening at `start` (or past the text if unbalanced)."""
     depth = 0
@@ -61,8 +41,9 @@ def _group_end(text: str, start: int) -> int:
     return len(text)
 
 
-def _exponents(text: str) -> list[tuple[str, str]]:
-    """(exponent, text after it) for every "^": a brace group, else the next token."""
+def _exponents(text: str) -> list[tuple[str, str, bool]]:
+    """(exponent, text after it, whether its base is a bracketed group) for every "^"; the
+    exponent is a brace group, else the next token."""
     found = []
     for caret in (i for i, c in enumerate(text) if c == "^"):
         start = caret + 1
@@ -73,15 +54,20 @@ def _exponents(text: str) -> list[tuple[str, str]]:
         else:
             token = _TOKEN.match(text, start)
             end = token.end() if token else start
-        found.append((text[start:end], text[end:].lstrip()))
+        base = text[:caret].rstrip()[-1:]
+        found.append((text[start:end], text[end:].lstrip(), base in (")", "}", "]")))
     return found
 
 
 def cheap_to_verify(answer: str) -> bool:
     """Refuse the shapes on which sympy's evaluation explodes or its parser crawls: bracket
     nesting deeper than `_MAX_NESTING`, power towers (an exponent holding or followed by "^"),
-    integer exponents whose product passes `_MAX_EXPONENT_PRODUCT`, and factorials or binomials
-    of numbers with 4+ digits or of bracketed expressions. MATH answers never need these."""
+    powers whose exponents multiply past `_MAX_EXPONENT_PRODUCT`, and factorials or binomials of
+    numbers with 4+ digits or of bracketed expressions. MATH answers never need these.
+
+    Exponents multiply only through nesting: a power of a bracketed group may hold powers, so
+    the bound is the product of the exponents on bracketed bases times the largest other
+    exponent. Sibling powers (the terms of ``x^8 + x^7 + ... + 1``) do not multiply."""
     depth = 0
     for char in answer:
         depth += 1 if char in "{([" else -1 if char in "})]" else 0
@@ -89,13 +75,18 @@ def cheap_to_verify(answer: str) -> bool:
             return False
     if _BIG_FACTORIAL.search(answer) or _BIG_BINOMIAL.search(answer):
         return False
-    product = 1
-    for exponent, after in _exponents(answer):
+    nested, largest = 1, 1
+    for exponent, after, bracketed_base in _exponents(answer):
         if "^" in exponent or after.startswith("^"):
             return False
+        value = 1
         for digits in re.findall(r"[0-9]+", exponent):
-            product *= max(int(digits), 1)
-        if product > _MAX_EXPONENT_PRODUCT:
+            value *= max(int(digits), 1) if len(digits) <= 6 else _MAX_EXPONENT_PRODUCT + 1
+        if bracketed_base:
+            nested *= value
+        else:
+            largest = max(largest, value)
+        if nested * largest > _MAX_EXPONENT_PRODUCT:
             return False
     return True
 
@@ -112,11 +103,21 @@ def _parsed_reference(answer: str) -> tuple:
     return tuple(math_verify.parse(f"{BOXED}{{{answer}}}", parsing_timeout=_timeout()))
 
 
+def _canonical(answer: str) -> str:
+    """The answer with spacing, \\left/\\right and \\dfrac/\\tfrac spelling removed."""
+    for old, new in (("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
+                     ("\\!", ""), ("\\,", ""), ("\\;", ""), (" ", ""), ("\n", "")):
+        answer = answer.replace(old, new)
+    return answer.rstrip(".")
+
+
 @functools.lru_cache(maxsize=1 << 14)  # reward, is_correct and the trainer's table all ask
 def equivalent(predicted: str, reference: str) -> bool:
     """math-verify equivalence; anything the third-party parser chokes on counts as wrong."""
     import math_verify
 
+    if _canonical(predicted) == _canonical(reference):
+        return True  # also makes every reference equal to itself, whatever the parser makes of it
     if not cheap_to_verify(predicted):
         return False
     try:
@@ -171,9 +172,9 @@ class Math500Task(Task):
         return example["answer"]
 
     def _extract_answer(self, completion: str) -> str | None:
-        text = answer_text(completion)
-        boxed = last_boxed(text)
-        answer = text if boxed is None else boxed
+        answer = boxed_or_region(completion)
+        if answer is None:
+            answer = before_eos(completion).strip()
         return answer if 0 < len(answer) <= _MAX_ANSWER_CHARS else None
 
     def _reward(self, completion: str, example: dict) -> float:
@@ -181,10 +182,10 @@ class Math500Task(Task):
         return 1.0 if answer is not None and equivalent(answer, example["answer"]) else 0.0
 
     def _boxed_format(self, completion: str, example: dict) -> float:
-        tagged = tagged_answer(completion)
-        if tagged is None:
+        region = answer_region(completion)
+        if region is None:
             return 0.0
-        return 1.0 if last_boxed(tagged) is not None else 0.5
+        return 1.0 if last_boxed(region) is not None else 0.5
 
     @property
     def reward_functions(self) -> dict[str, tuple[RewardFn, float]]:

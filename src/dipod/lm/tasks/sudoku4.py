@@ -7,17 +7,21 @@ cells blanked; it is kept only when exactly one of the 288 grids agrees with its
 is exact, because every solution of a 4x4 puzzle is one of the 288 valid grids.
 
 Reward (as d1): the fraction of blank cells the answer fills with the right digit; accuracy: all
-16 cells right. The answer is read by the rule of `answer_format` (tagged or compact), then its
-ASCII digits are taken, padded with 0 or cut to 16 as d1 does.
+16 cells right. The grid is read from the answer region of `answer_format` (unclosed and stray
+tags included): its last run of 16 digits, else digits written after a stray ``</answer>``, else
+the digits of its all-digit words (so "4x4" or "R1C2" in prose never enter the grid); without
+tags, a compact completion of digits, or a 16-digit run in the text. Then padded with 0 or cut
+to 16 as d1 does.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 
-from .answer_format import CHAT_FORMAT, tagged_answer
+from .answer_format import CHAT_FORMAT, CLOSE_STEM, answer_region, before_eos
 from .base import GeneratedTask, register_task
 from .data_files import read_csv
 
@@ -26,6 +30,8 @@ D1_TEST_FILE = "sudoku4_d1_test.csv"
 _MAX_TAGGED_CHARS = 1000  # an answer of 16 digits has no business being longer
 _MAX_COMPACT_CHARS = 64
 _BATCH = 256
+_GRID_RUN = re.compile(r"(?<![0-9])[0-9]{16}(?![0-9])")
+_WORD = re.compile(r"\w+")
 
 
 def _unit_of(cell: int) -> tuple[int, int, int]:
@@ -74,6 +80,29 @@ def solution_counts(puzzles_nc: np.ndarray) -> np.ndarray:
 
 def _digits(text: str) -> str:
     return "".join(c for c in text if c in "0123456789")
+
+
+def last_grid_run(text: str) -> str:
+    """The last run of exactly 16 digits in `text` (a grid written out), or ""."""
+    runs = _GRID_RUN.findall(text)
+    return runs[-1] if runs else ""
+
+
+def digits_after_close(text: str) -> str:
+    """The digits after the last closing answer tag when nothing else is there but whitespace and
+    code fences (models often close the tag, then write the grid), or ""."""
+    close = text.rfind(CLOSE_STEM)
+    if close < 0:
+        return ""
+    tail = text[close + len(CLOSE_STEM) :].lstrip(">}").replace("`", "")
+    tail = "".join(tail.split())
+    return tail if tail.isascii() and tail.isdigit() else ""
+
+
+def grid_words(region: str) -> str:
+    """The digits of the region's all-digit words, in order (rows one per line, or cells with
+    separators such as "1 2 | 3 4"). Words that mix digits and letters ("4x4", "R1C2") are prose."""
+    return "".join(word for word in _WORD.findall(region) if word.isascii() and word.isdigit())
 
 
 @register_task
@@ -147,13 +176,15 @@ class Sudoku4Task(GeneratedTask):
     # -- scoring -------------------------------------------------------------------------------
 
     def _extract_answer(self, completion: str) -> str | None:
-        tagged = tagged_answer(completion)
-        if tagged is not None:
-            digits = _digits(tagged) if len(tagged) <= _MAX_TAGGED_CHARS else ""
-        else:
-            compact = completion.strip()
-            ok = len(compact) <= _MAX_COMPACT_CHARS and all(c in "0123456789 \n\t" for c in compact)
-            digits = _digits(compact) if ok else ""
+        text = before_eos(completion)
+        region = answer_region(text)
+        if region is not None:
+            words = grid_words(region) if len(region) <= _MAX_TAGGED_CHARS else ""
+            digits = last_grid_run(region) or digits_after_close(text) or words
+        elif len(text.strip()) <= _MAX_COMPACT_CHARS and all(c in "0123456789 \n\t" for c in text.strip()):
+            digits = _digits(text)  # compact format: the completion is the grid
+        else:  # untagged prose: only a written-out 16-digit grid counts
+            digits = last_grid_run(text)
         if not digits:
             return None
         return digits[:CELLS].ljust(CELLS, "0")
