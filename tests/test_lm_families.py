@@ -1,0 +1,256 @@
+"""dipod.lm.families on the hub-shaped LLaDA and Dream snapshots (their own remote code, tiny random weights).
+
+Pins: family detection and clear errors before any compute; Dream's shifted logits and boolean
+mask; LLaDA rows independent of the batch (logits, greedy decoding, proxies); save and reload;
+activation checkpointing (same gradients, lower peak memory); mask id sanity; LoRA targets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from dipod.lm.families import FAMILIES, detect_family, get_family, without_padding  # noqa: E402
+from dipod.lm.model import LoraSettings, build_tiny_model, load_masked_lm  # noqa: E402
+
+MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+SNAPSHOTS = {"llada": MODELS / "tiny-llada", "dream": MODELS / "tiny-dream"}
+needs_snapshots = pytest.mark.skipif(not all(p.is_dir() for p in SNAPSHOTS.values()),
+                                     reason="../shared/models snapshots are absent")
+pytestmark = [needs_snapshots, pytest.mark.filterwarnings("ignore")]
+
+
+def load(family: str, **kwargs):
+    return load_masked_lm(SNAPSHOTS[family], trust_remote_code=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def llada():
+    return load("llada")
+
+
+@pytest.fixture(scope="module")
+def dream():
+    return load("dream")
+
+
+def left_padded(lm, texts):
+    rows = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), lm.pad_id)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        attn[i, width - len(r):] = 1
+    return ids, attn
+
+
+TEXTS = ["12+34=", "7*8=56, ok", "9"]
+
+
+# ------------------------------------------------------------------------------ detection and errors
+
+def test_family_is_detected_from_config_and_ids_come_from_the_model(llada, dream, tmp_path):
+    assert (llada.family.name, llada.mask_id, llada.eos_id, llada.pad_id) == ("llada", 120, 98, 98)
+    assert (dream.family.name, dream.mask_id, dream.eos_id, dream.pad_id) == ("dream", 120, 97, 97)
+    # End of turn: the token each chat template closes a turn with.
+    assert llada.tokenizer.convert_ids_to_tokens(llada.eot_id) == "<|eot_id|>"
+    assert dream.tokenizer.convert_ids_to_tokens(dream.eot_id) == "<|im_end|>"
+    tiny = load_masked_lm(build_tiny_model(tmp_path / "tiny", hidden_size=16, num_layers=1, num_heads=2,
+                                           intermediate_size=16, max_positions=32))
+    assert tiny.family.name == "hf_masked_lm" and tiny.eot_id is None
+
+
+def test_unknown_family_and_remote_code_off_fail_before_loading(tmp_path):
+    with pytest.raises(ValueError, match=r"model_type='gpt2'.*not a known family.*--model_family hf_masked_lm"):
+        detect_family({"model_type": "gpt2"}, "gpt2")
+    moe = {"model_type": "llada_moe", "auto_map": {"AutoModel": "modeling_lladamoe.LLaDAMoEModelLM"}}
+    with pytest.raises(ValueError, match=r"llada_moe.*own code.*not a known family"):
+        detect_family(moe, "inclusionAI/LLaDA-MoE-7B-A1B-Instruct")
+    with pytest.raises(ValueError, match=r"model_family='bert'.*choose one of"):
+        get_family("bert")
+    with pytest.raises(ValueError, match=r"ships its own model code.*--trust_remote_code true"):
+        load_masked_lm(SNAPSHOTS["llada"])
+    from dipod.config import ConfigError
+    from dipod.lm.train_config import TrainConfig
+
+    with pytest.raises(ConfigError, match="model_family='lada'"):
+        TrainConfig(model_family="lada")
+
+
+@pytest.mark.parametrize("family,missing", [("llada", "modeling_llada.py"), ("dream", "generation_utils.py"),
+                                             ("dream", "model.safetensors"), ("llada", "tokenizer.json")])
+def test_an_incomplete_snapshot_names_the_missing_file(tmp_path, family, missing):
+    copy = tmp_path / family
+    shutil.copytree(SNAPSHOTS[family], copy, ignore=shutil.ignore_patterns(missing, "tokenizer_config.json")
+                    if missing == "tokenizer.json" else shutil.ignore_patterns(missing))
+    with pytest.raises(FileNotFoundError, match=rf"no .*{missing.split('.')[0]}.*download the whole repository"):
+        load_masked_lm(copy, trust_remote_code=True)
+
+
+def test_mask_token_id_must_agree_with_the_model(llada):
+    assert load("llada", mask_token_id=120).mask_id == 120
+    # LLaDA's tokenizer has no mask token: the id comes from config.json, and a wrong flag is an error.
+    with pytest.raises(ValueError, match=r"--mask_token_id=126336 disagrees with the model's mask token id 120 "
+                                         r"\(from its config.json\)"):
+        load("llada", mask_token_id=126336)
+    with pytest.raises(ValueError, match=r"--mask_token_id=5 .* 120 \(from its tokenizer and config.json\)"):
+        load("dream", mask_token_id=5)
+
+
+# ------------------------------------------------------------------------------ calling conventions
+
+def test_dream_logits_are_realigned_so_position_i_predicts_token_i(dream):
+    ids, attn = left_padded(dream, ["7*8=56, ok"])
+    raw = dream.model(input_ids=ids).logits
+    ours = dream.logits(ids, attn)
+    assert torch.equal(ours[:, 1:], raw[:, :-1].float())  # Dream reads token i from output i - 1
+    assert torch.equal(ours[:, 0], raw[:, 0].float())
+
+
+def test_dream_padding_is_masked_and_positions_restart(dream):
+    ids, attn = left_padded(dream, TEXTS)
+    batch = dream.logits(ids, attn)  # a 2-D long mask would crash Dream's SDPA attention
+    assert torch.isfinite(batch).all()
+    for i, text in enumerate(TEXTS):
+        alone = dream.logits(*left_padded(dream, [text]))[0]
+        n = alone.shape[0]
+        # The first real token's (never used) prediction comes from a padding column; the rest match.
+        torch.testing.assert_close(batch[i, ids.shape[1] - n + 1:], alone[1:], rtol=0, atol=1e-5)
+
+
+def test_llada_rows_do_not_depend_on_the_batch(llada):
+    ids, attn = left_padded(llada, TEXTS)
+    batch = llada.logits(ids, attn)
+    for i, text in enumerate(TEXTS):
+        alone = llada.logits(*left_padded(llada, [text]))[0]
+        assert torch.equal(batch[i, -alone.shape[0]:], alone)
+        assert not batch[i, :-alone.shape[0]].any()  # padding positions: zeros, never read
+    # The code really ignores attention_mask: without the family, padding leaks into the rows.
+    leaky = llada.model(input_ids=ids, attention_mask=attn).logits
+    assert (leaky[0, -len("12+34="):] - batch[0, -len("12+34="):]).abs().max() > 1e-3
+
+
+def test_without_padding_groups_rows_and_keeps_gradients():
+    weight = torch.randn(5, 3, requires_grad=True)
+    calls = []
+
+    def forward(ids):  # position-dependent, so stripping columns changes the result
+        calls.append(tuple(ids.shape))
+        return weight[ids] * torch.arange(1, ids.shape[1] + 1)[None, :, None]
+
+    ids = torch.tensor([[0, 1, 2], [0, 3, 4], [2, 2, 2], [4, 4, 1]])
+    attn = torch.tensor([[0, 1, 1], [0, 1, 1], [1, 1, 1], [0, 0, 1]])
+    out = without_padding(forward, ids, attn)
+    assert sorted(calls) == [(1, 1), (1, 3), (2, 2)]  # one forward per padding pattern
+    for i in range(4):
+        keep = attn[i].bool()
+        assert torch.equal(out[i, keep], forward(ids[i:i + 1, keep])[0])
+        assert not out[i, ~keep].any()
+    out.sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_greedy_decoding_and_proxies_do_not_depend_on_the_batch(family, llada, dream):
+    from dipod.lm.proxies import ProxySettings, compute_proxies
+    from dipod.lm.sampler import SamplerSettings, generate
+
+    lm = {"llada": llada, "dream": dream}[family]
+    settings = SamplerSettings(gen_length=8, block_length=4, steps=4)
+    ids, attn = left_padded(lm, TEXTS)
+    batch = generate(lm, ids, attn, settings)
+    for i, text in enumerate(TEXTS):
+        assert torch.equal(batch[i], generate(lm, *left_padded(lm, [text]), settings)[0]), text
+    # Proxies: the first prompt beside a longer one (so it is padded) or beside one of its own length.
+    proxy = ProxySettings(num_draws=2, masking="random", block_length=4)
+    long_ids, long_attn = left_padded(lm, [TEXTS[0], TEXTS[1]])
+    short_ids, short_attn = left_padded(lm, [TEXTS[0], "56+1=?"])
+    completions = batch[:2]
+    padded = compute_proxies(lm, long_ids, long_attn, completions, proxy, seed=0)
+    unpadded = compute_proxies(lm, short_ids, short_attn, completions, proxy, seed=0)
+    tol = 0 if family == "llada" else 1e-5
+    torch.testing.assert_close(padded.elbo_nk[0], unpadded.elbo_nk[0], rtol=0, atol=tol)
+    torch.testing.assert_close(padded.eubo_n[0], unpadded.eubo_n[0], rtol=0, atol=tol)
+
+
+# ------------------------------------------------------------------------------ saving, LoRA, checkpointing
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_save_and_reload_give_the_same_logits(family, tmp_path):
+    lm = load(family, lora=LoraSettings(r=2, alpha=4, dropout=0.0))
+    with torch.no_grad():  # move the adapters off zero so the merge matters
+        for name, p in lm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids, attn = left_padded(lm, TEXTS)
+    before = lm.logits(ids, attn)
+    out = lm.save_pretrained(tmp_path / "saved")
+    again = load_masked_lm(out, trust_remote_code=True)
+    assert again.family is lm.family and (again.mask_id, again.eos_id) == (lm.mask_id, lm.eos_id)
+    torch.testing.assert_close(again.logits(ids, attn), before, rtol=0, atol=1e-5)
+    assert (before - load(family).logits(ids, attn)).abs().max() > 1e-3  # the adapters were saved
+
+
+@pytest.mark.parametrize("family,expected", [
+    ("llada", {"q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"}),
+    ("dream", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+])
+def test_default_lora_targets_cover_every_block_linear_but_not_the_head(family, expected):
+    lm = load(family, lora=LoraSettings(r=2))
+    adapted = {n.split(".lora_A")[0] for n, _ in lm.model.named_parameters() if ".lora_A." in n}
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == expected
+    assert len(adapted) == 2 * len(expected)  # two blocks
+    assert not any(n.endswith(("transformer.ff_out", "lm_head")) for n in adapted)
+
+
+def test_lora_targets_that_match_nothing_name_the_real_layers():
+    # Dream's (and the released code's) o_proj does not exist in LLaDA, whose output projection is attn_out.
+    with pytest.raises(ValueError, match=r"\['o_proj'\] match no linear layer.*'attn_out'"):
+        load("llada", lora=LoraSettings(r=2, target_modules="q_proj,o_proj"))
+
+
+def peak_bytes_and_grads(family: str, checkpointing: bool, batch: int = 2, length: int = 128):
+    """Peak CPU bytes allocated during one forward + backward (profiler memory events) and the gradients."""
+    lm = load(family, gradient_checkpointing=checkpointing)
+    lm.model.train()
+    ids = torch.randint(0, 90, (batch, length), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss = torch.nn.functional.cross_entropy(lm.logits(ids, attn).flatten(0, 1), ids.flatten())
+            loss.backward()
+        trace = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace) as f:
+            totals = [e["args"]["Total Allocated"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    grads = {n: p.grad for n, p in lm.model.named_parameters()}
+    return max(totals) - totals[0], grads
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_activation_checkpointing_keeps_gradients_and_lowers_peak_memory(family):
+    plain_peak, plain = peak_bytes_and_grads(family, False)
+    ckpt_peak, ckpt = peak_bytes_and_grads(family, True)
+    for name, grad in plain.items():
+        assert torch.equal(ckpt[name], grad), name
+    print(f"{family}: peak {plain_peak / 2**20:.2f} MiB -> {ckpt_peak / 2**20:.2f} MiB with checkpointing")
+    assert ckpt_peak < 0.75 * plain_peak
+
+
+def test_sampler_defaults_name_sampler_settings_fields():
+    from dataclasses import fields
+
+    from dipod.lm.sampler import SamplerSettings
+
+    names = {f.name for f in fields(SamplerSettings)}
+    for family in FAMILIES.values():
+        assert set(family.sampler_defaults) <= names, (family.name, set(family.sampler_defaults) - names)
