@@ -118,7 +118,7 @@ class SamplerSettings(DecodingOptions):
         if self.schedule == "global":
             if self.steps > self.gen_length:
                 raise ConfigError(f"steps={self.steps} exceeds gen_length={self.gen_length}; use steps <= gen_length")
-        else:  # blocks, or not chosen yet (blocks unless the model family says otherwise)
+        elif self.schedule == "blocks":  # unset: checked once resolved for the model's family
             if self.gen_length % self.block_length:
                 raise ConfigError(f"gen_length={self.gen_length} is not a multiple of block_length={self.block_length};"
                                   " change one of them (the sampler decodes whole blocks)")
