@@ -216,6 +216,19 @@ def test_block_random_p_mask_prompt_reaches_earlier_blocks_and_they_are_scored()
     assert torch.allclose(draw.weight_nk, 8 / draw.scored_nkl.sum(-1).float())
 
 
+def test_block_random_beyond_the_release_partial_block_and_more_draws_than_blocks():
+    """G = 5 with blocks of 2 (a last partial block) and K = 5 > 3 blocks: draws 0-2 and 3-4 come from
+    two permutations, so each group of three holds distinct blocks when all three hold live tokens."""
+    settings = ProxySettings(num_draws=5, masking="block_random", block_length=2)
+    live = torch.ones(300, 5)
+    draw = draw_masks(torch.ones(300, 1), live, settings, torch.Generator().manual_seed(6))
+    b_nk = _block_of(draw.masked_nkl, live, 2)
+    assert torch.equal(b_nk[:, :3].sort(-1).values, torch.arange(3).expand(300, -1))
+    assert torch.equal(b_nk[:, 3:4] == b_nk[:, 4:5], torch.zeros(300, 1, dtype=torch.bool))
+    last = b_nk == 2  # the partial block holds one token: it is the only one masked there
+    assert (draw.masked_nkl[..., 4][last]).all() and (draw.masked_nkl[last].sum(-1) == 1).all()
+
+
 def test_masks_are_deterministic_per_seed_and_differ_across_seeds():
     for masking in MASKINGS:
         settings = ProxySettings(num_draws=3, masking=masking, block_length=4, p_mask_prompt=0.5)
@@ -532,11 +545,6 @@ def test_settings_and_batch_validation():
         ProxySettings(num_draws=0)
     with pytest.raises(ValueError, match="eubo_beta"):
         ProxySettings(eubo_beta=0.0)
-    live = torch.ones(1, 6)
-    with pytest.raises(ValueError, match="multiple of block_length=4"):
-        draw_masks(torch.ones(1, 2), live, ProxySettings(block_length=4), torch.Generator())
-    with pytest.raises(ValueError, match="num_draws=4 exceeds the 3 blocks"):
-        draw_masks(torch.ones(1, 2), live, ProxySettings(num_draws=4, block_length=2), torch.Generator())
     lm = _lm(PositionOnlyModel(8))
     with pytest.raises(ValueError, match="same B"):
         compute_proxies(lm, torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), torch.zeros(3, 4, dtype=torch.long),

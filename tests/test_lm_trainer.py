@@ -62,7 +62,7 @@ def test_paper_configs_parse_with_the_published_settings(path):
     cfg = parse_config(TrainConfig, ["--config", str(path)], "t")
     assert (cfg.gen_length, cfg.block_length, cfg.diffusion_steps, cfg.num_generations) == (256, 32, 128, 6)
     assert (cfg.learning_rate, cfg.lora_r, cfg.lora_alpha, cfg.dipod_beta) == (3e-6, 128, 64.0, 0.05)
-    assert (cfg.estimator, cfg.spg_negative_proxy_value(), cfg.spg_mix_weight_value()) == ("spg", "mix", 0.5)
+    assert (cfg.estimator, cfg.option_value("spg_negative_proxy"), cfg.option_value("spg_mix_weight")) == ("spg", "mix", 0.5)
     assert cfg.eubo_beta_value() == (1.0 if cfg.task == "sudoku4" else 1.5)
     assert cfg.few_shot == (3 if "3shot" in path.name else 0)
     assert cfg.model == "GSAI-ML/LLaDA-8B-Instruct" and cfg.trust_remote_code and cfg.mask_token_id is None
@@ -143,13 +143,16 @@ def test_dipod_gradient_is_beta_times_grad_of_the_mean_elbo(settings, batch, tin
     new = train_engine.compute_proxies(lm, prompt_ids, prompt_attn, completion_ids, train_engine.proxy_settings(cfg),
                                        7, meanfield=cfg.estimator == "d1")
     assert torch.equal(loss0, estimator_loss(cfg0, new, old, adv_n, None)[0].detach())
-    # the update direction (minus the loss gradient) gains exactly beta * grad(sum_n ELBO_n / sum_n |o_n|),
-    # the length-weighted mean ELBO of the same forward
+    # the update direction (minus the loss gradient) gains exactly beta * grad of the mean ELBO of the
+    # same forward: length-weighted, sum_n ELBO_n / sum_n |o_n| (per_token, SPG's release), or the
+    # plain mean over sequences (per_sequence, the d1 fork's FPO)
     lm.model.zero_grad()
-    (new.elbo_n.sum() / new.lengths_n.sum()).backward()
+    per_token = cfg.option_value("dipod_normalisation") == "per_token"
+    mean_elbo = new.elbo_n.sum() / (new.lengths_n.sum() if per_token else len(new.elbo_n))
+    mean_elbo.backward()
     for name, p in lm.model.named_parameters():
         torch.testing.assert_close(-(grad1[name] - grad0[name]), 0.2 * p.grad, rtol=1e-4, atol=1e-6)
-    assert float(loss1 - loss0) == pytest.approx(float(-0.2 * new.elbo_n.detach().sum() / new.lengths_n.sum()), rel=1e-5)
+    assert float(loss1 - loss0) == pytest.approx(float(-0.2 * mean_elbo.detach()), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------- resume
@@ -316,7 +319,7 @@ def test_demo_recipe_switches_estimators_cleanly():
     spg = tiny_rl_config("org/model", "out")
     assert (spg.estimator, spg.spg_negative_proxy, spg.eubo_beta, spg.dipod_beta) == ("spg", "mix", 1.0, 0.05)
     fpo = tiny_rl_config("org/model", "out", estimator="fpo", dipod_beta=0.0)
-    assert fpo.spg_mix_weight is None and fpo.eubo_beta is None and fpo.clip_eps_value() == 0.2
+    assert fpo.spg_mix_weight is None and fpo.eubo_beta is None and fpo.option_value("clip_eps") == 0.2
 
 
 def test_demo_table_shows_before_and_after():

@@ -83,6 +83,45 @@ def test_fpo_clipped_sequence_ratio():
     assert loss_nk.item() == pytest.approx(loss.item(), rel=1e-12)
 
 
+def test_fpo_released_loss_with_kl_and_dipod_by_hand():
+    """The d1 fork's FPO loss: -mean min(rho A, clip(rho, 0.5, 1.5) A) - dipod * mean ELBO
+    + kl * mean(ELBO - ELBO_ref), ELBOs not divided by length; the KL gradient opposes DiPOD's."""
+    elbo = t([-10.0, -20.0, -5.0], grad=True)
+    old = t([-10.5, -19.0, -5.0])
+    ref = t([-12.0, -18.0, -4.0])
+    adv = t([1.0, -1.0, 0.5])
+    kl_beta, dipod_beta = 0.04, 0.05
+    loss, info = fpo_loss(elbo, old, adv, eps=0.5, kl_beta=kl_beta, elbo_ref=ref)
+    total = loss + dipod_term(elbo, dipod_beta)  # per-sequence mean: the released FPO normalisation
+    rho = [math.exp(0.5), math.exp(-1.0), 1.0]
+    surrogate = [min(rho[0] * 1.0, 1.5 * 1.0), min(-rho[1], -0.5), 0.5]
+    expected = -sum(surrogate) / 3 - dipod_beta * (-35.0 / 3) + kl_beta * ((-10 + 12) + (-20 + 18) + (-5 + 4)) / 3
+    assert total.item() == pytest.approx(expected, rel=1e-12)
+    assert info["kl"] == pytest.approx(-1.0 / 3, rel=1e-12)
+    grad = grad_of(total, elbo)
+    # row 0 clipped (rho = 1.65 > 1.5, A > 0), row 1 clipped (rho = 0.37 < 0.5, A < 0): only the
+    # regularisers act there, net (kl - dipod) / N = -0.01 / 3: DiPOD wins by 0.01 at the released values.
+    torch.testing.assert_close(grad, t([(kl_beta - dipod_beta) / 3, (kl_beta - dipod_beta) / 3,
+                                        -0.5 / 3 + (kl_beta - dipod_beta) / 3]))
+    with pytest.raises(ValueError, match="elbo_ref"):
+        fpo_loss(elbo, old, adv, kl_beta=0.04)
+
+
+def test_spg_released_loss_with_dipod_by_hand():
+    """SPG's released loss on per-token values v_n (ELBO_n / L_n): sum_n -A_n v_n L_n / sum L
+    + dipod * sum_n -elbo_pt_n L_n / sum L, with v the ELBO where A > 0 and the mix otherwise."""
+    lengths = t([4.0, 2.0, 3.0])
+    elbo_pt, eubo_pt = t([-1.0, -2.0, -0.5]), t([-0.8, -1.5, -0.2])
+    adv = t([0.5, -0.25, -0.25])  # SPG's advantages are centred, not scaled
+    mixed = [float(elbo_pt[0]), 0.5 * -1.5 + 0.5 * -2.0, 0.5 * -0.2 + 0.5 * -0.5]
+    released = (sum(-float(a) * v * float(n) for a, v, n in zip(adv, mixed, lengths)) / 9.0
+                + 0.05 * float((-elbo_pt * lengths).sum()) / 9.0)
+    elbo_n = (elbo_pt * lengths).requires_grad_(True)
+    loss, _ = spg_loss(adv, elbo_n, eubo_pt * lengths, negative_proxy="mix", mix_weight=0.5, lengths_n=lengths)
+    total = loss + dipod_term(elbo_n, 0.05, lengths_n=lengths)
+    assert total.item() == pytest.approx(released, rel=1e-12)
+
+
 def test_fpo_plus_plus_both_branches_and_straight_through_clamp():
     eps = 0.05
     log_ratio = t([[math.log(1.02), math.log(1.5)], [math.log(0.9), 4.0]], grad=True)

@@ -6,9 +6,11 @@ by their released names (see docs/lm_proxies.md for the derivations and the pari
   [B, G]``; the model sees ``cat([prompt, completion])``. ``K`` Monte-Carlo draws per sequence.
 * ``block_random`` (SPG's ``forward_type=block_random``). Live tokens: up to AND including the
   first EOS (``L_n`` of them); every position after it is masked in every copy and never scored.
-  The completion is cut into ``G / block_length`` blocks; the draws' blocks are the first K entries
-  of a random permutation of all block indices taken modulo ``J_n = ceil(L_n / block_length)`` (so
-  blocks are not equally likely, and the K draws of a row are dependent). In block ``b`` a count
+  The completion is cut into ``nb = G / block_length`` blocks; the draws' blocks are the first K
+  entries of a random permutation of all block indices taken modulo ``J_n = ceil(L_n / block_length)``
+  (so blocks are not equally likely, and the K draws of a row are dependent). Beyond the release,
+  which asserts ``G % block_length == 0`` and ``K <= nb``: a last partial block is a block, and
+  draws ``nb..2nb-1`` use a second permutation, and so on. In block ``b`` a count
   ``n ~ randint(max(floor(min_t M), 1), min(floor(max_t M), M))`` of its ``M`` live tokens is
   masked (a uniform subset); every later position is masked; each position NOT masked by this
   (prompt and earlier blocks) is masked with probability ``p_mask_prompt``. Every masked live
@@ -168,15 +170,16 @@ def draw_masks(prompt_attn: Tensor, live_nl: Tensor, settings: ProxySettings,
     """Sample the K draws of ``settings.masking`` (and the mean-field copy's prompt mask).
 
     ``live_nl`` is ``live_mask(...)`` of the same settings. Every call consumes the generator in
-    the same order: ``u [B, K]``, ``block keys [B, nb]``, ``position scores [B, K, G]``, ``p_mask_prompt
+    the same order: ``u [B, K]``, ``block keys [B, ceil(K / nb), nb]``, ``position scores [B, K, G]``, ``p_mask_prompt
     uniforms [B, K + 1, P + G]``.
     """
     batch, prompt_len = prompt_attn.shape
     gen_length = live_nl.shape[1]
     draws = settings.num_draws
     u_nk = torch.rand(batch, draws, generator=generator)
-    num_blocks = max(1, gen_length // settings.block_length)
-    block_keys_nb = torch.rand(batch, num_blocks, generator=generator)
+    num_blocks = -(-gen_length // settings.block_length)
+    perms = -(-draws // num_blocks)  # one block permutation per num_blocks draws (one, as released)
+    block_keys_nqb = torch.rand(batch, perms, num_blocks, generator=generator)
     scores_nkl = torch.rand(batch, draws, gen_length, generator=generator)
     prompt_u_ncx = torch.rand(batch, draws + 1, prompt_len + gen_length, generator=generator)
 
@@ -191,9 +194,8 @@ def draw_masks(prompt_attn: Tensor, live_nl: Tensor, settings: ProxySettings,
         return MaskDraw.from_masks(masked_nkl, live_nl, prompt_masked_ncp)
 
     block = settings.block_length
-    _check_blocks(gen_length, block, draws)
     num_live_blocks_n = (length_n - 1).div(block, rounding_mode="floor") + 1
-    block_nk = block_keys_nb.argsort(-1)[:, :draws] % num_live_blocks_n[:, None]
+    block_nk = block_keys_nqb.argsort(-1).flatten(1)[:, :draws] % num_live_blocks_n[:, None]
     block_live_nk = torch.minimum(length_n[:, None] - block * block_nk, torch.tensor(block))
     low_nk = (block_live_nk.float() * settings.min_t).long().clamp(min=1)
     high_nk = torch.maximum(torch.minimum((block_live_nk.float() * settings.max_t).long(), block_live_nk), low_nk)
@@ -206,15 +208,6 @@ def draw_masks(prompt_attn: Tensor, live_nl: Tensor, settings: ProxySettings,
     extra_nkl = before_nkl & (prompt_u_ncx[:, :draws, prompt_len:] < settings.p_mask_prompt)
     masked_nkl = chosen_nkl | extra_nkl | (block_of_l > block_nk[..., None]) | ~live_nl[:, None]
     return MaskDraw.from_masks(masked_nkl, live_nl, prompt_masked_ncp)
-
-
-def _check_blocks(gen_length: int, block: int, draws: int) -> None:
-    if gen_length % block:
-        raise ValueError(f"block_random: completion length {gen_length} is not a multiple of block_length={block}; "
-                         "change block_length (the release asserts the same)")
-    if draws > gen_length // block:
-        raise ValueError(f"block_random: num_draws={draws} exceeds the {gen_length // block} blocks (draws are "
-                         "distinct entries of one block permutation); lower num_draws")
 
 
 def token_log_probs(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tensor, noisy_completion_rl: Tensor,

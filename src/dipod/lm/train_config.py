@@ -2,9 +2,10 @@
 
 Defaults mirror the paper's LLaDA-8B-Instruct runs (SPG with the mixed negative proxy plus DiPOD,
 beta = 0.05; sequence length 256, block 32, 128 diffusion steps, 6 generations, lr 3e-6, LoRA
-r = 128, alpha = 64). Every field is also a command-line flag. Fields that belong to one estimator
-default to ``None`` and are resolved by the ``*_value`` helpers, so setting a field for another
-estimator (say ``--spg_mix_weight`` with ``--estimator fpo``) fails instead of being ignored.
+r = 128, alpha = 64). Every field is also a command-line flag. Fields that belong to some
+estimators default to ``None``; their defaults, ranges and owners come from the estimator registry
+(``dipod.lm.estimators``), so setting a field for another estimator (say ``--spg_mix_weight`` with
+``--estimator fpo``) or one its estimator does not read fails before any compute, naming the field.
 """
 
 from __future__ import annotations
@@ -13,23 +14,19 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from dipod.config import option, require
+from dipod.config import ConfigError, option, require
+from dipod.lm.estimators import ESTIMATORS as ESTIMATOR_RECORDS
+from dipod.lm.estimators import OPTION_OWNERS, option_help, resolve_options
 from dipod.lm.families import FAMILIES
 
-ESTIMATORS = ("d1", "fpo", "fpo++", "spg")
+from dipod.lm.proxies import MASKINGS, PROCESSES
+
+ESTIMATORS = tuple(ESTIMATOR_RECORDS)
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 
-# field -> the estimators it belongs to (None elsewhere)
-ESTIMATOR_FIELDS: dict[str, tuple[str, ...]] = {
-    "clip_eps": ("d1", "fpo", "fpo++"),
-    "log_ratio_max": ("fpo++",),
-    "spg_negative_proxy": ("spg",),
-    "spg_mix_weight": ("spg",),
-    "eubo_beta": ("spg",),
-    "kl_beta": ("d1",),
-}
-DEFAULT_CLIP_EPS = {"d1": 0.2, "fpo": 0.2, "fpo++": 0.05}
+# field -> the estimators it belongs to (None elsewhere), from the registry
+ESTIMATOR_FIELDS: dict[str, tuple[str, ...]] = OPTION_OWNERS
 
 
 @dataclass
@@ -69,21 +66,32 @@ class TrainConfig:
     cfg_scale: float = option("classifier-free guidance scale of the sampler", default=0.0)
     scale_rewards: bool = option("divide group-centred advantages by the group's reward std", default=False)
     # --- likelihood proxies ---
-    num_draws: int = option("Monte-Carlo masking draws K per completion for ELBO/EUBO", default=2)
-    masking: str = option("forward process: block_random (SPG) or random", default="block_random")
+    num_draws: int | None = option("Monte-Carlo masking draws K per completion (None: the process's released "
+                                   "count, block_random 2, random 4)", default=None)
+    masking: str = option("forward process, as released: block_random (SPG) or random (the d1 fork's FPO)",
+                          default="block_random")
+    reseed_masks: bool | None = option("new masks for every inner iteration (None: as released, block_random "
+                                       "yes, random no)", default=None)
     min_t: float = option("smallest mask ratio of a draw", default=0.0)
     max_t: float = option("largest mask ratio of a draw", default=1.0)
     p_mask_prompt: float = option("probability of masking each prompt token in the proxies", default=0.0)
     max_tokens_per_forward: int | None = option("chunk proxy forwards to this many tokens (None: no chunking)", default=None)
     # --- estimator ---
     estimator: str = option(f"policy-gradient estimator, one of {ESTIMATORS}", default="spg")
-    clip_eps: float | None = option("PPO clip range (d1, fpo: 0.2; fpo++: 0.05)", default=None)
-    log_ratio_max: float | None = option("fpo++: log-ratio clamp from above (default 3.0)", default=None)
-    spg_negative_proxy: str | None = option("spg: proxy for negative advantages: eubo, elbo or mix (default mix)", default=None)
-    spg_mix_weight: float | None = option("spg: EUBO weight in 'mix' (default 0.5)", default=None)
-    eubo_beta: float | None = option("spg: EUBO exponent beta (default 1.5; 1.0 for sudoku)", default=None)
-    kl_beta: float | None = option("d1: weight of the k3 KL to the initial (reference) policy (default 0)", default=None)
+    clip_eps: float | None = option(option_help("clip_eps", "PPO clip range"), default=None)
+    log_ratio_max: float | None = option(option_help("log_ratio_max", "log-ratio clamp from above"), default=None)
+    spg_negative_proxy: str | None = option(option_help("spg_negative_proxy", "proxy for negative advantages: "
+                                                        "eubo, elbo or mix"), default=None)
+    spg_mix_weight: float | None = option(option_help("spg_mix_weight", "EUBO weight in 'mix'"), default=None)
+    eubo_beta: float | None = option(option_help("eubo_beta", "EUBO exponent beta (the release: 1.0 for sudoku)"),
+                                     default=None)
+    kl_beta: float | None = option(option_help("kl_beta", "KL weight to the reference (initial) policy: d1's k3 "
+                                               "on mean-field log-probs, fpo's ELBO difference (opposes DiPOD)"),
+                                   default=None)
     dipod_beta: float = option("DiPOD weight: adds beta * grad ELBO each update (0 turns DiPOD off)", default=0.05)
+    dipod_normalisation: str | None = option(option_help(
+        "dipod_normalisation", "DiPOD term per_token (-beta sum ELBO / sum L, SPG) or per_sequence "
+        "(-beta mean ELBO, the d1 fork's FPO)"), default=None)
     num_iterations: int = option("policy updates per rollout batch (mu)", default=12)
     # --- optimisation ---
     learning_rate: float = option("AdamW learning rate", default=3e-6)
@@ -120,32 +128,28 @@ class TrainConfig:
         require(self.model_family is None or self.model_family in FAMILIES,
                 f"model_family={self.model_family!r}; choose one of {sorted(FAMILIES)} or leave it out (detected)")
         require(self.estimator in ESTIMATORS, f"estimator={self.estimator!r}; choose one of {ESTIMATORS}")
-        foreign = [name for name, owners in ESTIMATOR_FIELDS.items()
-                   if getattr(self, name) is not None and self.estimator not in owners]
-        require(not foreign, f"{', '.join(f'{n} (used by {ESTIMATOR_FIELDS[n]})' for n in foreign)} "
-                          f"do not apply to estimator={self.estimator!r}; remove them or change --estimator")
+        try:
+            self.estimator_options()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         require(self.num_generations >= 2, f"num_generations={self.num_generations}: group-relative advantages need >= 2 "
                                         "completions per prompt")
         # the sampler's own checks: gen_length a multiple of block_length, steps a multiple of the block count
         self.sampler_settings(self.temperature)
         require(self.dtype in DTYPES, f"dtype={self.dtype!r}; choose one of {DTYPES}")
         require(self.prompt_style in ("chat", "compact"), f"prompt_style={self.prompt_style!r}; choose chat or compact")
-        require(self.masking in ("block_random", "random"), f"masking={self.masking!r}; choose block_random or random")
+        require(self.masking in MASKINGS, f"masking={self.masking!r}; choose one of {MASKINGS}")
         require(self.lr_scheduler in LR_SCHEDULERS, f"lr_scheduler={self.lr_scheduler!r}; choose one of {LR_SCHEDULERS}")
         require(self.dipod_beta >= 0, f"dipod_beta={self.dipod_beta} must be >= 0 (0 turns DiPOD off)")
-        require(self.kl_beta is None or self.kl_beta >= 0, f"kl_beta={self.kl_beta} must be >= 0")
-        require(self.spg_negative_proxy in (None, "eubo", "elbo", "mix"),
-             f"spg_negative_proxy={self.spg_negative_proxy!r}; choose eubo, elbo or mix")
-        require(self.spg_mix_weight is None or 0.0 <= self.spg_mix_weight <= 1.0,
-             f"spg_mix_weight={self.spg_mix_weight} must lie in [0, 1]")
-        require(self.eubo_beta is None or self.eubo_beta > 0, f"eubo_beta={self.eubo_beta} must be > 0")
-        require(self.clip_eps is None or self.clip_eps > 0, f"clip_eps={self.clip_eps} must be > 0")
+        require(self.dipod_normalisation is None or self.dipod_beta > 0,
+                f"dipod_normalisation={self.dipod_normalisation!r} is unused with dipod_beta=0; remove it")
         require(0.0 <= self.min_t <= self.max_t <= 1.0, f"need 0 <= min_t <= max_t <= 1, got {self.min_t}, {self.max_t}")
         require(0.0 < self.collapse_warn_fraction <= 1.0,
                 f"collapse_warn_fraction={self.collapse_warn_fraction} must lie in (0, 1]")
         require(self.log_completions >= 0, f"log_completions={self.log_completions} must be >= 0 (0: none)")
         require(0.0 <= self.p_mask_prompt < 1.0, f"p_mask_prompt={self.p_mask_prompt} must lie in [0, 1)")
-        for name in ("prompts_per_step", "num_iterations", "gradient_accumulation_steps", "max_steps", "num_draws",
+        require(self.num_draws is None or self.num_draws >= 1, f"num_draws={self.num_draws} must be >= 1")
+        for name in ("prompts_per_step", "num_iterations", "gradient_accumulation_steps", "max_steps",
                      "max_prompt_length", "max_nonfinite_updates", "eval_examples", "gap_monitor_orders",
                      "gap_monitor_sequences", "keep_checkpoints"):
             require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
@@ -162,24 +166,29 @@ class TrainConfig:
         if _looks_like_path(self.model) and not Path(self.model).exists():
             raise FileNotFoundError(f"model: no such folder {self.model}; pass a local model folder or a hub id")
 
-    # --- estimator-specific values with their defaults ---
-    def clip_eps_value(self) -> float:
-        return self.clip_eps if self.clip_eps is not None else DEFAULT_CLIP_EPS.get(self.estimator, 0.2)
+    # --- estimator-specific values: the registry's defaults under the fields that are set ---
+    def estimator_options(self) -> dict:
+        return resolve_options(self.estimator, {name: getattr(self, name) for name in ESTIMATOR_FIELDS})
 
-    def log_ratio_max_value(self) -> float:
-        return 3.0 if self.log_ratio_max is None else self.log_ratio_max
-
-    def spg_negative_proxy_value(self) -> str:
-        return self.spg_negative_proxy or "mix"
-
-    def spg_mix_weight_value(self) -> float:
-        return 0.5 if self.spg_mix_weight is None else self.spg_mix_weight
-
-    def eubo_beta_value(self) -> float:
-        return 1.5 if self.eubo_beta is None else self.eubo_beta
+    def option_value(self, name: str):
+        """This estimator's value of option ``name`` (KeyError for an option it does not have)."""
+        return self.estimator_options()[name]
 
     def kl_beta_value(self) -> float:
-        return self.kl_beta or 0.0
+        return self.estimator_options().get("kl_beta", 0.0)
+
+    def eubo_beta_value(self) -> float:
+        """The EUBO exponent of the proxies (computed for every estimator, read by SPG only)."""
+        return self.estimator_options().get("eubo_beta", ESTIMATOR_RECORDS["spg"].options["eubo_beta"].default)
+
+    def needs_eubo(self) -> bool:
+        return "eubo_n" in ESTIMATOR_RECORDS[self.estimator].reads(self.estimator_options())
+
+    def num_draws_value(self) -> int:
+        return self.num_draws if self.num_draws is not None else PROCESSES[self.masking].default_draws
+
+    def reseed_masks_value(self) -> bool:
+        return self.reseed_masks if self.reseed_masks is not None else PROCESSES[self.masking].reseeds_per_iteration
 
     def sampler_settings(self, temperature: float):
         """Decoding settings of this run at ``temperature`` (rollouts: the config's; evaluation: 0)."""
@@ -187,9 +196,6 @@ class TrainConfig:
 
         return SamplerSettings(gen_length=self.gen_length, block_length=self.block_length, steps=self.diffusion_steps,
                                temperature=temperature, remasking=self.remasking, cfg_scale=self.cfg_scale)
-
-    def needs_eubo(self) -> bool:
-        return self.estimator == "spg" and self.spg_negative_proxy_value() != "elbo"
 
     def with_changes(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -4,7 +4,8 @@ One step, read top to bottom in ``Trainer.step``:
   prompts (the same on every process) x num_generations -> this process's slice of the group
   -> rollouts (sampler, no grad) -> rewards (several functions, weighted)
   -> gather rewards from all processes -> group-centred advantages -> take the local slice back
-  -> "old" proxies once, with a fixed seed per micro-batch (skipped when unused)
+  -> "old" proxies once, with a fixed seed per micro-batch, or per (iteration, micro-batch) when the
+     masks are redrawn every iteration (reseed_masks; skipped when the estimator reads none)
   -> num_iterations x gradient_accumulation_steps: proxies under the current weights (same seed, so
      the same masks) -> estimator loss + DiPOD term on the ELBO of that same forward -> backward
   -> clip, AdamW, schedule -> metrics (+ drift monitor, held-out greedy eval, checkpoint)
@@ -35,7 +36,8 @@ from dipod.config import ConfigError, config_to_dict, parse_config, save_config
 from dipod.lm.monitors import CollapseWatch, group_reward_stats, log_completions, rollout_confidence
 from dipod.lm.proxies import completion_mask
 from dipod.lm.train_config import TrainConfig
-from dipod.objectives import d1_loss, dipod_term, fpo_loss, fpo_plus_plus_loss, spg_loss
+from dipod.lm.estimators import get_estimator
+from dipod.objectives import dipod_term
 from dipod.runlog import MetricsLogger
 
 # metric keys that measure wall-clock time; they differ between otherwise identical runs
@@ -70,46 +72,39 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
-def estimator_loss(cfg: TrainConfig, new, old, adv_n: Tensor, ref_logp_nl: Tensor | None) -> tuple[Tensor, dict]:
-    """The configured estimator's loss on proxies under the current weights (``new``) and the rollout
-    weights (``old``). SPG is an on-policy estimator and ignores ``old``."""
-    if cfg.estimator == "d1":
-        return d1_loss(new.meanfield_logp_nl, old.meanfield_logp_nl, adv_n, new.completion_mask_nl,
-                       eps=cfg.clip_eps_value(), kl_beta=cfg.kl_beta_value(), logp_ref_nl=ref_logp_nl)
-    if cfg.estimator == "fpo":
-        return fpo_loss(new.elbo_nk, old.elbo_nk, adv_n, eps=cfg.clip_eps_value())
-    if cfg.estimator == "fpo++":
-        return fpo_plus_plus_loss(new.elbo_nk, old.elbo_nk, adv_n, eps=cfg.clip_eps_value(),
-                                  log_ratio_max=cfg.log_ratio_max_value())
-    return spg_loss(adv_n, new.elbo_n, new.eubo_n if cfg.needs_eubo() else None,
-                    negative_proxy=cfg.spg_negative_proxy_value(), mix_weight=cfg.spg_mix_weight_value(),
-                    lengths_n=new.lengths_n)
+def estimator_loss(cfg: TrainConfig, new, old, adv_n: Tensor, ref: Tensor | None) -> tuple[Tensor, dict]:
+    """The configured estimator's loss (its registry record, dipod.lm.estimators) on proxies under the
+    current weights (``new``), the rollout weights (``old``; on-policy estimators ignore it) and the
+    reference model (``ref``: the record's ``reference_proxy``, when its KL term is on)."""
+    return get_estimator(cfg.estimator).loss(new, old, adv_n, ref, cfg.estimator_options())
 
 
-def rl_loss(cfg: TrainConfig, new, old, adv_n: Tensor, ref_logp_nl: Tensor | None) -> tuple[Tensor, dict]:
+def rl_loss(cfg: TrainConfig, new, old, adv_n: Tensor, ref: Tensor | None) -> tuple[Tensor, dict]:
     """Estimator loss + the DiPOD term on the ELBO of the SAME forward pass (no second forward).
 
-    The DiPOD term is length-weighted like SPG's loss, so ``beta`` scales the per-token ELBO the
-    same way whatever the estimator.
+    The DiPOD term's normalisation is the estimator's option ``dipod_normalisation``: ``per_token``
+    (length-weighted like SPG's loss, as SPG's release) or ``per_sequence`` (FPO's release).
     """
-    loss, info = estimator_loss(cfg, new, old, adv_n, ref_logp_nl)
+    loss, info = estimator_loss(cfg, new, old, adv_n, ref)
     if cfg.dipod_beta > 0:
-        tighten = dipod_term(new.elbo_n, cfg.dipod_beta, lengths_n=new.lengths_n)
+        per_token = cfg.option_value("dipod_normalisation") == "per_token"
+        tighten = dipod_term(new.elbo_n, cfg.dipod_beta, lengths_n=new.lengths_n if per_token else None)
         info["dipod_loss"] = float(tighten.detach())
         loss = loss + tighten
     return loss, info
 
 
+def proxy_fields(cfg: TrainConfig) -> tuple[str, ...]:
+    """The Proxies fields this configuration's loss reads: the estimator's, plus the ELBO for DiPOD."""
+    fields = get_estimator(cfg.estimator).reads(cfg.estimator_options())
+    if cfg.dipod_beta > 0 and not {"elbo_n", "elbo_nk"} & set(fields):
+        fields = (*fields, "elbo_n")
+    return fields
+
+
 def proxies_used(cfg: TrainConfig, proxies) -> list[Tensor]:
     """The proxy tensors this configuration's loss reads (checked for NaN/inf before backward)."""
-    used = []
-    if cfg.estimator == "d1":
-        used.append(proxies.meanfield_logp_nl)
-    if cfg.estimator != "d1" or cfg.dipod_beta > 0:
-        used.append(proxies.elbo_nk)
-    if cfg.needs_eubo():
-        used.append(proxies.eubo_n)
-    return used
+    return [getattr(proxies, name) for name in proxy_fields(cfg)]
 
 
 @dataclasses.dataclass
@@ -232,7 +227,7 @@ class Trainer:
     def _proxies(self, view, batch: dict, rows: slice, seed: int):
         return self.engine.compute_proxies(view, batch["prompt_ids"][rows], batch["prompt_attn"][rows],
                                            batch["completion_ids"][rows], self.proxy_settings, seed,
-                                           meanfield=self.cfg.estimator == "d1")
+                                           meanfield=get_estimator(self.cfg.estimator).needs_meanfield)
 
     def _all_finite(self, tensors: list[Tensor]) -> bool:
         """True when every tensor is finite on EVERY process (all skip together, or none does)."""
@@ -243,29 +238,38 @@ class Trainer:
     def update(self, batch: dict, step: int) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         micro_rows = [slice(m * self.micro, (m + 1) * self.micro) for m in range(cfg.gradient_accumulation_steps)]
-        seeds = [derive_seed(cfg.seed, _PROXY, step, self.rank, m) for m in range(len(micro_rows))]
-        need_old = cfg.estimator != "spg" and cfg.num_iterations > 1
-        old, ref = [None] * len(micro_rows), [None] * len(micro_rows)
+        # Masks: one seed per (inner iteration, micro-batch) when redrawn every iteration (SPG's
+        # release), else one per micro-batch shared by all iterations (the d1 fork's FPO).
+        rounds = cfg.num_iterations if cfg.reseed_masks_value() else 1
+        seeds = [[derive_seed(cfg.seed, _PROXY, step, self.rank, m, *([r] if rounds > 1 else []))
+                  for m in range(len(micro_rows))] for r in range(rounds)]
+        estimator = get_estimator(cfg.estimator)
+        need_old = estimator.needs_old and cfg.num_iterations > 1
+        old = [[None] * len(micro_rows) for _ in range(rounds)]
+        ref = [[None] * len(micro_rows) for _ in range(rounds)]
         with torch.no_grad():
-            for m, rows in enumerate(micro_rows):
-                if need_old:
-                    old[m] = self._proxies(self.frozen_view, batch, rows, seeds[m])
-                if self.ref_lm is not None:
-                    ref[m] = self._proxies(self.ref_lm, batch, rows, seeds[m]).meanfield_logp_nl
+            for r in range(rounds):
+                for m, rows in enumerate(micro_rows):
+                    if need_old:
+                        old[r][m] = self._proxies(self.frozen_view, batch, rows, seeds[r][m])
+                    if self.ref_lm is not None:
+                        ref[r][m] = getattr(self._proxies(self.ref_lm, batch, rows, seeds[r][m]),
+                                            estimator.reference_proxy)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         first_pass: list = []
         skipped = 0
         for iteration in range(cfg.num_iterations):
             finite = True
+            r = iteration if rounds > 1 else 0
             for m, rows in enumerate(micro_rows):
                 with acc.accumulate(self.model):
                     if not finite:
                         continue  # keep accelerate's micro-batch count aligned, skip the compute
-                    new = self._proxies(self.policy, batch, rows, seeds[m])
+                    new = self._proxies(self.policy, batch, rows, seeds[r][m])
                     # With one iteration the "old" proxies are these very values, detached (same masks).
-                    reference = old[m] if old[m] is not None else _detached(new)
-                    loss, info = rl_loss(cfg, new, reference, batch["adv_n"][rows], ref[m])
+                    reference = old[r][m] if old[r][m] is not None else _detached(new)
+                    loss, info = rl_loss(cfg, new, reference, batch["adv_n"][rows], ref[r][m])
                     finite = self._all_finite([loss.detach(), *proxies_used(cfg, new)])
                     if not finite:
                         continue
@@ -306,7 +310,7 @@ class Trainer:
             return {}
         lengths = torch.cat([p.lengths_n.detach().float() for p in proxies])
         stats = {"completion_length": float(lengths.mean())}
-        if self.cfg.estimator != "d1" or self.cfg.dipod_beta > 0:
+        if {"elbo_n", "elbo_nk"} & set(proxy_fields(self.cfg)):
             elbo = torch.cat([p.elbo_n.detach().float() for p in proxies])
             stats["elbo"] = float(elbo.mean())
             stats["elbo_per_token"] = float(elbo.sum() / lengths.sum().clamp_min(1.0))
