@@ -393,8 +393,11 @@ def test_gsm8k_and_math_data_errors(tmp_path):
     bad.write_text('{"question": "q", "answer": "#### 1"}\n\n{"question": "q2"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:3: missing field\(s\) answer"):
         gsm.load("test", path=str(bad))
-    with pytest.raises(ValueError, match="no built-in data"):
-        gsm.load("test")
+    with pytest.raises(ValueError, match="split 'train' has no built-in data"):
+        gsm.load("train")
+    bad.write_text('{"question": "q", "answer": "#### twelve"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: final answer 'twelve' is not a number"):
+        gsm.load("test", path=str(bad))
     with pytest.raises(FileNotFoundError, match="not found"):  # a missing local file never goes to the hub
         gsm.load("test", path=str(tmp_path / "nope.jsonl"))
     broken = tmp_path / "broken.json"
@@ -515,3 +518,61 @@ def test_reward_fuzzing_never_raises_and_stays_in_unit_interval(name):
         assert elapsed < 1.0, (name, repr(completion)[:60], elapsed)
         for score in scores:
             assert isinstance(score, float) and math.isfinite(score) and 0.0 <= score <= 1.0, (score, repr(completion)[:60])
+
+
+# -- the paper's prompts and data files ---------------------------------------------------------
+
+@needs_shared
+def test_paper_data_files_load_offline():
+    gsm, math500 = get_task("gsm8k").load("test"), get_task("math500").load("test")
+    assert len(gsm) == 1130 and gsm[0]["answer"] == "18" and "ducks" in gsm[0]["question"]
+    assert len(math500) == 500 and all(e["answer"] for e in math500)
+    spg = get_task("sudoku4").load("spg_test")
+    assert len(spg) == 256 and {e["puzzle"].count("0") for e in spg} <= set(range(7, 13))
+    assert get_task("sudoku4").load("spg_test", limit=5) == spg[:5]
+
+
+@needs_shared
+def test_paper_train_split_holds_no_test_grid_of_either_paper_file():
+    task = get_task("sudoku4")
+    tested = {e["solution"] for split in ("d1_test", "spg_test") for e in task.load(split)}
+    train = task.load("paper_train", limit=2000)
+    assert len(train) == 2000 and len({e["puzzle"] for e in train}) == 2000
+    assert not {e["solution"] for e in train} & tested
+    assert len({e["solution"] for e in train}) == 288 - len(tested) == 43  # every free grid is used
+    assert all(count_sudoku_solutions(e["puzzle"]) == 1 and is_valid_grid(e["solution"]) for e in train[:200])
+    assert "paper_train" in task.splits and "spg_test" in task.splits
+
+
+def test_d1_prompts_follow_the_paper_format():
+    sudoku, countdown = get_task("sudoku4"), get_task("countdown")
+    gsm, math500 = get_task("gsm8k"), get_task("math500")
+    for task, example in ((sudoku, SUDOKU), (countdown, COUNTDOWN), (gsm, {"question": "How many?", "answer": "3"}),
+                          (math500, {"problem": "Find x.", "answer": "2"})):
+        prompt = task.prompt(example, "d1")
+        assert prompt.index("<reasoning>") < prompt.index("</reasoning>") < prompt.index("<answer>") < prompt.index("</answer>")
+    assert countdown.prompt(COUNTDOWN, "d1").endswith("\n\nNumbers: [30, 100, 93]\nTarget: 23")
+    assert "\\boxed{" in countdown.prompt(COUNTDOWN, "d1") and "\\boxed{...}" in gsm.prompt({"question": "q"}, "d1")
+    assert gsm.prompt({"question": "How many?"}, "d1").endswith("\n\nHow many?")
+    assert sudoku.prompt(SUDOKU, "d1").endswith(f"\n\nSolve the following Sudoku puzzle: {SUDOKU['puzzle']}\n")
+    for task, example in ((countdown, COUNTDOWN), (gsm, {"question": "q"})):
+        with pytest.raises(ValueError, match="no few-shot d1 prompt"):
+            task.prompt(example, "d1_3shot")
+
+
+def test_sudoku_three_shot_examples_are_solved_free_grids():
+    from dipod.lm.tasks.d1_prompts import SUDOKU_SHOTS
+
+    task = get_task("sudoku4")
+    prompt = task.prompt(SUDOKU, "d1_3shot")
+    assert prompt.endswith(f"\n\nQuestion: Solve the following Sudoku puzzle: {SUDOKU['puzzle']}\nAnswer:\n")
+    assert prompt.count("Question:") == 4 and prompt.count("<answer>") == 4  # 3 shots + the format line
+    for puzzle, solution in SUDOKU_SHOTS:
+        assert count_sudoku_solutions(puzzle) == 1 and is_valid_grid(solution)
+        assert all(p in ("0", s) for p, s in zip(puzzle, solution))
+        shot = prompt[prompt.index(f"puzzle: {puzzle}"):]
+        shot = shot[: shot.index("</answer>") + len("</answer>")]
+        assert task.reward(shot, {"puzzle": puzzle, "solution": solution}) == 1.0  # our grader reads the shot
+    if SHARED.is_dir():
+        tested = {e["solution"] for split in ("d1_test", "spg_test") for e in task.load(split)}
+        assert not {s for _, s in SUDOKU_SHOTS} & tested

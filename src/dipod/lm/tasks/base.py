@@ -15,7 +15,14 @@ from typing import Any, Callable, ClassVar
 
 from .data_files import shared_file
 
-STYLES = ("compact", "chat")
+# compact: the tiny model's bare prompt; chat: our instruction for instruct models; d1: the
+# paper's instruction format (d1/SPG: reasoning and answer sections, math answers boxed);
+# d1_3shot: d1 with three solved examples before the question (the released sudoku setting).
+STYLES = ("compact", "chat", "d1", "d1_3shot")
+CHAT_STYLES = ("chat", "d1", "d1_3shot")  # styles whose text is a user turn for the chat template
+# What the paper's evaluation appends after the chat template's assistant header: the model
+# continues an opened reasoning section. Training prompts (SPG, d1) end at the header.
+EVAL_RESPONSE_PREFIX = {"d1": "<reasoning>", "d1_3shot": "<reasoning>"}
 
 # Far above any real completion (LLaDA's longest setting, 512 tokens, is a few thousand
 # characters); a longer string is garbage and scores 0 without being parsed at all.
@@ -57,6 +64,10 @@ class Task(ABC):
     def chat_prompt(self, example: dict) -> str:
         """User-message text for instruct models (the caller applies the chat template)."""
 
+    def d1_prompt(self, example: dict, shots: int = 0) -> str:
+        """User-turn text in the paper's instruction format, after `shots` solved examples."""
+        raise ValueError(f"task {self.name} has no d1 prompt; use one of compact, chat")
+
     @abstractmethod
     def demonstration(self, example: dict) -> str:
         """A correct completion in the compact format (used to train tiny reference policies)."""
@@ -79,6 +90,8 @@ class Task(ABC):
             return self.compact_prompt(example)
         if style == "chat":
             return self.chat_prompt(example)
+        if style in ("d1", "d1_3shot"):
+            return self.d1_prompt(example, shots=3 if style == "d1_3shot" else 0)
         raise ValueError(f"unknown prompt style {style!r}; use one of {', '.join(STYLES)}")
 
     def extract_answer(self, completion: Any) -> str | None:
@@ -98,18 +111,22 @@ class Task(ABC):
 
 
 class GeneratedTask(Task):
-    """A task whose `train`/`test` splits are generated here as deterministic streams and whose
-    `d1_test` split is the paper's evaluation file in the shared data folder. Subclasses set
-    `d1_test_file` and `default_size` (split -> size) and implement `_read_file` and `_generate`."""
+    """A task whose generated splits (`default_size`: split -> size) are deterministic streams
+    made here and whose file splits (`file_splits`: split -> file name, e.g. `d1_test`) are the
+    paper's evaluation files in the shared data folder. Subclasses set both and implement
+    `_read_file` and `_generate`."""
 
-    splits: ClassVar[tuple[str, ...]] = ("train", "test", "d1_test")
-    d1_test_file: ClassVar[str]
+    file_splits: ClassVar[dict[str, str]]
     default_size: dict[str, int]
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return (*self.default_size, *self.file_splits)
 
     def load(self, split: str, path: str | None = None, limit: int | None = None) -> list[dict]:
         check_limit(limit)
-        if path is None and split == "d1_test":
-            path = shared_file(self.d1_test_file)
+        if path is None and split in self.file_splits:
+            path = shared_file(self.file_splits[split])
         if path is not None:
             examples = self._read_file(path)
             return examples if limit is None else examples[:limit]

@@ -26,6 +26,7 @@ import numpy as np
 from .answer_format import CHAT_FORMAT, before_eos, boxed_or_region
 from .arithmetic import MAX_CHARS, ExpressionError, evaluate, literals, parse_expression
 from .base import GeneratedTask, register_task
+from .d1_prompts import countdown_prompt
 from .data_files import read_jsonl
 from .plain_math import plain_math
 
@@ -121,7 +122,7 @@ def _is_test_triple(numbers: tuple[int, ...], seed: int, test_fraction: float) -
 @register_task
 class CountdownTask(GeneratedTask):
     name = "countdown"
-    d1_test_file = D1_TEST_FILE
+    file_splits = {"d1_test": D1_TEST_FILE}
 
     def __init__(self, seed: int = 0, test_fraction: float = 0.1, train_size: int = 5000,
                  test_size: int = 500):
@@ -170,6 +171,11 @@ class CountdownTask(GeneratedTask):
             "Use each number exactly once; you may use +, -, *, / and parentheses.\n"
             "Inside the answer tags write only the expression, for example (7-2)*4.\n" + CHAT_FORMAT
         )
+
+    def d1_prompt(self, example: dict, shots: int = 0) -> str:
+        if shots:
+            raise ValueError("countdown has no few-shot d1 prompt (the paper evaluates it zero-shot); use style d1")
+        return countdown_prompt(example["numbers"], example["target"])
 
     def demonstration(self, example: dict) -> str:
         expression = solve(tuple(sorted(example["numbers"]))).get(Fraction(example["target"]))

@@ -3,7 +3,8 @@
 Examples are ``{"question": ..., "answer": "72"}``; `answer` is the text after ``####`` in the
 dataset's answer field (or the whole field when it has no ``####``). Data comes only from where
 the user points: a local .json/.jsonl/.parquet file with `question` and `answer` fields, or a
-hub dataset id such as ``openai/gsm8k`` (the only case that touches the network).
+hub dataset id such as ``openai/gsm8k`` (the only case that touches the network). The `test`
+split with no file reads ``gsm8k_test.jsonl`` from the shared data folder (offline).
 
 Answer (the reading of `answer_format`): the last non-empty ``\\boxed{}`` before EOS, else the
 answer region (unclosed and stray tags included), else the whole text. The number it states is
@@ -23,7 +24,8 @@ from fractions import Fraction
 
 from .answer_format import CHAT_FORMAT, before_eos, boxed_or_region, soft_format, strict_format, xml_count
 from .base import RewardFn, Task, check_limit, guarded, register_task
-from .data_files import read_records, require_fields
+from .d1_prompts import math_prompt
+from .data_files import read_records, require_fields, shared_file
 from .plain_math import read_number
 
 def final_answer(answer_field: str) -> str:
@@ -36,6 +38,9 @@ def same_answer(predicted: str, reference: str) -> bool:
     return stated is not None and stated == wanted
 
 
+TEST_FILE = "gsm8k_test.jsonl"  # in the shared data folder: the paper's 1130 test questions
+
+
 @register_task
 class GSM8KTask(Task):
     name = "gsm8k"
@@ -46,10 +51,13 @@ class GSM8KTask(Task):
 
     def load(self, split: str, path: str | None = None, limit: int | None = None) -> list[dict]:
         check_limit(limit)
+        if path is None and split == "test":
+            path = str(shared_file(TEST_FILE))
         if path is None:
             raise ValueError(
-                "gsm8k has no built-in data: pass a .json/.jsonl/.parquet file with question and "
-                "answer fields, or a hub dataset id such as openai/gsm8k"
+                f"gsm8k split {split!r} has no built-in data (only 'test' is read offline, from {TEST_FILE}): "
+                "pass a .json/.jsonl/.parquet file with question and answer fields, or a hub dataset id "
+                "such as openai/gsm8k"
             )
         examples = []
         for where, row in read_records(path, split, self.hub_config):
@@ -57,8 +65,8 @@ class GSM8KTask(Task):
                 break
             require_fields(row, ("question", "answer"), where)
             answer = final_answer(str(row["answer"]))
-            if not answer:
-                raise ValueError(f"{where}: empty final answer (expected text after '####')")
+            if read_number(answer) is None:
+                raise ValueError(f"{where}: final answer {answer[:40]!r} is not a number (expected one after '####')")
             examples.append({"question": str(row["question"]).strip(), "answer": answer})
         return examples
 
@@ -70,6 +78,11 @@ class GSM8KTask(Task):
             f"{example['question']}\n\n"
             "Inside the answer tags write only the final number.\n" + CHAT_FORMAT
         )
+
+    def d1_prompt(self, example: dict, shots: int = 0) -> str:
+        if shots:
+            raise ValueError("gsm8k has no few-shot d1 prompt (the paper evaluates it zero-shot); use style d1")
+        return math_prompt(example["question"])
 
     def demonstration(self, example: dict) -> str:
         return example["answer"]

@@ -2,7 +2,10 @@
 
 Examples are ``{"puzzle": "3102200002100320", "solution": "3142243142131324"}``: 16 digits read
 row by row, ``0`` for a blank. The 288 grids are split by a seeded shuffle into test grids and
-train grids, so no solution grid appears in both splits. A puzzle is a grid with `num_blanks`
+train grids, so no solution grid appears in both splits. The paper's files are the splits
+`d1_test` (500 puzzles) and `spg_test` (256, the zero-shot split SPG and the paper report); the
+generated split `paper_train` uses only the 43 grids that neither file contains, as the paper's
+own training split was built. A puzzle is a grid with `num_blanks`
 cells blanked; it is kept only when exactly one of the 288 grids agrees with its clues. That test
 is exact, because every solution of a 4x4 puzzle is one of the 288 valid grids.
 
@@ -23,10 +26,13 @@ import numpy as np
 
 from .answer_format import CHAT_FORMAT, CLOSE_STEM, answer_region, before_eos
 from .base import GeneratedTask, register_task
-from .data_files import read_csv
+from .d1_prompts import sudoku_prompt
+from .data_files import read_csv, shared_file
 
 CELLS = 16
 D1_TEST_FILE = "sudoku4_d1_test.csv"
+SPG_TEST_FILE = "sudoku4_spg_test.csv"  # the 256-puzzle zero-shot split SPG and the paper report
+_STREAMS = {"train": 0, "test": 1, "paper_train": 2}
 _MAX_TAGGED_CHARS = 1000  # an answer of 16 digits has no business being longer
 _MAX_COMPACT_CHARS = 64
 _BATCH = 256
@@ -78,6 +84,14 @@ def solution_counts(puzzles_nc: np.ndarray) -> np.ndarray:
     return agrees_ng.sum(axis=1)
 
 
+@functools.cache
+def paper_train_grids() -> np.ndarray:
+    """Indices (into `all_grids`) of the grids that no puzzle of either paper test file solves to:
+    the `paper_train` split is made of these, so it holds none of the paper's test grids."""
+    tested = {ex["solution"] for name in (D1_TEST_FILE, SPG_TEST_FILE) for ex in read_sudoku_csv(shared_file(name))}
+    return np.array([i for i, grid in enumerate(all_grids()) if grid not in tested])
+
+
 def _digits(text: str) -> str:
     return "".join(c for c in text if c in "0123456789")
 
@@ -108,16 +122,16 @@ def grid_words(region: str) -> str:
 @register_task
 class Sudoku4Task(GeneratedTask):
     name = "sudoku4"
-    d1_test_file = D1_TEST_FILE
+    file_splits = {"d1_test": D1_TEST_FILE, "spg_test": SPG_TEST_FILE}
 
     def __init__(self, num_blanks: int = 8, seed: int = 0, test_grids: int = 48,
-                 train_size: int = 5000, test_size: int = 500):
+                 train_size: int = 5000, test_size: int = 500, paper_train_size: int = 5000):
         if not 1 <= num_blanks <= 12:
             raise ValueError(f"num_blanks must be in 1..12 (a 4x4 sudoku needs >= 4 clues), got {num_blanks}")
         if not 1 <= test_grids < len(all_grids()):
             raise ValueError(f"test_grids must be in 1..{len(all_grids()) - 1}, got {test_grids}")
         self.num_blanks, self.seed = num_blanks, seed
-        self.default_size = {"train": train_size, "test": test_size}
+        self.default_size = {"train": train_size, "test": test_size, "paper_train": paper_train_size}
         order = np.random.default_rng(seed).permutation(len(all_grids()))
         self.split_grids = {"test": np.sort(order[:test_grids]), "train": np.sort(order[test_grids:])}
 
@@ -129,8 +143,9 @@ class Sudoku4Task(GeneratedTask):
     def _generate(self, split: str, count: int) -> list[dict]:
         """The first `count` puzzles of the split's deterministic stream (so a smaller `count`
         gives a prefix of a larger one)."""
-        grids_gc = _grid_array()[self.split_grids[split]]
-        rng = np.random.default_rng([self.seed, 0 if split == "train" else 1])
+        grids = paper_train_grids() if split == "paper_train" else self.split_grids[split]
+        grids_gc = _grid_array()[grids]
+        rng = np.random.default_rng([self.seed, _STREAMS[split]])
         rows_b1 = np.arange(_BATCH)[:, None]
         examples: list[dict] = []
         seen: set[bytes] = set()
@@ -156,6 +171,9 @@ class Sudoku4Task(GeneratedTask):
         return examples
 
     # -- prompts -------------------------------------------------------------------------------
+
+    def d1_prompt(self, example: dict, shots: int = 0) -> str:
+        return sudoku_prompt(example["puzzle"], shots)
 
     def compact_prompt(self, example: dict) -> str:
         return example["puzzle"]
