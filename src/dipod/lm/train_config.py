@@ -20,6 +20,7 @@ from dipod.lm.estimators import OPTION_OWNERS, option_help, resolve_options
 from dipod.lm.families import FAMILIES
 
 from dipod.lm.proxies import MASKINGS, PROCESSES
+from dipod.lm.tasks.base import STYLES
 
 ESTIMATORS = tuple(ESTIMATOR_RECORDS)
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -49,7 +50,11 @@ class TrainConfig:
     task: str = option("task name (dipod.lm.tasks.get_task): sudoku4, countdown, gsm8k, math500, ...", default="gsm8k")
     train_data: str | None = option("training data file or hub dataset id (None: the task's default)", default=None)
     eval_data: str | None = option("held-out data file or hub dataset id (None: the task's default)", default=None)
-    prompt_style: str = option("'chat' (instruct models, chat template) or 'compact' (tiny models)", default="chat")
+    train_split: str = option("the task's training split, or the hub split read from train_data", default="train")
+    eval_split: str = option("the task's held-out split (e.g. sudoku4 spg_test), or the hub split of eval_data",
+                             default="test")
+    prompt_style: str = option("'chat' or 'd1' (instruct models, chat template; d1 = the paper's format), 'd1_3shot' "
+                               "(sudoku4) or 'compact' (tiny models)", default="chat")
     few_shot: int = option("number of solved training examples prepended to each prompt", default=0)
     max_prompt_length: int = option("prompts longer than this many tokens are cut from the left", default=256)
     reward_weights: list[float] | None = option(
@@ -137,7 +142,7 @@ class TrainConfig:
         # the sampler's own checks: gen_length a multiple of block_length, steps a multiple of the block count
         self.sampler_settings(self.temperature)
         require(self.dtype in DTYPES, f"dtype={self.dtype!r}; choose one of {DTYPES}")
-        require(self.prompt_style in ("chat", "compact"), f"prompt_style={self.prompt_style!r}; choose chat or compact")
+        require(self.prompt_style in STYLES, f"prompt_style={self.prompt_style!r}; choose one of {', '.join(STYLES)}")
         require(self.masking in MASKINGS, f"masking={self.masking!r}; choose one of {MASKINGS}")
         require(self.lr_scheduler in LR_SCHEDULERS, f"lr_scheduler={self.lr_scheduler!r}; choose one of {LR_SCHEDULERS}")
         require(self.dipod_beta >= 0, f"dipod_beta={self.dipod_beta} must be >= 0 (0 turns DiPOD off)")

@@ -136,8 +136,8 @@ class Trainer:
         self.micro = self.n_local // cfg.gradient_accumulation_steps
         self.engine = engine
         self.task = engine.get_task(cfg.task)
-        self.train_examples = self.task.load("train", path=cfg.train_data)
-        self.eval_examples = self.task.load("test", path=cfg.eval_data, limit=cfg.eval_examples)
+        self.train_examples = self.task.load(cfg.train_split, path=cfg.train_data)
+        self.eval_examples = self.task.load(cfg.eval_split, path=cfg.eval_data, limit=cfg.eval_examples)
         if not self.train_examples:
             raise ValueError(f"task {cfg.task}: the training split is empty (train_data={cfg.train_data})")
         self.reward_names, self.reward_fns, self.reward_weights = engine.reward_table(self.task, cfg.reward_weights)
@@ -186,7 +186,7 @@ class Trainer:
 
     def encode(self, examples: list[dict]) -> tuple[Tensor, Tensor]:
         texts = [self.shots_prefix + self.task.prompt(ex, self.cfg.prompt_style) for ex in examples]
-        ids, attn = self.engine.encode_prompts(self.lm, texts, self.cfg.max_prompt_length, chat=self.cfg.prompt_style == "chat")
+        ids, attn = self.engine.encode_prompts(self.lm, texts, self.cfg.max_prompt_length, chat=self.cfg.prompt_style != "compact")
         return ids.to(self.accelerator.device), attn.to(self.accelerator.device)
 
     # ------------------------------------------------------------------ rollouts
