@@ -18,7 +18,7 @@ from dipod.lm.trainer import TIMING_KEYS, Trainer, TrainingDiverged, estimator_l
 from dipod.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs" / "lm").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs" / "lm").glob("llada_*.yaml"))  # the paper's LLaDA-8B-Instruct runs
 FIXTURES = ROOT / "tests" / "fixtures"
 
 

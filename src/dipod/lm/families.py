@@ -35,7 +35,8 @@ class ModelFamily:
     """Base class: one instance per family in ``FAMILIES``; subclasses override what differs."""
 
     name: str = ""
-    attention: str = "2d"
+    attention: str = "2d"  # "2d", "4d_bool" or "none": how ``forward`` passes the padding (module docstring)
+    forward_kwargs: Mapping[str, Any] = MappingProxyType({})  # extra keyword arguments of every forward call
     shifted_logits: bool = False
     needs_remote_code: bool = False
     end_of_turn_token: str | None = None
@@ -59,7 +60,17 @@ class ModelFamily:
 
     def forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
         """Raw logits ``[B, T, V]`` (model dtype) for ``ids`` with 0/1 mask ``attn`` (0 = padding)."""
-        return _logits_of(model(input_ids=ids, attention_mask=attn))
+        if self.attention == "none":
+            return without_padding(lambda x: _logits_of(model(input_ids=x, **self.forward_kwargs)), ids, attn)
+        if self.attention == "4d_bool":
+            if bool(attn.all()):
+                return _logits_of(model(input_ids=ids, **self.forward_kwargs))
+            keep = attn.bool()
+            # Position ids count from each row's first real token; padding gets 1 (Dream's tok_idx).
+            positions = (attn.long().cumsum(-1) - 1).masked_fill(~keep, 1)
+            return _logits_of(model(input_ids=ids, attention_mask=keep[:, None, None, :], position_ids=positions,
+                                    **self.forward_kwargs))
+        return _logits_of(model(input_ids=ids, attention_mask=attn, **self.forward_kwargs))
 
     def logits(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
         """Logits ``[B, T, V]`` with ``[:, i]`` predicting token i, whatever the family's convention."""
@@ -116,6 +127,7 @@ class LLaDA(ModelFamily):
 
     name = "llada"
     attention = "none"
+    forward_kwargs = MappingProxyType({"use_cache": False})  # no key/value outputs during training
     needs_remote_code = True
     end_of_turn_token = "<|eot_id|>"
     # Every linear layer of a block (attention q/k/v/out, SwiGLU ff_proj/up_proj/ff_out).
@@ -124,9 +136,6 @@ class LLaDA(ModelFamily):
 
     def matches(self, config: Mapping[str, Any]) -> bool:
         return config.get("model_type") == "llada"
-
-    def forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
-        return without_padding(lambda x: _logits_of(model(input_ids=x, use_cache=False)), ids, attn)
 
     def enable_activation_checkpointing(self, model: nn.Module) -> None:
         # LLaDA does not declare Hugging Face gradient checkpointing; its LLaDAModel has its own
@@ -159,13 +168,6 @@ class Dream(ModelFamily):
 
     def matches(self, config: Mapping[str, Any]) -> bool:
         return str(config.get("model_type", "")).lower() == "dream"
-
-    def forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
-        if bool(attn.all()):
-            return _logits_of(model(input_ids=ids))
-        keep = attn.bool()
-        positions = (attn.long().cumsum(-1) - 1).masked_fill(~keep, 1)  # Dream's tok_idx
-        return _logits_of(model(input_ids=ids, attention_mask=keep[:, None, None, :], position_ids=positions))
 
     @contextlib.contextmanager
     def saving(self, model: nn.Module) -> Iterator[None]:

@@ -262,7 +262,7 @@ def load_masked_lm(
                 f"model directory {name!r} has no config.json; point to a directory written by save_pretrained")
     raw_config = _read_config_dict(name, local)
     family = get_family(model_family) if model_family else detect_family(raw_config, name)
-    if raw_config.get("auto_map") and not trust_remote_code:
+    if (family.needs_remote_code or raw_config.get("auto_map")) and not trust_remote_code:
         raise ValueError(
             f"model {name!r} ({family.name}) ships its own model code (config.json auto_map); pass "
             "--trust_remote_code true to run it")
