@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +13,7 @@ from torch import nn
 
 from dipod.config import ConfigError
 from dipod.lm.model import MaskedDiffusionLM, build_tiny_model, load_masked_lm
-from dipod.lm.sampler import SamplerSettings, generate, reveal_schedule, top_k_mask
+from dipod.lm.sampler import SamplerSettings, decode, generate, reveal_schedule, top_k_mask
 
 PAD, MASK, EOS = 0, 1, 2
 VOCAB = 8  # 3..7 are ordinary tokens
@@ -329,14 +332,26 @@ def test_positions_after_the_first_eos_become_eos():
 # --- validation ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(gen_length=10, block_length=4, steps=10), "not a multiple of block_length"),
-    (dict(gen_length=12, block_length=4, steps=10), "not a multiple of the block count 3"),
-    (dict(gen_length=8, block_length=4, steps=16), "some steps would reveal nothing"),
+    (dict(gen_length=10, block_length=4, steps=10, schedule="blocks"), "not a multiple of block_length"),
+    (dict(gen_length=12, block_length=4, steps=10, schedule="blocks"), "not a multiple of the block count 3"),
+    (dict(gen_length=8, block_length=4, steps=16, schedule="blocks"), "some steps would reveal nothing"),
     (dict(gen_length=0, block_length=4, steps=4), "must all be >= 1"),
     (dict(gen_length=8, block_length=4, steps=4, temperature=-0.1), "temperature"),
     (dict(gen_length=8, block_length=4, steps=4, temperature=float("nan")), "temperature"),
     (dict(gen_length=8, block_length=4, steps=4, remasking="top_p"), "remasking"),
     (dict(gen_length=8, block_length=4, steps=4, cfg_scale=-1.0), "cfg_scale"),
+    (dict(confidence_threshold=0.0), r"confidence_threshold=0.0 must lie in \(0, 1\]"),
+    (dict(confidence_threshold=1.5), r"confidence_threshold=1.5 must lie in \(0, 1\]"),
+    (dict(confidence_threshold=-0.2), r"must lie in \(0, 1\]"),
+    (dict(confidence_threshold=float("nan")), r"must lie in \(0, 1\]"),
+    (dict(confidence_threshold=0.9, remasking="entropy"), "remasking='entropy' scores are not one"),
+    (dict(confidence_threshold=0.9, remasking="random"), "remasking='random' scores are not one"),
+    (dict(max_reveal_per_step=2), "set confidence_threshold too"),
+    (dict(confidence_threshold=0.9, max_reveal_per_step=0), "max_reveal_per_step=0 must be >= 1"),
+    (dict(kv_cache="full"), "kv_cache='full'; choose one of"),
+    (dict(schedule="dream"), "schedule='dream'; choose one of"),
+    (dict(schedule="global", schedule_eps=0.0), "schedule_eps=0.0 must lie in"),
+    (dict(gen_length=8, steps=9, schedule="global"), "steps=9 exceeds gen_length=8"),
 ])
 def test_bad_settings_are_rejected_with_a_clear_message(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -395,3 +410,271 @@ def test_tiny_model_invariants_determinism_and_left_padding(tiny_lm):
     first = generate(tiny_lm, ids, attn, hot, torch.Generator().manual_seed(0))
     assert torch.equal(first, generate(tiny_lm, ids, attn, hot, torch.Generator().manual_seed(0)))
     assert not (first == tiny_lm.mask_id).any()
+
+
+# --- reveal rules ---------------------------------------------------------------------------------
+
+def test_each_reveal_rule_scores_hand_made_logits():
+    from dipod.lm.reveal import REVEAL_RULES
+
+    probs = [0.5, 0.3, 0.2]
+    logits_blv = torch.tensor([[[math.log(p) for p in probs] + [float("-inf")]]])  # last token: the mask
+    tokens_bl = torch.tensor([[0]])
+    score = {name: rule.score(logits_blv, tokens_bl, 0.0, None).item() for name, rule in REVEAL_RULES.items()}
+    assert score["low_confidence"] == pytest.approx(0.5, abs=1e-7)
+    assert score["maskgit_plus"] == pytest.approx(0.5, abs=1e-7)
+    assert score["topk_margin"] == pytest.approx(0.5 - 0.3, abs=1e-7)
+    assert score["entropy"] == pytest.approx(sum(p * math.log(p) for p in probs), abs=1e-7)  # 0 log 0 = 0
+    assert 0.0 <= score["random"] < 1.0
+    # temperature 2: Dream's rules read softmax(logits / 2) (probabilities ~ sqrt(p)); LLaDA's does not
+    root = [math.sqrt(p) for p in probs]
+    tempered = [r / sum(root) for r in root]
+    hot = {name: rule.score(logits_blv, tokens_bl, 2.0, None).item() for name, rule in REVEAL_RULES.items()}
+    assert hot["low_confidence"] == pytest.approx(0.5, abs=1e-7)
+    assert hot["maskgit_plus"] == pytest.approx(tempered[0], abs=1e-7)
+    assert hot["topk_margin"] == pytest.approx(tempered[0] - tempered[1], abs=1e-7)
+    assert hot["entropy"] == pytest.approx(sum(p * math.log(p) for p in tempered), abs=1e-7)
+    # the score of the proposed token, not of the argmax
+    assert REVEAL_RULES["maskgit_plus"].score(logits_blv, torch.tensor([[2]]), 0.0, None).item() == pytest.approx(0.2)
+
+
+def test_global_schedule_counts_follow_dreams_formula():
+    from dipod.lm.reveal import global_counts
+
+    # t = linspace(1, 1e-3, 5) = 1, .75025, .5005, .25075, .001; floor(n (1 - s/t)) of the masks left:
+    # 8 * .24975 -> 1, 7 * .33289 -> 2, 5 * .49900 -> 2, and the last step takes the 3 left
+    count = global_counts(steps=4, eps=1e-3)
+    left, counts = 8, []
+    for step in range(4):
+        k = int(count(step, torch.arange(8)[None, :] < left, torch.zeros(1, 8))[0])
+        counts.append(k)
+        left -= k
+    assert counts == [1, 2, 2, 3]
+    lm = toy_lm(RelativeMixer(seed=4))
+    ids, attn = random_prompts(3, 4, seed=5)
+    out = decode(lm, ids, attn, SamplerSettings(gen_length=8, steps=4, schedule="global"))
+    assert out.forward_passes == 4
+    assert torch.equal(torch.stack([(out.order_bg == s).sum(dim=1) for s in range(4)], dim=1),
+                       torch.tensor([[1, 2, 2, 3]] * 3))
+
+
+# --- the block forward hook --------------------------------------------------------------------------
+
+def test_forward_hook_sees_each_block_and_flags_its_first_step():
+    lm = toy_lm(RelativeMixer(seed=6))
+    ids, attn = random_prompts(4, 3, seed=1)
+    calls = []
+
+    def recording_forward(x_bt, attn_bt, lo, hi, new_block):
+        calls.append((lo, hi, new_block))
+        return lm.logits(x_bt, attn_bt)[:, lo:hi]
+
+    settings = SamplerSettings(gen_length=8, block_length=4, steps=4)
+    hooked = decode(lm, ids, attn, settings, forward=recording_forward)
+    plain = decode(lm, ids, attn, settings)
+    assert calls == [(3, 7, True), (3, 7, False), (7, 11, True), (7, 11, False)]
+    assert hooked.forward_passes == plain.forward_passes == 4
+    assert torch.equal(hooked.completion_bg, plain.completion_bg) and torch.equal(hooked.order_bg, plain.order_bg)
+
+
+def test_kv_cache_asks_dipod_lm_networks_for_the_forward(monkeypatch):
+    lm = toy_lm(RelativeMixer(seed=6))
+    ids, attn = random_prompts(2, 3, seed=2)
+    made = []
+
+    def make_cached_forward(lm_arg, mode):
+        made.append((lm_arg, mode))
+        return lambda x_bt, attn_bt, lo, hi, new_block: lm_arg.logits(x_bt, attn_bt)[:, lo:hi]
+
+    monkeypatch.setitem(sys.modules, "dipod.lm.networks", SimpleNamespace(make_cached_forward=make_cached_forward))
+    settings = dict(gen_length=4, block_length=2, steps=4)
+    cached = generate(lm, ids, attn, SamplerSettings(**settings, kv_cache="dual"))
+    assert made == [(lm, "dual")]
+    assert torch.equal(cached, generate(lm, ids, attn, SamplerSettings(**settings)))
+
+    def refuse(lm_arg, mode):
+        raise ValueError("kv_cache: no cached implementation for this family")
+
+    monkeypatch.setitem(sys.modules, "dipod.lm.networks", SimpleNamespace(make_cached_forward=refuse))
+    with pytest.raises(ValueError, match="no cached implementation"):
+        generate(lm, ids, attn, SamplerSettings(**settings, kv_cache="prefix"))
+
+
+# --- threshold parallel decoding -----------------------------------------------------------------------
+
+def test_threshold_reveals_every_confident_position_and_at_least_one():
+    # 7 proposable tokens (the mask is excluded): a peak a gives probability e^a / (e^a + 6):
+    # 1 -> .31, 3 -> .77, 0.5 -> .22, 5 -> .96
+    model = FixedLogits(peaked_logits([1.0, 3.0, 0.5, 5.0, 1.0, 3.0], [3, 4, 5, 6, 7, 3]))
+    counting = CallCounter(model)
+    lm = toy_lm(counting)
+    ids, attn = random_prompts(2, 3)
+    out = decode(lm, ids, attn, SamplerSettings(gen_length=6, block_length=6, steps=6, confidence_threshold=0.5))
+    # step 0: the three above 0.5; then one per step, the most confident first (ties: leftmost)
+    assert torch.equal(out.order_bg, torch.tensor([[1, 0, 3, 0, 2, 0]] * 2))
+    assert out.forward_passes == counting.calls == 4
+    capped = decode(lm, ids, attn, SamplerSettings(gen_length=6, block_length=6, steps=6, confidence_threshold=0.5,
+                                                   max_reveal_per_step=2))
+    assert torch.equal(capped.order_bg, torch.tensor([[2, 0, 4, 0, 3, 1]] * 2))
+    assert capped.forward_passes == 5 and counting.calls == 9
+    assert torch.equal(out.completion_bg, capped.completion_bg)
+
+
+class CallCounter(nn.Module):
+    """Counts the forwards of the model it wraps."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, input_ids, attention_mask):
+        self.calls += 1
+        return self.inner(input_ids, attention_mask)
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "maskgit_plus", "topk_margin"])
+def test_threshold_steps_match_the_rule_on_the_models_own_logits(remasking):
+    lm = toy_lm(RelativeMixer(seed=8))
+    ids, attn = random_prompts(6, 4, seed=3)
+    threshold = 0.3
+    seen = []
+
+    def recording_forward(x_bt, attn_bt, lo, hi, new_block):
+        logits_blv = lm.logits(x_bt, attn_bt)[:, lo:hi]
+        seen.append((x_bt[:, lo:hi].clone(), logits_blv.clone(), lo - 4))
+        return logits_blv
+
+    settings = SamplerSettings(gen_length=8, block_length=4, steps=2, remasking=remasking, confidence_threshold=threshold)
+    out = decode(lm, ids, attn, settings, forward=recording_forward)
+    assert out.forward_passes == len(seen)
+    for step, (x_bl, logits_blv, start) in enumerate(seen):
+        logits_blv = logits_blv.clone()  # out of inference mode
+        logits_blv[..., MASK] = float("-inf")
+        probs_blv = torch.softmax(logits_blv.double(), dim=-1)
+        top2 = probs_blv.topk(2, dim=-1).values
+        score_bl = top2[..., 0] - top2[..., 1] if remasking == "topk_margin" else top2[..., 0]
+        masked_bl = x_bl == MASK
+        score_bl = score_bl.masked_fill(~masked_bl, float("-inf"))
+        expected_bl = (score_bl > threshold) | (top_k_mask(score_bl, 1) & masked_bl)
+        assert torch.equal(out.order_bg[:, start:start + 4] == step, expected_bl), step
+    # every row reveals at least one token per step until its block is done; a block takes the
+    # forwards its slowest row needs
+    for start in (0, 4):
+        steps_br = [sorted(set(row.tolist())) for row in out.order_bg[:, start:start + 4]]
+        first = min(s[0] for s in steps_br)
+        assert all(s == list(range(first, first + len(s))) for s in steps_br)
+    assert out.forward_passes == sum(max(len(set(row.tolist())) for row in out.order_bg[:, s:s + 4]) for s in (0, 4))
+
+
+@pytest.mark.parametrize("block_length, schedule", [(4, "blocks"), (8, "blocks"), (8, "global")])
+def test_threshold_one_reveals_one_token_per_step(block_length, schedule):
+    # No probability exceeds 1, so each step reveals exactly the most confident position: the
+    # fixed schedule with one token per step (the global schedule is one block of the whole completion).
+    lm = toy_lm(RelativeMixer(seed=2))
+    ids, attn = random_prompts(5, 4, seed=6)
+    threshold = SamplerSettings(gen_length=8, block_length=block_length, steps=2, schedule=schedule, temperature=0.7,
+                                confidence_threshold=1.0)
+    fixed = SamplerSettings(gen_length=8, block_length=block_length, steps=8, schedule="blocks", temperature=0.7)
+    one = decode(lm, ids, attn, threshold, torch.Generator().manual_seed(4))
+    reference = decode(lm, ids, attn, fixed, torch.Generator().manual_seed(4))
+    assert one.forward_passes == reference.forward_passes == 8
+    assert torch.equal(one.completion_bg, reference.completion_bg) and torch.equal(one.order_bg, reference.order_bg)
+
+
+# --- family defaults -------------------------------------------------------------------------------------
+
+def test_family_sampler_defaults_fill_only_what_the_user_left_unset():
+    from dipod.lm.families import HFMaskedLM
+
+    class GlobalFamily(HFMaskedLM):
+        sampler_defaults = {"schedule": "global", "remasking": "entropy"}
+
+    lm = MaskedDiffusionLM(model=RelativeMixer(seed=3), tokenizer=None, mask_id=MASK, pad_id=PAD, eos_id=EOS,
+                           family=GlobalFamily())
+    ids, attn = random_prompts(3, 4, seed=7)
+    unset = SamplerSettings(gen_length=6, block_length=4, steps=3)  # 6 is no multiple of 4: fine for global
+    assert unset.resolved(lm.family.sampler_defaults) == SamplerSettings(
+        gen_length=6, block_length=4, steps=3, schedule="global", remasking="entropy")
+    as_family = SamplerSettings(gen_length=6, block_length=4, steps=3, schedule="global", remasking="entropy")
+    assert torch.equal(decode(lm, ids, attn, unset).order_bg, decode(lm, ids, attn, as_family).order_bg)
+    mine = SamplerSettings(gen_length=6, block_length=3, steps=2, schedule="blocks", remasking="low_confidence")
+    assert mine.resolved(lm.family.sampler_defaults) == mine
+    assert decode(lm, ids, attn, mine).forward_passes == 2
+    assert SamplerSettings().resolved({}).schedule == "blocks" and SamplerSettings().resolved({}).remasking == \
+        "low_confidence"
+    with pytest.raises(ConfigError, match="not a multiple of block_length"):
+        unset.resolved({"schedule": "blocks"})
+
+
+# --- the real architectures: parity with the models' own decoders ------------------------------------------
+
+SNAPSHOTS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+
+
+def load_snapshot(name: str) -> MaskedDiffusionLM:
+    if not (SNAPSHOTS / name).is_dir():
+        pytest.skip(f"../shared/models/{name} is absent")
+    return load_masked_lm(str(SNAPSHOTS / name), trust_remote_code=True)
+
+
+def llada_reference_generate(model, prompt_ids, mask_id, gen_length, block_length, steps):
+    """LLaDA's published greedy decoder written out plainly (the hub model called as LLaDA's generate()
+    calls it: no attention mask), one row at a time; the mask token's logit is set to -inf as ours."""
+    rows = []
+    for prompt in prompt_ids:
+        x = torch.cat([prompt, torch.full((gen_length,), mask_id)])[None, :]
+        per_block = steps // (gen_length // block_length)
+        for block_start in range(len(prompt), x.shape[1], block_length):
+            block_end = block_start + block_length
+            for step in range(per_block):
+                k = block_length // per_block + (1 if step < block_length % per_block else 0)
+                logits = model(x).logits[0].float()
+                logits[:, mask_id] = float("-inf")
+                p = torch.softmax(logits.double(), dim=-1)
+                x0 = logits.argmax(dim=-1)
+                confidence = p.gather(-1, x0[:, None])[:, 0]
+                confidence[block_end:] = float("-inf")
+                confidence[x[0] != mask_id] = float("-inf")
+                chosen = torch.topk(confidence, k).indices
+                x[0, chosen] = x0[chosen]
+        rows.append(x[0, len(prompt):])
+    return torch.stack(rows)
+
+
+def test_llada_greedy_equals_the_reference_decoder_on_the_hub_code():
+    lm = load_snapshot("tiny-llada")
+    ids = torch.randint(0, 90, (3, 6), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    settings = SamplerSettings(gen_length=16, block_length=8, steps=8, fill_after_eos=False)
+    with torch.no_grad():
+        expected = llada_reference_generate(lm.model, ids, lm.mask_id, 16, 8, 8)
+    out = decode(lm, ids, attn, settings)
+    assert out.forward_passes == 8
+    assert torch.equal(out.completion_bg, expected)
+
+
+@pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
+def test_dream_greedy_equals_diffusion_generate(alg):
+    lm = load_snapshot("tiny-dream")
+    prompt_len, gen_length, steps = 7, 24, 12
+    ids = torch.randint(0, 90, (3, prompt_len), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    attn[0, :3] = 0  # left padding: Dream's own sampler then builds its 4-D mask and position ids
+    attn[1, :1] = 0
+    ids = ids.masked_fill(attn == 0, lm.pad_id)
+
+    def no_mask_token(step, x, logits):  # Dream's logits hook, giving its sampler our convention
+        logits = logits.clone()
+        logits[..., lm.mask_id] = float("-inf")
+        return logits
+
+    # Dream's generation config defaults to top_k=50 / top_p=1 (they reshape its confidences);
+    # our sampler has neither, so they are switched off.
+    expected = lm.model.diffusion_generate(ids, attention_mask=attn, max_new_tokens=gen_length, steps=steps,
+                                           temperature=0.0, top_p=None, top_k=None, alg=alg,
+                                           mask_token_id=lm.mask_id, generation_logits_hook_func=no_mask_token)
+    # The family's defaults give Dream's global schedule; only the confidence rule is chosen here.
+    out = decode(lm, ids, attn, SamplerSettings(gen_length=gen_length, steps=steps, remasking=alg,
+                                                fill_after_eos=False))
+    assert out.forward_passes == steps
+    assert torch.equal(out.completion_bg, expected[:, prompt_len:])
