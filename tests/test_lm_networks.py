@@ -228,3 +228,56 @@ def test_decoding_with_cache_and_threshold_through_the_sampler(name):
             real = prompt_attn[i].bool()
             alone = decode(lm, prompts[i:i + 1, real], prompt_attn[i:i + 1, real], settings)
             assert torch.equal(alone.completion_bg[0], counted.completion_bg[i]), (mode, i, width)
+
+
+def test_reveal_confidence_is_the_samplers_own_score_when_decoding_exactly():
+    """Greedy, uncached: the replayed probability of each revealed token is the low-confidence score the
+    sampler ranked it by (recorded from the sampler's own forward calls)."""
+    from dipod.lm.rollout_mismatch import reveal_confidence
+    from dipod.lm.sampler import SamplerSettings, decode, full_forward
+
+    lm = _snapshot_lm("tiny-llada")
+    prompts, prompt_attn = _left_padded([_ids(1, n, seed=n)[0] for n in (5, 8)], pad_id=lm.pad_id)
+    settings = SamplerSettings(gen_length=8, block_length=4, steps=4, fill_after_eos=False)
+    records, inner = [], full_forward(lm)
+
+    def recording(x_bt, attn_bt, lo, hi, new_block):
+        logits = inner(x_bt, attn_bt, lo, hi, new_block)
+        records.append((lo - prompts.shape[1], logits.clone()))
+        return logits
+    out = decode(lm, prompts, prompt_attn, settings, forward=recording)
+    expected = torch.zeros(2, 8, dtype=torch.float64)
+    for step, (start, logits) in enumerate(records):
+        logits = logits.clone()  # made under inference_mode
+        logits[..., lm.mask_id] = float("-inf")
+        probs = torch.softmax(logits.double(), dim=-1)
+        for b in range(2):
+            for j in range(logits.shape[1]):
+                if out.order_bg[b, start + j] == step:
+                    expected[b, start + j] = probs[b, j, out.completion_bg[b, start + j]]
+    got = reveal_confidence(lm, prompts, prompt_attn, out.completion_bg, out.order_bg)
+    torch.testing.assert_close(got, expected.mean(dim=1))
+    assert (got > 0).all() and (got < 1).all()
+
+
+def test_rollout_mismatch_of_fast_against_reference_decoding():
+    from dipod.lm.proxies import ProxySettings
+    from dipod.lm.rollout_mismatch import reference_settings, rollout_mismatch
+    from dipod.lm.sampler import SamplerSettings
+
+    lm = _snapshot_lm("tiny-llada")
+    prompts, prompt_attn = _left_padded([_ids(1, n, seed=n)[0] for n in (5, 8, 6)], pad_id=lm.pad_id)
+    fast = SamplerSettings(gen_length=16, block_length=8, steps=16, confidence_threshold=0.05, kv_cache="dual",
+                           temperature=1.0)
+    reference = reference_settings(fast)
+    assert reference.confidence_threshold is None and reference.kv_cache is None and reference.temperature == 1.0
+    score = lambda completion: (completion == 85).double().mean(dim=1)  # noqa: E731  (a reward with spread)
+    proxy = ProxySettings(block_length=8)
+    same = rollout_mismatch(lm, prompts, prompt_attn, reference, reference, score, proxy, seed=3)
+    for key in ("reward", "elbo_per_token", "confidence", "forwards"):
+        assert same[f"{key}_fast"] == same[f"{key}_reference"]
+    assert same["same_tokens"] == 1.0 and same["forwards_reference"] == 16
+    diff = rollout_mismatch(lm, prompts, prompt_attn, fast, reference, score, proxy, seed=3)
+    assert diff["forwards_fast"] < diff["forwards_reference"]
+    assert diff["elbo_per_token_fast"] < 0 and 0 < diff["confidence_fast"] < 1
+    assert diff == rollout_mismatch(lm, prompts, prompt_attn, fast, reference, score, proxy, seed=3)  # seeded
