@@ -20,6 +20,7 @@ from dipod.lm.estimators import OPTION_OWNERS, option_help, resolve_options
 from dipod.lm.families import FAMILIES
 
 from dipod.lm.proxies import MASKINGS, PROCESSES
+from dipod.lm.sampler import DecodingOptions
 from dipod.lm.tasks.base import STYLES
 
 ESTIMATORS = tuple(ESTIMATOR_RECORDS)
@@ -31,7 +32,7 @@ ESTIMATOR_FIELDS: dict[str, tuple[str, ...]] = OPTION_OWNERS
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold, kv_cache, ...
     # --- model ---
     model: str = option("hub id or local directory of a mask predictor (dipod.lm.model.load_masked_lm)",
                        default="GSAI-ML/LLaDA-8B-Instruct")
@@ -67,7 +68,6 @@ class TrainConfig:
     block_length: int = option("semi-autoregressive block length; gen_length must be a multiple", default=32)
     diffusion_steps: int = option("sampler steps over the whole completion (a multiple of the block count)", default=128)
     temperature: float = option("rollout sampling temperature (0 = greedy)", default=0.9)
-    remasking: str = option("sampler remasking: low_confidence or random", default="low_confidence")
     cfg_scale: float = option("classifier-free guidance scale of the sampler", default=0.0)
     scale_rewards: bool = option("divide group-centred advantages by the group's reward std", default=False)
     # --- likelihood proxies ---
@@ -200,7 +200,7 @@ class TrainConfig:
         from dipod.lm.sampler import SamplerSettings
 
         return SamplerSettings(gen_length=self.gen_length, block_length=self.block_length, steps=self.diffusion_steps,
-                               temperature=temperature, remasking=self.remasking, cfg_scale=self.cfg_scale)
+                               temperature=temperature, cfg_scale=self.cfg_scale, **self.decoding_options())
 
     def with_changes(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
