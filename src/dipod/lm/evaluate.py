@@ -7,6 +7,7 @@ also what `dipod lm sft` calls for its periodic held-out evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,18 +16,20 @@ import torch
 
 from dipod.config import ConfigError, option, parse_config
 from dipod.lm.families import FAMILIES
-from dipod.lm.sampler import SamplerSettings
+from dipod.lm.sampler import DecodingOptions, SamplerSettings, family_sampler_defaults
+from dipod.lm.tasks.base import EVAL_RESPONSE_PREFIX
+from dipod.lm.tasks.base import STYLES as PROMPT_STYLES
 from dipod.runlog import atomic_write_json
-
-PROMPT_STYLES = ("compact", "chat")
 
 
 @dataclass
-class DecodeConfig:
+class DecodeConfig(DecodingOptions):
     """Model loading and decoding settings shared by `dipod lm eval` and `dipod lm generate`.
 
     Decoding defaults suit the tiny reference policies (one block of 32 tokens, one token per
-    step); for LLaDA use d1's --gen_length 256 --block_length 32 --steps 128.
+    step); for LLaDA use d1's --gen_length 256 --block_length 32 --steps 128. The options shared
+    with train and SFT (remasking, schedule, confidence_threshold, kv_cache, ...) come from
+    ``DecodingOptions``; unset ones take the model family's defaults (docs/lm_sampler.md).
     """
 
     model: str = option("local directory (save_pretrained format, e.g. RUN/model from `dipod lm sft`) or hub id",
@@ -41,7 +44,6 @@ class DecodeConfig:
     block_length: int = option("semi-autoregressive block length (gen_length must be a multiple)", default=32)
     steps: int = option("sampler steps over the whole completion", default=32)
     temperature: float = option("sampling temperature (0 = greedy)", default=0.0)
-    remasking: str = option("low_confidence or random", default="low_confidence")
     cfg_scale: float = option("classifier-free guidance scale", default=0.0)
     batch_size: int = option("prompts decoded per sampler call", default=64)
     seed: int = option("seed of the sampler's random draws (temperature > 0 or random remasking)", default=0)
@@ -70,22 +72,24 @@ class DecodeConfig:
 
     def sampler_settings(self) -> SamplerSettings:
         return SamplerSettings(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps,
-                               temperature=self.temperature, remasking=self.remasking, cfg_scale=self.cfg_scale)
+                               temperature=self.temperature, cfg_scale=self.cfg_scale, **self.decoding_options())
 
 
 @dataclass
 class EvalConfig(DecodeConfig):
-    json: str | None = option("write accuracy, mean reward and per-example results to this JSON file", default=None)
+    json: str | None = option("write accuracy, mean reward, forward passes and per-example results to this JSON file",
+                              default=None)
 
 
 @torch.no_grad()
 def evaluate_policy(lm, task, examples: list[dict], settings: SamplerSettings, *, prompt_style: str = "compact",
                     max_prompt_length: int = 256, batch_size: int = 64, seed: int = 0) -> dict:
-    """Decode every example and score it: ``{"accuracy", "mean_reward", "num_examples", "results"}``.
+    """Decode every example and score it: ``{"accuracy", "mean_reward", "num_examples", "forward_passes", "results"}``.
 
-    ``results`` holds ``{"prompt", "completion", "reward", "correct"}`` per example, in order.
+    ``forward_passes`` counts the model calls the sampler ran over all batches; ``results`` holds
+    ``{"prompt", "completion", "reward", "correct"}`` per example, in order.
     """
-    from dipod.lm.sampler import generate
+    from dipod.lm.sampler import decode
     from dipod.lm.train_engine import decode_completions, encode_prompts
 
     if not examples:
@@ -93,21 +97,23 @@ def evaluate_policy(lm, task, examples: list[dict], settings: SamplerSettings, *
     generator = torch.Generator(device=lm.device).manual_seed(seed)
     was_training = lm.model.training
     lm.model.eval()
-    results = []
+    results, forward_passes = [], 0
     try:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
             prompts = [task.prompt(ex, prompt_style) for ex in chunk]
-            ids, attn = encode_prompts(lm, prompts, max_prompt_length, chat=prompt_style == "chat")
-            completion_ids = generate(lm, ids.to(lm.device), attn.to(lm.device), settings, generator=generator)
-            for prompt, text, ex in zip(prompts, decode_completions(lm, completion_ids), chunk):
+            ids, attn = encode_prompts(lm, prompts, max_prompt_length, chat=prompt_style != "compact",
+                                      response_prefix=EVAL_RESPONSE_PREFIX.get(prompt_style, ""))
+            decoded = decode(lm, ids.to(lm.device), attn.to(lm.device), settings, generator=generator)
+            forward_passes += decoded.forward_passes
+            for prompt, text, ex in zip(prompts, decode_completions(lm, decoded.completion_bg), chunk):
                 results.append({"prompt": prompt, "completion": text, "reward": float(task.reward(text, ex)),
                                 "correct": bool(task.is_correct(text, ex))})
     finally:
         lm.model.train(was_training)
     return {"accuracy": sum(r["correct"] for r in results) / len(results),
             "mean_reward": sum(r["reward"] for r in results) / len(results),
-            "num_examples": len(results), "results": results}
+            "num_examples": len(results), "forward_passes": forward_passes, "results": results}
 
 
 def load_for_decoding(cfg: DecodeConfig):
@@ -125,18 +131,18 @@ def load_for_decoding(cfg: DecodeConfig):
 def main(argv: list[str], prog: str = "dipod lm eval") -> int:
     cfg = parse_config(EvalConfig, argv, prog, description="Accuracy and mean reward of a model on a task.")
     lm, task, examples = load_for_decoding(cfg)
-    report = evaluate_policy(lm, task, examples, cfg.sampler_settings(), prompt_style=cfg.prompt_style,
+    settings = cfg.sampler_settings().resolved(family_sampler_defaults(lm))  # the family's defaults filled in
+    report = evaluate_policy(lm, task, examples, settings, prompt_style=cfg.prompt_style,
                              max_prompt_length=cfg.max_prompt_length, batch_size=cfg.batch_size, seed=cfg.seed)
     source = cfg.data or f"split {cfg.split}"
     print(f"{task.name} ({source}, {report['num_examples']} examples): "
-          f"accuracy {report['accuracy']:.4f}  mean reward {report['mean_reward']:.4f}")
+          f"accuracy {report['accuracy']:.4f}  mean reward {report['mean_reward']:.4f}  "
+          f"forward passes {report['forward_passes']}")
     if cfg.json:
-        settings = cfg.sampler_settings()
         atomic_write_json(Path(cfg.json), {
             "model": cfg.model, "task": task.name, "data": cfg.data, "split": None if cfg.data else cfg.split,
             "prompt_style": cfg.prompt_style,
-            "sampler": {k: getattr(settings, k) for k in ("gen_length", "block_length", "steps", "temperature",
-                                                          "remasking", "cfg_scale")},
+            "sampler": dataclasses.asdict(settings), "batch_size": cfg.batch_size,
             **report})
         print(f"wrote {cfg.json}", file=sys.stderr)
     return 0

@@ -36,7 +36,7 @@ from dipod.config import ConfigError, option, parse_config, require, save_config
 from dipod.lm.evaluate import PROMPT_STYLES, evaluate_policy
 from dipod.lm.families import FAMILIES
 from dipod.lm.train_config import DTYPES
-from dipod.lm.sampler import SamplerSettings
+from dipod.lm.sampler import DecodingOptions, SamplerSettings
 from dipod.runlog import MetricsLogger, atomic_write_json
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -84,7 +84,7 @@ def sft_loss(logits_fn: LogitsFn, prompt_ids: torch.Tensor, prompt_attn: torch.T
 # ---------------------------------------------------------------------------------------- config
 
 @dataclass
-class SFTConfig:
+class SFTConfig(DecodingOptions):  # remasking, schedule, confidence_threshold, kv_cache, ...
     # --- model ---
     model: str = option("'tiny' builds a fresh tiny ModernBERT; otherwise a model directory or hub id", default="tiny")
     tiny_hidden_size: int = option("tiny model: hidden size", default=128)
@@ -111,7 +111,6 @@ class SFTConfig:
     gen_length: int = option("completion length in tokens; demonstrations are EOS-padded to it", default=32)
     block_length: int = option("sampler block length", default=32)
     steps: int = option("sampler steps over the whole completion", default=32)
-    remasking: str = option("sampler remasking: low_confidence or random", default="low_confidence")
     # --- optimisation ---
     max_steps: int = option("optimizer steps at most", default=2000)
     batch_size: int = option("sequences per step", default=64)
@@ -162,7 +161,7 @@ class SFTConfig:
 
     def sampler_settings(self) -> SamplerSettings:
         return SamplerSettings(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps,
-                               temperature=0.0, remasking=self.remasking)
+                               temperature=0.0, **self.decoding_options())
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -174,7 +173,7 @@ def encode_demonstrations(lm, task, examples: list[dict], prompt_style: str, max
     from dipod.lm.train_engine import encode_prompts
 
     prompt_ids, prompt_attn = encode_prompts(lm, [task.prompt(ex, prompt_style) for ex in examples],
-                                             max_prompt_length, chat=prompt_style == "chat")
+                                             max_prompt_length, chat=prompt_style != "compact")
     demos = [lm.tokenizer(task.demonstration(ex), add_special_tokens=False)["input_ids"] for ex in examples]
     longest = max(len(d) for d in demos)
     if longest > gen_length:

@@ -42,6 +42,8 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
     model_family: str | None = option(
         "model family: llada, dream or hf_masked_lm (None: detected from config.json)", default=None)
     dtype: str = option(f"model weights dtype, one of {DTYPES}; proxy arithmetic is float32 anyway", default="bfloat16")
+    load_in_4bit: bool = option("4-bit NF4 base weights via bitsandbytes, as the paper's runs (needs CUDA and "
+                                "bitsandbytes)", default=False)
     lora_r: int = option("LoRA rank; 0 trains all weights", default=128)
     lora_alpha: float = option("LoRA alpha", default=64.0)
     lora_dropout: float = option("LoRA dropout", default=0.05)
@@ -142,6 +144,8 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
         # the sampler's own checks: gen_length a multiple of block_length, steps a multiple of the block count
         self.sampler_settings(self.temperature)
         require(self.dtype in DTYPES, f"dtype={self.dtype!r}; choose one of {DTYPES}")
+        if self.load_in_4bit:
+            _check_4bit()
         require(self.prompt_style in STYLES, f"prompt_style={self.prompt_style!r}; choose one of {', '.join(STYLES)}")
         require(self.masking in MASKINGS, f"masking={self.masking!r}; choose one of {MASKINGS}")
         require(self.lr_scheduler in LR_SCHEDULERS, f"lr_scheduler={self.lr_scheduler!r}; choose one of {LR_SCHEDULERS}")
@@ -204,6 +208,18 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
 
     def with_changes(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _check_4bit() -> None:
+    """load_in_4bit fails here, before any model is loaded, on a machine that cannot run it."""
+    import torch
+
+    from dipod.lm.model import nf4_quantization
+
+    try:
+        nf4_quantization("cuda" if torch.cuda.is_available() else "cpu")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _looks_like_path(text: str) -> bool:

@@ -62,12 +62,15 @@ def reward_table(task, weights: list[float] | None) -> tuple[list[str], list, Te
     return names, functions, torch.tensor(weights if weights is not None else default, dtype=torch.float32)
 
 
-def encode_prompts(lm, texts: list[str], max_prompt_length: int, chat: bool) -> tuple[Tensor, Tensor]:
-    """Left-padded ``(prompt_ids [B, P], prompt_attn [B, P])``; over-long prompts lose their start."""
+def encode_prompts(lm, texts: list[str], max_prompt_length: int, chat: bool,
+                   response_prefix: str = "") -> tuple[Tensor, Tensor]:
+    """Left-padded ``(prompt_ids [B, P], prompt_attn [B, P])``; over-long prompts lose their start.
+    With `chat`, each text is a user turn under the chat template, followed by `response_prefix`
+    (the start of the assistant's reply, e.g. the d1 evaluation's "<reasoning>")."""
     tok = lm.tokenizer
     if chat:
         texts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
-                 for t in texts]
+                 + response_prefix for t in texts]
     rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     if any(len(r) > max_prompt_length for r in rows):
         warnings.warn(f"some prompts exceed max_prompt_length={max_prompt_length} tokens and were cut from the left",
@@ -102,7 +105,7 @@ def load_policy(cfg: TrainConfig, device):
     lm = load_masked_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                         mask_token_id=cfg.mask_token_id, model_family=cfg.model_family, lora=lora,
                         gradient_checkpointing=cfg.gradient_checkpointing,
-                        device=device)
+                        device=device, load_in_4bit=cfg.load_in_4bit)
     lm.model.train()
     return lm
 
@@ -112,6 +115,7 @@ def load_reference(cfg: TrainConfig, device):
     from dipod.lm.model import load_masked_lm
 
     ref = load_masked_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                         mask_token_id=cfg.mask_token_id, model_family=cfg.model_family, device=device)
+                         mask_token_id=cfg.mask_token_id, model_family=cfg.model_family, device=device,
+                         load_in_4bit=cfg.load_in_4bit)
     ref.model.eval().requires_grad_(False)
     return ref
