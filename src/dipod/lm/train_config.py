@@ -121,6 +121,10 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
     gap_monitor_steps: int = option("drift monitor (IW_K - ELBO) every this many steps (0: off)", default=10)
     gap_monitor_sequences: int = option("rollouts per process the drift monitor scores", default=2)
     gap_monitor_orders: int = option("decoding orders K of the drift monitor", default=4)
+    rollout_mismatch_steps: int = option(
+        "every this many steps, also decode the step's prompts with the reference sampler (no threshold, no KV cache) "
+        "and log mismatch/* (reward, ELBO per token, reveal confidence, forwards; docs/lm_fast_rollouts.md); 0: off",
+        default=0)
     collapse_warn_fraction: float = option(
         "warn when at least this fraction of prompt groups has identical rewards 3 steps in a row", default=0.75)
     log_completions: int = option("held-out completions per evaluation written to completions.jsonl and printed",
@@ -162,7 +166,8 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
                      "max_prompt_length", "max_nonfinite_updates", "eval_examples", "gap_monitor_orders",
                      "gap_monitor_sequences", "keep_checkpoints"):
             require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("save_steps", "eval_steps", "gap_monitor_steps", "warmup_steps", "few_shot", "lora_r"):
+        for name in ("save_steps", "eval_steps", "gap_monitor_steps", "warmup_steps", "few_shot", "lora_r",
+                     "rollout_mismatch_steps"):
             require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0")
         require(self.generation_batch_size is None or self.generation_batch_size >= 1,
              f"generation_batch_size={self.generation_batch_size} must be >= 1")

@@ -205,6 +205,17 @@ class Trainer:
                 f"{max(1, chunk // 2)} (or lower)") from None
         return torch.cat(outs, dim=0)
 
+    def rollout_mismatch(self, prompt_ids: Tensor, prompt_attn: Tensor, examples: list[dict], step: int) -> dict:
+        """``mismatch/*``: this step's prompts decoded by the rollout sampler and by the reference one."""
+        from dipod.lm.rollout_mismatch import reference_settings, rollout_mismatch
+
+        def total_reward(completion_ids: Tensor) -> Tensor:
+            return self.score(self.engine.decode_completions(self.lm, completion_ids), examples)[0] @ self.reward_weights
+        fast = self.cfg.sampler_settings(self.cfg.temperature)
+        found = rollout_mismatch(self.frozen_view, prompt_ids, prompt_attn, fast, reference_settings(fast), total_reward,
+                                 self.proxy_settings, derive_seed(self.cfg.seed, _MONITOR, step, self.rank, 2))
+        return {f"mismatch/{key}": value for key, value in found.items()}
+
     def score(self, texts: list[str], examples: list[dict]) -> tuple[Tensor, Tensor]:
         """Rewards ``[n, F]`` (one column per reward function) and correctness ``[n]``."""
         rewards_nf = torch.tensor([[float(fn(t, ex)) for fn in self.reward_fns] for t, ex in zip(texts, examples)],
@@ -386,6 +397,8 @@ class Trainer:
         if warning:
             acc.print(f"WARNING {warning}")
         stats.update(sharpness)
+        if cfg.rollout_mismatch_steps and step % cfg.rollout_mismatch_steps == 0:
+            stats.update(self.rollout_mismatch(prompt_ids, prompt_attn, examples, step))
         local = {k: v for k, v in stats.items() if k != "skipped_updates"}
         keys = sorted(local)
         # every process has the same number of rollouts, so the mean of local means is the global mean
