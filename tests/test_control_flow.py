@@ -7,7 +7,8 @@ import torch
 
 from dipod.advantages import generalized_advantage_estimation
 from dipod.control.flow import FlowActor, RunningObsNorm, flow_times
-from dipod.control.update import RolloutBatch, UpdateSettings, clipped_value_loss, fpo_plus_plus_update, prepare_advantages
+from dipod.control.update import (RolloutBatch, UpdateSettings, adapt_lr, fpo_plus_plus_update, prepare_advantages,
+                                  rollout_proxies, value_loss)
 
 
 
@@ -29,6 +30,13 @@ def test_cfm_proxy_matches_hand_computation_for_constant_velocity():
     # draw 1: target (1.0, 0.2); v - target = (-0.5, -1.2); (0.25 + 1.44) / 2
     expected = torch.tensor([[-1.30, -0.845]])
     assert torch.allclose(actor.cfm_elbo(obs, action, eps, t), expected, atol=1e-6)
+    actor.cfm_reduction = "sqrt"  # FPO++ locomotion: sum over A / sqrt(A)
+    assert torch.allclose(actor.cfm_elbo(obs, action, eps, t), expected * 2 / math.sqrt(2), atol=1e-6)
+    # predicted ends of the straight path from x_t: clean action x_t + (1 - t) v, noise x_t - t v
+    _, action_pred, noise_pred = actor.cfm_terms(obs, action, eps, t)
+    x_t = torch.tensor([0.25 * 1.0 + 0.75 * 0.3, 0.25 * 0.2 + 0.75 * -0.4])
+    assert torch.allclose(action_pred[0, 0], x_t + 0.75 * torch.tensor([0.5, -1.0]))
+    assert torch.allclose(noise_pred[0, 0], x_t - 0.25 * torch.tensor([0.5, -1.0]))
 
 
 def test_cfm_proxy_evaluates_velocity_at_the_interpolant():
@@ -101,12 +109,16 @@ def test_running_obs_norm_matches_batch_statistics():
     assert torch.allclose(norm(data).mean(0), torch.zeros(4), atol=1e-4)
 
 
-def test_advantage_preparation_and_clipped_value_loss():
+def test_advantage_preparation_and_value_loss():
     adv = prepare_advantages(torch.tensor([0.0, 0.0, 0.0, 100.0]), normalize=True, clip=1.0)
     assert torch.allclose(adv, torch.tensor([-0.5, -0.5, -0.5, 1.0]))  # z-scores (-0.5, 1.5) clamped
-    v, v_old, ret = torch.tensor([1.0, -1.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 2.0])
-    # sample 0: max(1, (0.2)^2) = 1; sample 1: max(9, (-0.2 - 2)^2 = 4.84) = 9 -> 0.5 * mean = 2.5
-    assert float(clipped_value_loss(v, v_old, ret, clip=0.2)) == pytest.approx(2.5)
+    raw = torch.tensor([-300.0, 0.0, 250.0])
+    assert torch.equal(prepare_advantages(raw, normalize=False, clip=100.0), torch.tensor([-100.0, 0.0, 100.0]))
+    v, v_old, ret = torch.tensor([1.0, -1.0, 0.5]), torch.tensor([0.0, 0.0, 2.0]), torch.tensor([0.0, 2.0, 0.6])
+    # FPO++: unclipped mean (V - R)^2 = (1 + 9 + 0.01) / 3
+    assert float(value_loss(v, v_old, ret, clip=0.0)) == pytest.approx(10.01 / 3)
+    # clipped: max(1, 0.2^2) = 1; max(9, (-0.2 - 2)^2) = 9; max(0.01, (1.8 - 0.6)^2 = 1.44) = 1.44
+    assert float(value_loss(v, v_old, ret, clip=0.2)) == pytest.approx(11.44 / 3)
 
 
 def test_fpo_plus_plus_update_starts_on_policy_and_moves_towards_positive_advantages():
@@ -118,9 +130,9 @@ def test_fpo_plus_plus_update_starts_on_policy_and_moves_towards_positive_advant
     obs = torch.randn(64, 3, generator=g)
     actions = actor.sample(obs, g)
     eps, t = actor.draw_noise(64, 4, g)
-    elbo_old = actor.cfm_elbo(obs, actions, eps, t).detach()
+    elbo_old, noise_pred_old = rollout_proxies(actor, obs, actions, eps, t)
     adv = torch.where(torch.arange(64) < 32, 1.0, -1.0)
-    batch = RolloutBatch(obs, actions, adv, torch.zeros(64), torch.zeros(64), eps, t, elbo_old)
+    batch = RolloutBatch(obs, actions, adv, torch.zeros(64), torch.zeros(64), eps, t, elbo_old, noise_pred_old)
     opt = torch.optim.AdamW(list(actor.parameters()) + list(critic_mod.parameters()), lr=1e-3)
     settings = UpdateSettings(epochs=1, minibatches=1, normalize_advantages=False)
     info = fpo_plus_plus_update(actor, critic, opt, batch, settings, g)
@@ -136,8 +148,8 @@ def _negative_advantage_batch(actor, generator):
     obs = torch.randn(16, 3, generator=generator)
     actions = actor.sample(obs, generator)
     eps, t = actor.draw_noise(16, 4, generator)
-    elbo_old = actor.cfm_elbo(obs, actions, eps, t).detach()
-    return RolloutBatch(obs, actions, -torch.ones(16), torch.zeros(16), torch.zeros(16), eps, t, elbo_old)
+    elbo_old, noise_pred_old = rollout_proxies(actor, obs, actions, eps, t)
+    return RolloutBatch(obs, actions, -torch.ones(16), torch.zeros(16), torch.zeros(16), eps, t, elbo_old, noise_pred_old)
 
 
 def test_cfm_clamp_stops_the_push_on_negative_advantage_draws():
@@ -154,18 +166,16 @@ def test_cfm_clamp_stops_the_push_on_negative_advantage_draws():
         assert moved == should_move  # every CFM loss (~2) is above 1e-3: clamped draws get no gradient
 
 
-def test_adaptive_learning_rate_follows_the_clip_fraction():
-    from dipod.control.update import _adapt_lr
-
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
-    settings = UpdateSettings(lr_schedule="adaptive", target_clip_fraction=0.1, lr_min=5e-5, lr_max=2e-4)
-    _adapt_lr(opt, 0.3, settings)  # > 2 x target: divide by 1.5
-    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 / 1.5)
-    _adapt_lr(opt, 0.1, settings)  # inside the band: unchanged
-    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 / 1.5)
+def test_clip_fraction_schedule_follows_the_clip_fraction():
+    settings = UpdateSettings(lr_schedule="clip_fraction", target_clip_fraction=0.1, lr_min=5e-5, lr_max=2e-4)
+    step = lambda lr, frac: adapt_lr(lr, frac, settings.target_clip_fraction, settings, zero_counts=True)  # noqa: E731
+    assert step(1e-4, 0.3) == pytest.approx(1e-4 / 1.5)  # > 2 x target: divide by 1.5
+    assert step(1e-4, 0.1) == pytest.approx(1e-4)  # inside the band: unchanged
+    assert step(1e-4, 0.0) == pytest.approx(1.5e-4)  # nothing clipped: raise
+    lr = 1e-4
     for _ in range(5):
-        _adapt_lr(opt, 0.0, settings)  # < target / 2: multiply by 1.5, capped at lr_max
-    assert opt.param_groups[0]["lr"] == pytest.approx(2e-4)
+        lr = step(lr, 0.0)
+    assert lr == pytest.approx(2e-4)  # capped at lr_max
     for _ in range(5):
-        _adapt_lr(opt, 0.9, settings)
-    assert opt.param_groups[0]["lr"] == pytest.approx(5e-5)
+        lr = step(lr, 0.9)
+    assert lr == pytest.approx(5e-5)  # floored at lr_min

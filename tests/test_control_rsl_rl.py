@@ -13,7 +13,7 @@ from dipod.config import ConfigError
 from dipod.control.distill import action_mse
 from dipod.control.rsl_rl import CLASS_NAME, FPOPlusPlus, FPOPlusPlusConfig, parse_algorithm_config
 from dipod.control.toy_vecenv import PointReachVecEnv
-from dipod.control.update import clipped_value_loss
+from dipod.control.update import value_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -105,60 +105,82 @@ def test_save_load_round_trip_through_the_runner(tmp_path):
         torch.testing.assert_close(twin.alg.optimizer.state_dict()["state"][key]["exp_avg"], value["exp_avg"])
 
 
-def test_initial_self_distillation_trains_only_the_actor():
+class CountingEnv(PointReachVecEnv):
+    """PointReachVecEnv that counts its vector steps."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps = 0
+
+    def step(self, actions):
+        self.steps += 1
+        return super().step(actions)
+
+
+def test_initial_self_distillation_runs_algorithm_3_before_rl():
     torch.manual_seed(0)
-    runner = make_runner(distill_initial_iterations=3, distill_updates=20, distill_minibatch_size=256)
+    env = CountingEnv(num_envs=64, seed=0)
+    runner = OnPolicyRunner(env, train_cfg(distill_initial_iterations=6, distill_rollout_steps=3,
+                                           distill_minibatch_size=100, ema_warmup_updates=1))
     alg = runner.alg
     rows = record_updates(runner)
-    actor_before = {k: v.clone() for k, v in alg.actor.state_dict().items()}
-    critic_before = {k: v.clone() for k, v in alg.critic.state_dict().items()}
-    runner.learn(3)
-    assert [("distill_loss" in r) for r in rows] == [True, True, True]
-    assert [r["distill_buffer"] for r in rows] == [1024.0, 2048.0, 3072.0]  # a growing buffer of teacher pairs
-    for key, value in critic_before.items():
-        torch.testing.assert_close(alg.critic.state_dict()[key], value, rtol=0, atol=0)
-    assert float(alg.actor.obs_norm.count) == 0.0  # observation statistics frozen during distillation
-    assert not torch.equal(alg.actor.state_dict()["obs_in.weight"], actor_before["obs_in.weight"])
-    last = rows[-1]
-    assert last["distill_initial_done"] == 1.0
-    # Student = teacher at the start, so the CFM loss can only approach its floor (measured 2.060 -> 2.052);
-    # it must not rise, and the student must still act like the teacher.
-    assert last["distill_cfm_loss_after"] < last["distill_cfm_loss_before"], last
-    assert last["distill_action_mse"] < 0.05, last
-    assert alg.teacher is None and not alg.distilling
+    critic_before = {k: v.clone() for k, v in alg.critic.named_parameters()}
+    actor_before = alg.actor.state_dict()["obs_in.weight"].clone()
+    optimizer_before = alg.optimizer
+    with torch.inference_mode():  # as the runner calls it
+        alg.act(env.get_observations())  # the pending stage runs first: 6 iterations x its own 3 rollout steps
+    assert env.steps == 6 * 3
+    for key, value in critic_before.items():  # only the actor trains
+        torch.testing.assert_close(dict(alg.critic.named_parameters())[key], value, rtol=0, atol=0)
+    assert not torch.equal(alg.actor.state_dict()["obs_in.weight"], actor_before)
+    assert alg.optimizer is not optimizer_before and float(alg.actor.obs_norm.count) == 6 * 3 * 64
+    runner.learn(1)  # then one runner iteration of num_steps_per_env = 16 RL steps
+    assert env.steps == 6 * 3 + 16 and runner.current_learning_iteration == 0 and alg.rl_updates == 1
+    row = rows[0]
+    assert row["distill_initial_done"] == 1.0 and row["distill_env_steps"] == 6 * 3 * 64
+    assert row["distill_buffer"] == 6 * 3 * 64  # under the cap max(4 x 100, 64 x 3 x 8): nothing trimmed
+    assert {"distill_action_mse", "distill_cfm_loss_before", "distill_cfm_loss_after", "cfm_loss_before"} <= set(row)
+    assert row["distill_cfm_loss_after"] < row["distill_cfm_loss_before"] and row["distill_action_mse"] < 0.05, row
+    assert float(alg.actor.obs_norm.count) == 6 * 3 * 64 + 16 * 64  # the statistics kept updating
     runner.learn(1)
-    assert "cfm_loss_before" in rows[-1] and "distill_loss" not in rows[-1]
+    assert "distill_initial_done" not in rows[-1] and env.steps == 6 * 3 + 32
 
 
 def test_distillation_pulls_the_student_onto_a_different_teacher():
     torch.manual_seed(0)
-    runner = make_runner(distill_initial_iterations=3, distill_updates=20, distill_minibatch_size=256)
+    runner = make_runner(distill_initial_iterations=20, distill_updates=5, distill_minibatch_size=256)
     alg = runner.alg
     teacher = copy.deepcopy(alg.actor).requires_grad_(False)
     with torch.no_grad():  # a teacher that acts differently from the student
         teacher.trunk[-1].weight.add_(0.3 * torch.randn_like(teacher.trunk[-1].weight))
         teacher.trunk[-1].bias.add_(0.5)
-    alg.teacher = teacher
+    alg.distill_teacher = teacher
     obs = PointReachVecEnv(num_envs=512, seed=4).get_observations()["policy"]
     before = action_mse(alg.actor, teacher, obs, torch.Generator().manual_seed(0))
     rows = record_updates(runner)
-    runner.learn(3)
+    runner.learn(1)
     after = action_mse(alg.actor, teacher, obs, torch.Generator().manual_seed(0))
-    # Measured: 0.296 -> 0.036 (student-teacher action MSE from shared noise).
     assert after < 0.2 * before, (before, after)
     assert rows[-1]["distill_action_mse"] < 0.2 * before
 
 
-def test_interleaved_distillation_resets_the_rl_optimizer():
+def test_interleaved_distillation_recreates_the_rl_optimizer_and_resets_the_ema():
     torch.manual_seed(0)
-    runner = make_runner(distill_every=2, distill_iterations=1, distill_updates=5, distill_minibatch_size=256)
+    env = CountingEnv(num_envs=64, seed=0)
+    runner = OnPolicyRunner(env, train_cfg(distill_every=2, distill_iterations=2, distill_minibatch_size=256,
+                                           ema_warmup_updates=0))
     rows = record_updates(runner)
-    runner.learn(5)
-    kinds = ["distill" if "distill_loss" in r else "rl" for r in rows]
-    assert kinds == ["rl", "rl", "distill", "rl", "rl"]
-    assert rows[2]["distill_interleaved_done"] == 1.0
-    assert rows[1]["_optimizer_state"] > 0 and rows[2]["_optimizer_state"] == 0
+    runner.learn(4)
+    assert ["distill_interleaved_done" in r for r in rows] == [False, False, True, False]
+    assert env.steps == 4 * 16 + 2 * 8  # two RL updates, one stage of 2 x 8 steps, two more RL updates
+    assert rows[1]["_optimizer_state"] > 0 and runner.current_learning_iteration == 3
     assert all(math.isfinite(v) for r in rows for v in r.values())
+    alg = runner.alg
+    alg.pending_stage = "interleaved"
+    alg.act(env.get_observations())  # a stage alone: the EMA equals the student right after it
+    for avg, live in zip(alg.ema.shadow.parameters(), alg.actor.parameters()):
+        torch.testing.assert_close(avg, live, rtol=0, atol=0)
+    assert len(alg.optimizer.state) == 0
 
 
 def test_dipod_beta_adds_the_elbo_term():
@@ -172,10 +194,10 @@ def test_dipod_beta_adds_the_elbo_term():
 
 
 def test_value_loss_matches_rsl_rl_ppo_scaling():
-    settings = FPOPlusPlusConfig(value_loss_coef=0.7, value_clip_param=0.1).update_settings()
+    settings = FPOPlusPlusConfig(value_loss_coef=0.7, value_clip_param=0.1, use_clipped_value_loss=True).update_settings()
     gen = torch.Generator().manual_seed(0)
     values, old, returns = (torch.randn(50, generator=gen) for _ in range(3))
-    ours = settings.value_coef * clipped_value_loss(values, old, returns, settings.value_clip)
+    ours = settings.value_coef * value_loss(values, old, returns, settings.value_clip)
     clipped = old + (values - old).clamp(-0.1, 0.1)
     rsl_rl_ppo = 0.7 * torch.max((values - returns).pow(2), (clipped - returns).pow(2)).mean()
     torch.testing.assert_close(ours, rsl_rl_ppo)
@@ -186,6 +208,9 @@ def test_config_validation():
     published = FPOPlusPlusConfig()
     assert (published.clip_param, published.num_draws, published.sampling_steps, published.learning_rate,
             published.num_learning_epochs) == (0.05, 16, 64, 1e-4, 16)
+    assert FPOPlusPlusConfig(use_clipped_value_loss=False).update_settings().value_clip == 0.0
+    with pytest.raises(ConfigError, match="num_mini_batches=0"):  # the core check, named as the user wrote it
+        parse_algorithm_config({"num_mini_batches": 0})
     with pytest.raises(ConfigError, match="valid keys"):
         parse_algorithm_config({"class_name": CLASS_NAME, "num_drawz": 8})
     with pytest.raises(ConfigError, match="rnd"):

@@ -10,7 +10,7 @@ import torch
 from dipod.checkpoint import latest_checkpoint, load_checkpoint
 from dipod.cli import main as cli_main
 from dipod.config import ConfigError
-from dipod.control.distill import DistillSettings, self_distill
+from dipod.control.distill import DistillSettings, SelfDistillation
 from dipod.control.envs import GymVecEnv, NonFiniteEnvError
 from dipod.control.evaluate import EvalConfig, evaluate
 from dipod.control.flow import FlowActor
@@ -61,7 +61,7 @@ gym.register("DipodTest/Constant-v0", entry_point=ConstantEnv, max_episode_steps
 gym.register("DipodTest/NaN-v0", entry_point=ConstantEnv, kwargs={"nan_at": 150}, max_episode_steps=1000)
 
 FAST = dict(num_envs=2, rollout_steps=128, epochs=2, minibatches=4, actor_hidden=[32, 32], critic_hidden=[32, 32],
-            sampling_steps=4, num_draws=4, progress=False, tensorboard=False)
+            sampling_steps=4, num_draws=4, knn_entropy_k=3, progress=False, tensorboard=False)
 
 
 def test_time_outs_are_reported_with_the_final_observation():
@@ -124,7 +124,8 @@ def test_gaussian_ppo_and_dipod_variants_run(tmp_path):
     rows = read_metrics(tmp_path / "d" / "metrics.jsonl")
     kinds = [r.get("distill/kind") for r in rows if "distill/kind" in r]
     assert kinds == ["initial", "interleaved"]  # before iteration 1 and before iteration 3
-    assert rows[-1]["step"] == 768 + 2 * 16 and rows[-1]["dipod_loss"] > 0  # distillation env steps count
+    assert rows[-1]["step"] == 768 and rows[-1]["dipod_loss"] > 0  # distillation steps are not in the RL budget
+    assert rows[-1]["distill_env_steps"] == 2 * (1 * 8 * 2)  # two stages of 1 iteration x 8 steps x 2 envs
 
 
 def _pendulum_actor(seed):
@@ -134,25 +135,29 @@ def _pendulum_actor(seed):
     return actor
 
 
-def test_self_distillation_tightens_the_bound_and_preserves_the_policy():
+def run_stage(student, settings, teacher=None):
     env = GymVecEnv("Pendulum-v1", 4)
+    stage = SelfDistillation(student, settings, env.num_envs, torch.Generator().manual_seed(0), teacher=teacher)
+    stage.run(env.reset(seed=0), lambda action: env.step(student.to_env_action(action))[0])
+    env.close()
+    return stage.finish()
+
+
+def test_self_distillation_tightens_the_bound_and_preserves_the_policy():
     actor = _pendulum_actor(0)
     settings = DistillSettings(iterations=4, rollout_steps=16, updates_per_iteration=50, minibatch_size=64, num_draws=8)
-    _, info, _ = self_distill(actor, env, env.reset(seed=0), settings, torch.Generator().manual_seed(0))
-    env.close()
+    info = run_stage(actor, settings)
     assert info["cfm_loss_after"] < info["cfm_loss_before"]  # the ELBO got tighter on the teacher's samples
     assert info["action_mse_before"] == 0.0 and info["action_mse"] < 0.02  # actions from the same noise barely moved
     assert info["env_steps"] == 4 * 16 * 4
 
 
 def test_distillation_pulls_a_different_student_onto_the_teacher():
-    env = GymVecEnv("Pendulum-v1", 4)
     teacher, student = _pendulum_actor(0), _pendulum_actor(1)
     with torch.no_grad():  # a teacher that clearly depends on the observation
         teacher.trunk[-1].weight.mul_(5.0)
     settings = DistillSettings(iterations=4, rollout_steps=16, updates_per_iteration=50, minibatch_size=64, num_draws=8)
-    _, info, _ = self_distill(student, env, env.reset(seed=0), settings, torch.Generator().manual_seed(0), teacher=teacher)
-    env.close()
+    info = run_stage(student, settings, teacher)
     assert info["action_mse"] < 0.5 * info["action_mse_before"]
 
 

@@ -23,6 +23,8 @@ class EvalConfig:
     num_envs: int = field(default=5, metadata={"help": "parallel environments"})
     deterministic: bool = field(default=True, metadata={
         "help": "flow: start the sampler from zero noise (FPO++ zero-sampling); gaussian: the mean action"})
+    use_ema: bool = field(default=True, metadata={
+        "help": "evaluate the actor EMA (what FPO++ saves) when the checkpoint holds an active one"})
     seed: int = field(default=12345, metadata={"help": "seed of the evaluation environments and noise"})
     output: str | None = field(default=None, metadata={"help": "JSON file for the results (default CHECKPOINT/eval.json)"})
 
@@ -46,12 +48,13 @@ def resolve_checkpoint(path: str) -> Path:
 @torch.no_grad()
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     path = resolve_checkpoint(cfg.checkpoint)
-    weights, _, meta = load_checkpoint(path)
+    weights, state, meta = load_checkpoint(path)
     train_cfg = config_from_checkpoint(meta)
     env = GymVecEnv(train_cfg.env, cfg.num_envs)
     try:
         actor = build_actor(train_cfg, meta["num_obs"], meta["num_actions"], meta["action_low"], meta["action_high"])
-        actor.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("actor.")})
+        prefix = "ema_actor." if cfg.use_ema and state.get("ema_active") else "actor."
+        actor.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
         generator = torch.Generator().manual_seed(cfg.seed)
         obs = env.reset(seed=cfg.seed)
         returns: list[float] = []
@@ -68,7 +71,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     mean = sum(returns) / len(returns)
     std = (sum((r - mean) ** 2 for r in returns) / len(returns)) ** 0.5
     result = {"checkpoint": str(path), "env": train_cfg.env, "policy": train_cfg.policy, "step": meta["step"],
-              "deterministic": cfg.deterministic, "episodes": len(returns), "return_mean": mean, "return_std": std,
+              "deterministic": cfg.deterministic,
+              "weights": prefix.rstrip("."), "episodes": len(returns), "return_mean": mean, "return_std": std,
               "length_mean": sum(lengths) / len(lengths), "returns": returns}
     atomic_write_json(Path(cfg.output) if cfg.output else path / "eval.json", result)
     return result

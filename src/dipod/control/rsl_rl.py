@@ -4,26 +4,29 @@ mjlab and IsaacLab train through rsl-rl-lib's ``OnPolicyRunner``, which builds i
 ``cfg["algorithm"]["class_name"]`` through the class's ``construct_algorithm(obs, env, cfg,
 device)``. Naming ``"dipod.control.rsl_rl:FPOPlusPlus"`` there swaps rsl-rl's Gaussian PPO for a
 flow-matching policy trained with FPO++; everything else (environment, runner, logging, save /
-load, ONNX export) stays the user's. Recipe and config: docs/control_rsl_rl.md.
+load, ONNX export) stays the user's. Recipe and the released task-family configs:
+docs/control_rsl_rl.md, configs/control/.
 
 Nothing here re-implements the method: the actor, critic and CFM proxy come from
 ``dipod.control.flow``, the FPO++ update (+ DiPOD term) from ``dipod.control.update``, the
-distillation steps from ``dipod.control.distill``, GAE from ``dipod.advantages``. This module
-only maps rsl-rl's calls onto them:
+self-distillation stage from ``dipod.control.distill`` (the same object ``dipod control train``
+uses), the EMA from ``dipod.control.ema``, GAE from ``dipod.advantages``. This module only maps
+rsl-rl's calls onto them:
 
-- ``act`` samples from the flow (or, inside a distillation stage, from the frozen teacher) and
-  stores the *normalised, unclipped* action in rsl-rl's ``RolloutStorage`` (the CFM proxy must
-  score what was sampled); the environment gets ``action_bound * clip(a, -1, 1)``.
+- ``act`` samples from the flow, adds ``action_noise_std`` Gaussian noise (FPO++) and stores the
+  *normalised, unclipped* action in rsl-rl's ``RolloutStorage`` (the CFM proxy must score what was
+  sampled); the environment gets ``action_bound * clip(a, -1, 1)``.
 - ``process_env_step`` bootstraps time-outs (``r += gamma * V(s)``, as rsl-rl's PPO does).
-- ``update`` draws the Monte-Carlo (eps, t) pairs once, scores them under the rollout policy
-  (``ELBO_old``), runs ``fpo_plus_plus_update`` and logs the on-policy CFM loss of the fresh rollout
-  before and after it; observation statistics are updated afterwards, so the ratio starts at 1.
-- Self-distillation runs as ordinary runner iterations: the teacher acts in the live
-  environments, and ``update`` trains only the actor on the CFM loss of the growing buffer of
-  teacher (observation, action) pairs (critic and observation statistics untouched). Initial
-  distillation (Algorithm 3) takes the first ``distill_initial_iterations`` iterations;
-  interleaved distillation (Algorithm 1) takes ``distill_iterations`` iterations after every
-  ``distill_every`` RL updates. At the end of a stage the RL optimizer's moments are reset.
+- ``update`` draws the Monte-Carlo (eps, t) pairs once, scores them under the rollout policy,
+  runs ``fpo_plus_plus_update``, logs the on-policy CFM loss before and after it and steps the
+  actor EMA; observation statistics are updated afterwards, so the ratio starts at 1.
+- Self-distillation runs inside ``act`` as one whole stage with its own rollout length
+  (``distill_rollout_steps``, published 8, apart from ``num_steps_per_env``), stepping the
+  environment it was constructed with: Algorithm 3 at the first ``act`` of a fresh run
+  (``distill_initial_iterations``), Algorithm 1 at the first ``act`` after every ``distill_every``
+  RL updates. Its environment steps are not runner iterations (the RL budget is unchanged); the RL
+  optimizer and the EMA are re-created afterwards, and the stage's metrics arrive with the next
+  ``update``'s loss dict (``distill_*``). The runner's episode statistics do not see those steps.
 """
 
 from __future__ import annotations
@@ -43,107 +46,141 @@ from torch import Tensor, nn
 
 from dipod.advantages import generalized_advantage_estimation
 from dipod.config import ConfigError, config_from_dict, option
-from dipod.control.distill import DistillSettings, action_mse, distill_updates
-from dipod.control.flow import Critic, FlowActor
-from dipod.control.update import RolloutBatch, UpdateSettings, fpo_plus_plus_update, mean_cfm_loss, rollout_elbo
+from dipod.control.distill import DistillSettings, SelfDistillation
+from dipod.control.ema import ActorEMA
+from dipod.control.flow import ACTIVATIONS, CFM_REDUCTIONS, Critic, FlowActor
+from dipod.control.update import RolloutBatch, UpdateSettings, fpo_plus_plus_update, mean_cfm_loss, rollout_proxies
 
 CLASS_NAME = "dipod.control.rsl_rl:FPOPlusPlus"
-LR_SCHEDULES = ("fixed", "adaptive")
+SCHEDULES = {"fixed": "fixed", "adaptive": "kl", "clip_fraction": "clip_fraction"}
+# Our core names -> this config's (rsl-rl PPO) names, so core validation errors name the key the user wrote.
+CORE_NAMES = {"epochs": "num_learning_epochs", "minibatches": "num_mini_batches", "clip_eps": "clip_param",
+              "value_coef": "value_loss_coef", "value_clip": "value_clip_param", "lr_schedule": "schedule"}
 # Keys of rsl-rl's PPO config (and of mjlab's / IsaacLab's PPO dataclasses) without a meaning for a
 # flow policy: accepted so that a PPO config subclass works, ignored with one warning.
-PPO_ONLY_KEYS = ("entropy_coef", "desired_kl", "normalize_advantage_per_mini_batch", "optimizer",
+PPO_ONLY_KEYS = ("entropy_coef", "normalize_advantage_per_mini_batch", "optimizer",
                  "use_mixed_precision", "share_cnn_encoders", "grad_reduce_bucket_mb")
 UNSUPPORTED_EXTENSIONS = ("rnd_cfg", "symmetry_cfg")
-MODEL_IGNORED_KEYS = ("activation", "distribution_cfg", "init_noise_std", "noise_std_type")
+MODEL_IGNORED_KEYS = ("distribution_cfg", "init_noise_std", "noise_std_type")
 MODEL_UNSUPPORTED_KEYS = ("cnn_cfg", "rnn_type")
 
 
 @dataclass
 class FPOPlusPlusConfig:
-    """``cfg["algorithm"]`` of ``FPOPlusPlus``. Defaults are FPO++'s published values.
+    """``cfg["algorithm"]`` of ``FPOPlusPlus``. Defaults are the released FPO++ base values
+    (``isaaclab_fpo/rl_cfg.py``); configs/control/ holds the G1-tracking and locomotion families.
 
-    Keys shared with rsl-rl's PPO config keep PPO's names and meaning. Network widths and whether
-    to normalise observations are read from ``cfg["actor"]`` / ``cfg["critic"]``
-    (``hidden_dims``, ``obs_normalization``), like rsl-rl's own models.
+    Keys shared with rsl-rl's PPO config keep PPO's names and meaning. Network widths, activation
+    and whether to normalise observations are read from ``cfg["actor"]`` / ``cfg["critic"]``
+    (``hidden_dims``, ``activation``, ``obs_normalization``), like rsl-rl's own models.
     """
 
-    num_learning_epochs: int = option("passes over each rollout (FPO++: 16)", default=16)
-    num_mini_batches: int = option("minibatches per epoch", default=4)
-    clip_param: float = option("per-draw trust region epsilon (FPO++: 0.05)", default=0.05)
-    learning_rate: float = option("AdamW learning rate (FPO++: 1e-4)", default=1e-4)
-    schedule: str = option(
-        "'fixed' or 'adaptive' (flow policies have no KL: the rate follows the fraction of draws outside the trust region)",
-        default="fixed",
-    )
-    target_clip_fraction: float = option("adaptive schedule: target clip fraction", default=0.2)
+    num_learning_epochs: int = option("passes over each rollout (FPO++: 16, humanoid locomotion 32)", default=16)
+    num_mini_batches: int = option("minibatches per epoch (FPO++: 4, tracking 6)", default=4)
+    reshuffle_each_epoch: bool = option("new minibatch permutation per epoch (FPO++: one for all epochs)", default=False)
+    clip_param: float = option("per-draw trust region epsilon (FPO++: 0.05, tracking 0.01)", default=0.05)
+    learning_rate: float = option("initial AdamW learning rate (FPO++: 1e-4)", default=1e-4)
+    schedule: str = option("'fixed', 'adaptive' (FPO++: per minibatch on the KL proxy, tracking) or 'clip_fraction'",
+                           default="fixed")
+    desired_kl: float = option("'adaptive' target of the KL proxy (FPO++ tracking: 1e-4)", default=1e-4)
+    lr_min: float = option("adaptive learning-rate floor (FPO++: 1e-5)", default=1e-5)
+    lr_max: float = option("adaptive learning-rate ceiling (FPO++: 1e-2)", default=1e-2)
+    target_clip_fraction: float = option("'clip_fraction' schedule target", default=0.2)
     gamma: float = option("discount", default=0.99)
     lam: float = option("GAE lambda", default=0.95)
-    value_loss_coef: float = option("value-loss weight, as in rsl-rl's PPO", default=1.0)
-    use_clipped_value_loss: bool = option("PPO-style clipped value loss", default=True)
-    value_clip_param: float = option(
-        "value clipping range (rsl-rl's PPO reuses clip_param; FPO++'s 0.05 is a per-draw ratio range, not a value range)",
-        default=0.2,
-    )
-    max_grad_norm: float = option("global gradient-norm clip", default=1.0)
-    weight_decay: float = option("AdamW weight decay of the RL optimizer", default=0.0)
-    advantage_clip: float = option("clamp batch-normalised advantages to +-this (<= 0: off)", default=5.0)
-    num_draws: int = option("Monte-Carlo (eps, t) draws per action (FPO++: 16)", default=16)
+    value_loss_coef: float = option("value-loss weight, as in rsl-rl's PPO (FPO++: 1)", default=1.0)
+    use_clipped_value_loss: bool = option("PPO-style clipped value loss (FPO++: False)", default=False)
+    value_clip_param: float = option("value clipping range when use_clipped_value_loss", default=0.2)
+    max_grad_norm: float = option("global gradient-norm clip (FPO++: 1)", default=1.0)
+    weight_decay: float = option("AdamW weight decay of the RL optimizer (FPO++: 1e-4)", default=1e-4)
+    adam_betas: list[float] = option("AdamW betas (FPO++: 0.9,0.999; tracking 0.9,0.95)",
+                                     default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = option("AdamW eps (FPO++: 1e-8)", default=1e-8)
+    advantage_clip: float = option("clamp batch-normalised advantages to +-this (FPO++: 100; 0 = off)", default=100.0)
+    num_draws: int = option("Monte-Carlo (eps, t) draws per action (FPO++: 16, humanoid locomotion 32)", default=16)
     sampling_steps: int = option("Euler steps of the flow sampler (FPO++: 64)", default=64)
     time_skew_b: float = option("b in t = 0.005 + 0.99 (1 - (1 - u)^(1/b)); 1 = uniform", default=1.0)
-    time_embed_dim: int = option("sinusoidal flow-time features", default=16)
+    time_embed_dim: int = option("flow-time features [cos(2^j t), sin(2^j t)] (FPO++: 8)", default=8)
+    cfm_reduction: str = option(f"CFM loss over action dims, {CFM_REDUCTIONS} (FPO++: sqrt; tracking mean)",
+                                default="sqrt")
+    action_noise_std: float = option("Gaussian noise on sampled actions, stored and executed (FPO++: 0.02)",
+                                     default=0.02)
     action_bound: float = option(
         "environment action = action_bound * clip(a, -1, 1) for the flow's normalised action a",
         default=1.0,
     )
-    log_ratio_max: float = option("per-draw log-ratio clamp (from above, straight-through)", default=3.0)
-    cfm_clamp_negative: float = option("CFM-loss clamp on negative-advantage draws", default=5.0)
+    log_ratio_max: float = option("per-draw log-ratio clamp from above, straight-through (FPO++: 10, tracking 3)",
+                                  default=10.0)
+    cfm_clamp: float = option("clamp old and new CFM losses at this (FPO++: 20, tracking off = 0)", default=20.0)
+    cfm_clamp_negative: float = option("clamp the NEW CFM loss of negative-advantage draws (FPO++: 20)", default=20.0)
+    knn_entropy_coef: float = option("k-NN entropy bonus on predicted actions (FPO++ tracking: 1e-5; 0 = off)",
+                                     default=0.0)
+    knn_entropy_k: int = option("k of the k-NN entropy estimate (FPO++ tracking: 5)", default=5)
+    ema_decay: float = option("EMA of the actor, used for inference / export once active (FPO++: 0.95; 0 = off)",
+                              default=0.95)
+    ema_warmup_updates: int = option("RL updates before the EMA starts (FPO++: 500)", default=500)
     dipod_beta: float = option("DiPOD per-update ELBO term weight (Algorithm 2); 0 = off", default=0.0)
     distill_initial_iterations: int = option(
-        "initial self-distillation (Algorithm 3): the first K runner iterations; 0 = off",
-        default=0,
-    )
-    distill_every: int = option("interleaved self-distillation after every n RL updates; 0 = off", default=0)
-    distill_iterations: int = option("runner iterations of each interleaved stage", default=4)
-    distill_updates: int = option("student AdamW steps per distillation iteration", default=32)
-    distill_minibatch_size: int = option("distillation minibatch (obs, action) pairs", default=4096)
-    distill_lr: float = option("distillation AdamW learning rate", default=3e-4)
-    distill_weight_decay: float = option("distillation AdamW weight decay", default=1e-4)
-    distill_max_grad_norm: float = option("distillation gradient-norm clip", default=1.0)
+        "initial self-distillation (Algorithm 3) iterations before RL (published: 100); 0 = off", default=0)
+    distill_every: int = option("interleaved self-distillation (Algorithm 1) after every n RL updates; 0 = off",
+                                default=0)
+    distill_iterations: int = option("iterations of each interleaved stage", default=20)
+    distill_rollout_steps: int = option("teacher vector steps per distillation iteration (published: 8)", default=8)
+    distill_updates: int = option("student AdamW steps per distillation iteration (published: 1)", default=1)
+    distill_minibatch_size: int = option("pairs per student step, min(this, buffer), without replacement "
+                                         "(published: 16384)", default=16384)
+    distill_lr: float = option("distillation AdamW learning rate (published: 3e-4)", default=3e-4)
+    distill_weight_decay: float = option("distillation AdamW weight decay (published: 1e-4)", default=1e-4)
+    distill_max_grad_norm: float = option("distillation gradient-norm clip (published: 1)", default=1.0)
 
     def __post_init__(self) -> None:
-        if self.schedule not in LR_SCHEDULES:
-            raise ConfigError(f"schedule={self.schedule!r}; choose one of {LR_SCHEDULES}")
-        for name in ("num_learning_epochs", "num_mini_batches", "num_draws", "sampling_steps", "distill_iterations",
-                     "distill_updates", "distill_minibatch_size"):
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r}; choose one of {tuple(SCHEDULES)}")
+        if self.cfm_reduction not in CFM_REDUCTIONS:
+            raise ConfigError(f"cfm_reduction={self.cfm_reduction!r}; choose one of {CFM_REDUCTIONS}")
+        for name in ("num_draws", "sampling_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("learning_rate", "time_skew_b", "action_bound", "max_grad_norm", "log_ratio_max",
-                     "cfm_clamp_negative", "distill_lr", "distill_max_grad_norm", "value_loss_coef"):
+        for name in ("learning_rate", "time_skew_b", "action_bound", "adam_eps"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("dipod_beta", "distill_initial_iterations", "distill_every", "weight_decay", "distill_weight_decay",
-                     "value_clip_param"):
-            if getattr(self, name) < 0:
+        for name in ("distill_initial_iterations", "distill_every", "weight_decay", "action_noise_std",
+                     "ema_warmup_updates"):
+            if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0 turns it off)")
-        if not 0 < self.clip_param < 1:
-            raise ConfigError(f"clip_param={self.clip_param} must lie in (0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay={self.ema_decay} must lie in [0, 1) (FPO++: 0.95)")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas={self.adam_betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
         if not (0 < self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ConfigError(f"gamma={self.gamma} must lie in (0, 1] and lam={self.lam} in [0, 1]")
-        if self.time_embed_dim < 2:
-            raise ConfigError(f"time_embed_dim={self.time_embed_dim} must be >= 2")
+        if self.time_embed_dim < 2 or self.time_embed_dim % 2:
+            raise ConfigError(f"time_embed_dim={self.time_embed_dim} must be an even number >= 2 (FPO++: 8)")
+        if self.knn_entropy_coef > 0 and self.knn_entropy_k >= self.num_draws:
+            raise ConfigError(f"knn_entropy_k={self.knn_entropy_k} needs num_draws > k (num_draws={self.num_draws})")
+        try:  # the core settings validate the update and distillation values
+            self.update_settings()
+            self.distill_settings(max(self.distill_initial_iterations, 1))
+        except ConfigError as err:
+            message = str(err)
+            for core, ours in CORE_NAMES.items():
+                message = message.replace(f"{core}=", f"{ours}=")
+            raise ConfigError(message) from None
 
     def update_settings(self) -> UpdateSettings:
         return UpdateSettings(
-            epochs=self.num_learning_epochs, minibatches=self.num_mini_batches, clip_eps=self.clip_param,
-            log_ratio_max=self.log_ratio_max, cfm_clamp_negative=self.cfm_clamp_negative, dipod_beta=self.dipod_beta,
-            # update.py's value loss is value_coef * 0.5 * (...); rsl-rl's is value_loss_coef * (...).
-            value_coef=2.0 * self.value_loss_coef, value_clip=self.value_clip_param if self.use_clipped_value_loss else 0.0,
-            max_grad_norm=self.max_grad_norm, normalize_advantages=True, advantage_clip=self.advantage_clip,
-            lr_schedule=self.schedule, target_clip_fraction=self.target_clip_fraction)
+            epochs=self.num_learning_epochs, minibatches=self.num_mini_batches,
+            reshuffle_each_epoch=self.reshuffle_each_epoch, clip_eps=self.clip_param, log_ratio_max=self.log_ratio_max,
+            cfm_clamp=self.cfm_clamp, cfm_clamp_negative=self.cfm_clamp_negative, knn_entropy_coef=self.knn_entropy_coef,
+            knn_entropy_k=self.knn_entropy_k, dipod_beta=self.dipod_beta, value_coef=self.value_loss_coef,
+            value_clip=self.value_clip_param if self.use_clipped_value_loss else 0.0, max_grad_norm=self.max_grad_norm,
+            normalize_advantages=True, advantage_clip=self.advantage_clip, lr_schedule=SCHEDULES[self.schedule],
+            desired_kl=self.desired_kl, target_clip_fraction=self.target_clip_fraction, lr_min=self.lr_min,
+            lr_max=self.lr_max)
 
-    def distill_settings(self) -> DistillSettings:
+    def distill_settings(self, iterations: int) -> DistillSettings:
         return DistillSettings(
-            iterations=self.distill_iterations, updates_per_iteration=self.distill_updates,
+            iterations=iterations, rollout_steps=self.distill_rollout_steps, updates_per_iteration=self.distill_updates,
             minibatch_size=self.distill_minibatch_size, num_draws=self.num_draws, lr=self.distill_lr,
             weight_decay=self.distill_weight_decay, max_grad_norm=self.distill_max_grad_norm)
 
@@ -164,8 +201,8 @@ def parse_algorithm_config(alg_cfg: dict[str, Any]) -> FPOPlusPlusConfig:
     return config_from_dict(FPOPlusPlusConfig, values, source="cfg['algorithm'] of FPOPlusPlus")
 
 
-def _model_settings(cfg: dict[str, Any], name: str) -> tuple[list[int], bool]:
-    """``(hidden_dims, obs_normalization)`` from ``cfg[name]`` (rsl-rl's model config), validated."""
+def _model_settings(cfg: dict[str, Any], name: str) -> tuple[list[int], str, bool]:
+    """``(hidden_dims, activation, obs_normalization)`` from ``cfg[name]`` (rsl-rl's model config), validated."""
     model_cfg = dict(cfg.get(name) or {})
     for key in MODEL_UNSUPPORTED_KEYS:
         if model_cfg.get(key) is not None:
@@ -173,12 +210,15 @@ def _model_settings(cfg: dict[str, Any], name: str) -> tuple[list[int], bool]:
                               "set it to None")
     ignored = sorted(key for key in MODEL_IGNORED_KEYS if model_cfg.get(key) is not None)
     if ignored:
-        warnings.warn(f"FPOPlusPlus ignores cfg['{name}'] keys {ignored} (its MLPs use SiLU; the flow has no "
-                      "output distribution)", stacklevel=3)
+        warnings.warn(f"FPOPlusPlus ignores cfg['{name}'] keys {ignored} (the flow has no output distribution)",
+                      stacklevel=3)
     hidden = list(model_cfg.get("hidden_dims", (256, 256)))
     if not hidden or min(hidden) < 1:
         raise ConfigError(f"cfg['{name}']['hidden_dims']={hidden} needs at least one positive layer width")
-    return hidden, bool(model_cfg.get("obs_normalization", True))
+    activation = str(model_cfg.get("activation") or "elu").lower()
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"cfg['{name}']['activation']={activation!r}; FPOPlusPlus supports {sorted(ACTIVATIONS)}")
+    return hidden, activation, bool(model_cfg.get("obs_normalization", True))
 
 
 def _select(obs: TensorDict, groups: list[str]) -> Tensor:
@@ -206,31 +246,36 @@ class FlowPolicy(nn.Module):
     """The policy rsl-rl sees (``get_policy`` / ``get_inference_policy``): observations -> environment actions.
 
     By default deterministic (Euler from zero noise, FPO++'s evaluation); ``stochastic_output=True``
-    samples. ``output_std`` (logged by rsl-rl as ``Policy/mean_std``) is the per-dimension standard
+    samples. Once the actor EMA is active, inference and export use the averaged actor (what FPO++
+    saves and evaluates). ``output_std`` (logged by rsl-rl as ``Policy/mean_std``) is the per-dimension standard
     deviation, across environments, of the last batch of sampled normalised actions: a flow policy
     has no closed-form std.
     """
 
     is_recurrent = False
 
-    def __init__(self, actor: FlowActor, obs_groups: list[str]):
+    def __init__(self, actor: FlowActor, obs_groups: list[str], ema: ActorEMA | None = None):
         super().__init__()
-        self.actor, self.obs_groups = actor, list(obs_groups)
+        self.actor, self.obs_groups, self.ema = actor, list(obs_groups), ema
         self.output_std = torch.ones(actor.action_dim)
 
+    @property
+    def inference_actor(self) -> FlowActor:
+        return self.ema.shadow if self.ema is not None and self.ema.active else self.actor
+
     def forward(self, obs: TensorDict, stochastic_output: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        obs_nd = _select(obs, self.obs_groups)
-        noise = None if stochastic_output else torch.zeros(obs_nd.shape[0], self.actor.action_dim, device=obs_nd.device)
-        return self.actor.to_env_action(self.actor.sample(obs_nd, generator, noise_na=noise))
+        obs_nd, actor = _select(obs, self.obs_groups), self.inference_actor
+        noise = None if stochastic_output else torch.zeros(obs_nd.shape[0], actor.action_dim, device=obs_nd.device)
+        return actor.to_env_action(actor.sample(obs_nd, generator, noise_na=noise))
 
     def reset(self, dones: Tensor | None = None, hidden_state: Any = None) -> None:
         """Feed-forward policy: nothing to reset (rsl-rl's play scripts call this)."""
 
     def as_onnx(self, verbose: bool = False) -> nn.Module:
-        return _DeterministicFlowPolicy(self.actor).cpu().eval()
+        return _DeterministicFlowPolicy(self.inference_actor).cpu().eval()
 
     def as_jit(self) -> nn.Module:
-        exported = _DeterministicFlowPolicy(self.actor).cpu().eval()
+        exported = _DeterministicFlowPolicy(self.inference_actor).cpu().eval()
         return torch.jit.trace(exported, exported.get_dummy_inputs())
 
 
@@ -238,29 +283,32 @@ class FPOPlusPlus:
     """rsl-rl algorithm: flow-matching actor trained with FPO++ (+ DiPOD term, + self-distillation)."""
 
     def __init__(self, actor: FlowActor, critic: Critic, storage: RolloutStorage, obs_groups: dict[str, list[str]],
-                 settings: FPOPlusPlusConfig, normalize_actor_obs: bool = True, normalize_critic_obs: bool = True,
-                 device: str = "cpu", seed: int = 0):
-        self.device, self.settings = device, settings
+                 settings: FPOPlusPlusConfig, env: VecEnv | None = None, normalize_actor_obs: bool = True,
+                 normalize_critic_obs: bool = True, device: str = "cpu", seed: int = 0):
+        self.device, self.settings, self.env = device, settings, env
         self.actor, self.critic = actor.to(device), critic.to(device)
-        self.policy = FlowPolicy(self.actor, obs_groups["actor"])
+        self.ema = ActorEMA(self.actor, settings.ema_decay, settings.ema_warmup_updates) if settings.ema_decay > 0 else None
+        self.policy = FlowPolicy(self.actor, obs_groups["actor"], self.ema)
         self.critic_groups = list(obs_groups["critic"])
         self.normalize_actor_obs, self.normalize_critic_obs = normalize_actor_obs, normalize_critic_obs
         self.storage = storage
         self.transition = RolloutStorage.Transition()
-        self.update_settings, self.distill_cfg = settings.update_settings(), settings.distill_settings()
-        self.optimizer = torch.optim.AdamW(list(self.actor.parameters()) + list(self.critic.parameters()),
-                                           lr=settings.learning_rate, eps=1e-5, weight_decay=settings.weight_decay)
+        self.update_settings = settings.update_settings()
         self.learning_rate = settings.learning_rate
+        self.optimizer = self._new_optimizer()
         # Sampling and Monte-Carlo draws on the device; minibatch shuffling (update.py) on the CPU.
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.shuffle_generator = torch.Generator().manual_seed(seed + 1)
         self.rl_updates = 0
-        self.distill_left = settings.distill_initial_iterations
-        self.distill_kind = "initial" if self.distill_left else ""
-        self.teacher: FlowActor | None = None
-        self.distill_optimizer: torch.optim.Optimizer | None = None
-        self.buffer_obs: list[Tensor] = []
-        self.buffer_actions: list[Tensor] = []
+        self.pending_stage = "initial" if settings.distill_initial_iterations else ""
+        self.stage_info: dict[str, float] = {}
+        self.distill_teacher: FlowActor | None = None  # None: self-distillation; set it to distil another flow policy
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        with torch.inference_mode(False):
+            return torch.optim.AdamW(list(self.actor.parameters()) + list(self.critic.parameters()),
+                                     lr=self.learning_rate, betas=tuple(self.settings.adam_betas),
+                                     eps=self.settings.adam_eps, weight_decay=self.settings.weight_decay)
 
     # ---- construction (the rsl-rl contract) ----------------------------------------------------
     @staticmethod
@@ -274,34 +322,34 @@ class FPOPlusPlus:
             if bad:
                 raise ConfigError(f"observation groups {bad} of the {name} are not flat [num_envs, dim] tensors; "
                                   "FPOPlusPlus uses MLPs (flatten them in the environment or leave them out of obs_groups)")
-        actor_hidden, normalize_actor = _model_settings(cfg, "actor")
-        critic_hidden, normalize_critic = _model_settings(cfg, "critic")
+        actor_hidden, actor_activation, normalize_actor = _model_settings(cfg, "actor")
+        critic_hidden, critic_activation, normalize_critic = _model_settings(cfg, "critic")
         bound = settings.action_bound
         actor = FlowActor(_select(obs, cfg["obs_groups"]["actor"]).shape[-1], env.num_actions,
                           [-bound] * env.num_actions, [bound] * env.num_actions, hidden=actor_hidden,
                           time_embed_dim=settings.time_embed_dim, sampling_steps=settings.sampling_steps,
-                          time_skew_b=settings.time_skew_b)
-        critic = Critic(_select(obs, cfg["obs_groups"]["critic"]).shape[-1], hidden=critic_hidden)
+                          time_skew_b=settings.time_skew_b, activation=actor_activation,
+                          cfm_reduction=settings.cfm_reduction)
+        critic = Critic(_select(obs, cfg["obs_groups"]["critic"]).shape[-1], hidden=critic_hidden,
+                        activation=critic_activation)
         storage = RolloutStorage("rl", env.num_envs, cfg["num_steps_per_env"], obs, [env.num_actions], device)
         if env.num_envs * cfg["num_steps_per_env"] < settings.num_mini_batches:
             raise ConfigError(f"num_envs * num_steps_per_env = {env.num_envs * cfg['num_steps_per_env']} samples cannot "
                               f"fill num_mini_batches={settings.num_mini_batches}")
         if cfg.get("torch_compile_mode") is not None:
             warnings.warn("FPOPlusPlus ignores torch_compile_mode", stacklevel=2)
-        return FPOPlusPlus(actor, critic, storage, cfg["obs_groups"], settings, normalize_actor, normalize_critic,
+        return FPOPlusPlus(actor, critic, storage, cfg["obs_groups"], settings, env, normalize_actor, normalize_critic,
                            device=device, seed=int(cfg.get("seed", 0)))
 
     # ---- rollout -----------------------------------------------------------------------------
-    @property
-    def distilling(self) -> bool:
-        return self.distill_left > 0
-
     def act(self, obs: TensorDict) -> Tensor:
-        if self.distilling and self.teacher is None:
-            with torch.inference_mode(False):  # the runner rolls out under inference mode; the copy must not be
-                self.teacher = copy.deepcopy(self.actor).requires_grad_(False)
-        sampler = self.teacher if self.distilling else self.actor
-        actions_na = sampler.sample(_select(obs, self.policy.obs_groups), self.generator)
+        if self.pending_stage:  # a whole distillation stage first; then act on where the environments are now
+            obs = self._run_stage(self.pending_stage)
+        obs_nd = _select(obs, self.policy.obs_groups)
+        actions_na = self.actor.sample(obs_nd, self.generator)
+        if self.settings.action_noise_std > 0:  # FPO++: part of the stored and executed action
+            actions_na = actions_na + self.settings.action_noise_std * torch.randn(
+                actions_na.shape, generator=self.generator, device=actions_na.device)
         if actions_na.shape[0] > 1:
             self.policy.output_std = actions_na.std(0)
         t = self.transition
@@ -309,7 +357,33 @@ class FPOPlusPlus:
         t.values = self.critic(_select(obs, self.critic_groups))[:, None]
         t.actions_log_prob = torch.zeros(actions_na.shape[0], device=self.device)  # no tractable log-prob; unused
         t.distribution_params = ()
-        return sampler.to_env_action(actions_na)
+        return self.actor.to_env_action(actions_na)
+
+    def _run_stage(self, kind: str) -> TensorDict:
+        """One self-distillation stage in ``self.env`` with its own rollout length; returns the current observations."""
+        if self.env is None:
+            raise RuntimeError("self-distillation needs the environment: build FPOPlusPlus through construct_algorithm")
+        iterations = self.settings.distill_initial_iterations if kind == "initial" else self.settings.distill_iterations
+        stage = SelfDistillation(self.actor, self.settings.distill_settings(iterations), self.env.num_envs,
+                                 self.generator, teacher=self.distill_teacher, update_norm=self.normalize_actor_obs)
+        current = self.env.get_observations().to(self.device)
+
+        def step(action_na: Tensor) -> Tensor:
+            nonlocal current
+            current, _, _, _ = self.env.step(self.actor.to_env_action(action_na).to(self.env.device))
+            current = current.to(self.device)
+            if self.normalize_critic_obs:  # statistics keep moving with what the environments show
+                self.critic.obs_norm.update(_select(current, self.critic_groups))
+            return _select(current, self.policy.obs_groups)
+
+        stage.run(_select(current, self.policy.obs_groups), step)
+        self.stage_info = {f"distill_{key}": value for key, value in stage.finish().items()}
+        self.stage_info[f"distill_{kind}_done"] = 1.0
+        self.optimizer = self._new_optimizer()  # Adam moments belong to the pre-distillation weights
+        if self.ema is not None:
+            self.ema.reset()
+        self.pending_stage = ""
+        return current
 
     def process_env_step(self, obs: TensorDict, rewards: Tensor, dones: Tensor, extras: dict) -> None:
         t = self.transition
@@ -320,8 +394,6 @@ class FPOPlusPlus:
         t.clear()
 
     def compute_returns(self, obs: TensorDict) -> None:
-        if self.distilling:  # the critic is untouched during distillation
-            return
         st = self.storage
         advantages, returns = generalized_advantage_estimation(
             st.rewards[..., 0], st.values[..., 0], st.dones[..., 0], self.critic(_select(obs, self.critic_groups)),
@@ -331,29 +403,17 @@ class FPOPlusPlus:
 
     # ---- updates -----------------------------------------------------------------------------
     def update(self) -> dict[str, float]:
-        stage = "distillation" if self.distilling else "FPO++"
-        info = self._distill_iteration() if self.distilling else self._rl_update()
-        self.storage.clear()
-        bad = [name for module in ("actor", "critic") for name, p in getattr(self, module).named_parameters(prefix=module)
-               if not bool(torch.isfinite(p).all())]
-        if bad:  # stop before the runner saves the diverged weights; its earlier model_*.pt files stay as they are
-            raise FloatingPointError(f"FPOPlusPlus: non-finite weights {bad[:4]} after the {stage} update "
-                                     f"(metrics {info}); lower learning_rate / distill_lr or resume from an earlier checkpoint")
-        return info
-
-    def _flat_rollout(self) -> tuple[Tensor, Tensor, Tensor]:
         st = self.storage
         obs = st.observations.flatten(0, 1)
-        return _select(obs, self.policy.obs_groups), _select(obs, self.critic_groups), st.actions.flatten(0, 1)
-
-    def _rl_update(self) -> dict[str, float]:
-        st = self.storage
-        actor_obs, critic_obs, actions = self._flat_rollout()
+        actor_obs, critic_obs, actions = _select(obs, self.policy.obs_groups), _select(obs, self.critic_groups), \
+            st.actions.flatten(0, 1)
         eps, t = self.actor.draw_noise(actions.shape[0], self.settings.num_draws, self.generator, device=self.device)
-        batch = RolloutBatch(obs=actor_obs, critic_obs=critic_obs, actions=actions,
-                             advantages=st.advantages.flatten(), returns=st.returns.flatten(), values=st.values.flatten(),
-                             eps=eps, t=t, elbo_old=rollout_elbo(self.actor, actor_obs, actions, eps, t))
-        info = {"cfm_loss_before": float(-batch.elbo_old.mean())}
+        elbo_old, noise_pred_old = rollout_proxies(self.actor, actor_obs, actions, eps, t)
+        batch = RolloutBatch(obs=actor_obs, critic_obs=critic_obs, actions=actions, advantages=st.advantages.flatten(),
+                             returns=st.returns.flatten(), values=st.values.flatten(), eps=eps, t=t, elbo_old=elbo_old,
+                             noise_pred_old=noise_pred_old)
+        info = {"cfm_loss_before": float(-elbo_old.mean()), **self.stage_info}
+        self.stage_info = {}
         info.update(fpo_plus_plus_update(self.actor, self.critic, self.optimizer, batch, self.update_settings,
                                          self.shuffle_generator))
         info["cfm_loss_after"] = mean_cfm_loss(self.actor, actor_obs, actions, eps, t)
@@ -362,37 +422,17 @@ class FPOPlusPlus:
             self.actor.obs_norm.update(actor_obs)
         if self.normalize_critic_obs:
             self.critic.obs_norm.update(critic_obs)
+        if self.ema is not None:
+            self.ema.step()
         self.rl_updates += 1
         if self.settings.distill_every and self.rl_updates % self.settings.distill_every == 0:
-            self.distill_left, self.distill_kind = self.settings.distill_iterations, "interleaved"
-        return info
-
-    def _distill_iteration(self) -> dict[str, float]:
-        actor_obs, _, actions = self._flat_rollout()
-        self.buffer_obs.append(actor_obs.clone())
-        self.buffer_actions.append(actions.clone())
-        buffer_obs, buffer_actions = torch.cat(self.buffer_obs), torch.cat(self.buffer_actions)
-        if self.distill_optimizer is None:
-            self.distill_optimizer = torch.optim.AdamW(self.actor.parameters(), lr=self.distill_cfg.lr,
-                                                       weight_decay=self.distill_cfg.weight_decay)
-        info = {"distill_loss": distill_updates(self.actor, self.distill_optimizer, buffer_obs, buffer_actions,
-                                                self.distill_cfg, self.generator),
-                "distill_buffer": float(buffer_obs.shape[0])}
-        self.distill_left -= 1
-        if self.distill_left == 0:
-            info.update(self._finish_distillation(buffer_obs, buffer_actions))
-        return info
-
-    def _finish_distillation(self, buffer_obs: Tensor, buffer_actions: Tensor) -> dict[str, float]:
-        """Tightness before / after on the whole buffer (one fixed set of draws), student-teacher MSE, optimizer reset."""
-        eps, t = self.actor.draw_noise(buffer_obs.shape[0], self.settings.num_draws, self.generator, device=self.device)
-        info = {"distill_cfm_loss_before": mean_cfm_loss(self.teacher, buffer_obs, buffer_actions, eps, t),
-                "distill_cfm_loss_after": mean_cfm_loss(self.actor, buffer_obs, buffer_actions, eps, t),
-                "distill_action_mse": action_mse(self.actor, self.teacher, buffer_obs[:4096], self.generator),
-                f"distill_{self.distill_kind}_done": 1.0}
-        self.optimizer.state.clear()  # Adam moments belong to the pre-distillation parameters
-        self.teacher, self.distill_optimizer, self.distill_kind = None, None, ""
-        self.buffer_obs, self.buffer_actions = [], []
+            self.pending_stage = "interleaved"
+        self.storage.clear()
+        bad = [name for module in ("actor", "critic") for name, p in getattr(self, module).named_parameters(prefix=module)
+               if not bool(torch.isfinite(p).all())]
+        if bad:  # stop before the runner saves the diverged weights; its earlier model_*.pt files stay as they are
+            raise FloatingPointError(f"FPOPlusPlus: non-finite weights {bad[:4]} after the update "
+                                     f"(metrics {info}); lower learning_rate or resume from an earlier checkpoint")
         return info
 
     # ---- modes, save / load (the rsl-rl contract) -----------------------------------------------
@@ -411,36 +451,32 @@ class FPOPlusPlus:
         raise RuntimeError("FPOPlusPlus runs on one device; multi-GPU training is not supported")
 
     def save(self) -> dict[str, Any]:
-        state = {"rl_updates": self.rl_updates, "distill_left": self.distill_left, "distill_kind": self.distill_kind,
+        state = {"rl_updates": self.rl_updates, "pending_stage": self.pending_stage,
                  "generator": self.generator.get_state(), "shuffle_generator": self.shuffle_generator.get_state(),
-                 "teacher_state_dict": None if self.teacher is None else self.teacher.state_dict(),
+                 "ema": None if self.ema is None else self.ema.state_dict(),
                  "settings": dataclasses.asdict(self.settings)}
         return {"actor_state_dict": self.actor.state_dict(), "critic_state_dict": self.critic.state_dict(),
                 "optimizer_state_dict": self.optimizer.state_dict(), "fpo_plus_plus_state": state}
 
     def load(self, loaded_dict: dict, load_cfg: dict | None, strict: bool) -> bool:
-        """Load what ``load_cfg`` names (default: everything); a checkpoint saved inside a distillation stage
-        resumes it with the saved teacher but a fresh buffer and distillation optimizer."""
+        """Load what ``load_cfg`` names (default: everything). A fresh run that loads weights (no ``iteration``)
+        keeps its own pending initial distillation; a resumed one continues where it stopped."""
         load_cfg = load_cfg if load_cfg is not None else {"actor": True, "critic": True, "optimizer": True, "iteration": True}
         if "actor_state_dict" not in loaded_dict or "fpo_plus_plus_state" not in loaded_dict:
             raise ValueError("this checkpoint was not written by dipod.control.rsl_rl:FPOPlusPlus (no flow actor state); "
                              "load it with the algorithm that wrote it")
+        state = loaded_dict["fpo_plus_plus_state"]
         if load_cfg.get("actor"):
             self.actor.load_state_dict(loaded_dict["actor_state_dict"], strict=strict)
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
         if load_cfg.get("critic"):
             self.critic.load_state_dict(loaded_dict["critic_state_dict"], strict=strict)
         if load_cfg.get("optimizer"):
             self.optimizer.load_state_dict(loaded_dict["optimizer_state_dict"])
             self.learning_rate = self.optimizer.param_groups[0]["lr"]
         if load_cfg.get("iteration"):
-            state = loaded_dict["fpo_plus_plus_state"]
-            self.rl_updates, self.distill_left = int(state["rl_updates"]), int(state["distill_left"])
-            self.distill_kind = state["distill_kind"]
+            self.rl_updates, self.pending_stage = int(state["rl_updates"]), state["pending_stage"]
             self.generator.set_state(state["generator"])
             self.shuffle_generator.set_state(state["shuffle_generator"])
-            self.teacher = None
-            if state["teacher_state_dict"] is not None:
-                self.teacher = copy.deepcopy(self.actor).requires_grad_(False)
-                self.teacher.load_state_dict(state["teacher_state_dict"])
-            self.distill_optimizer, self.buffer_obs, self.buffer_actions = None, [], []
         return bool(load_cfg.get("iteration", False))
