@@ -224,6 +224,23 @@ def _resolve_mask_id(name: str, tokenizer: Any, config: Any, requested: int | No
     return mask_id
 
 
+def nf4_quantization(device: str | torch.device):
+    """The paper's 4-bit base model (bitsandbytes NF4, double quantisation, bf16 compute), or a
+    ValueError naming the fix when this machine cannot run it (it needs CUDA and bitsandbytes)."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        raise ValueError(f"load_in_4bit needs a CUDA device (bitsandbytes 4-bit kernels), got device {device!r}; "
+                         "set load_in_4bit false here")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError("load_in_4bit needs the bitsandbytes package: pip install bitsandbytes (or set "
+                         "load_in_4bit false)") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
 def load_masked_lm(
     name_or_path: str | os.PathLike,
     *,
@@ -234,6 +251,7 @@ def load_masked_lm(
     lora: LoraSettings | None = None,
     gradient_checkpointing: bool = False,
     device: str | torch.device = "cpu",
+    load_in_4bit: bool = False,
 ) -> MaskedDiffusionLM:
     """Load a mask predictor and its tokenizer from a local directory or a hub id.
 
@@ -244,6 +262,7 @@ def load_masked_lm(
     ``local_files_only=True`` (never touches the network). The mask id is the model's
     (tokenizer or config); ``mask_token_id`` only fills in for a model that has none and must
     agree otherwise. ``lora.target_modules=None`` means the family's default targets.
+    ``load_in_4bit`` quantises the base weights (``nf4_quantization``; LoRA adapters stay bf16).
     """
     import transformers
     from transformers import AutoConfig, AutoTokenizer
@@ -269,11 +288,13 @@ def load_masked_lm(
     if local:
         _check_snapshot(name, raw_config)
     kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local}
+    # a quantised model is placed by from_pretrained (bitsandbytes weights are not moved afterwards)
+    quantized = {"quantization_config": nf4_quantization(device), "device_map": {"": device}} if load_in_4bit else {}
     try:
         config = AutoConfig.from_pretrained(name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         auto = getattr(transformers, family.auto_class())
-        model = auto.from_pretrained(name, config=config, dtype=torch_dtype, **kwargs)
+        model = auto.from_pretrained(name, config=config, dtype=torch_dtype, **kwargs, **quantized)
     except OSError as err:
         where = "from local directory" if local else "(no such local directory; tried it as a hub id)"
         raise FileNotFoundError(
@@ -293,7 +314,8 @@ def load_masked_lm(
         eot_id = tokenizer.convert_tokens_to_ids(family.end_of_turn_token)
         eot_id = None if eot_id == getattr(tokenizer, "unk_token_id", None) else eot_id
 
-    model.to(device)
+    if not load_in_4bit:
+        model.to(device)
     if gradient_checkpointing:
         family.enable_activation_checkpointing(model)
     if lora is not None:
