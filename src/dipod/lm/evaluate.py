@@ -116,6 +116,16 @@ def evaluate_policy(lm, task, examples: list[dict], settings: SamplerSettings, *
             "num_examples": len(results), "forward_passes": forward_passes, "results": results}
 
 
+def decoding_protocol(settings: SamplerSettings, *, prompt_style: str, max_prompt_length: int, batch_size: int,
+                      seed: int, dtype: str, device: str) -> dict:
+    """Everything an accuracy depends on besides the model and the data, for result files: the
+    prompt style (and the response prefix it implies), every sampler setting, dtype, batch size
+    (padding changes what a batch decodes) and device."""
+    return {"prompt_style": prompt_style, "response_prefix": EVAL_RESPONSE_PREFIX.get(prompt_style, ""),
+            **dataclasses.asdict(settings), "max_prompt_length": max_prompt_length, "batch_size": batch_size,
+            "seed": seed, "dtype": dtype, "device": str(device)}
+
+
 def load_for_decoding(cfg: DecodeConfig):
     """``(lm, task, examples)`` for a DecodeConfig, validating the task before loading the model."""
     from dipod.lm.model import load_masked_lm
@@ -143,6 +153,8 @@ def main(argv: list[str], prog: str = "dipod lm eval") -> int:
             "model": cfg.model, "task": task.name, "data": cfg.data, "split": None if cfg.data else cfg.split,
             "prompt_style": cfg.prompt_style,
             "sampler": dataclasses.asdict(settings), "batch_size": cfg.batch_size,
+            "protocol": decoding_protocol(settings, prompt_style=cfg.prompt_style, max_prompt_length=cfg.max_prompt_length,
+                                          batch_size=cfg.batch_size, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device),
             **report})
         print(f"wrote {cfg.json}", file=sys.stderr)
     return 0
