@@ -678,3 +678,33 @@ def test_dream_greedy_equals_diffusion_generate(alg):
                                                 fill_after_eos=False))
     assert out.forward_passes == steps
     assert torch.equal(out.completion_bg, expected[:, prompt_len:])
+
+
+# --- `dipod lm eval --json` -------------------------------------------------------------------------------
+
+def test_lm_eval_json_records_forward_passes_and_accuracy(tmp_path):
+    import json
+
+    from dipod.lm import evaluate
+
+    model_dir = build_tiny_model(tmp_path / "model", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                 seed=5)
+    base = ["--model", str(model_dir), "--task", "sudoku4", "--limit", "6", "--batch_size", "4",
+            "--gen_length", "16", "--block_length", "8", "--steps", "8"]
+
+    def run(*extra):
+        out = tmp_path / f"eval{len(list(tmp_path.glob('*.json')))}.json"
+        assert evaluate.main(base + ["--json", str(out), *extra]) == 0
+        return json.loads(out.read_text())
+
+    fixed = run()
+    assert fixed["forward_passes"] == 2 * 8  # two batches (4 + 2 prompts), 8 steps each
+    assert fixed["sampler"]["schedule"] == "blocks" and fixed["sampler"]["remasking"] == "low_confidence"
+    assert fixed["accuracy"] == sum(r["correct"] for r in fixed["results"]) / 6
+    one_per_step = run("--confidence_threshold", "1.0")
+    assert one_per_step["forward_passes"] == 2 * 16  # one token per forward
+    assert one_per_step["sampler"]["confidence_threshold"] == 1.0
+    parallel = run("--confidence_threshold", "0.01")
+    assert 2 * 2 <= parallel["forward_passes"] < fixed["forward_passes"]  # at least one forward per block
+    with pytest.raises(ConfigError, match=r"confidence_threshold=1.5 must lie in \(0, 1\]"):
+        evaluate.main(base + ["--confidence_threshold", "1.5"])
