@@ -183,14 +183,14 @@ def test_bad_env_and_incompatible_settings_fail_before_compute(tmp_path, capsys)
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
 
 
-def test_published_fpo_plus_plus_settings_are_one_config_away():
+def test_released_settings_are_one_config_away():
     from pathlib import Path
 
     from dipod.config import parse_config
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "control_fpo_plus_plus_paper.yaml"
+    path = Path(__file__).resolve().parents[1] / "configs" / "control" / "g1_tracking.yaml"
     cfg = parse_config(ControlConfig, ["--config", str(path), "--epochs", "4"], "test")
-    assert (cfg.clip_eps, cfg.num_draws, cfg.sampling_steps, cfg.learning_rate) == (0.05, 16, 64, 1e-4)
+    assert (cfg.clip_eps, cfg.num_draws, cfg.sampling_steps, cfg.learning_rate) == (0.01, 16, 64, 1e-4)
     assert cfg.epochs == 4  # flags still override the file
 
 
