@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import types
 from pathlib import Path
 
@@ -281,3 +282,21 @@ def test_rollout_mismatch_of_fast_against_reference_decoding():
     assert diff["forwards_fast"] < diff["forwards_reference"]
     assert diff["elbo_per_token_fast"] < 0 and 0 < diff["confidence_fast"] < 1
     assert diff == rollout_mismatch(lm, prompts, prompt_attn, fast, reference, score, proxy, seed=3)  # seeded
+
+
+def test_rl_run_with_fast_rollouts_logs_the_mismatch(tmp_path):
+    from dipod.lm.train_config import TrainConfig
+    from dipod.lm.trainer import train
+
+    cfg = TrainConfig(model=str(_snapshot("tiny-llada")), trust_remote_code=True, task="sudoku4", prompt_style="compact",
+                      lora_r=0, dtype="float32", prompts_per_step=2, num_generations=2, gradient_accumulation_steps=1,
+                      gen_length=16, block_length=8, diffusion_steps=8, num_iterations=1, max_steps=1, save_steps=0,
+                      eval_steps=0, eval_examples=2, gap_monitor_steps=0, num_draws=2, masking="random",
+                      tensorboard=False, progress_bar=False, save_final_model=False, output_dir=str(tmp_path),
+                      temperature=1.0, confidence_threshold=0.2, kv_cache="dual", rollout_mismatch_steps=1)
+    row = next(r for r in train(cfg).history if r.get("step") == 1 and "reward" in r)
+    # fixed schedule: 8 steps; threshold: one forward per block at best, one per token at worst
+    assert row["mismatch/forwards_reference"] == 8 and 2 <= row["mismatch/forwards_fast"] <= 16
+    for key in ("reward", "elbo_per_token", "confidence"):
+        assert math.isfinite(row[f"mismatch/{key}_fast"]) and math.isfinite(row[f"mismatch/{key}_reference"])
+    assert 0.0 <= row["mismatch/same_tokens"] <= 1.0
