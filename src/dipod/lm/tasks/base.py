@@ -103,6 +103,10 @@ class Task(ABC):
     def is_correct(self, completion: Any, example: dict) -> bool:
         return bool(self._is_correct(completion, example)) if _scorable(completion) else False
 
+    def paper_accuracy(self, completions: list, examples: list[dict]) -> float:
+        """The accuracy the paper reports for these completions: the fraction graded correct."""
+        return sum(self.is_correct(c, ex) for c, ex in zip(completions, examples)) / max(len(examples), 1)
+
     @property
     def reward_functions(self) -> dict[str, tuple[RewardFn, float]]:
         """name -> (callable(completion, example) -> float, weight); the trainer sums

@@ -217,6 +217,12 @@ class Sudoku4Task(GeneratedTask):
     def _is_correct(self, completion: str, example: dict) -> bool:
         return self._extract_answer(completion) == example["solution"]
 
+    def paper_accuracy(self, completions: list, examples: list[dict]) -> float:
+        """d1's sudoku accuracy: blank cells filled correctly over all blank cells of the set."""
+        blanks = [ex["puzzle"].count("0") for ex in examples]
+        filled = sum(self.reward(c, ex) * b for c, ex, b in zip(completions, examples, blanks))
+        return filled / max(sum(blanks), 1)
+
 
 def read_sudoku_csv(path) -> list[dict]:
     """Read the d1/SPG CSV format (columns Puzzle, Solution), checking every row."""
