@@ -153,6 +153,29 @@ def test_random_is_fpo_floor_count_with_weight_l_over_max_n():
     assert set(narrow.masked_nkl.sum(-1).flatten().tolist()) == {3, 4}  # floor(10 t), t in [0.3, 0.5)
 
 
+def test_unbiased_random_count_is_uniform_on_1_to_l_and_tail_masked():
+    settings = ProxySettings(num_draws=4000, masking="unbiased_random")
+    live = torch.zeros(1, 6)
+    live[0, :4] = 1
+    draw = draw_masks(torch.ones(1, 3), live, settings, torch.Generator().manual_seed(0))
+    count_k = draw.scored_nkl[0].sum(-1)
+    assert draw.masked_nkl[..., 4:].all() and not draw.scored_nkl[..., 4:].any()
+    freq = torch.bincount(count_k, minlength=5)[1:].float() / count_k.numel()
+    assert torch.allclose(freq, torch.full((4,), 0.25), atol=0.03)  # m = ceil(t L) uniform on {1..L}
+    assert torch.allclose(draw.weight_nk[0], 4.0 / count_k.float())
+
+
+def test_unbiased_random_mean_is_the_log_likelihood_of_an_input_ignoring_model():
+    prompt, attn, completion = _position_only_batch()
+    model = PositionOnlyModel(prompt.shape[1] + completion.shape[1])
+    settings = ProxySettings(num_draws=4000, masking="unbiased_random")
+    many = compute_proxies(_lm(model), prompt, attn, completion, settings, 1)
+    live = live_mask(completion, EOS, settings)
+    log_lik_n = (_exact_position_only_logp(model, prompt, completion) * live).sum(1)
+    stderr = many.elbo_nk.std(1) / math.sqrt(4000)
+    assert ((many.elbo_n - log_lik_n).abs() < 4 * stderr + 1e-4).all()
+
+
 def _block_of(masked_nkl, live_nl, block):
     """The block of each draw: the first block (of live tokens) that is not fully clean, with p_mask_prompt = 0."""
     blocks = torch.arange(masked_nkl.shape[-1]) // block

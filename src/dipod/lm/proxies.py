@@ -20,6 +20,9 @@ by their released names (see docs/lm_proxies.md for the derivations and the pari
   with ``t = min_t + (max_t - min_t) u``, ``u ~ U[0, 1)``; all of them are scored, weight
   ``L_n / max(n, 1)`` (a draw with ``n = 0`` contributes 0). Prompt tokens (not padding) are masked
   with probability ``p_mask_prompt`` (the release never masks them there: its configs set 0).
+* ``unbiased_random`` (ours, not released). Live tokens and tail as ``block_random``;
+  ``m = clamp(ceil(t L_n), 1, L_n)`` live tokens masked, weight ``L_n / m``: every draw is an unbiased
+  estimate of the any-order ELBO ``E_sigma[log p_sigma(x)]`` when ``t ~ U[0, 1)``.
 * ``ELBO_nk = w_nk sum_l scored_nkl log p(x_l | z_nk)``; ``elbo_n`` its mean over draws;
   ``elbo_per_token_n = elbo_n / max(L_n, 1)`` (SPG's per-sequence value).
 * ``EUBO_n = (L_n / S_n) (1/beta) sum_l log( (1/K) sum_k w_nk scored_nkl p(x_l | z_nk)^beta )``
@@ -64,6 +67,10 @@ PROCESSES = {
                              reseeds_per_iteration=False,
                              source="language/d1/diffu-grpo/diffu_grpo_trainer.py _get_sequence_elbo "
                                     "(elbo_num_samples 4, stored randomness)"),
+    # Not released: kept because it halves the per-draw std of `random` and is unbiased for the
+    # any-order ELBO (docs/lm_proxies.md, measured).
+    "unbiased_random": ForwardProcess("unbiased_random", scores_eos=True, masks_tail=True, default_draws=2,
+                                      reseeds_per_iteration=False, source="dipod (no release)"),
 }
 MASKINGS = tuple(PROCESSES)
 
@@ -187,10 +194,15 @@ def draw_masks(prompt_attn: Tensor, live_nl: Tensor, settings: ProxySettings,
     length_n = live_nl.sum(1)
     real_prompt_ncp = prompt_attn.bool().cpu()[:, None, :].expand(-1, draws + 1, -1)
     prompt_masked_ncp = (prompt_u_ncx[..., :prompt_len] < settings.p_mask_prompt) & real_prompt_ncp
-    if settings.masking == "random":
+    if settings.masking in ("random", "unbiased_random"):
         t_nk = settings.min_t + (settings.max_t - settings.min_t) * u_nk
-        num_masked_nk = (t_nk * length_n[:, None].float()).long()  # floor, as the release
+        if settings.masking == "random":
+            num_masked_nk = (t_nk * length_n[:, None].float()).long()  # floor, as the release
+        else:
+            num_masked_nk = torch.minimum(torch.ceil(t_nk * length_n[:, None]).long().clamp(min=1), length_n[:, None])
         masked_nkl = _uniform_subset(live_nl[:, None].expand(-1, draws, -1), num_masked_nk, scores_nkl)
+        if settings.process.masks_tail:
+            masked_nkl = masked_nkl | ~live_nl[:, None]
         return MaskDraw.from_masks(masked_nkl, live_nl, prompt_masked_ncp)
 
     block = settings.block_length

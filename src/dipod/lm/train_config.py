@@ -75,8 +75,8 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
     # --- likelihood proxies ---
     num_draws: int | None = option("Monte-Carlo masking draws K per completion (None: the process's released "
                                    "count, block_random 2, random 4)", default=None)
-    masking: str = option("forward process, as released: block_random (SPG) or random (the d1 fork's FPO)",
-                          default="block_random")
+    masking: str = option("forward process: block_random (SPG's release), random (the d1 fork's FPO) or "
+                          "unbiased_random (ours: any-order ELBO, half random's per-draw std)", default="block_random")
     reseed_masks: bool | None = option("new masks for every inner iteration (None: as released, block_random "
                                        "yes, random no)", default=None)
     min_t: float = option("smallest mask ratio of a draw", default=0.0)
