@@ -138,7 +138,8 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
     def __post_init__(self) -> None:
         require(self.model_family is None or self.model_family in FAMILIES,
                 f"model_family={self.model_family!r}; choose one of {sorted(FAMILIES)} or leave it out (detected)")
-        require(self.estimator in ESTIMATORS, f"estimator={self.estimator!r}; choose one of {ESTIMATORS}")
+        require(self.estimator in ESTIMATOR_RECORDS,
+                f"estimator={self.estimator!r}; choose one of {tuple(ESTIMATOR_RECORDS)}")
         try:
             self.estimator_options()
         except ValueError as exc:
