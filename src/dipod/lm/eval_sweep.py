@@ -22,8 +22,8 @@ from dipod.config import ConfigError, config_from_dict, load_yaml_mapping, optio
 from dipod.runlog import atomic_write_json, atomic_write_text
 
 # Test split the paper reports per task, and the held-out split used for choosing a checkpoint
-# (our generated splits, disjoint from the paper files by construction; gsm8k and math500 have
-# none offline: pass --val_data, e.g. a file or openai/gsm8k with --val_split train).
+# (our generated `test` splits, which are not the paper's files; gsm8k and math500 have none
+# offline: pass --val_data, e.g. a file or openai/gsm8k with --val_split train).
 TEST_SPLIT = {"sudoku4": "spg_test", "countdown": "d1_test", "gsm8k": "test", "math500": "test"}
 VAL_SPLIT = {"sudoku4": "test", "countdown": "test"}
 
