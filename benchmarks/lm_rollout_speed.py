@@ -167,6 +167,51 @@ def long_part(args) -> dict:
             "seconds_of_each_repeat": seconds, "runs": rows}
 
 
+def rl_part(args) -> dict:
+    """Tiny RL runs (``dipod.demo``'s recipe) with reference vs threshold rollouts, same seeds; the
+    fast runs log ``mismatch/*`` every ``--rl_mismatch_steps``. Final policies are scored on the
+    paper test set with the reference sampler (greedy, fixed schedule), so both are judged alike."""
+    from dipod.demo import tiny_rl_config
+    from dipod.lm.model import load_masked_lm
+    from dipod.lm.reference import ensure_reference_policy
+    from dipod.lm.tasks import get_task
+    from dipod.lm.train_engine import decode_completions, encode_prompts
+    from dipod.lm.trainer import train
+
+    model_dir = ensure_reference_policy(args.rl_task, cache_dir=args.cache_dir, progress_bar=False)
+    task = get_task(args.rl_task)
+    examples = task.load("d1_test", limit=args.limit)
+    lm = load_masked_lm(model_dir)
+    batches = [encode_prompts(lm, [task.prompt(ex, "compact") for ex in examples[i:i + args.batch_size]], 256,
+                              chat=False) for i in range(0, len(examples), args.batch_size)]
+    variants = {"reference rollouts": {},
+                f"threshold {args.rl_threshold} rollouts": {"confidence_threshold": args.rl_threshold,
+                                                            "rollout_mismatch_steps": args.rl_mismatch_steps}}
+    runs = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in [int(s) for s in args.rl_seeds.split(",")]:
+            for name, changes in variants.items():
+                cfg = tiny_rl_config(model_dir, Path(tmp) / f"{len(runs[name])}-{seed}-{name[:4]}", seed=seed,
+                                     max_steps=args.rl_steps, eval_steps=0, save_steps=0, progress_bar=False,
+                                     tensorboard=False, log_completions=0, **changes)
+                start = time.perf_counter()
+                result = train(cfg)
+                seconds = time.perf_counter() - start
+                lm.model.load_state_dict(result.model.state_dict())
+                reference = SamplerSettings(gen_length=cfg.gen_length, block_length=cfg.block_length,
+                                            steps=cfg.diffusion_steps)
+                texts = decode_completions(lm, run_decoding(lm, batches, reference)["completions"])
+                steps = [r for r in result.history if "generation_time" in r]
+                mismatch = {k: round(sum(r[k] for r in steps if k in r) / max(1, sum(k in r for r in steps)), 4)
+                            for k in sorted({k for r in steps for k in r if k.startswith("mismatch/")})}
+                runs[name].append({
+                    "seed": seed, "wall_s": round(seconds, 1),
+                    "rollout_s": round(sum(r["generation_time"] for r in steps), 2),
+                    "paper_accuracy": sum(task.is_correct(t, ex) for t, ex in zip(texts, examples)) / len(examples),
+                    "train_reward": round(sum(r["reward"] for r in steps) / len(steps), 4), **mismatch})
+    return {"task": args.rl_task, "steps": args.rl_steps, "examples": len(examples), "runs": runs}
+
+
 def markdown(result: dict) -> str:
     lines = ["# Fast rollouts: forwards, wall time, accuracy", "",
              f"Command: `{result['command']}` ({result['torch_threads']} torch thread(s), CPU, "
@@ -190,6 +235,23 @@ def markdown(result: dict) -> str:
         for name, r in long["runs"].items():
             lines.append(f"| {name} | {r['forward_passes']} | {r['tokens_per_forward']} | {r['seconds']} | "
                          f"{r['tokens_per_s']} | {r['speedup']}x | {r.get('same_tokens_as_uncached', '')} |")
+        lines.append("")
+    if "rl" in result:
+        rl = result["rl"]
+        lines += [f"## Tiny RL: {rl['task']}, {rl['steps']} steps of dipod.demo's recipe, reference vs fast rollouts", "",
+                  f"Accuracy: final policy, greedy with the reference sampler, paper test set ({rl['examples']} items). "
+                  "Rollout s: the runs' summed generation time. Mismatch columns: the fast run's logged "
+                  "mismatch/* averaged over its steps (fast / reference sampler on the same prompts).", "",
+                  "| rollouts | seed | wall s | rollout s | accuracy | train reward | mismatch reward | "
+                  "mismatch ELBO/token | mismatch confidence | mismatch forwards | same tokens |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        pair = lambda r, k: (f"{r[f'mismatch/{k}_fast']:.3g} / {r[f'mismatch/{k}_reference']:.3g}"  # noqa: E731
+                             if f"mismatch/{k}_fast" in r else "")
+        for name, runs in rl["runs"].items():
+            for r in runs:
+                lines.append(f"| {name} | {r['seed']} | {r['wall_s']} | {r['rollout_s']} | {r['paper_accuracy']:.3f} | "
+                             f"{r['train_reward']:.3f} | {pair(r, 'reward')} | {pair(r, 'elbo_per_token')} | "
+                             f"{pair(r, 'confidence')} | {pair(r, 'forwards')} | {r.get('mismatch/same_tokens', '')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -215,6 +277,11 @@ def main() -> None:
     parser.add_argument("--long_steps", type=int, default=128)
     parser.add_argument("--long_threshold", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each long configuration; the fastest counts")
+    parser.add_argument("--rl_task", default="sudoku4", help="task of the tiny RL comparison ('' to skip it)")
+    parser.add_argument("--rl_steps", type=int, default=30)
+    parser.add_argument("--rl_seeds", default="0,1")
+    parser.add_argument("--rl_threshold", type=float, default=0.9)
+    parser.add_argument("--rl_mismatch_steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
@@ -232,6 +299,8 @@ def main() -> None:
                            for task in args.tasks.split(",") if task]
     if not args.skip_long:
         result["long"] = long_part(args)
+    if args.rl_task:
+        result["rl"] = rl_part(args)
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
