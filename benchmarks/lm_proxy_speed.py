@@ -20,13 +20,13 @@ import time
 import torch
 
 from dipod.lm.model import build_tiny_model, load_masked_lm
-from dipod.lm.proxies import ProxySettings, completion_mask, compute_proxies, draw_masks, eubo_surrogate
+from dipod.lm.proxies import ProxySettings, compute_proxies, draw_masks, eubo_surrogate, live_mask
 
 
 def loop_proxies(lm, prompt_ids, prompt_attn, completion_ids, settings: ProxySettings, seed: int):
     """The same proxies, one forward per (sequence, draw): the straightforward implementation."""
     batch, gen_length = completion_ids.shape
-    mask_nl = completion_mask(completion_ids, lm.eos_id)
+    mask_nl = live_mask(completion_ids, lm.eos_id, settings)
     draw = draw_masks(prompt_attn, mask_nl, settings, torch.Generator().manual_seed(seed))
     logp_rows, elbo_rows, meanfield_rows = [], [], []
     for n in range(batch):
