@@ -20,7 +20,6 @@ answer is all digits), strict_format x0.5, soft_format x0.5, xml_count x0.5. The
 
 from __future__ import annotations
 
-from fractions import Fraction
 
 from .answer_format import CHAT_FORMAT, before_eos, boxed_or_region, soft_format, strict_format, xml_count
 from .base import RewardFn, Task, check_limit, guarded, register_task
