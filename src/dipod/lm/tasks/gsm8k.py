@@ -20,12 +20,12 @@ answer is all digits), strict_format x0.5, soft_format x0.5, xml_count x0.5. The
 
 from __future__ import annotations
 
-
 from .answer_format import CHAT_FORMAT, before_eos, boxed_or_region, soft_format, strict_format, xml_count
 from .base import RewardFn, Task, check_limit, guarded, register_task
 from .d1_prompts import math_prompt
 from .data_files import read_records, require_fields, shared_file
 from .plain_math import read_number
+
 
 def final_answer(answer_field: str) -> str:
     return answer_field.split("####")[-1].strip()
