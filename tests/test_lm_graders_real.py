@@ -120,6 +120,9 @@ def test_gsm8k_the_last_box_counts_and_eos_ends_the_text():
     assert GSM.extract_answer("<answer>\\boxed{12}</answer><|eot_id|><answer>\\boxed{99}</answer>") == "12"
     assert read_number("1,234.5") == read_number("1234.5") == Fraction(2469, 2)
     assert read_number("\\frac{3}{4}") == read_number("0.75")
+    assert read_number("45^\\circ") == read_number("45^{\\circ}") == read_number("45°") == 45
+    assert read_number("\\(180 \\div 5 = 36\\)") == 36 and read_number("22 \\times 44 / 88") == 88  # last number
+    assert read_number("-1{,}250") == -1250 and read_number("−7") == -7 and read_number("12 \\text{ cm}") == 12
     assert read_number("12,34") is not None and read_number("12,34") != 1234  # not a thousands group
     assert GSM.reward_functions["integer"][0]("<answer>\\boxed{18}</answer>", {"answer": "18"}) == 1.0
 
