@@ -23,7 +23,7 @@ Count rules, each giving a long tensor ``[B]`` of reveals for this step:
 - ``threshold_counts``: threshold parallel decoding, every masked position whose score exceeds
   the threshold, at least one, at most a cap.
 
-All scores are float64; positions that are not candidates carry ``-inf``.
+Scores are float64; the sampler gives already revealed positions ``-inf`` before counting and ranking.
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ BUILTIN_DEFAULTS = {"remasking": "low_confidence", "schedule": "blocks"}
 # forward(x_bt, attn_bt, lo, hi, new_block) -> float32 logits [B, hi - lo, V] predicting positions lo..hi-1
 BlockForward = Callable[[Tensor, Tensor, int, int, bool], Tensor]
 
-__all__ = ["DecodingOptions", "SamplerSettings", "Decoded", "decode", "generate", "reveal_schedule", "top_k_mask",
-           "fill_after_first_eos"]
+__all__ = ["BlockForward", "DecodingOptions", "SamplerSettings", "Decoded", "decode", "generate", "block_forward",
+           "full_forward", "family_sampler_defaults", "fill_after_first_eos", "reveal_schedule", "top_k_mask"]
 
 
 @dataclass
