@@ -187,16 +187,18 @@ def test_greedy_decoding_and_proxies_do_not_depend_on_the_batch(family, llada, d
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_save_and_reload_give_the_same_logits(family, tmp_path):
     lm = load(family, lora=LoraSettings(r=2, alpha=4, dropout=0.0))
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # move the adapters off zero so the merge matters
         for name, p in lm.model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.5)
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
     ids, attn = left_padded(lm, TEXTS)
     before = lm.logits(ids, attn)
     out = lm.save_pretrained(tmp_path / "saved")
     again = load_masked_lm(out, trust_remote_code=True)
     assert again.family is lm.family and (again.mask_id, again.eos_id) == (lm.mask_id, lm.eos_id)
-    torch.testing.assert_close(again.logits(ids, attn), before, rtol=0, atol=1e-5)
+    # Merging W + scale * B A rounds differently from applying the adapter: float32 noise only.
+    torch.testing.assert_close(again.logits(ids, attn), before, rtol=0, atol=1e-4)
     assert (before - load(family).logits(ids, attn)).abs().max() > 1e-3  # the adapters were saved
 
 
