@@ -104,8 +104,8 @@ def test_eval_and_generate_run_on_the_snapshot(family, tmp_path, capsys):
     assert capsys.readouterr().out.count("--- example") == 2
 
 
-@pytest.mark.parametrize("family", list(SNAPSHOTS))
-def test_sft_trains_and_saves_a_reloadable_model(family, tmp_path):
+@pytest.mark.parametrize("family,dtype", [("llada", "float32"), ("dream", "bfloat16")])
+def test_sft_trains_and_saves_a_reloadable_model(family, dtype, tmp_path):
     from dipod.lm.model import load_masked_lm
     from dipod.lm.sft import main as sft_main
 
@@ -114,10 +114,10 @@ def test_sft_trains_and_saves_a_reloadable_model(family, tmp_path):
                      "--prompt_style", "chat", "--train_examples", "4", "--eval_examples", "1", "--eval_every", "0",
                      "--gen_length", "16", "--block_length", "8", "--steps", "4", "--max_prompt_length", "48",
                      "--max_steps", "2", "--batch_size", "2", "--learning_rate", "1e-2", "--warmup_steps", "0",
-                     "--progress_bar", "false", "--output_dir", str(out)]) == 0
+                     "--dtype", dtype, "--progress_bar", "false", "--output_dir", str(out)]) == 0
     result = json.loads((out / "sft_result.json").read_text())
-    trained = load_masked_lm(result["model_dir"], trust_remote_code=True)
-    start = load_masked_lm(SNAPSHOTS[family], trust_remote_code=True)
+    trained = load_masked_lm(result["model_dir"], trust_remote_code=True, dtype=dtype)
+    start = load_masked_lm(SNAPSHOTS[family], trust_remote_code=True, dtype=dtype)
     assert trained.family is start.family
     moved = [name for name, p in trained.model.named_parameters()
              if not torch.equal(p, dict(start.model.named_parameters())[name])]
