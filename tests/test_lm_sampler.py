@@ -592,18 +592,20 @@ def test_family_sampler_defaults_fill_only_what_the_user_left_unset():
     lm = MaskedDiffusionLM(model=RelativeMixer(seed=3), tokenizer=None, mask_id=MASK, pad_id=PAD, eos_id=EOS,
                            family=GlobalFamily())
     ids, attn = random_prompts(3, 4, seed=7)
-    unset = SamplerSettings(gen_length=6, block_length=4, steps=3)  # 6 is no multiple of 4: fine for global
+    unset = SamplerSettings(gen_length=6, block_length=3, steps=4)
     assert unset.resolved(lm.family.sampler_defaults) == SamplerSettings(
-        gen_length=6, block_length=4, steps=3, schedule="global", remasking="entropy")
-    as_family = SamplerSettings(gen_length=6, block_length=4, steps=3, schedule="global", remasking="entropy")
+        gen_length=6, block_length=3, steps=4, schedule="global", remasking="entropy")
+    as_family = SamplerSettings(gen_length=6, block_length=3, steps=4, schedule="global", remasking="entropy")
     assert torch.equal(decode(lm, ids, attn, unset).order_bg, decode(lm, ids, attn, as_family).order_bg)
     mine = SamplerSettings(gen_length=6, block_length=3, steps=2, schedule="blocks", remasking="low_confidence")
     assert mine.resolved(lm.family.sampler_defaults) == mine
     assert decode(lm, ids, attn, mine).forward_passes == 2
     assert SamplerSettings().resolved({}).schedule == "blocks" and SamplerSettings().resolved({}).remasking == \
         "low_confidence"
-    with pytest.raises(ConfigError, match="not a multiple of block_length"):
-        unset.resolved({"schedule": "blocks"})
+    # an unset schedule is checked as blocks up front (no model needed), naming the way out
+    with pytest.raises(ConfigError, match="not a multiple of block_length=4.*schedule=global"):
+        SamplerSettings(gen_length=6, block_length=4, steps=3)
+    assert SamplerSettings(gen_length=6, block_length=4, steps=3, schedule="global").num_blocks == 1
 
 
 # --- the real architectures: parity with the models' own decoders ------------------------------------------
@@ -656,7 +658,7 @@ def test_llada_greedy_equals_the_reference_decoder_on_the_hub_code():
 @pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
 def test_dream_greedy_equals_diffusion_generate(alg):
     lm = load_snapshot("tiny-dream")
-    prompt_len, gen_length, steps = 7, 24, 12
+    prompt_len, gen_length, steps = 7, 32, 16
     ids = torch.randint(0, 90, (3, prompt_len), generator=torch.Generator().manual_seed(0))
     attn = torch.ones_like(ids)
     attn[0, :3] = 0  # left padding: Dream's own sampler then builds its 4-D mask and position ids

@@ -118,14 +118,15 @@ class SamplerSettings(DecodingOptions):
         if self.schedule == "global":
             if self.steps > self.gen_length:
                 raise ConfigError(f"steps={self.steps} exceeds gen_length={self.gen_length}; use steps <= gen_length")
-        elif self.schedule == "blocks":  # unset: checked once resolved for the model's family
+        else:  # blocks, or unset: checked as blocks so that a config fails before any model is loaded
+            hint = "" if self.schedule else " (or set schedule=global: one block, as Dream decodes)"
             if self.gen_length % self.block_length:
                 raise ConfigError(f"gen_length={self.gen_length} is not a multiple of block_length={self.block_length};"
-                                  " change one of them (the sampler decodes whole blocks)")
+                                  f" change one of them (the sampler decodes whole blocks){hint}")
             if self.steps % self.num_blocks:
                 raise ConfigError(f"steps={self.steps} is not a multiple of the block count {self.num_blocks} "
                                   f"(gen_length / block_length); use e.g. "
-                                  f"steps={self.num_blocks * max(1, self.steps // self.num_blocks)}")
+                                  f"steps={self.num_blocks * max(1, self.steps // self.num_blocks)}{hint}")
             if self.steps_per_block > self.block_length:
                 raise ConfigError(f"steps={self.steps} gives {self.steps_per_block} steps per block but a block has "
                                   f"only {self.block_length} tokens, so some steps would reveal nothing; "
