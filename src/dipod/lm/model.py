@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
-import re
 import shutil
 import string
 import tempfile
@@ -30,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from dipod.lm.families import FAMILIES, ModelFamily, detect_family, get_family
+from dipod.lm.snapshot import check_snapshot, locate_model, read_config_dict
 
 PAD_TOKEN, MASK_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<mask>", "<eos>", "<unk>"
 TINY_SPECIAL_TOKENS = (PAD_TOKEN, MASK_TOKEN, EOS_TOKEN, UNK_TOKEN)
@@ -133,66 +132,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _looks_like_path(name: str) -> bool:
-    """A hub id is ``name`` or ``org/name``; anything else (absolute, ./, ~, deeper) is a path.
-
-    ``org/name`` whose ``org`` is a local folder (``runs/tiny``) is a missing path too: failing at
-    once beats a slow, doomed hub lookup on an offline machine.
-    """
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
-        return True
-    return "/" in name and os.path.isdir(name.split("/", 1)[0])
-
-
-def _read_config_dict(name: str, local: bool) -> dict:
-    """The raw ``config.json`` (no model code runs): enough to pick the family and check the snapshot."""
-    if local:
-        with open(os.path.join(name, "config.json"), encoding="utf-8") as f:
-            return json.load(f)
-    from transformers import PretrainedConfig
-
-    try:
-        return PretrainedConfig.get_config_dict(name)[0]
-    except OSError as err:
-        raise FileNotFoundError(
-            f"could not load model {name!r} (no such local directory; tried it as a hub id): {err} Pass a local "
-            "directory written by save_pretrained, or a hub id reachable from this machine (download it first "
-            "when offline)") from err
-
-
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def _check_snapshot(name: str, config: dict) -> None:
-    """A local snapshot has the weights, a tokenizer and every code file its auto_map needs."""
-    def missing(what: str, files) -> FileNotFoundError:
-        return FileNotFoundError(
-            f"model directory {name!r} has no {what} ({' or '.join(files)}); the snapshot is incomplete: "
-            "download the whole repository again (e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) "
-            "or save the model with save_pretrained")
-
-    if not any(os.path.isfile(os.path.join(name, f)) for f in _WEIGHT_FILES):
-        raise missing("weights", _WEIGHT_FILES)
-    if not any(os.path.isfile(os.path.join(name, f)) for f in _TOKENIZER_FILES):
-        raise missing("tokenizer", _TOKENIZER_FILES)
-    # auto_map entries look like "modeling_llada.LLaDAModelLM"; the code may import siblings
-    # ("from .generation_utils import ..."), which must be there too.
-    todo = [ref.split("--")[-1].split(".")[0] for ref in (config.get("auto_map") or {}).values() if isinstance(ref, str)]
-    seen: set[str] = set()
-    while todo:
-        module = todo.pop()
-        if module in seen:
-            continue
-        seen.add(module)
-        path = os.path.join(name, module + ".py")
-        if not os.path.isfile(path):
-            raise missing(f"model code file {module}.py (named by config.json auto_map or imported by its code)",
-                          (module + ".py",))
-        with open(path, encoding="utf-8") as f:
-            todo += re.findall(r"^\s*from \.(\w+) import", f.read(), flags=re.MULTILINE)
-
-
 def _special_id(tokenizer: Any, config: Any, attr: str) -> int | None:
     value = getattr(tokenizer, attr, None)
     if value is None:
@@ -267,26 +206,16 @@ def load_masked_lm(
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
-    name = os.fspath(name_or_path)
     torch_dtype = resolve_dtype(dtype)
-    local = os.path.isdir(os.path.expanduser(name))
-    if not local and (_looks_like_path(name) or os.path.exists(name)):
-        raise FileNotFoundError(
-            f"model path {name!r} is not a directory; pass a directory written by save_pretrained "
-            "(e.g. from `dipod lm sft` or build_tiny_model) or a hub id like 'GSAI-ML/LLaDA-8B-Instruct'")
-    if local:
-        name = os.path.expanduser(name)
-        if not os.path.isfile(os.path.join(name, "config.json")):
-            raise FileNotFoundError(
-                f"model directory {name!r} has no config.json; point to a directory written by save_pretrained")
-    raw_config = _read_config_dict(name, local)
+    name, local = locate_model(name_or_path)
+    raw_config = read_config_dict(name, local)
     family = get_family(model_family) if model_family else detect_family(raw_config, name)
     if (family.needs_remote_code or raw_config.get("auto_map")) and not trust_remote_code:
         raise ValueError(
             f"model {name!r} ({family.name}) ships its own model code (config.json auto_map); pass "
             "--trust_remote_code true to run it")
     if local:
-        _check_snapshot(name, raw_config)
+        check_snapshot(name, raw_config)
     kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local}
     # a quantised model is placed by from_pretrained (bitsandbytes weights are not moved afterwards)
     quantized = {"quantization_config": nf4_quantization(device), "device_map": {"": device}} if load_in_4bit else {}
