@@ -189,9 +189,9 @@ def test_bad_use_is_a_clear_error():
         forward(ids, attn, lo, hi, new_block=False)
     with pytest.raises(ValueError, match="shifted family"):
         forward(ids, attn, 0, 4, new_block=True)
-    bert = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(model_type="modernbert")))
-    with pytest.raises(ValueError, match=r"'modernbert' has no native network.*\['dream', 'llada'\]"):
-        make_cached_forward(bert, "prefix")
+    gpt2 = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(model_type="gpt2")))
+    with pytest.raises(ValueError, match=r"'gpt2' has no native network.*\['dream', 'llada', 'modernbert'\]"):
+        make_cached_forward(gpt2, "prefix")
 
 
 def _snapshot_lm(name: str):
@@ -300,3 +300,52 @@ def test_rl_run_with_fast_rollouts_logs_the_mismatch(tmp_path):
     for key in ("reward", "elbo_per_token", "confidence"):
         assert math.isfinite(row[f"mismatch/{key}_fast"]) and math.isfinite(row[f"mismatch/{key}_reference"])
     assert 0.0 <= row["mismatch/same_tokens"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """Our tiny ModernBERT (local attention every 3rd layer, window 128) with weights that are not near zero."""
+    from dipod.lm.model import build_tiny_model, load_masked_lm
+
+    path = build_tiny_model(tmp_path_factory.mktemp("bert") / "m", hidden_size=32, num_layers=4, num_heads=2,
+                            intermediate_size=64, max_positions=256)
+    lm = load_masked_lm(path)
+    with torch.no_grad():
+        for param in lm.model.parameters():
+            param.mul_(4.0)  # sharper predictions, so that parity is tested on large logits
+    return lm
+
+
+def test_modernbert_logits_and_cache_equal_the_hub_code(tiny_bert):
+    lm = tiny_bert
+    net = native_network(lm)
+    assert net.layer_kinds[1][0] == 64 and net.layer_kinds[0][0] is None  # sequences below exceed the window
+    ids = torch.randint(4, 90, (3, 150), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    attn[0, :40], attn[1, :3] = 0, 0
+    with torch.no_grad():
+        expected = lm.model(input_ids=ids, attention_mask=attn).logits.float()
+        real = attn.bool()
+        assert expected.abs().max() > 5.0
+        torch.testing.assert_close(net(ids, attn)[real], expected[real], **TOL[torch.float32])
+        for mode in ("prefix", "dual"):
+            forward = BlockCachedForward(net, mode)
+            torch.testing.assert_close(forward(ids, attn, 100, 116, new_block=True), expected[:, 100:116],
+                                       **TOL[torch.float32])
+            torch.testing.assert_close(forward(ids, attn, 100, 116, new_block=False), expected[:, 100:116],
+                                       **TOL[torch.float32])
+
+
+def test_modernbert_decoding_with_cache(tiny_bert):
+    from dipod.lm.sampler import SamplerSettings, decode
+
+    lm = tiny_bert
+    prompts = torch.randint(4, 90, (2, 10), generator=torch.Generator().manual_seed(1))
+    attn = torch.ones_like(prompts)
+    attn[0, :4] = 0
+    base = dict(gen_length=16, block_length=8, steps=16)
+    exact = [decode(lm, prompts, attn, SamplerSettings(**base, confidence_threshold=1e-9, kv_cache=kv))
+             for kv in (None, "dual")]
+    assert torch.equal(exact[0].completion_bg, exact[1].completion_bg) and exact[1].forward_passes == 2
+    cached = decode(lm, prompts, attn, SamplerSettings(**base, kv_cache="prefix"))
+    assert cached.forward_passes == 16 and not (cached.completion_bg == lm.mask_id).any()
