@@ -152,7 +152,7 @@ def main(argv: list[str], prog: str = "dipod lm eval") -> int:
         atomic_write_json(Path(cfg.json), {
             "model": cfg.model, "task": task.name, "data": cfg.data, "split": None if cfg.data else cfg.split,
             "prompt_style": cfg.prompt_style,
-            "sampler": dataclasses.asdict(settings), "batch_size": cfg.batch_size,
+            "sampler": dataclasses.asdict(settings),
             "protocol": decoding_protocol(settings, prompt_style=cfg.prompt_style, max_prompt_length=cfg.max_prompt_length,
                                           batch_size=cfg.batch_size, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device),
             **report})
