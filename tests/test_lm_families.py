@@ -69,6 +69,14 @@ def test_family_is_detected_from_config_and_ids_come_from_the_model(llada, dream
     assert tiny.family.name == "hf_masked_lm" and tiny.eot_id is None
 
 
+def test_families_are_singletons_through_copies_and_pickles():
+    import copy
+    import pickle
+
+    for family in FAMILIES.values():
+        assert copy.deepcopy(family) is family and pickle.loads(pickle.dumps(family)) is family
+
+
 def test_unknown_family_and_remote_code_off_fail_before_loading(tmp_path):
     with pytest.raises(ValueError, match=r"model_type='gpt2'.*not a known family.*--model_family hf_masked_lm"):
         detect_family({"model_type": "gpt2"}, "gpt2")

@@ -50,6 +50,10 @@ class ModelFamily:
     # LLaDA "low_confidence", Dream "maskgit_plus" / "topk_margin" / "entropy").
     sampler_defaults: Mapping[str, Any] = MappingProxyType({})
 
+    def __reduce__(self):
+        # Families are stateless singletons: a copy or an unpickled one is the registered object.
+        return get_family, (self.name,)
+
     def matches(self, config: Mapping[str, Any]) -> bool:
         """Whether a raw ``config.json`` dict belongs to this family."""
         return False
