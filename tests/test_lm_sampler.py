@@ -710,3 +710,26 @@ def test_lm_eval_json_records_forward_passes_and_accuracy(tmp_path):
     assert 2 * 2 <= parallel["forward_passes"] < fixed["forward_passes"]  # at least one forward per block
     with pytest.raises(ConfigError, match=r"confidence_threshold=1.5 must lie in \(0, 1\]"):
         evaluate.main(base + ["--confidence_threshold", "1.5"])
+
+
+def test_train_sft_and_eval_configs_share_the_decoding_options():
+    from dipod.config import parse_config
+    from dipod.lm.evaluate import EvalConfig
+    from dipod.lm.sft import SFTConfig
+    from dipod.lm.train_config import TrainConfig
+
+    flags = ["--confidence_threshold", "0.8", "--max_reveal_per_step", "3", "--kv_cache", "dual",
+             "--remasking", "topk_margin", "--schedule", "global", "--schedule_eps", "0.01"]
+    expected = dict(confidence_threshold=0.8, max_reveal_per_step=3, kv_cache="dual", remasking="topk_margin",
+                    schedule="global", schedule_eps=0.01)
+    configs = {
+        "train": parse_config(TrainConfig, ["--model", "org/name", *flags], "t").sampler_settings(0.9),
+        "sft": parse_config(SFTConfig, flags, "s").sampler_settings(),
+        "eval": parse_config(EvalConfig, ["--model", "m", "--task", "sudoku4", *flags], "e").sampler_settings(),
+    }
+    for name, settings in configs.items():
+        assert {key: getattr(settings, key) for key in expected} == expected, name
+    for cls, extra in ((TrainConfig, ["--model", "org/name"]), (SFTConfig, []),
+                       (EvalConfig, ["--model", "m", "--task", "sudoku4"])):
+        with pytest.raises(ConfigError, match=r"confidence_threshold=0.0 must lie in \(0, 1\]"):
+            parse_config(cls, [*extra, "--confidence_threshold", "0"], "x")
