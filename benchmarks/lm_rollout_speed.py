@@ -5,8 +5,8 @@ Two parts, each decoding the same prompts with every configuration (greedy):
 1. **Tiny reference policies** (``dipod.lm.reference``, trained once and cached) on the paper's
    own test sets (``d1_test``: 500 sudoku4 puzzles, 256 countdown items) with their recipe's
    decoding (16 tokens, one block, 16 steps): model forwards, wall time and greedy accuracy of the
-   fixed schedule vs ``confidence_threshold`` decoding. These policies are the tiny ModernBERT
-   (family ``hf_masked_lm``), which has no native network, so the KV cache is not run on them.
+   fixed schedule vs ``confidence_threshold`` decoding, with and without the dual KV cache (the
+   policies are the tiny ModernBERT; with one block the cache holds the prompt, so prefix = dual).
 2. **Long completions** on a randomly initialised LLaDA-architecture model of a few M parameters
    (LLaDA's own hub code from ``../shared/models/tiny-llada``, resized; 256 tokens in blocks of 32,
    d1's 128 steps), so that the cache matters on a CPU. Accuracy means nothing there; the output
@@ -70,8 +70,11 @@ def reference_part(task_name: str, thresholds: list[float], batch_size: int, lim
     batches = [encode_prompts(lm, prompts[i:i + batch_size], 256, chat=False)
                for i in range(0, len(prompts), batch_size)]
     base = dict(gen_length=recipe.gen_length, block_length=recipe.block_length, steps=recipe.steps)
-    configs = {"fixed schedule (today)": SamplerSettings(**base)}
+    configs = {"fixed schedule (today)": SamplerSettings(**base),
+               "fixed schedule + dual cache": SamplerSettings(**base, kv_cache="dual")}
     configs.update({f"threshold {t}": SamplerSettings(**base, confidence_threshold=t) for t in thresholds})
+    configs[f"threshold {thresholds[0]} + dual cache"] = SamplerSettings(**base, confidence_threshold=thresholds[0],
+                                                                          kv_cache="dual")
     rows = {}
     for name, settings in configs.items():
         run = run_decoding(lm, batches, settings)
@@ -184,15 +187,17 @@ def rl_part(args) -> dict:
     lm = load_masked_lm(model_dir)
     batches = [encode_prompts(lm, [task.prompt(ex, "compact") for ex in examples[i:i + args.batch_size]], 256,
                               chat=False) for i in range(0, len(examples), args.batch_size)]
-    variants = {"reference rollouts": {},
-                f"threshold {args.rl_threshold} rollouts": {"confidence_threshold": args.rl_threshold,
-                                                            "rollout_mismatch_steps": args.rl_mismatch_steps}}
+    fast = {"confidence_threshold": args.rl_threshold, "rollout_mismatch_steps": args.rl_mismatch_steps}
+    variants = {"reference rollouts": {}, f"threshold {args.rl_threshold} rollouts": fast,
+                f"threshold {args.rl_threshold} + dual cache rollouts": {**fast, "kv_cache": "dual"}}
     runs = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in [int(s) for s in args.rl_seeds.split(",")]:
             for name, changes in variants.items():
-                cfg = tiny_rl_config(model_dir, Path(tmp) / f"{len(runs[name])}-{seed}-{name[:4]}", seed=seed,
-                                     max_steps=args.rl_steps, eval_steps=0, save_steps=0, progress_bar=False,
+                # The trainer's own evaluations (before/after) are kept small: the policies are scored below.
+                cfg = tiny_rl_config(model_dir, Path(tmp) / f"{seed}-{list(variants).index(name)}", seed=seed,
+                                     max_steps=args.rl_steps, eval_steps=0, save_steps=0, eval_examples=8,
+                                     gap_monitor_steps=0, progress_bar=False,
                                      tensorboard=False, log_completions=0, **changes)
                 start = time.perf_counter()
                 result = train(cfg)
