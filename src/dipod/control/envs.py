@@ -132,13 +132,17 @@ class RewardScaler:
     """Divides rewards by the running std of the discounted return (as gymnasium's NormalizeReward).
 
     Keeps value targets O(1) across tasks whose per-step rewards differ by orders of magnitude,
-    which is what makes one value-clip and one learning rate work for all of them.
+    which is what makes one value-clip and one learning rate work for all of them. The statistics
+    start from one pseudo-sample of variance 1: without it the first steps of a task whose envs
+    all earn the same reward (InvertedPendulum: +1 per step) have return variance 0 and were scaled
+    by 1e4, a first value loss of ~8e5 whose gradient, clipped jointly with the actor's, froze the
+    policy for that update.
     """
 
     def __init__(self, num_envs: int, gamma: float, eps: float = 1e-8):
         self.gamma, self.eps = gamma, eps
         self.running_return = torch.zeros(num_envs, dtype=torch.float64)
-        self.count, self.mean, self.var = 0.0, 0.0, 1.0
+        self.count, self.mean, self.var = 1.0, 0.0, 1.0
 
     def __call__(self, rewards_n: Tensor, dones_n: Tensor) -> Tensor:
         self.running_return = self.running_return * self.gamma + rewards_n.double()
