@@ -170,7 +170,7 @@ def test_time_features_and_released_network_shape():
     assert actor.xt_in.in_features == 3 + 8 and sum(isinstance(m, nn.ELU) for m in actor.modules()) == 3
 
 
-def test_non_finite_minibatch_is_skipped():
+def test_non_finite_minibatch_is_skipped(caplog):
     actor = small_actor()
     batch = batch_for(actor, torch.ones(16))
     batch.advantages[3] = float("nan")
@@ -179,6 +179,7 @@ def test_non_finite_minibatch_is_skipped():
     info = fpo_plus_plus_update(actor, LinearCritic(), torch.optim.Adam(actor.parameters()), batch, settings,
                                 torch.Generator().manual_seed(0))
     assert info["skipped_minibatches"] == 2.0
+    assert sum("skipped a minibatch with non-finite loss" in r.getMessage() for r in caplog.records) == 2
     assert all(torch.equal(a, b) for a, b in zip(before, actor.parameters()))
 
 

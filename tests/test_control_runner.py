@@ -169,6 +169,36 @@ def test_nan_observation_stops_with_a_clear_error_and_keeps_outputs(tmp_path):
     load_checkpoint(latest_checkpoint(tmp_path))  # the checkpoint written before the NaN is intact
 
 
+class NaNRewardEnv(ConstantEnv):
+    def step(self, action):
+        obs, _, terminated, truncated, info = super().step(action)
+        return obs, float("nan") if self.t >= 2 else 1.0, terminated, truncated, info
+
+
+gym.register("DipodTest/NaNReward-v0", entry_point=NaNRewardEnv, max_episode_steps=1000)
+
+
+def test_nan_reward_is_named_at_its_step():
+    env = GymVecEnv("DipodTest/NaNReward-v0", 2)
+    env.reset(seed=0)
+    env.step(torch.zeros(2, 1))
+    with pytest.raises(NonFiniteEnvError, match=r"non-finite reward in env\(s\) \[0, 1\] at vector step 2"):
+        env.step(torch.zeros(2, 1))
+    env.close()
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    runner = Runner(ControlConfig(env="Pendulum-v1", output_dir=str(tmp_path), total_steps=256, **FAST))
+    runner.save()
+    with torch.no_grad():
+        runner.actor.obs_in.bias[0] = float("nan")
+    runner.global_step = 256
+    with pytest.raises(FloatingPointError, match="actor.obs_in.bias"):
+        runner.save()
+    runner.close()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-0"  # the finite one stays the latest
+
+
 def test_bad_env_and_incompatible_settings_fail_before_compute(tmp_path, capsys):
     with pytest.raises(ValueError, match="did you mean.*HalfCheetah-v5"):
         GymVecEnv("HalfCheeta-v5", 1)
