@@ -264,3 +264,16 @@ def test_sampler_defaults_name_sampler_settings_fields():
     names = {f.name for f in fields(SamplerSettings)}
     for family in FAMILIES.values():
         assert set(family.sampler_defaults) <= names, (family.name, set(family.sampler_defaults) - names)
+
+
+# ------------------------------------------------------------------------------ end of turn
+def test_decoded_completion_ends_at_the_end_of_turn_token(llada):
+    """LLaDA ends its turn with <|eot_id|> before EOS: text written after it never reaches a grader."""
+    from dipod.lm.train_engine import decode_completions
+
+    assert llada.eot_id is not None and llada.eot_id != llada.eos_id
+    words = [llada.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("12", "34")]
+    row = [*words[0], llada.eot_id, *words[1], llada.eos_id, *words[1]]
+    no_eot = [*words[0], *words[1], llada.eos_id, *words[1], llada.eos_id]
+    texts = decode_completions(llada, torch.tensor([row, no_eot]))
+    assert texts == [llada.tokenizer.decode(words[0]), llada.tokenizer.decode(words[0] + words[1])]

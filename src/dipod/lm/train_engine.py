@@ -87,11 +87,16 @@ def encode_prompts(lm, texts: list[str], max_prompt_length: int, chat: bool,
 
 
 def decode_completions(lm, completion_ids: Tensor) -> list[str]:
-    """Text of each completion up to (not including) its first EOS."""
+    """Text of each completion up to (not including) its first EOS or end-of-turn token.
+
+    Chat models end a turn before EOS (LLaDA writes ``<|eot_id|><|endoftext|>``); whatever a model
+    writes after its turn ended is not part of the answer the graders read.
+    """
     ids = completion_ids.cpu()
-    if lm.eos_id is not None:
-        is_eos = ids == lm.eos_id
-        ids = ids.masked_fill(is_eos.cumsum(dim=1) > 0, lm.pad_id)
+    stop_ids = [i for i in (lm.eos_id, getattr(lm, "eot_id", None)) if i is not None]
+    if stop_ids:
+        is_stop = torch.isin(ids, torch.tensor(stop_ids))
+        ids = ids.masked_fill(is_stop.cumsum(dim=1) > 0, lm.pad_id)
     return lm.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
 
 
