@@ -352,6 +352,9 @@ def test_positions_after_the_first_eos_become_eos():
     (dict(schedule="dream"), "schedule='dream'; choose one of"),
     (dict(schedule="global", schedule_eps=0.0), "schedule_eps=0.0 must lie in"),
     (dict(gen_length=8, steps=9, schedule="global"), "steps=9 exceeds gen_length=8"),
+    (dict(top_k=0), "top_k=0 must be >= 1"),
+    (dict(top_p=0.0), r"top_p=0.0 must lie in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p=1.5 must lie in \(0, 1\]"),
 ])
 def test_bad_settings_are_rejected_with_a_clear_message(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -436,6 +439,28 @@ def test_each_reveal_rule_scores_hand_made_logits():
     assert hot["entropy"] == pytest.approx(sum(p * math.log(p) for p in tempered), abs=1e-7)
     # the score of the proposed token, not of the argmax
     assert REVEAL_RULES["maskgit_plus"].score(logits_blv, torch.tensor([[2]]), 0.0, None).item() == pytest.approx(0.2)
+
+
+def test_top_p_and_top_k_keep_the_nucleus_of_the_tempered_distribution():
+    from dipod.lm.sampler import filter_logits
+
+    logits_blv = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]]))
+
+    def kept(temperature, top_k, top_p):
+        return torch.isfinite(filter_logits(logits_blv, temperature, top_k, top_p))[0, 0].tolist()
+
+    # mass of the tokens ranked above each one: 0, .5, .8, .95; a token goes once that exceeds top_p
+    assert kept(0.0, None, 0.7) == [True, True, False, False]
+    assert kept(0.0, None, 0.85) == [True, True, True, False]
+    assert kept(0.0, None, 0.1) == [True, False, False, False]  # the most likely token always stays
+    assert kept(0.0, None, 1.0) == kept(0.0, None, None) == [True] * 4
+    # temperature 2 flattens the distribution (probabilities ~ sqrt(p)): .379, .293, .207, .120
+    assert kept(2.0, None, 0.7) == [True, True, True, False]
+    assert kept(0.0, 2, None) == [True, True, False, False]
+    assert kept(0.0, 3, 0.7) == [True, True, False, False]
+    # the surviving logits are unchanged, so scores read the renormalised distribution
+    filtered = filter_logits(logits_blv, 0.0, 2, None)
+    assert torch.softmax(filtered, dim=-1)[0, 0, 0].item() == pytest.approx(0.5 / 0.8)
 
 
 def test_global_schedule_counts_follow_dreams_formula():
@@ -655,8 +680,11 @@ def test_llada_greedy_equals_the_reference_decoder_on_the_hub_code():
     assert torch.equal(out.completion_bg, expected)
 
 
-@pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
-def test_dream_greedy_equals_diffusion_generate(alg):
+@pytest.mark.parametrize("alg, top_p, top_k", [
+    ("maskgit_plus", None, None), ("topk_margin", None, None), ("entropy", None, None),
+    ("maskgit_plus", None, 50), ("topk_margin", 0.5, 20), ("entropy", 0.95, None),
+])
+def test_dream_greedy_equals_diffusion_generate(alg, top_p, top_k):
     lm = load_snapshot("tiny-dream")
     prompt_len, gen_length, steps = 7, 32, 16
     ids = torch.randint(0, 90, (3, prompt_len), generator=torch.Generator().manual_seed(0))
@@ -670,14 +698,13 @@ def test_dream_greedy_equals_diffusion_generate(alg):
         logits[..., lm.mask_id] = float("-inf")
         return logits
 
-    # Dream's generation config defaults to top_k=50 / top_p=1 (they reshape its confidences);
-    # our sampler has neither, so they are switched off.
+    # top_p / top_k are passed explicitly: Dream's generation config otherwise fills in top_k=50.
     expected = lm.model.diffusion_generate(ids, attention_mask=attn, max_new_tokens=gen_length, steps=steps,
-                                           temperature=0.0, top_p=None, top_k=None, alg=alg,
+                                           temperature=0.0, top_p=top_p, top_k=top_k, alg=alg,
                                            mask_token_id=lm.mask_id, generation_logits_hook_func=no_mask_token)
     # The family's defaults give Dream's global schedule; only the confidence rule is chosen here.
-    out = decode(lm, ids, attn, SamplerSettings(gen_length=gen_length, steps=steps, remasking=alg,
-                                                fill_after_eos=False))
+    out = decode(lm, ids, attn, SamplerSettings(gen_length=gen_length, steps=steps, remasking=alg, top_p=top_p,
+                                                top_k=top_k, fill_after_eos=False))
     assert out.forward_passes == steps
     assert torch.equal(out.completion_bg, expected[:, prompt_len:])
 

@@ -67,6 +67,10 @@ class DecodingOptions:
                                              default=None)
     kv_cache: str | None = option(f"block KV cache for decoding, one of {KV_CACHES} (None: full forwards)",
                                   default=None)
+    top_k: int | None = option("propose only among the k most likely tokens; scores read the filtered "
+                               "distribution (Dream's top_k; None: no filter)", default=None)
+    top_p: float | None = option("propose only within the nucleus of this tempered probability mass; scores read "
+                                 "the filtered distribution (Dream's top_p; None: no filter)", default=None)
 
     def decoding_options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(DecodingOptions)}
@@ -95,6 +99,10 @@ class DecodingOptions:
                 raise ConfigError(f"max_reveal_per_step={self.max_reveal_per_step} must be >= 1")
         if self.kv_cache is not None and self.kv_cache not in KV_CACHES:
             raise ConfigError(f"kv_cache={self.kv_cache!r}; choose one of {KV_CACHES} or leave it unset")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k={self.top_k} must be >= 1 (or leave it unset: no filter)")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p={self.top_p} must lie in (0, 1] (or leave it unset: no filter)")
 
 
 @dataclass
@@ -242,6 +250,27 @@ def _guided_block_logits(forward: BlockForward, mask_id: int, ids_bt: Tensor, at
     return logits_blv
 
 
+def filter_logits(logits_blv: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
+    """Logits with the tokens outside the top-k / the top-p nucleus of ``softmax(logits / T)`` at -inf.
+
+    As Dream's sampler: the nucleus is the smallest set of most likely tokens whose mass exceeds
+    ``top_p`` (the most likely token always stays), then only the ``top_k`` largest logits stay
+    (ties with the k-th are kept).
+    """
+    if top_p is not None and top_p < 1.0:
+        tempered_blv = logits_blv / temperature if temperature > 0 else logits_blv
+        sorted_blv, order_blv = torch.sort(tempered_blv, dim=-1, descending=True)
+        beyond_blv = torch.softmax(sorted_blv, dim=-1).cumsum(dim=-1) > top_p
+        # a token goes when the mass of the tokens ranked above it already exceeds top_p
+        beyond_blv = torch.cat([torch.zeros_like(beyond_blv[..., :1]), beyond_blv[..., :-1]], dim=-1)
+        drop_blv = torch.zeros_like(logits_blv, dtype=torch.bool).scatter_(-1, order_blv, beyond_blv)
+        logits_blv = logits_blv.masked_fill(drop_blv, float("-inf"))
+    if top_k is not None and top_k < logits_blv.shape[-1]:
+        kth_bl1 = logits_blv.topk(top_k, dim=-1).values[..., -1:]
+        logits_blv = logits_blv.masked_fill(logits_blv < kth_bl1, float("-inf"))
+    return logits_blv
+
+
 def _propose(logits_blv: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
     """A proposed token per position: the argmax at temperature 0, else a draw from ``softmax(logits / T)``."""
     if temperature == 0.0:
@@ -295,6 +324,7 @@ def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSetting
                 while (masked_bl := ids_bt[:, lo:hi] == mask_id).any():
                     logits_blv = _guided_block_logits(forward, mask_id, ids_bt, attn_bt, prompt_attn, lo, hi,
                                                       settings.cfg_scale, new_block=block_step == 0)
+                    logits_blv = filter_logits(logits_blv, settings.temperature, settings.top_k, settings.top_p)
                     tokens_bl = _propose(logits_blv, settings.temperature, generator)
                     score_bl = rule.score(logits_blv, tokens_bl, settings.temperature, generator)
                     score_bl = score_bl.masked_fill(~masked_bl, float("-inf"))
