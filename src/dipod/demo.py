@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from dipod.lm.train_config import TrainConfig
+from dipod.lm.train_config import ESTIMATOR_FIELDS, TrainConfig
 
 # RL settings for the tiny reference policies (decoding as in their SFT recipe: 16 tokens, one
 # block, one token per step). Everything else keeps TrainConfig's paper defaults unless named.
@@ -29,14 +29,13 @@ TINY_RL_RECIPE: dict = {
     "gap_monitor_steps": 5, "gap_monitor_sequences": 4, "gap_monitor_orders": 4,
     "save_final_model": False,
 }
-ESTIMATOR_ONLY = ("clip_eps", "log_ratio_max", "spg_negative_proxy", "spg_mix_weight", "eubo_beta", "kl_beta")
 
 
 def tiny_rl_config(model_dir: str | Path, output_dir: str | Path, **changes) -> TrainConfig:
     """The tiny recipe with ``changes``; switching ``estimator`` drops the recipe's SPG-only fields."""
     values = dict(TINY_RL_RECIPE)
     if changes.get("estimator", values["estimator"]) != "spg":
-        values = {k: v for k, v in values.items() if k not in ESTIMATOR_ONLY}
+        values = {k: v for k, v in values.items() if k not in ESTIMATOR_FIELDS}
     values.update(model=str(model_dir), output_dir=str(output_dir), **changes)
     return TrainConfig(**values)
 
