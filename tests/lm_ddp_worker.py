@@ -22,7 +22,8 @@ cfg = TrainConfig(model=model, task="sudoku4", prompt_style="compact", lora_r=0,
                   progress_bar=False, save_final_model=False, output_dir=out)
 trainer = Trainer(cfg)
 # The untrained model scores 0 on sudoku; a reward that varies with the text makes the advantages non-trivial.
-trainer.reward_fns = [lambda text, example: (len(text) % 5) / 4.0]
+trainer.reward_names, trainer.reward_fns = ["length_mod_5"], [lambda text, example: (len(text) % 5) / 4.0]
+trainer.reward_weights = torch.ones(1)
 seen: dict[str, torch.Tensor] = {}
 original = trainer.advantages
 
