@@ -126,17 +126,18 @@ def _padded_sequence(mask_id: int = 120):
     return ids, attn, lo, lo + 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 @pytest.mark.parametrize("name", SNAPSHOTS)
-def test_cached_forward_is_exact_at_the_first_step_and_while_nothing_changed(name, mode):
-    net = load_network(_snapshot(name))
+def test_cached_forward_is_exact_at_the_first_step_and_while_nothing_changed(name, mode, dtype):
+    net = load_network(_snapshot(name), dtype)
     ids, attn, lo, hi = _padded_sequence()
     forward = BlockCachedForward(net, mode)
     with torch.no_grad():
         expected = _full_block_logits(net, ids, attn, lo, hi)
-        torch.testing.assert_close(forward(ids, attn, lo, hi, new_block=True), expected, **TOL[torch.float32])
+        torch.testing.assert_close(forward(ids, attn, lo, hi, new_block=True), expected, **TOL[dtype])
         # Same tokens: the cached keys/values are the current ones, so a cached step is exact too.
-        torch.testing.assert_close(forward(ids, attn, lo, hi, new_block=False), expected, **TOL[torch.float32])
+        torch.testing.assert_close(forward(ids, attn, lo, hi, new_block=False), expected, **TOL[dtype])
 
 
 @pytest.mark.parametrize("name", SNAPSHOTS)
