@@ -21,28 +21,6 @@ COLUMNS = ("reward", "frac_reward_zero_std", "reward_std_in_group", "rollout_ent
            "gap_lower_bound", "eval/reward", "eval/accuracy")
 
 
-def failing_puzzles(model_dir: Path, count: int, seed: int = 0, scan: int = 256) -> list[dict]:
-    """The first ``count`` training puzzles (in a seeded order) whose greedy completion is not correct."""
-    import torch
-
-    from dipod.demo import tiny_rl_config
-    from dipod.lm.evaluate import evaluate_policy
-    from dipod.lm.model import load_masked_lm
-    from dipod.lm.tasks import get_task
-
-    task = get_task("sudoku4")
-    examples = task.load("train", limit=scan)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    examples = [examples[i] for i in order]
-    lm = load_masked_lm(str(model_dir))
-    settings = tiny_rl_config(model_dir, "unused").sampler_settings(0.0)
-    result = evaluate_policy(lm, task, examples, settings, batch_size=128)
-    wrong = [ex for ex, row in zip(examples, result["results"]) if not row["correct"]]
-    if len(wrong) < count:
-        raise ValueError(f"only {len(wrong)} of {scan} training puzzles are failed by {model_dir}; lower --puzzles")
-    return wrong[:count]
-
-
 def write_csv(examples: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("Puzzle,Solution\n" + "".join(f"{ex['puzzle']},{ex['solution']}\n" for ex in examples))
@@ -71,6 +49,68 @@ def first_step_solved(history: list[dict]) -> int | None:
     return None
 
 
+def proxy_variance(model_dir: Path, seeds: int = 16, prompts: int = 8, generations: int = 4) -> list[dict]:
+    """Per-sequence Monte-Carlo std of the ELBO estimate (nats per token) over ``seeds`` mask draws, for
+    each masking process and draw count, on rollouts of the policy (the demo's decoding, temperature 1),
+    beside the spread of the ELBO between the rollouts of one prompt (the signal the estimators use)."""
+    import torch
+
+    from dipod.demo import tiny_rl_config
+    from dipod.lm import train_engine as engine
+
+    cfg = tiny_rl_config(model_dir, "unused")
+    lm = engine.load_policy(cfg, device="cpu")
+    lm.model.eval()
+    task = engine.get_task("sudoku4")
+    examples = [ex for ex in task.load("train", limit=prompts) for _ in range(generations)]
+    ids, attn = engine.encode_prompts(lm, [task.prompt(ex, "compact") for ex in examples], 64, chat=False)
+    completions = engine.generate(lm, ids, attn, cfg.sampler_settings(1.0), torch.Generator().manual_seed(0))
+    rows = []
+    with torch.no_grad():
+        for masking in ("random", "block_random"):
+            for draws in (1, 2, 8):
+                settings = engine.proxy_settings(cfg.with_changes(masking=masking, num_draws=draws))
+                per_token = torch.stack([engine.compute_proxies(lm, ids, attn, completions, settings, seed).elbo_per_token_n
+                                         for seed in range(seeds)])  # [S, B]
+                within = per_token.mean(0).reshape(prompts, generations).std(1).mean()
+                rows.append({"masking": masking, "num_draws": draws, "mc_std_per_token": float(per_token.std(0).mean()),
+                             "elbo_per_token": float(per_token.mean()), "between_rollouts_std": float(within)})
+    return rows
+
+
+def rollout_spread(model_dir: Path, puzzles: int = 128, samples: int = 8) -> list[dict]:
+    """How much room the policy's own samples leave RL on held-out puzzles, per decoding setting:
+    greedy accuracy, mean sample accuracy (pass@1), pass@``samples`` (some sample correct), the
+    fraction of groups of ``samples`` with identical rewards, and the mean within-group reward std."""
+    import torch
+
+    from dipod.demo import tiny_rl_config
+    from dipod.lm import train_engine as engine
+    from dipod.lm.monitors import group_reward_stats
+
+    cfg = tiny_rl_config(model_dir, "unused")
+    lm = engine.load_policy(cfg, device="cpu")
+    task = engine.get_task("sudoku4")
+    examples = task.load("test", limit=puzzles)
+    rows = []
+    for temperature, remasking in ((0.0, "low_confidence"), (0.3, "low_confidence"), (1.0, "low_confidence"),
+                                   (2.0, "low_confidence"), (1.0, "random"), (2.0, "random")):
+        repeat = 1 if temperature == 0.0 and remasking == "low_confidence" else samples
+        grouped = [ex for ex in examples for _ in range(repeat)]
+        ids, attn = engine.encode_prompts(lm, [task.prompt(ex, "compact") for ex in grouped], 64, chat=False)
+        settings = cfg.with_changes(remasking=remasking).sampler_settings(temperature)
+        completions = engine.generate(lm, ids, attn, settings, torch.Generator().manual_seed(0))
+        texts = engine.decode_completions(lm, completions)
+        correct = torch.tensor([float(task.is_correct(t, ex)) for t, ex in zip(texts, grouped)]).reshape(-1, repeat)
+        rewards = torch.tensor([task.reward(t, ex) for t, ex in zip(texts, grouped)])
+        row = {"temperature": temperature, "remasking": remasking, "pass@1": float(correct.mean()),
+               f"pass@{repeat}": float(correct.max(1).values.mean()), "reward": float(rewards.mean())}
+        if repeat > 1:
+            row.update(group_reward_stats(rewards, repeat))
+        rows.append(row)
+    return rows
+
+
 def parse_value(text: str):
     for cast in (int, float):
         try:
@@ -94,10 +134,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="any TrainConfig field, e.g. learning_rate=1e-3, temperature=2.0, dipod_beta=0")
     parser.add_argument("--out", default="runs/probe")
+    parser.add_argument("--proxy_variance", action="store_true",
+                        help="instead of training: Monte-Carlo std of the ELBO per masking process and draw count")
+    parser.add_argument("--spread", action="store_true",
+                        help="instead of training: pass@1 / pass@8 / identical-reward groups of the policy's samples")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from dipod.lm.reference import ensure_reference_policy
+    from dipod.lm.reference import ensure_reference_policy, failing_training_examples
     from dipod.lm.trainer import train
 
     changes = {}
@@ -106,7 +150,14 @@ def main(argv: list[str]) -> int:
         changes[field] = parse_value(value)
     model_dir = Path(args.model_dir) if args.model_dir else ensure_reference_policy("sudoku4", progress_bar=False)
     out = Path(args.out)
-    data = write_csv(failing_puzzles(model_dir, args.puzzles, args.seed), out / "puzzles.csv")
+    if args.proxy_variance or args.spread:
+        rows = proxy_variance(model_dir) if args.proxy_variance else rollout_spread(model_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ("proxy_variance.json" if args.proxy_variance else "spread.json")).write_text(json.dumps(rows, indent=1))
+        for row in rows:
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        return 0
+    data = write_csv(failing_training_examples(model_dir, "sudoku4", args.puzzles, args.seed), out / "puzzles.csv")
     cfg = probe_config(model_dir, data, out, args.estimator, args.steps, args.puzzles, args.generations,
                        args.eval_every, args.seed, changes)
     start = time.perf_counter()

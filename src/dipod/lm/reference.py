@@ -71,3 +71,27 @@ def ensure_reference_policy(task: str, cache_dir: str | os.PathLike | None = Non
     cfg.progress_bar = progress_bar
     train_sft(cfg)
     return model_dir
+
+
+def failing_training_examples(model_dir: str | os.PathLike, task: str, count: int, seed: int = 0,
+                              scan: int = 256) -> list[dict]:
+    """The first ``count`` of ``scan`` training examples (in a seeded order) that the policy's greedy
+    decoding (the recipe's 16 tokens, one per step) gets wrong: the overfit probe's puzzles."""
+    import torch
+
+    from dipod.lm.evaluate import evaluate_policy
+    from dipod.lm.model import load_masked_lm
+    from dipod.lm.sampler import SamplerSettings
+    from dipod.lm.tasks import get_task
+
+    recipe = reference_config(task)
+    examples = get_task(task).load("train", limit=scan)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    examples = [examples[i] for i in order]
+    settings = SamplerSettings(gen_length=recipe.gen_length, block_length=recipe.block_length, steps=recipe.steps)
+    result = evaluate_policy(load_masked_lm(str(model_dir)), get_task(task), examples, settings, batch_size=128)
+    wrong = [ex for ex, row in zip(examples, result["results"]) if not row["correct"]]
+    if len(wrong) < count:
+        raise ValueError(f"only {len(wrong)} of {scan} {task} training examples are failed by {model_dir}; "
+                         f"ask for at most {len(wrong)} or scan more")
+    return wrong[:count]

@@ -217,6 +217,21 @@ class Sudoku4Task(GeneratedTask):
     def _is_correct(self, completion: str, example: dict) -> bool:
         return self._extract_answer(completion) == example["solution"]
 
+    def clues_kept(self, completion, example: dict) -> float:
+        """Fraction of the clue cells the answer copies unchanged (0 without an answer)."""
+        answer = self.extract_answer(completion)
+        clues = [i for i, c in enumerate(example["puzzle"]) if c != "0"]
+        if answer is None or not clues:
+            return 0.0
+        return sum(answer[i] == example["puzzle"][i] for i in clues) / len(clues)
+
+    @property
+    def reward_functions(self):
+        """d1's reward and ``clues_kept`` at weight 0 (runs turn it on with ``reward_weights``): d1's
+        reward ignores the clue cells, and the tiny policy under RL rewrites them for free, which
+        breaks every answer (docs/lm_rl_diagnosis.md)."""
+        return {"correctness": (self.reward, 1.0), "clues_kept": (self.clues_kept, 0.0)}
+
     def paper_accuracy(self, completions: list, examples: list[dict]) -> float:
         """d1's sudoku accuracy: blank cells filled correctly over all blank cells of the set."""
         blanks = [ex["puzzle"].count("0") for ex in examples]
