@@ -1,7 +1,7 @@
 """DiPOD against d1, FPO and SPG on the tiny reference policies (sudoku4, countdown), same budget each.
 
-    python benchmarks/lm_dipod.py --quick                  # sudoku4 + countdown, 5 methods x 5 seeds, short runs
-    python benchmarks/lm_dipod.py                          # the full preset (about 2 hours on an idle 2-core box)
+    python benchmarks/lm_dipod.py --quick                  # sudoku4, 5 methods x 3 seeds, 20 RL steps
+    python benchmarks/lm_dipod.py                          # sudoku4 + countdown, 5 methods x 5 seeds, 200 steps
     python benchmarks/lm_dipod.py --sweep [--quick]        # learning rate x DiPOD beta: learns / collapses / freezes
 
 Every (task, method, seed) is one `dipod lm train` run in its own process (one torch thread each,
@@ -33,7 +33,7 @@ METHODS: dict[str, dict] = {
 }
 # Test-split sizes are the tasks' full test splits (500 each); eval_examples=None means all of them.
 PRESETS = {
-    "quick": {"max_steps": 40, "eval_steps": 20, "gap_monitor_steps": 5, "seeds": "0,1,2,3,4", "tasks": "sudoku4"},
+    "quick": {"max_steps": 20, "eval_steps": 10, "gap_monitor_steps": 5, "seeds": "0,1,2", "tasks": "sudoku4"},
     "full": {"max_steps": 200, "eval_steps": 25, "gap_monitor_steps": 5, "seeds": "0,1,2,3,4", "tasks": "sudoku4,countdown"},
 }
 SWEEP = {"learning_rates": (1e-4, 3e-4, 1e-3, 3e-3), "betas": (0.0, 0.05, 0.5), "estimators": ("fpo", "spg")}
@@ -91,6 +91,44 @@ def paper_set_eval(job: dict) -> dict:
             for split in PAPER_SETS[job["task"]]}
 
 
+def measure_overhead(model_dir: Path, work: Path, repeats: int) -> dict:
+    """Update time with DiPOD (beta = 0.05) against without (beta = 0) on the same rollout batch,
+    interleaved so that load on a shared machine hits both alike."""
+    import torch
+
+    torch.set_num_threads(1)
+    from dipod.demo import tiny_rl_config
+    from dipod.lm.trainer import Trainer
+
+    out = {}
+    for estimator in ("spg", "fpo"):
+        cfg = tiny_rl_config(model_dir, work / f"overhead_{estimator}", estimator=estimator, progress_bar=False,
+                             tensorboard=False, eval_examples=1)
+        trainer = Trainer(cfg)
+        examples = trainer.step_examples(1)
+        prompt_ids, prompt_attn = trainer.encode(examples)
+        completion_ids = trainer.generate(prompt_ids, prompt_attn, cfg.temperature, seed=1)
+        adv_n = torch.linspace(-1, 1, completion_ids.shape[0])
+        batch = {"prompt_ids": prompt_ids, "prompt_attn": prompt_attn, "completion_ids": completion_ids, "adv_n": adv_n}
+        wall: dict[float, list[float]] = {0.0: [], 0.05: []}
+        cpu: dict[float, list[float]] = {0.0: [], 0.05: []}
+        for r in range(repeats + 1):
+            for beta in ((0.0, 0.05) if r % 2 else (0.05, 0.0)):
+                trainer.cfg = cfg.with_changes(dipod_beta=beta)
+                start, start_cpu = time.perf_counter(), time.process_time()
+                trainer.update(batch, step=1)
+                if r > 0:  # the first round warms up
+                    wall[beta].append(time.perf_counter() - start)
+                    cpu[beta].append(time.process_time() - start_cpu)
+        row = {"repeats": repeats}
+        for label, times in (("wall", wall), ("cpu", cpu)):
+            base, with_dipod = statistics.median(times[0.0]), statistics.median(times[0.05])
+            row.update({f"{label}_s_beta0": base, f"{label}_s_beta005": with_dipod,
+                        f"{label}_overhead_pct": 100.0 * (with_dipod / base - 1.0)})
+        out[estimator] = row
+    return out
+
+
 def mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of the 95% t-interval over seeds (nan half-width for one value)."""
     values = [v for v in values if math.isfinite(v)]
@@ -102,9 +140,9 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (T975[df - 1] if df <= len(T975) else 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def fmt(values: list[float]) -> str:
+def fmt(values: list[float], digits: int = 3) -> str:
     mean, half = mean_ci(values)
-    return f"{mean:.3f}" if not math.isfinite(half) else f"{mean:.3f} ± {half:.3f}"
+    return f"{mean:.{digits}f}" if not math.isfinite(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
 def series(rows: list[dict], key: str) -> list[float]:
@@ -202,14 +240,14 @@ def method_table(tasks: list[str], methods: list[str], summary: dict, paper: dic
                 + " | ".join(fmt([p[sp] for p in ps]) if sp in ps[0] else "" for sp in ("spg_test", "d1_test"))
                 + f" | {fmt([x['worst_reward_drop'] for x in s])} | {fmt([x['collapsed_groups_late'] for x in s])} | "
                 f"{fmt([x['early_gap'] for x in s])} -> {fmt([x['late_gap'] for x in s])} | "
-                f"{fmt([x['eval_gap'] for x in s])} | {fmt([x['wall_s'] for x in s])} | "
+                f"{fmt([x['eval_gap'] for x in s])} | {fmt([x['wall_s'] for x in s], 0)} | "
                 + ", ".join(f"{k} {v}" for k, v in counts.items() if v) + " |")
     return lines
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the short preset (sudoku4, 40 steps)")
+    parser.add_argument("--quick", action="store_true", help="the short preset (sudoku4, 20 steps, 3 seeds)")
     parser.add_argument("--sweep", action="store_true", help="learning rate x DiPOD beta for FPO and SPG(mix)")
     parser.add_argument("--tasks", default=None, help="comma list (default: the preset's)")
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -217,6 +255,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--beta", type=float, default=None, help="DiPOD beta of the +dipod methods (default: the recipe's)")
     parser.add_argument("--max_steps", type=int, default=None, help="override the preset's RL steps")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (one torch thread each)")
+    parser.add_argument("--overhead_repeats", type=int, default=10, help="timed updates per beta (0: skip)")
     parser.add_argument("--work", default="runs/bench_lm_dipod", help="folder of the individual runs")
     parser.add_argument("--out", default="docs/results", help="where NAME.md / .png / .json go")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default: lm_dipod_PRESET[_sweep])")
@@ -276,6 +315,7 @@ def main(argv: list[str]) -> int:
         paper_results = pool.map(paper_set_eval, paper_jobs)
     paper_reference = {j["task"]: r for j, r in zip(paper_jobs, paper_results) if j["run_dir"] is None}
     paper_by_run = {j["run_dir"]: r for j, r in zip(paper_jobs, paper_results) if j["run_dir"] is not None}
+    overhead = measure_overhead(models[tasks[0]], work, args.overhead_repeats) if args.overhead_repeats else {}
 
     from dipod.runlog import read_metrics
 
@@ -310,10 +350,20 @@ def main(argv: list[str]) -> int:
               "identical rewards over the last quarter, no gain), flat (none of these). Gap = IW_K - ELBO (K = 4 "
               "decoding orders) on training rollouts, first and last third of the run; 'held-out gap' on the final "
               "greedy completions. 'worst reward drop' = largest fall of the rollout reward below its running "
-              "maximum.", "", f"![curves]({name}.png)"]
+              "maximum.", ""]
+    if overhead:
+        lines += ["DiPOD step-time overhead: median time of one update (num_iterations inner steps) on the same "
+                  f"rollout batch, beta = 0.05 vs 0, {args.overhead_repeats} interleaved repeats each; CPU time of "
+                  "the (single-threaded) process is the robust number on a shared machine:", ""]
+        for est, o in overhead.items():
+            lines.append(f"- {est}: CPU {o['cpu_s_beta0'] * 1e3:.0f} ms -> {o['cpu_s_beta005'] * 1e3:.0f} ms "
+                         f"({o['cpu_overhead_pct']:+.1f}%); wall {o['wall_s_beta0'] * 1e3:.0f} ms -> "
+                         f"{o['wall_s_beta005'] * 1e3:.0f} ms ({o['wall_overhead_pct']:+.1f}%)")
+        lines.append("")
+    lines.append(f"![curves]({name}.png)")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     (out / f"{name}.json").write_text(json.dumps({"command": command, "summary": summary, "paper_sets": paper,
-                                                  "paper_reference": paper_reference}, indent=1, default=str))
+                                                  "paper_reference": paper_reference, "overhead": overhead}, indent=1, default=str))
     print("\n".join(lines))
     return 0
 
