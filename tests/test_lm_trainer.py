@@ -322,6 +322,22 @@ def test_demo_recipe_switches_estimators_cleanly():
     assert fpo.spg_mix_weight is None and fpo.eubo_beta is None and fpo.option_value("clip_eps") == 0.2
 
 
+def test_demo_recipe_rewards_kept_clues_and_drops_the_weights_off_sudoku():
+    """d1's sudoku reward ignores clue cells; the demo recipe adds clues_kept at weight 1."""
+    from dipod.demo import tiny_rl_config
+    from dipod.lm.tasks import get_task
+
+    cfg = tiny_rl_config("org/model", "out")
+    names, fns, weights = train_engine.reward_table(get_task("sudoku4"), cfg.reward_weights)
+    example = {"puzzle": "1004001203012003", "solution": "1234341243212143"}  # 8 clues, 8 blanks
+    rewritten_clue = "2234341243212143"  # every blank right, the first clue (1) changed
+    scores = torch.tensor([fn(rewritten_clue, example) for fn in fns])
+    assert names == ["correctness", "clues_kept"] and scores.tolist() == [1.0, 7 / 8]
+    assert float(scores @ weights) == 1.0 + 7 / 8 < float(torch.tensor([fn(example["solution"], example)
+                                                                       for fn in fns]) @ weights) == 2.0
+    assert tiny_rl_config("org/model", "out", task="countdown").reward_weights is None
+
+
 def test_demo_table_shows_before_and_after():
     from dipod.demo import before_after_table
 
