@@ -55,7 +55,7 @@ def run_decoding(lm, batches, settings: SamplerSettings) -> dict:
 
 
 def reference_part(task_name: str, thresholds: list[float], batch_size: int, limit: int | None,
-                   cache_dir: str | None, repeats: int) -> dict:
+                   cache_dir: str | None, repeats: int, extra_blocks: list[int]) -> dict:
     from dipod.lm.model import load_masked_lm
     from dipod.lm.reference import ensure_reference_policy, reference_config
     from dipod.lm.tasks import get_task
@@ -75,6 +75,10 @@ def reference_part(task_name: str, thresholds: list[float], batch_size: int, lim
     configs.update({f"threshold {t}": SamplerSettings(**base, confidence_threshold=t) for t in thresholds})
     configs[f"threshold {thresholds[0]} + dual cache"] = SamplerSettings(**base, confidence_threshold=thresholds[0],
                                                                           kv_cache="dual")
+    for block in extra_blocks:  # shorter blocks refresh the cache more often
+        smaller = {**base, "block_length": block}
+        configs[f"fixed schedule, blocks of {block}"] = SamplerSettings(**smaller)
+        configs[f"fixed schedule, blocks of {block} + dual cache"] = SamplerSettings(**smaller, kv_cache="dual")
     runs, seconds = {}, {name: [] for name in configs}
     for _ in range(repeats):  # interleaved, so that load from other processes hits every config alike
         for name, settings in configs.items():
@@ -270,6 +274,8 @@ def main() -> None:
     parser.add_argument("--tasks", default="sudoku4,countdown", help="reference policies to run ('' for none)")
     parser.add_argument("--thresholds", default="0.95,0.9,0.8,0.7,0.5", help="confidence thresholds on the reference policies")
     parser.add_argument("--limit", type=int, default=None, help="first LIMIT items of each paper test set")
+    parser.add_argument("--extra_block_lengths", default="",
+                        help="reference policies: also decode with these shorter blocks, with and without the cache")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--cache_dir", default=None, help="reference-policy cache (default: $DIPOD_CACHE or ~/.cache/dipod)")
     parser.add_argument("--skip_long", action="store_true", help="leave out the long-completion part")
@@ -305,7 +311,9 @@ def main() -> None:
     result = {"command": "python " + " ".join(sys.argv), "torch_threads": args.threads,
               "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     thresholds = [float(t) for t in args.thresholds.split(",") if t]
-    result["reference"] = [reference_part(task, thresholds, args.batch_size, args.limit, args.cache_dir, args.repeats)
+    extra_blocks = [int(b) for b in args.extra_block_lengths.split(",") if b]
+    result["reference"] = [reference_part(task, thresholds, args.batch_size, args.limit, args.cache_dir, args.repeats,
+                                          extra_blocks)
                            for task in args.tasks.split(",") if task]
     if not args.skip_long:
         result["long"] = long_part(args)
