@@ -316,3 +316,18 @@ def test_onnx_export_matches_the_policy(tmp_path):
     (actions,) = ReferenceEvaluator(model).run(None, {"obs": obs["policy"].numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(actions), runner.get_inference_policy()(obs))
+
+
+def test_action_noise_is_stored_and_executed():
+    runner = make_runner(action_noise_std=0.02)
+    alg = runner.alg
+    obs = PointReachVecEnv(num_envs=64, seed=2).get_observations()
+    state = alg.generator.get_state()
+    with torch.inference_mode():
+        executed = alg.act(obs)
+    stored = alg.transition.actions
+    alg.generator.set_state(state)
+    sample = alg.actor.sample(obs["policy"], alg.generator)
+    noise = torch.randn(sample.shape, generator=alg.generator)
+    torch.testing.assert_close(stored, sample + 0.02 * noise)  # FPO++: the noise is part of the stored action
+    torch.testing.assert_close(executed, alg.actor.to_env_action(stored))
