@@ -85,7 +85,8 @@ class Runner:
         self.actor = build_actor(cfg, *dims)
         self.critic = Critic(self.env.num_obs, hidden=cfg.critic_hidden, activation=cfg.activation)
         self.optimizer = self._new_optimizer(cfg.learning_rate)
-        self.ema = ActorEMA(self.actor, cfg.ema_decay, cfg.ema_warmup_updates) if cfg.policy == "flow" and cfg.ema_decay > 0 else None
+        use_ema = cfg.policy == "flow" and cfg.ema_decay > 0
+        self.ema = ActorEMA(self.actor, cfg.ema_decay, cfg.ema_warmup_updates) if use_ema else None
         self.reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma)
         self.settings = cfg.update_settings()
         self.global_step = 0
