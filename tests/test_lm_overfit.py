@@ -22,12 +22,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 PUZZLES, GENERATIONS, MAX_STEPS = 4, 8, 40
-# lr 3e-4: the largest rate at which the probe learned without the double drift (1e-3 collapses)
-PROBE_SETTINGS = {"learning_rate": 3e-4, "dipod_beta": 0.0}
+# The largest rate at which each estimator learned the probe without drifting (no DiPOD: the test is
+# about the estimators). FPO-style ratios and d1 tolerate 3e-4; SPG's EUBO push on negative samples
+# collapses the probe at 3e-4 (greedy reward 0.62 -> 0.34 in 40 steps) and learns at 1e-4.
+LEARNING_RATE = {"d1": 3e-4, "fpo": 3e-4, "fpo++": 3e-4, "spg": 1e-4}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["d1", "fpo", "fpo++", "spg"])
+@pytest.mark.parametrize("estimator", sorted(LEARNING_RATE))
 def test_each_estimator_learns_puzzles_the_reference_fails(estimator, tmp_path):
     from lm_rl_probe import probe_config, write_csv
 
@@ -37,7 +39,7 @@ def test_each_estimator_learns_puzzles_the_reference_fails(estimator, tmp_path):
     model_dir = ensure_reference_policy("sudoku4", progress_bar=False)
     data = write_csv(failing_training_examples(model_dir, "sudoku4", PUZZLES), tmp_path / "puzzles.csv")
     cfg = probe_config(model_dir, data, tmp_path / "run", estimator, MAX_STEPS, PUZZLES, GENERATIONS, eval_every=2,
-                       seed=0, changes=PROBE_SETTINGS)
+                       seed=0, changes={"learning_rate": LEARNING_RATE[estimator], "dipod_beta": 0.0})
     evals = [(row["eval/accuracy"], row["eval/reward"]) for row in train(cfg).history if "eval/accuracy" in row]
     assert evals[0][0] == 0.0  # the reference fails every probe puzzle
     best_accuracy = max(a for a, _ in evals)
