@@ -163,9 +163,14 @@ def outcome(rows: list[dict]) -> str:
         return "collapses"
     if gain >= 0.05:
         return "learns"
-    if statistics.mean(series(rows, "frac_reward_zero_std")[-quarter:]) >= 0.9:
+    if late_mean(series(rows, "frac_reward_zero_std"), quarter) >= 0.9:
         return "freezes"
     return "flat"
+
+
+def late_mean(values: list[float], quarter: int) -> float:
+    """Mean of the last ``quarter`` values (nan when the run did not log the metric, e.g. d1's ELBO)."""
+    return statistics.mean(values[-quarter:]) if values else math.nan
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -179,8 +184,8 @@ def summarize(rows: list[dict]) -> dict:
             "late_gap": statistics.mean(gaps[-max(1, len(gaps) // 3):]) if gaps else math.nan,
             "train_reward_late": statistics.mean(reward[-quarter:]),
             "worst_reward_drop": max((max(reward[:i + 1]) - reward[i] for i in range(len(reward))), default=0.0),
-            "collapsed_groups_late": statistics.mean(series(rows, "frac_reward_zero_std")[-quarter:]),
-            "elbo_per_token_late": statistics.mean(series(rows, "elbo_per_token")[-quarter:]),
+            "collapsed_groups_late": late_mean(series(rows, "frac_reward_zero_std"), quarter),
+            "elbo_per_token_late": late_mean(series(rows, "elbo_per_token"), quarter),
             "outcome": outcome(rows)}
 
 
