@@ -254,6 +254,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the short preset (sudoku4, 20 steps, 3 seeds)")
     parser.add_argument("--sweep", action="store_true", help="learning rate x DiPOD beta for FPO and SPG(mix)")
+    parser.add_argument("--sweep_estimators", default=",".join(SWEEP["estimators"]), help="--sweep: estimators")
+    parser.add_argument("--sweep_lrs", default=",".join(f"{x:g}" for x in SWEEP["learning_rates"]), help="--sweep: rates")
+    parser.add_argument("--sweep_betas", default=",".join(f"{x:g}" for x in SWEEP["betas"]), help="--sweep: DiPOD betas")
     parser.add_argument("--tasks", default=None, help="comma list (default: the preset's)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default=None, help="comma list (default: the preset's, 0-4)")
@@ -282,9 +285,9 @@ def main(argv: list[str]) -> int:
     beta = TINY_RL_RECIPE["dipod_beta"] if args.beta is None else args.beta
     methods: dict[str, dict] = {}
     if args.sweep:
-        for est in SWEEP["estimators"]:
-            for lr in SWEEP["learning_rates"]:
-                for b in SWEEP["betas"]:
+        for est in args.sweep_estimators.split(","):
+            for lr in [float(x) for x in args.sweep_lrs.split(",")]:
+                for b in [float(x) for x in args.sweep_betas.split(",")]:
                     methods[f"{est} lr={lr:g} beta={b:g}"] = {"estimator": est, "learning_rate": lr, "dipod_beta": b}
     else:
         for name in args.methods.split(","):
