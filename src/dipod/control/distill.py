@@ -62,6 +62,15 @@ class DistillSettings:
     def buffer_cap(self, num_envs: int) -> int:
         return max(4 * self.minibatch_size, num_envs * self.rollout_steps * 8)
 
+    @classmethod
+    def from_front_end(cls, cfg, iterations: int) -> "DistillSettings":
+        """A stage of ``iterations`` from the ``distill_*`` and ``num_draws`` fields that both front-end
+        configs (``dipod control train`` and the rsl_rl class) declare under the same names."""
+        return cls(
+            iterations=iterations, rollout_steps=cfg.distill_rollout_steps, updates_per_iteration=cfg.distill_updates,
+            minibatch_size=cfg.distill_minibatch_size, num_draws=cfg.num_draws, lr=cfg.distill_lr,
+            weight_decay=cfg.distill_weight_decay, max_grad_norm=cfg.distill_max_grad_norm)
+
 
 @torch.no_grad()
 def action_mse(student: FlowActor, teacher: FlowActor, obs_nd: Tensor, generator: torch.Generator,

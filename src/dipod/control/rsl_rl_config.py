@@ -144,10 +144,7 @@ class FPOPlusPlusConfig:
             lr_max=self.lr_max)
 
     def distill_settings(self, iterations: int) -> DistillSettings:
-        return DistillSettings(
-            iterations=iterations, rollout_steps=self.distill_rollout_steps, updates_per_iteration=self.distill_updates,
-            minibatch_size=self.distill_minibatch_size, num_draws=self.num_draws, lr=self.distill_lr,
-            weight_decay=self.distill_weight_decay, max_grad_norm=self.distill_max_grad_norm)
+        return DistillSettings.from_front_end(self, iterations)
 
 
 def parse_algorithm_config(alg_cfg: dict[str, Any]) -> FPOPlusPlusConfig:
