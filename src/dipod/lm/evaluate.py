@@ -95,22 +95,17 @@ def evaluate_policy(lm, task, examples: list[dict], settings: SamplerSettings, *
     if not examples:
         raise ValueError(f"task {task.name}: no examples to evaluate (empty split or data file)")
     generator = torch.Generator(device=lm.device).manual_seed(seed)
-    was_training = lm.model.training
-    lm.model.eval()
     results, forward_passes = [], 0
-    try:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
-            prompts = [task.prompt(ex, prompt_style) for ex in chunk]
-            ids, attn = encode_prompts(lm, prompts, max_prompt_length, chat=prompt_style != "compact",
-                                      response_prefix=EVAL_RESPONSE_PREFIX.get(prompt_style, ""))
-            decoded = decode(lm, ids.to(lm.device), attn.to(lm.device), settings, generator=generator)
-            forward_passes += decoded.forward_passes
-            for prompt, text, ex in zip(prompts, decode_completions(lm, decoded.completion_bg), chunk):
-                results.append({"prompt": prompt, "completion": text, "reward": float(task.reward(text, ex)),
-                                "correct": bool(task.is_correct(text, ex))})
-    finally:
-        lm.model.train(was_training)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        prompts = [task.prompt(ex, prompt_style) for ex in chunk]
+        ids, attn = encode_prompts(lm, prompts, max_prompt_length, chat=prompt_style != "compact",
+                                  response_prefix=EVAL_RESPONSE_PREFIX.get(prompt_style, ""))
+        decoded = decode(lm, ids.to(lm.device), attn.to(lm.device), settings, generator=generator)
+        forward_passes += decoded.forward_passes
+        for prompt, text, ex in zip(prompts, decode_completions(lm, decoded.completion_bg), chunk):
+            results.append({"prompt": prompt, "completion": text, "reward": float(task.reward(text, ex)),
+                            "correct": bool(task.is_correct(text, ex))})
     return {"accuracy": sum(r["correct"] for r in results) / len(results),
             "mean_reward": sum(r["reward"] for r in results) / len(results),
             "num_examples": len(results), "forward_passes": forward_passes, "results": results}

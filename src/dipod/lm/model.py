@@ -14,6 +14,7 @@ saved with ``save_pretrained`` so ``load_masked_lm(dir)`` loads them exactly lik
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -69,6 +70,17 @@ class LoraSettings:
             self.target_modules = tuple(m.strip() for m in self.target_modules.split(",") if m.strip())
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("LoraSettings: target_modules is empty; name module suffixes or use 'all-linear'")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode (no dropout) inside the block; its previous train/eval mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @dataclass

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dipod.lm.model import eval_mode
+
 # The knobs measured to restore spread in reward groups (docs/lm_rl_diagnosis.md).
 EXPLORATION_HINT = ("raise --temperature (e.g. 1.5-2.0), use --remasking random for rollouts, raise "
                     "--num_generations, or lower --learning_rate / raise --dipod_beta less (a policy that "
@@ -46,12 +48,8 @@ def rollout_confidence(lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_m
     masked = torch.full((prompt_ids.shape[0], gen_length), lm.mask_id, dtype=torch.long, device=prompt_ids.device)
     ids = torch.cat([prompt_ids, masked], dim=1)
     attn = torch.cat([prompt_attn.long(), torch.ones_like(masked)], dim=1)
-    was_training = lm.model.training
-    lm.model.eval()
-    try:
+    with eval_mode(lm.model):
         logits = lm.logits(ids, attn)[:, prompt_ids.shape[1]:]
-    finally:
-        lm.model.train(was_training)
     logits[..., lm.mask_id] = float("-inf")  # the sampler never proposes the mask token
     logp = torch.log_softmax(logits.double(), dim=-1)
     probs = logp.exp()

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from dipod.lm.model import eval_mode
 from dipod.lm.proxies import ProxySettings, compute_proxies
 from dipod.lm.sampler import SamplerSettings, decode, fill_after_first_eos
 
@@ -59,11 +60,9 @@ def rollout_mismatch(lm, prompt_ids: Tensor, prompt_attn: Tensor, fast: SamplerS
     returns them). Keys: ``{reward, elbo_per_token, confidence, forwards}_{fast, reference}`` and
     ``same_tokens``.
     """
-    was_training = lm.model.training
-    lm.model.eval()
     out: dict[str, float] = {}
     completions = {}
-    try:
+    with eval_mode(lm.model):
         for name, settings in (("fast", fast), ("reference", reference)):
             generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
             decoded = decode(lm, prompt_ids, prompt_attn, dataclasses.replace(settings, fill_after_eos=False),
@@ -77,8 +76,6 @@ def rollout_mismatch(lm, prompt_ids: Tensor, prompt_attn: Tensor, fast: SamplerS
             out[f"confidence_{name}"] = float(reveal_confidence(lm, prompt_ids, prompt_attn, raw_bg,
                                                                 decoded.order_bg).mean())
             out[f"forwards_{name}"] = float(decoded.forward_passes)
-    finally:
-        lm.model.train(was_training)
     out["same_tokens"] = float((completions["fast"] == completions["reference"]).double().mean())
     return out
 

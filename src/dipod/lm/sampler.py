@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from dipod.config import ConfigError, option
+from dipod.lm.model import eval_mode
 from dipod.lm.reveal import (REVEAL_RULES, even_counts, global_counts, reveal_schedule, threshold_counts,
                              top_k_mask)
 
@@ -312,29 +313,24 @@ def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSetting
     order_bg = torch.full((batch, settings.gen_length), -1, dtype=torch.long, device=device)
     forward = forward if forward is not None else block_forward(lm, settings.kv_cache)
 
-    was_training = lm.model.training
-    lm.model.eval()
     step = 0
-    try:
-        with torch.inference_mode():
-            for start, end in settings.blocks():
-                lo, hi = prompt_len + start, prompt_len + end
-                count = settings.count_rule(end - start)
-                block_step = 0
-                while (masked_bl := ids_bt[:, lo:hi] == mask_id).any():
-                    logits_blv = _guided_block_logits(forward, mask_id, ids_bt, attn_bt, prompt_attn, lo, hi,
-                                                      settings.cfg_scale, new_block=block_step == 0)
-                    logits_blv = filter_logits(logits_blv, settings.temperature, settings.top_k, settings.top_p)
-                    tokens_bl = _propose(logits_blv, settings.temperature, generator)
-                    score_bl = rule.score(logits_blv, tokens_bl, settings.temperature, generator)
-                    score_bl = score_bl.masked_fill(~masked_bl, float("-inf"))
-                    reveal_bl = top_k_mask(score_bl, count(block_step, masked_bl, score_bl))
-                    ids_bt[:, lo:hi] = torch.where(reveal_bl, tokens_bl, ids_bt[:, lo:hi])
-                    order_bg[:, start:end].masked_fill_(reveal_bl, step)
-                    step += 1
-                    block_step += 1
-    finally:
-        lm.model.train(was_training)
+    with eval_mode(lm.model), torch.inference_mode():
+        for start, end in settings.blocks():
+            lo, hi = prompt_len + start, prompt_len + end
+            count = settings.count_rule(end - start)
+            block_step = 0
+            while (masked_bl := ids_bt[:, lo:hi] == mask_id).any():
+                logits_blv = _guided_block_logits(forward, mask_id, ids_bt, attn_bt, prompt_attn, lo, hi,
+                                                  settings.cfg_scale, new_block=block_step == 0)
+                logits_blv = filter_logits(logits_blv, settings.temperature, settings.top_k, settings.top_p)
+                tokens_bl = _propose(logits_blv, settings.temperature, generator)
+                score_bl = rule.score(logits_blv, tokens_bl, settings.temperature, generator)
+                score_bl = score_bl.masked_fill(~masked_bl, float("-inf"))
+                reveal_bl = top_k_mask(score_bl, count(block_step, masked_bl, score_bl))
+                ids_bt[:, lo:hi] = torch.where(reveal_bl, tokens_bl, ids_bt[:, lo:hi])
+                order_bg[:, start:end].masked_fill_(reveal_bl, step)
+                step += 1
+                block_step += 1
 
     completion_bg = ids_bt[:, prompt_len:]
     if settings.fill_after_eos:
