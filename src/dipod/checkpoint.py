@@ -105,3 +105,18 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     state = torch.load(path / STATE, weights_only=False)
     meta = json.loads((path / META).read_text())
     return weights, state, meta
+
+
+def copy_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path, fix: str,
+                 required: set[str] | frozenset[str] = frozenset()) -> None:
+    """Copy checkpoint ``weights`` (a subset of ``model``'s parameters, e.g. only LoRA adapters) into
+    ``model`` in place; a name the model lacks, or a ``required`` name the checkpoint lacks, is a
+    ``ValueError`` that ends with ``fix``."""
+    params = dict(model.named_parameters())
+    missing, unknown = sorted(set(required) - set(weights)), sorted(set(weights) - set(params))
+    if missing or unknown:
+        raise ValueError(f"checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected "
+                         f"{unknown[:3]}); {fix}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))

@@ -16,8 +16,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from dipod.config import ConfigError, config_from_dict, load_yaml_mapping, option, parse_config, require
 from dipod.runlog import atomic_write_json, atomic_write_text
 
@@ -105,17 +103,10 @@ def load_splits(task, cfg: SweepConfig) -> tuple[tuple[str, list[dict]], tuple[s
 
 def load_weights(lm, path: Path) -> None:
     """Copy a checkpoint's trainable weights (full or LoRA) into the loaded policy."""
-    from dipod.checkpoint import load_checkpoint
+    from dipod.checkpoint import copy_weights, load_checkpoint
 
     weights, _, _ = load_checkpoint(path)
-    params = dict(lm.model.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise ValueError(f"checkpoint {path} does not fit the run's model (unexpected {unknown[:3]}); "
-                         "was config.yaml edited after training?")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    copy_weights(lm.model, weights, path, "was config.yaml edited after training?")
 
 
 def choose(records: list[dict]) -> dict | None:

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from dipod.advantages import group_relative_advantages
-from dipod.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
-                              save_checkpoint)
+from dipod.checkpoint import (capture_rng_state, copy_weights, latest_checkpoint, load_checkpoint,
+                              restore_rng_state, save_checkpoint)
 from dipod.config import ConfigError, config_to_dict, parse_config, save_config
 from dipod.lm.monitors import CollapseWatch, group_reward_stats, log_completions, rollout_confidence
 from dipod.lm.proxies import completion_mask
@@ -445,16 +445,8 @@ class Trainer:
         else:
             path = Path(cfg.resume)
         weights, state, meta = load_checkpoint(path)
-        model = self.accelerator.unwrap_model(self.model)
-        params = dict(model.named_parameters())
-        missing = sorted(set(self.trainable_weights()) - set(weights))
-        unknown = sorted(set(weights) - set(params))
-        if missing or unknown:
-            raise ValueError(f"checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected "
-                             f"{unknown[:3]}); resume with the same --model and LoRA settings")
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value.to(params[name].device, params[name].dtype))
+        copy_weights(self.accelerator.unwrap_model(self.model), weights, path,
+                     "resume with the same --model and LoRA settings", required=set(self.trainable_weights()))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"])
