@@ -111,13 +111,74 @@ def rollout_spread(model_dir: Path, puzzles: int = 128, samples: int = 8) -> lis
     return rows
 
 
+def gradient_agreement(model_dir: Path, batches: int = 8, prompts: int = 16, generations: int = 4) -> list[dict]:
+    """How much of one step's gradient is signal: the mean cosine between the gradients of independent
+    batches (``cross_batch_cos``; about |E g|^2 / E|g|^2, 0 when the batch gradient is pure noise) and,
+    on the same rollouts, between two mask draws (``same_rollouts_cos``; 1 without mask noise). Rows:
+    each estimator's loss on the policy's own rollouts (the demo recipe, DiPOD off, advantages
+    centred per group as in training) and, for scale, the SFT loss (the negative ELBO per token through
+    the same proxy code) on ground-truth demonstrations of ``prompts`` and ``prompts x generations``
+    training puzzles. Nothing is updated: every gradient is taken at the policy ``model_dir``."""
+    import itertools
+
+    import torch
+
+    from dipod.demo import tiny_rl_config
+    from dipod.lm.sft import encode_demonstrations
+    from dipod.lm.trainer import Trainer, _detached, rl_loss
+
+    def cosines(vectors: list) -> float:
+        pairs = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.combinations(vectors, 2)]
+        return sum(pairs) / len(pairs)
+
+    rows = []
+    for estimator, draws in (("spg", 2), ("spg", 8), ("fpo", 2), ("fpo", 8), ("d1", 1)):
+        cfg = tiny_rl_config(model_dir, "unused", estimator=estimator, num_draws=draws, dipod_beta=0.0, num_iterations=1,
+                             prompts_per_step=prompts, num_generations=generations, eval_examples=1,
+                             progress_bar=False, tensorboard=False)
+        trainer = Trainer(cfg)
+
+        def gradient(batch: dict, seed: int) -> torch.Tensor:
+            trainer.model.zero_grad(set_to_none=True)
+            new = trainer._proxies(trainer.policy, batch, slice(None), seed)
+            loss, _ = rl_loss(cfg, new, _detached(new), batch["adv_n"], None)
+            loss.backward()
+            return torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+
+        rollouts = []
+        for step in range(1, batches + 1):
+            examples = trainer.step_examples(step)
+            ids, attn = trainer.encode(examples)
+            completions = trainer.generate(ids, attn, cfg.temperature, seed=step)
+            rewards, _ = trainer.score(trainer.engine.decode_completions(trainer.lm, completions), examples)
+            adv_n, _ = trainer.advantages(rewards)
+            rollouts.append({"prompt_ids": ids, "prompt_attn": attn, "completion_ids": completions, "adv_n": adv_n})
+        same = [float(torch.nn.functional.cosine_similarity(gradient(b, 1), gradient(b, 2), dim=0)) for b in rollouts]
+        rows.append({"loss": f"{estimator} K={draws}", "sequences": prompts * generations,
+                     "same_rollouts_cos": sum(same) / len(same),
+                     "cross_batch_cos": cosines([gradient(b, 7) for b in rollouts])})
+    for size in (prompts, prompts * generations):
+        demos = []
+        for b in range(batches):
+            examples = trainer.train_examples[b * size:(b + 1) * size]
+            ids, attn, completions = encode_demonstrations(trainer.lm, trainer.task, examples, cfg.prompt_style,
+                                                           cfg.max_prompt_length, cfg.gen_length)
+            trainer.model.zero_grad(set_to_none=True)
+            new = trainer._proxies(trainer.policy, {"prompt_ids": ids, "prompt_attn": attn, "completion_ids": completions},
+                                   slice(None), b)
+            (-(new.elbo_n.sum() / new.lengths_n.sum())).backward()
+            demos.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
+        rows.append({"loss": "sft (ground truth) K=1", "sequences": size, "cross_batch_cos": cosines(demos)})
+    return rows
+
+
 def parse_value(text: str):
     for cast in (int, float):
         try:
             return cast(text)
         except ValueError:
             pass
-    return {"true": True, "false": False}.get(text.lower(), text)
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
 def main(argv: list[str]) -> int:
@@ -128,6 +189,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--puzzles", type=int, default=4, help="failing training puzzles (prompts per step)")
     parser.add_argument("--generations", type=int, default=8, help="rollouts per puzzle per step")
+    parser.add_argument("--reachable_in", type=int, default=0,
+                        help="only puzzles one of this many temperature-1 samples solves (0: any failing puzzle)")
     parser.add_argument("--eval_every", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model_dir", default=None, help="policy to start from (default: the cached sudoku4 reference)")
@@ -136,6 +199,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default="runs/probe")
     parser.add_argument("--proxy_variance", action="store_true",
                         help="instead of training: Monte-Carlo std of the ELBO per masking process and draw count")
+    parser.add_argument("--gradient_agreement", action="store_true",
+                        help="instead of training: cosine between the gradients of independent batches / mask draws")
     parser.add_argument("--spread", action="store_true",
                         help="instead of training: pass@1 / pass@8 / identical-reward groups of the policy's samples")
     args = parser.parse_args(argv)
@@ -150,14 +215,17 @@ def main(argv: list[str]) -> int:
         changes[field] = parse_value(value)
     model_dir = Path(args.model_dir) if args.model_dir else ensure_reference_policy("sudoku4", progress_bar=False)
     out = Path(args.out)
-    if args.proxy_variance or args.spread:
-        rows = proxy_variance(model_dir) if args.proxy_variance else rollout_spread(model_dir)
+    instrument = next((name for name in ("proxy_variance", "spread", "gradient_agreement") if getattr(args, name)), None)
+    if instrument:
+        rows = {"proxy_variance": proxy_variance, "spread": rollout_spread,
+                "gradient_agreement": gradient_agreement}[instrument](model_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / ("proxy_variance.json" if args.proxy_variance else "spread.json")).write_text(json.dumps(rows, indent=1))
+        (out / f"{instrument}.json").write_text(json.dumps(rows, indent=1))
         for row in rows:
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         return 0
-    data = write_csv(failing_training_examples(model_dir, "sudoku4", args.puzzles, args.seed), out / "puzzles.csv")
+    data = write_csv(failing_training_examples(model_dir, "sudoku4", args.puzzles, args.seed,
+                                                reachable_in=args.reachable_in), out / "puzzles.csv")
     cfg = probe_config(model_dir, data, out, args.estimator, args.steps, args.puzzles, args.generations,
                        args.eval_every, args.seed, changes)
     start = time.perf_counter()

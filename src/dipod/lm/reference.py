@@ -11,6 +11,7 @@ Cache root: ``$DIPOD_CACHE`` if set, else ``~/.cache/dipod``; runs live in ``ROO
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -74,9 +75,14 @@ def ensure_reference_policy(task: str, cache_dir: str | os.PathLike | None = Non
 
 
 def failing_training_examples(model_dir: str | os.PathLike, task: str, count: int, seed: int = 0,
-                              scan: int = 256) -> list[dict]:
+                              scan: int = 256, reachable_in: int = 0) -> list[dict]:
     """The first ``count`` of ``scan`` training examples (in a seeded order) that the policy's greedy
-    decoding (the recipe's 16 tokens, one per step) gets wrong: the overfit probe's puzzles."""
+    decoding (the recipe's 16 tokens, one per step) gets wrong: the overfit probe's puzzles.
+
+    With ``reachable_in = S > 0`` only examples that at least one of S samples at temperature 1 (same
+    decoding) gets right are kept: group-relative RL can only reinforce answers the policy samples, so
+    these are the puzzles on which a working update must turn a rare success into the greedy answer.
+    """
     import torch
 
     from dipod.lm.evaluate import evaluate_policy
@@ -88,10 +94,17 @@ def failing_training_examples(model_dir: str | os.PathLike, task: str, count: in
     examples = get_task(task).load("train", limit=scan)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     examples = [examples[i] for i in order]
+    lm = load_masked_lm(str(model_dir))
     settings = SamplerSettings(gen_length=recipe.gen_length, block_length=recipe.block_length, steps=recipe.steps)
-    result = evaluate_policy(load_masked_lm(str(model_dir)), get_task(task), examples, settings, batch_size=128)
+    result = evaluate_policy(lm, get_task(task), examples, settings, batch_size=128)
     wrong = [ex for ex, row in zip(examples, result["results"]) if not row["correct"]]
+    if reachable_in:
+        sampled = evaluate_policy(lm, get_task(task), [ex for ex in wrong for _ in range(reachable_in)],
+                                  dataclasses.replace(settings, temperature=1.0), batch_size=128, seed=seed)
+        hits = [row["correct"] for row in sampled["results"]]
+        wrong = [ex for i, ex in enumerate(wrong) if any(hits[i * reachable_in:(i + 1) * reachable_in])]
     if len(wrong) < count:
-        raise ValueError(f"only {len(wrong)} of {scan} {task} training examples are failed by {model_dir}; "
+        what = f"failed greedily{f' and solved by one of {reachable_in} samples' if reachable_in else ''}"
+        raise ValueError(f"only {len(wrong)} of {scan} {task} training examples are {what} by {model_dir}; "
                          f"ask for at most {len(wrong)} or scan more")
     return wrong[:count]
