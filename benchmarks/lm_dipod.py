@@ -1,7 +1,7 @@
 """DiPOD against d1, FPO and SPG on the tiny reference policies (sudoku4, countdown), same budget each.
 
     python benchmarks/lm_dipod.py --quick                  # sudoku4, 5 methods x 3 seeds, 20 RL steps
-    python benchmarks/lm_dipod.py                          # sudoku4 + countdown, 5 methods x 5 seeds, 200 steps
+    python benchmarks/lm_dipod.py                          # sudoku4 + countdown, 5 methods x 5 seeds, 60 steps
     python benchmarks/lm_dipod.py --sweep [--quick]        # learning rate x DiPOD beta: learns / collapses / freezes
 
 Every (task, method, seed) is one `dipod lm train` run in its own process (one torch thread each,
@@ -34,7 +34,8 @@ METHODS: dict[str, dict] = {
 # Test-split sizes are the tasks' full test splits (500 each); eval_examples=None means all of them.
 PRESETS = {
     "quick": {"max_steps": 20, "eval_steps": 10, "gap_monitor_steps": 5, "seeds": "0,1,2", "tasks": "sudoku4"},
-    "full": {"max_steps": 200, "eval_steps": 25, "gap_monitor_steps": 5, "seeds": "0,1,2,3,4", "tasks": "sudoku4,countdown"},
+    # 60 steps: the 50 runs took 93 minutes on 2 cores (docs/results/lm_dipod_5seeds.md); 200 would be 5 hours
+    "full": {"max_steps": 60, "eval_steps": 25, "gap_monitor_steps": 5, "seeds": "0,1,2,3,4", "tasks": "sudoku4,countdown"},
 }
 SWEEP = {"learning_rates": (1e-4, 3e-4, 1e-3, 3e-3), "betas": (0.0, 0.05, 0.5), "estimators": ("fpo", "spg")}
 PAPER_SETS = {"sudoku4": ("spg_test", "d1_test"), "countdown": ("d1_test",)}
