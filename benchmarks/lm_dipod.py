@@ -263,6 +263,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seeds", default=None, help="comma list (default: the preset's, 0-4)")
     parser.add_argument("--beta", type=float, default=None, help="DiPOD beta of the +dipod methods (default: the recipe's)")
     parser.add_argument("--max_steps", type=int, default=None, help="override the preset's RL steps")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a TrainConfig field for every run, e.g. masking=block_random (repeatable)")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (one torch thread each)")
     parser.add_argument("--overhead_repeats", type=int, default=10, help="timed updates per beta (0: skip)")
     parser.add_argument("--work", default="runs/bench_lm_dipod", help="folder of the individual runs")
@@ -284,6 +286,9 @@ def main(argv: list[str]) -> int:
         preset["max_steps"] = args.max_steps
     preset["eval_examples"] = 500  # the whole test split of sudoku4 and countdown
     beta = TINY_RL_RECIPE["dipod_beta"] if args.beta is None else args.beta
+    from lm_rl_probe import parse_value
+
+    overrides = {field: parse_value(value) for field, _, value in (item.partition("=") for item in args.set)}
     methods: dict[str, dict] = {}
     if args.sweep:
         for est in args.sweep_estimators.split(","):
@@ -306,7 +311,7 @@ def main(argv: list[str]) -> int:
     for task in tasks:
         for method, spec in methods.items():
             for seed in seeds:
-                changes = {**preset, **spec, "task": task, "seed": seed}
+                changes = {**preset, **spec, **overrides, "task": task, "seed": seed}
                 if task != "sudoku4" and changes.get("estimator") == "spg":
                     changes["eubo_beta"] = 1.5  # the paper's value off sudoku
                 folder = method.replace("+", "_").replace(" ", "_").replace("=", "")
