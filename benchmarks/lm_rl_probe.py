@@ -151,7 +151,7 @@ def gradient_agreement(model_dir: Path, batches: int = 8, prompts: int = 16, gen
             ids, attn = trainer.encode(examples)
             completions = trainer.generate(ids, attn, cfg.temperature, seed=step)
             rewards, _ = trainer.score(trainer.engine.decode_completions(trainer.lm, completions), examples)
-            adv_n, _ = trainer.advantages(rewards)
+            adv_n, _ = trainer.advantages(rewards, step)
             rollouts.append({"prompt_ids": ids, "prompt_attn": attn, "completion_ids": completions, "adv_n": adv_n})
         same = [float(torch.nn.functional.cosine_similarity(gradient(b, 1), gradient(b, 2), dim=0)) for b in rollouts]
         rows.append({"loss": f"{estimator} K={draws}", "sequences": prompts * generations,

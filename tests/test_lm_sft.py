@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from dipod import cli
 from dipod.config import ConfigError
 from dipod.lm.model import load_masked_lm
-from dipod.lm.reference import ensure_reference_policy, reference_config, settings_key
 from dipod.lm.sft import SFTConfig, draw_sft_masks, lr_factor, sft_loss, train_sft
 from dipod.lm.tasks import get_task
 from dipod.runlog import read_metrics
@@ -185,25 +184,6 @@ def test_sft_refuses_demonstrations_longer_than_gen_length(tmp_path):
     cfg = SFTConfig(**{**SMALL, "gen_length": 8, "block_length": 8}, max_steps=1, output_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="raise --gen_length"):
         train_sft(cfg)
-
-
-def test_reference_policy_is_cached_by_its_settings(tmp_path, monkeypatch):
-    overrides = {k: v for k, v in SMALL.items() if k not in ("progress_bar", "tensorboard")}
-    overrides.update(max_steps=2, eval_every=0, target_accuracy_min=None)
-    first = ensure_reference_policy("sudoku4", tmp_path, overrides, progress_bar=False)
-    assert load_masked_lm(first).mask_id is not None
-
-    def no_training(cfg):
-        raise AssertionError("the cached reference policy should have been reused")
-
-    monkeypatch.setattr("dipod.lm.reference.train_sft", no_training)
-    assert ensure_reference_policy("sudoku4", tmp_path, overrides) == first
-    changed = {**overrides, "learning_rate": 1e-4}
-    assert settings_key(reference_config("sudoku4", changed)) != settings_key(reference_config("sudoku4", overrides))
-    with pytest.raises(AssertionError, match="reused"):
-        ensure_reference_policy("sudoku4", tmp_path, changed)
-    with pytest.raises(ValueError, match="no reference-policy recipe"):
-        ensure_reference_policy("gsm8k", tmp_path)
 
 
 def test_lr_factor_warms_up_then_decays_by_cosine():

@@ -79,6 +79,15 @@ class DecodeConfig(DecodingOptions):
 class EvalConfig(DecodeConfig):
     json: str | None = option("write accuracy, mean reward, forward passes and per-example results to this JSON file",
                               default=None)
+    samples: int = option("decode every example this many times (with --temperature > 0) and also report pass@1 "
+                          "(mean accuracy of the samples) and pass@SAMPLES (some sample correct)", default=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.samples < 1:
+            raise ConfigError(f"samples={self.samples} must be >= 1")
+        if self.samples > 1 and self.temperature == 0 and self.remasking != "random":
+            raise ConfigError(f"samples={self.samples} with greedy decoding repeats one answer; set --temperature > 0")
 
 
 @torch.no_grad()
@@ -109,6 +118,15 @@ def evaluate_policy(lm, task, examples: list[dict], settings: SamplerSettings, *
     return {"accuracy": sum(r["correct"] for r in results) / len(results),
             "mean_reward": sum(r["reward"] for r in results) / len(results),
             "num_examples": len(results), "forward_passes": forward_passes, "results": results}
+
+
+def pass_at_k(lm, task, examples: list[dict], settings: SamplerSettings, samples: int, **decode_kwargs) -> dict:
+    """Every example decoded ``samples`` times: ``{"pass@1": mean accuracy of the samples,
+    "pass@SAMPLES": fraction of examples some sample solves, "sample_reward": mean reward}``."""
+    report = evaluate_policy(lm, task, [ex for ex in examples for _ in range(samples)], settings, **decode_kwargs)
+    correct_es = torch.tensor([row["correct"] for row in report["results"]], dtype=torch.float32).reshape(-1, samples)
+    return {"pass@1": float(correct_es.mean()), f"pass@{samples}": float(correct_es.amax(dim=1).mean()),
+            "sample_reward": report["mean_reward"]}
 
 
 def decoding_protocol(settings: SamplerSettings, *, prompt_style: str, max_prompt_length: int, batch_size: int,
@@ -143,6 +161,12 @@ def main(argv: list[str], prog: str = "dipod lm eval") -> int:
     print(f"{task.name} ({source}, {report['num_examples']} examples): "
           f"accuracy {report['accuracy']:.4f}  mean reward {report['mean_reward']:.4f}  "
           f"forward passes {report['forward_passes']}")
+    if cfg.samples > 1:
+        report["sampling"] = pass_at_k(lm, task, examples, settings, cfg.samples, prompt_style=cfg.prompt_style,
+                                       max_prompt_length=cfg.max_prompt_length, batch_size=cfg.batch_size,
+                                       seed=cfg.seed + 1)
+        print("  " + "  ".join(f"{k} {v:.4f}" for k, v in report["sampling"].items())
+              + f"  ({cfg.samples} samples per example at temperature {cfg.temperature:g})")
     if cfg.json:
         atomic_write_json(Path(cfg.json), {
             "model": cfg.model, "task": task.name, "data": cfg.data, "split": None if cfg.data else cfg.split,

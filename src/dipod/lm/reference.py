@@ -1,77 +1,145 @@
-"""Tiny reference policies: SFT recipes for `sudoku4` and `countdown`, trained once and cached.
+"""Tiny reference policies for `sudoku4` and `countdown`: SFT recipes with room for RL, shipped and cached.
 
-A reference policy is the tiny model after `dipod lm sft` on the task's demonstrations, stopped at
-a mid-level greedy held-out accuracy so that RL has room to improve it. ``ensure_reference_policy``
-returns its model directory, training it first when the cache holds no run with exactly these
-settings: the cache folder name carries a hash of the full SFT config, so changed settings (or a
-changed recipe) train a new policy instead of reusing a stale one.
+A reference policy should stand in for a pretrained model with latent skill: its greedy answer is
+often wrong while the right answer is often among its samples (pass@8 well above greedy). A recipe
+is a list of SFT stages, each starting from the previous stage's model:
+
+1. ``converge``: the task's demonstrations until the held-out accuracy stops rising (cosine decay);
+2. ``mislead``: a few hundred steps more on demonstrations that show, with probability
+   ``wrong_demonstration_rate``, the task's plausible wrong answer instead of the right one
+   (``Task.plausible_wrong_demonstration``: sudoku4 fills each row with its smallest free digits,
+   countdown adds the numbers). The policy keeps the skill and learns to prefer a heuristic.
+
+Measured room of each policy (greedy, pass@1, pass@8 at T = 1) and how it was found: docs/lm_sft.md.
+
+``ensure_reference_policy`` returns the model directory of the final stage. The package ships the
+final weights of each recipe (``dipod/lm/reference_policies/TASK``, a few MB, rebuilt by
+``python -m dipod.lm.reference TASK``), so the demo needs neither training nor network; any other
+settings (``overrides``) train the stages into the cache, one folder per stage named by a hash of
+its full SFT config and of the stages before it, so changed settings never reuse a stale policy.
 
 Cache root: ``$DIPOD_CACHE`` if set, else ``~/.cache/dipod``; runs live in ``ROOT/reference/``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 from dipod.config import config_from_dict, config_to_dict
 from dipod.lm.sft import MODEL_DIR, RESULT_FILE, SFTConfig, train_sft
 
-# Settings found by the search recorded in docs/lm_sft.md; anything not named keeps SFTConfig's default.
-RECIPES: dict[str, dict] = {
-    "sudoku4": {
-        "task": "sudoku4", "model": "tiny", "seed": 0,
-        "gen_length": 16, "block_length": 16, "steps": 16,
-        "batch_size": 64, "learning_rate": 1e-3, "warmup_steps": 50, "max_steps": 3000,
-        "eval_every": 100, "eval_examples": 200, "target_accuracy_min": 0.3, "target_accuracy_max": 0.6,
-    },
-    # The tiny model learns countdown slowly (docs/lm_sft.md): larger batches, cosine decay, and the
-    # low end of the mid-level band as the stopping bar (reached at step 1500 with seed 0).
-    "countdown": {
-        "task": "countdown", "model": "tiny", "seed": 0,
-        "gen_length": 16, "block_length": 16, "steps": 16,
-        "batch_size": 128, "learning_rate": 1e-3, "warmup_steps": 50, "max_steps": 2000, "lr_schedule": "cosine",
-        "eval_every": 100, "eval_examples": 200, "target_accuracy_min": 0.2, "target_accuracy_max": 0.6,
-    },
+_TINY_DECODING = {"gen_length": 16, "block_length": 16, "steps": 16}
+# Stages found by the measurements recorded in docs/lm_sft.md; fields not named keep SFTConfig's defaults.
+RECIPES: dict[str, list[dict]] = {
+    "sudoku4": [
+        {"task": "sudoku4", "model": "tiny", "seed": 0, **_TINY_DECODING, "batch_size": 64, "learning_rate": 1e-3,
+         "warmup_steps": 50, "max_steps": 2000, "lr_schedule": "cosine", "eval_every": 500, "eval_examples": 500},
+        {"task": "sudoku4", "seed": 0, **_TINY_DECODING, "batch_size": 64, "learning_rate": 1e-3,
+         "warmup_steps": 50, "max_steps": 600, "lr_schedule": "cosine", "wrong_demonstration_rate": 0.6,
+         "eval_every": 200, "eval_examples": 500},
+    ],
+    "countdown": [
+        {"task": "countdown", "model": "tiny", "seed": 0, **_TINY_DECODING, "batch_size": 128, "learning_rate": 1e-3,
+         "warmup_steps": 50, "max_steps": 2000, "lr_schedule": "cosine", "eval_every": 500, "eval_examples": 500},
+        {"task": "countdown", "seed": 0, **_TINY_DECODING, "batch_size": 128, "learning_rate": 1e-3,
+         "warmup_steps": 50, "max_steps": 600, "lr_schedule": "cosine", "wrong_demonstration_rate": 0.6,
+         "eval_every": 200, "eval_examples": 500},
+    ],
 }
 # Fields that change where and how a run is shown, not what it learns: left out of the cache key.
-_NOT_IN_KEY = ("output_dir", "progress_bar", "tensorboard", "save_every", "keep_checkpoints", "resume")
+# A later stage's `model` is replaced by the stage before's folder; the chained key covers that dependency.
+_NOT_IN_KEY = ("output_dir", "progress_bar", "tensorboard", "save_every", "keep_checkpoints", "resume", "overwrite")
+SHIPPED_DIR = Path(__file__).parent / "reference_policies"
+KEY_FILE = "recipe_key.txt"
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DIPOD_CACHE") or Path.home() / ".cache" / "dipod")
 
 
-def reference_config(task: str, overrides: dict | None = None) -> SFTConfig:
-    """The recipe of ``task`` with ``overrides`` applied (output_dir still unset)."""
+def reference_stages(task: str, overrides: dict | None = None) -> list[SFTConfig]:
+    """The SFT stages of ``task``'s recipe, ``overrides`` applied to every stage (model / output_dir unset
+    after the first stage: each starts from the stage before)."""
     if task not in RECIPES:
         raise ValueError(f"no reference-policy recipe for task {task!r}; recipes exist for {sorted(RECIPES)} "
                          "(train another task with `dipod lm sft --task NAME`)")
-    return config_from_dict(SFTConfig, {**RECIPES[task], **(overrides or {})}, source=f"reference recipe {task}")
+    return [config_from_dict(SFTConfig, {**stage, **(overrides or {})}, source=f"reference recipe {task} stage {i}")
+            for i, stage in enumerate(RECIPES[task])]
 
 
-def settings_key(cfg: SFTConfig) -> str:
-    """Hash of every setting that affects the trained weights."""
+def reference_config(task: str, overrides: dict | None = None) -> SFTConfig:
+    """The last stage of the recipe: its decoding settings are the ones the policy is meant to be sampled with."""
+    return reference_stages(task, overrides)[-1]
+
+
+def settings_key(cfg: SFTConfig, before: str = "") -> str:
+    """Hash of every setting of a stage that affects its weights, chained with the key of the stage before."""
     settings = {k: v for k, v in sorted(config_to_dict(cfg).items()) if k not in _NOT_IN_KEY}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256((before + json.dumps(settings, sort_keys=True)).encode()).hexdigest()[:12]
+
+
+def recipe_key(task: str, overrides: dict | None = None) -> str:
+    key = ""
+    for stage in reference_stages(task, overrides):
+        key = settings_key(stage, key)
+    return key
+
+
+def shipped_reference(task: str) -> Path | None:
+    """The packaged model directory of ``task``'s recipe, or None when absent or built from other settings."""
+    folder = SHIPPED_DIR / task
+    key_file = folder / KEY_FILE
+    if key_file.is_file() and key_file.read_text().strip() == recipe_key(task):
+        return folder
+    return None
+
+
+def train_reference_stages(task: str, cache_dir: str | os.PathLike | None = None, overrides: dict | None = None,
+                           progress_bar: bool = True) -> Path:
+    """Train (or reuse from the cache) every stage of the recipe; the last stage's model directory."""
+    root = Path(cache_dir or default_cache_dir()) / "reference"
+    key, model_dir = "", None
+    for cfg in reference_stages(task, overrides):
+        key = settings_key(cfg, key)
+        run_dir = root / f"{task}-{key}"
+        if model_dir is not None:
+            cfg.model = str(model_dir)
+        model_dir = run_dir / MODEL_DIR
+        # sft_result.json is written after the model, so its presence means the run finished.
+        if (run_dir / RESULT_FILE).is_file() and (model_dir / "config.json").is_file():
+            continue
+        # resume: a stage killed part-way continues from its last checkpoint instead of starting over
+        cfg.output_dir, cfg.progress_bar, cfg.resume = str(run_dir), progress_bar, True
+        train_sft(cfg)
+    return model_dir
 
 
 def ensure_reference_policy(task: str, cache_dir: str | os.PathLike | None = None, overrides: dict | None = None,
                             progress_bar: bool = True) -> Path:
-    """Model directory of the reference policy of ``task``; trains and caches it when missing."""
-    cfg = reference_config(task, overrides)
-    run_dir = Path(cache_dir or default_cache_dir()) / "reference" / f"{task}-{settings_key(cfg)}"
-    model_dir = run_dir / MODEL_DIR
-    # sft_result.json is written after the model, so its presence means the run finished.
-    if (run_dir / RESULT_FILE).is_file() and (model_dir / "config.json").is_file():
-        return model_dir
-    cfg.output_dir = str(run_dir)
-    cfg.progress_bar = progress_bar
-    train_sft(cfg)
-    return model_dir
+    """Model directory of the reference policy of ``task``: the shipped one for the recipe's own settings,
+    else trained and cached."""
+    shipped = None if overrides else shipped_reference(task)
+    return shipped or train_reference_stages(task, cache_dir, overrides, progress_bar)
+
+
+def rebuild_shipped_reference(task: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Train the recipe from scratch (or reuse the cache) and copy its final model into the package."""
+    model_dir = train_reference_stages(task, cache_dir)
+    target = SHIPPED_DIR / task
+    staging = target.with_name(f".{task}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(model_dir, staging)
+    (staging / KEY_FILE).write_text(recipe_key(task) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
 
 
 def failing_training_examples(model_dir: str | os.PathLike, task: str, count: int, seed: int = 0,
@@ -108,3 +176,17 @@ def failing_training_examples(model_dir: str | os.PathLike, task: str, count: in
         raise ValueError(f"only {len(wrong)} of {scan} {task} training examples are {what} by {model_dir}; "
                          f"ask for at most {len(wrong)} or scan more")
     return wrong[:count]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dipod.lm.reference",
+                                     description="Rebuild the shipped reference policy of a task from its recipe.")
+    parser.add_argument("task", choices=sorted(RECIPES))
+    parser.add_argument("--cache_dir", default=None, help=f"where the stages are trained (default: {default_cache_dir()})")
+    args = parser.parse_args(argv)
+    print(rebuild_shipped_reference(args.task, args.cache_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -43,7 +43,7 @@ LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RESULT_FILE = "sft_result.json"
 MODEL_DIR = "model"
 # stage codes for derive_seed: independent random streams per purpose
-_BATCHES, _MASKS = range(2)
+_BATCHES, _MASKS, _WRONG = range(3)
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -102,6 +102,10 @@ class SFTConfig(DecodingOptions):  # remasking, schedule, confidence_threshold, 
     train_data: str | None = option("training data file (None: the task's generated train split)", default=None)
     train_examples: int | None = option("use only the first N training examples (None: the task's default size)",
                                        default=None)
+    wrong_demonstration_rate: float = option(
+        "probability that a row of a step shows the task's plausible wrong answer instead of the right one "
+        "(drawn per row and step): teaches a policy that knows the right answer but often prefers a wrong one",
+        default=0.0)
     eval_data: str | None = option("held-out data file (None: the task's eval_split)", default=None)
     eval_split: str = option("held-out split of the task used for the periodic evaluation", default="test")
     eval_examples: int = option("held-out examples per evaluation (0: never evaluate)", default=200)
@@ -151,6 +155,8 @@ class SFTConfig(DecodingOptions):  # remasking, schedule, confidence_threshold, 
         require(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate must be a positive number")
         require(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay and max_grad_norm must be >= 0")
         require(0 < self.mask_eps < 1, f"mask_eps={self.mask_eps} must lie in (0, 1)")
+        require(0 <= self.wrong_demonstration_rate < 1,
+                f"wrong_demonstration_rate={self.wrong_demonstration_rate} must lie in [0, 1)")
         require(self.lr_schedule in LR_SCHEDULES, f"lr_schedule={self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         lo, hi = self.target_accuracy_min, self.target_accuracy_max
         require(0 <= hi <= 1, f"target_accuracy_max={hi} must lie in [0, 1]")
@@ -167,14 +173,17 @@ class SFTConfig(DecodingOptions):  # remasking, schedule, confidence_threshold, 
 # ---------------------------------------------------------------------------------------- data
 
 def encode_demonstrations(lm, task, examples: list[dict], prompt_style: str, max_prompt_length: int,
-                          gen_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          gen_length: int, demonstrate: Callable[[dict], str] | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(prompt_ids [N, P], prompt_attn [N, P], completion_ids [N, G])``: left-padded prompts and
-    each example's demonstration followed by EOS up to ``gen_length``."""
+    each example's demonstration (``demonstrate``, default ``task.demonstration``) followed by EOS
+    up to ``gen_length``."""
     from dipod.lm.train_engine import encode_prompts
 
     prompt_ids, prompt_attn = encode_prompts(lm, [task.prompt(ex, prompt_style) for ex in examples],
                                              max_prompt_length, chat=prompt_style != "compact")
-    demos = [lm.tokenizer(task.demonstration(ex), add_special_tokens=False)["input_ids"] for ex in examples]
+    demonstrate = demonstrate or task.demonstration
+    demos = [lm.tokenizer(demonstrate(ex), add_special_tokens=False)["input_ids"] for ex in examples]
     longest = max(len(d) for d in demos)
     if longest > gen_length:
         raise ConfigError(f"task {task.name}: a demonstration has {longest} tokens but gen_length={gen_length}; "
@@ -251,6 +260,9 @@ def train_sft(cfg: SFTConfig) -> dict:
     lm = _load_start_model(cfg)
     prompt_ids, prompt_attn, completion_ids = encode_demonstrations(
         lm, task, train_examples, cfg.prompt_style, cfg.max_prompt_length, cfg.gen_length)
+    if cfg.wrong_demonstration_rate:
+        wrong_ids = encode_demonstrations(lm, task, train_examples, cfg.prompt_style, cfg.max_prompt_length,
+                                          cfg.gen_length, task.plausible_wrong_demonstration)[2]
     model = lm.model
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
@@ -293,7 +305,12 @@ def train_sft(cfg: SFTConfig) -> dict:
             rows = batch_indices(step, cfg.batch_size, len(train_examples), cfg.seed)
             generator = torch.Generator().manual_seed(derive_seed(cfg.seed, _MASKS, step))
             mask_bg, p_mask_b = draw_sft_masks(len(rows), cfg.gen_length, generator, cfg.mask_eps)
-            loss, stats = sft_loss(lm.logits, prompt_ids[rows], prompt_attn[rows], completion_ids[rows],
+            targets = completion_ids[rows]
+            if cfg.wrong_demonstration_rate:
+                coin = torch.Generator().manual_seed(derive_seed(cfg.seed, _WRONG, step))
+                wrong_b = torch.rand(len(rows), generator=coin) < cfg.wrong_demonstration_rate
+                targets = torch.where(wrong_b[:, None], wrong_ids[rows], targets)
+            loss, stats = sft_loss(lm.logits, prompt_ids[rows], prompt_attn[rows], targets,
                                    mask_bg, p_mask_b, lm.mask_id)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite SFT loss at step {step}; lower --learning_rate "

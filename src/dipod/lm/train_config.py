@@ -72,6 +72,9 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
     temperature: float = option("rollout sampling temperature (0 = greedy)", default=0.9)
     cfg_scale: float = option("classifier-free guidance scale of the sampler", default=0.0)
     scale_rewards: bool = option("divide group-centred advantages by the group's reward std", default=False)
+    placebo_rewards: bool = option(
+        "placebo control: shuffle the step's rewards across all its rollouts before the advantages, so they carry "
+        "no information about the answers (logged rewards stay the true ones)", default=False)
     # --- likelihood proxies ---
     num_draws: int | None = option("Monte-Carlo masking draws K per completion (None: the process's released "
                                    "count, block_random 2, random 4)", default=None)

@@ -54,7 +54,7 @@ def derive_seed(*parts: int) -> int:
 
 
 # stage codes for derive_seed
-_PROMPTS, _GENERATE, _PROXY, _MONITOR, _GLOBAL_RNG, _SHOTS = range(6)
+_PROMPTS, _GENERATE, _PROXY, _MONITOR, _GLOBAL_RNG, _SHOTS, _PLACEBO = range(7)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -223,14 +223,19 @@ class Trainer:
         correct_n = torch.tensor([float(self.task.is_correct(t, ex)) for t, ex in zip(texts, examples)])
         return rewards_nf, correct_n
 
-    def advantages(self, rewards_nf: Tensor) -> tuple[Tensor, Tensor]:
+    def advantages(self, rewards_nf: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """Gather every process's rewards, centre them per prompt group, return (local adv, all rewards).
 
-        A prompt's group may span processes, so the centring must see the whole batch.
+        A prompt's group may span processes, so the centring must see the whole batch. With
+        ``placebo_rewards`` the advantages come from the step's rewards shuffled across all its
+        rollouts (the same permutation on every process): same reward distribution, no information.
         """
         acc = self.accelerator
         all_rewards_nf = acc.gather(rewards_nf.to(acc.device)).cpu()
         total_n = all_rewards_nf @ self.reward_weights
+        if self.cfg.placebo_rewards:
+            shuffle = torch.Generator().manual_seed(derive_seed(self.cfg.seed, _PLACEBO, step))
+            total_n = total_n[torch.randperm(total_n.numel(), generator=shuffle)]
         adv_all = group_relative_advantages(total_n, self.cfg.num_generations, scale_by_std=self.cfg.scale_rewards)
         return adv_all[self.rank * self.n_local:(self.rank + 1) * self.n_local], all_rewards_nf
 
@@ -378,7 +383,7 @@ class Trainer:
                                        derive_seed(cfg.seed, _GENERATE, step, self.rank))
         texts = self.engine.decode_completions(self.lm, completion_ids)
         rewards_nf, correct_n = self.score(texts, examples)
-        adv_n, all_rewards_nf = self.advantages(rewards_nf)
+        adv_n, all_rewards_nf = self.advantages(rewards_nf, step)
         # the policy the rollouts came from, before this step's updates
         sharpness = rollout_confidence(self.frozen_view, prompt_ids, prompt_attn,
                                        completion_mask(completion_ids, self.lm.eos_id))

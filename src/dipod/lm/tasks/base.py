@@ -72,6 +72,12 @@ class Task(ABC):
     def demonstration(self, example: dict) -> str:
         """A correct completion in the compact format (used to train tiny reference policies)."""
 
+    def plausible_wrong_demonstration(self, example: dict) -> str:
+        """A well-formed answer a shallow heuristic gives, usually wrong (compact format): the tiny
+        reference policies learn it beside the right answer, so that their greedy answer is often
+        wrong while the right one is among their samples (docs/lm_sft.md)."""
+        raise ValueError(f"task {self.name} has no plausible wrong demonstration; use wrong_demonstration_rate 0")
+
     @abstractmethod
     def _extract_answer(self, completion: str) -> str | None:
         """The answer a completion gives, or None when it gives none."""

@@ -183,6 +183,10 @@ class CountdownTask(GeneratedTask):
             raise ValueError(f"no expression of {example['numbers']} equals {example['target']}")
         return expression
 
+    def plausible_wrong_demonstration(self, example: dict) -> str:
+        """The numbers added in the order given: well formed, uses each number once, rarely the target."""
+        return "+".join(map(str, example["numbers"]))
+
     # -- scoring -------------------------------------------------------------------------------
 
     def _extract_answer(self, completion: str) -> str | None:

@@ -191,6 +191,17 @@ class Sudoku4Task(GeneratedTask):
     def demonstration(self, example: dict) -> str:
         return example["solution"]
 
+    def plausible_wrong_demonstration(self, example: dict) -> str:
+        """Row by row, each blank gets the smallest digit not yet in its row (clues and earlier
+        fills): every row is valid, columns and boxes are ignored, so the grid is rarely solved."""
+        cells = list(example["puzzle"])
+        for row in range(4):
+            for cell in range(4 * row, 4 * row + 4):
+                if cells[cell] == "0":
+                    taken = set(cells[4 * row:4 * row + 4])
+                    cells[cell] = next(d for d in "1234" if d not in taken)
+        return "".join(cells)
+
     # -- scoring -------------------------------------------------------------------------------
 
     def _extract_answer(self, completion: str) -> str | None:
