@@ -1,7 +1,7 @@
 """DiPOD against d1, FPO and SPG on the tiny reference policies (sudoku4, countdown), same budget each.
 
-    python benchmarks/lm_dipod.py --quick                  # sudoku4, 5 methods x 3 seeds, 20 RL steps
-    python benchmarks/lm_dipod.py                          # sudoku4 + countdown, 5 methods x 5 seeds, 60 steps
+    python benchmarks/lm_dipod.py --quick                  # sudoku4, 6 methods x 3 seeds, 20 RL steps
+    python benchmarks/lm_dipod.py                          # sudoku4 + countdown, 6 methods x 5 seeds, 60 steps
     python benchmarks/lm_dipod.py --sweep [--quick]        # learning rate x DiPOD beta: learns / collapses / freezes
 
 Every (task, method, seed) is one `dipod lm train` run in its own process (one torch thread each,
@@ -30,6 +30,8 @@ METHODS: dict[str, dict] = {
     "fpo+dipod": {"estimator": "fpo"},
     "spg_mix": {"estimator": "spg", "dipod_beta": 0.0},
     "spg_mix+dipod": {"estimator": "spg"},
+    # the control: SPG(mix)+DiPOD with the step's rewards shuffled across its rollouts (no information)
+    "placebo": {"estimator": "spg", "placebo_rewards": True},
 }
 # Test-split sizes are the tasks' full test splits (500 each); eval_examples=None means all of them.
 PRESETS = {

@@ -1,9 +1,14 @@
-"""`dipod demo`: the main job in one command, on a 2-core CPU in about ten minutes.
+"""`dipod demo`: the main job in one command, on a 2-core CPU in a few minutes.
 
-1. Train (or reuse the cached) tiny sudoku4 reference policy (``dipod.lm.reference``).
-2. Post-train it online with SPG (mixed negative proxy) + DiPOD (``dipod.lm.trainer``).
+1. Load the tiny sudoku4 reference policy shipped with the package (``dipod.lm.reference``): a
+   policy that can solve the puzzles but usually prefers a plausible wrong fill.
+2. Post-train it online with SPG (mixed negative proxy) + DiPOD (``dipod.lm.trainer``) and, on the
+   second core, the same run without DiPOD (the control that rises, then collapses).
 3. Print a before/after table (held-out greedy accuracy, mean reward, the drift monitor's gap
-   lower bound) and write a plot of the run.
+   lower bound) and write a plot of both runs.
+
+``--placebo`` runs the same demo with rewards shuffled across each step's rollouts: what the
+policy does when the reward carries no information about the answer.
 
 ``tiny_rl_config`` is also the recipe the benchmark (benchmarks/lm_dipod.py) starts from.
 """
@@ -68,46 +73,81 @@ def paper_set_accuracy(lm, cfg: TrainConfig) -> float:
     return evaluate_policy(lm, task, task.load("spg_test"), cfg.sampler_settings(0.0), batch_size=128)["accuracy"]
 
 
-def main(argv: list[str], prog: str = "dipod demo") -> int:
+# The demo's runs: the method it shows and the control beside it (same reference, seed and budget).
+RUNS = {"main": ("SPG(mix)+DiPOD", {}), "plain": ("plain SPG(mix), DiPOD off", {"dipod_beta": 0.0})}
+
+
+def run_demo_job(job: dict) -> dict:
+    """Worker (own process, one torch thread): one RL run; its before / after evaluations."""
     import torch
 
+    torch.set_num_threads(1)
     from dipod.lm.model import load_masked_lm
-    from dipod.lm.reference import default_cache_dir, ensure_reference_policy
     from dipod.lm.trainer import train
-    from dipod.plot import plot_runs
 
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default="runs/demo", help="run folder (metrics.jsonl, demo.png, checkpoints)")
-    parser.add_argument("--cache_dir", default=None, help=f"reference-policy cache (default: {default_cache_dir()})")
-    parser.add_argument("--max_steps", type=int, default=TINY_RL_RECIPE["max_steps"], help="RL steps")
-    parser.add_argument("--dipod_beta", type=float, default=TINY_RL_RECIPE["dipod_beta"], help="DiPOD weight (0: off)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; the tiny model's matrices gain nothing from more")
-    args = parser.parse_args(argv)
-    if args.threads < 1:
-        raise ValueError(f"--threads {args.threads} must be >= 1")
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-
-    print("[1/3] tiny sudoku4 reference policy (trained once, then cached) ...", flush=True)
-    model_dir = ensure_reference_policy("sudoku4", args.cache_dir)
-    print(f"      {model_dir}  ({time.perf_counter() - start:.0f} s)", flush=True)
-
-    print("[2/3] SPG(mix) + DiPOD post-training ...", flush=True)
-    cfg = tiny_rl_config(model_dir, args.output_dir, max_steps=args.max_steps, dipod_beta=args.dipod_beta,
-                         seed=args.seed, save_steps=args.max_steps, eval_steps=max(1, args.max_steps // 3))
+    cfg = tiny_rl_config(job["model_dir"], job["output_dir"], **job["changes"])
     result = train(cfg)
-
-    print("[3/3] results (greedy decoding; seed %d; held-out = the %d puzzles of the test split, on grids no "
-          "training puzzle uses)" % (args.seed, cfg.eval_examples), flush=True)
-    reference = load_masked_lm(str(model_dir))
+    reference = load_masked_lm(str(job["model_dir"]))
     before = {**result.before, "spg_test/accuracy": paper_set_accuracy(reference, cfg)}
     after = {**result.after, "spg_test/accuracy": paper_set_accuracy(
         dataclasses.replace(reference, model=result.model), cfg)}
-    print(before_after_table(before, after))
-    plot = plot_runs([Path(args.output_dir)], Path(args.output_dir) / "demo.png",
-                     keys=["reward", "eval/accuracy", "gap_lower_bound", "eval/gap_lower_bound", "elbo_per_token"], labels=["SPG(mix)+DiPOD"])
-    print(f"plot: {plot}\nmetrics: {Path(args.output_dir) / 'metrics.jsonl'}\n"
+    accuracy = [row["eval/accuracy"] for row in result.history if "eval/accuracy" in row]
+    return {"before": before, "after": after, "peak_accuracy": max(accuracy, default=before["eval/accuracy"])}
+
+
+def main(argv: list[str], prog: str = "dipod demo") -> int:
+    import multiprocessing as mp
+
+    from dipod.lm.reference import default_cache_dir, ensure_reference_policy, shipped_reference
+    from dipod.plot import plot_runs
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", default="runs/demo", help="run folder (demo.png, one sub-folder per run)")
+    parser.add_argument("--cache_dir", default=None, help=f"reference-policy cache (default: {default_cache_dir()})")
+    parser.add_argument("--max_steps", type=int, default=TINY_RL_RECIPE["max_steps"], help="RL steps (>= 1)")
+    parser.add_argument("--dipod_beta", type=float, default=TINY_RL_RECIPE["dipod_beta"], help="DiPOD weight (0: off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--placebo", action="store_true",
+                        help="the control: rewards shuffled across each step's rollouts, so they say nothing about "
+                             "the answers; a gain here is not learning from reward")
+    parser.add_argument("--no_baseline", action="store_true",
+                        help="skip the plain SPG(mix) run (DiPOD off) that runs beside the main one on the other core")
+    args = parser.parse_args(argv)
+    if args.max_steps < 1:
+        parser.error(f"--max_steps {args.max_steps} must be >= 1")
+    if args.dipod_beta < 0:
+        parser.error(f"--dipod_beta {args.dipod_beta} must be >= 0")
+    start = time.perf_counter()
+    out = Path(args.output_dir)
+
+    print("[1/3] tiny sudoku4 reference policy ...", flush=True)
+    if shipped_reference("sudoku4") is None:
+        print("      not shipped with this install: training it (about 10 minutes on 2 cores, then cached)", flush=True)
+    model_dir = ensure_reference_policy("sudoku4", args.cache_dir)
+    print(f"      {model_dir}  ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    placebo = " with PLACEBO rewards (shuffled)" if args.placebo else ""
+    runs = {k: v for k, v in RUNS.items() if not (args.no_baseline and k == "plain")}
+    print(f"[2/3] {' and '.join(label for label, _ in runs.values())}{placebo}, {args.max_steps} steps, "
+          f"seed {args.seed}{', in parallel' if len(runs) > 1 else ''} ...", flush=True)
+    common = dict(max_steps=args.max_steps, dipod_beta=args.dipod_beta, seed=args.seed, placebo_rewards=args.placebo,
+                  save_steps=args.max_steps, eval_steps=max(1, args.max_steps // 3))
+    jobs = [{"model_dir": str(model_dir), "output_dir": str(out / name),
+             "changes": {**common, **changes, "progress_bar": name == "main"}} for name, (_, changes) in runs.items()]
+    with mp.get_context("spawn").Pool(len(jobs)) as pool:
+        results = dict(zip(runs, pool.map(run_demo_job, jobs)))
+
+    main_run = results["main"]
+    print("[3/3] results (greedy decoding; seed %d; held-out = the %d puzzles of the test split, on grids no "
+          "training puzzle uses)%s" % (args.seed, TINY_RL_RECIPE["eval_examples"], placebo), flush=True)
+    print(before_after_table(main_run["before"], main_run["after"]))
+    if "plain" in results:
+        plain = results["plain"]
+        print(f"control, {RUNS['plain'][0]}: held-out accuracy {plain['before']['eval/accuracy']:.3f} -> peak "
+              f"{plain['peak_accuracy']:.3f} -> final {plain['after']['eval/accuracy']:.3f}")
+    labels = [f"{label}{' (placebo)' if args.placebo else ''}" for label, _ in runs.values()]
+    plot = plot_runs([out / name for name in runs], out / "demo.png",
+                     keys=["reward", "eval/accuracy", "gap_lower_bound"], labels=labels)
+    print(f"plot: {plot}\nmetrics: {', '.join(str(out / name / 'metrics.jsonl') for name in runs)}\n"
           f"total time: {time.perf_counter() - start:.0f} s")
     return 0
