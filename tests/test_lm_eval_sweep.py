@@ -31,7 +31,7 @@ def tiny_run(tmp_path_factory) -> Path:
                       prompts_per_step=2, num_generations=2, gradient_accumulation_steps=1, gen_length=16,
                       block_length=16, diffusion_steps=4, num_iterations=1, learning_rate=5e-3, max_steps=2,
                       save_steps=1, keep_checkpoints=5, eval_steps=0, gap_monitor_steps=0, num_draws=1,
-                      masking="random", tensorboard=False, progress_bar=False, save_final_model=False,
+                      masking="random", dipod_unscored_eos=True, tensorboard=False, progress_bar=False, save_final_model=False,
                       output_dir=str(root / "run"))
     train(cfg)
     return root / "run"

@@ -95,7 +95,7 @@ def test_greedy_rollouts_collapse_every_group_and_the_run_warns(tiny_model, tmp_
                       prompts_per_step=2, num_generations=3, gradient_accumulation_steps=1, gen_length=16,
                       block_length=16, diffusion_steps=4, num_iterations=1, temperature=0.0, max_steps=3,
                       save_steps=0, eval_steps=0, eval_examples=2, log_completions=2, gap_monitor_steps=0,
-                      masking="random", tensorboard=False, progress_bar=False, save_final_model=False,
+                      masking="random", dipod_unscored_eos=True, tensorboard=False, progress_bar=False, save_final_model=False,
                       output_dir=str(tmp_path))
     result = train(cfg)
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["step"] > 0]

@@ -292,7 +292,7 @@ def test_rl_run_with_fast_rollouts_logs_the_mismatch(tmp_path):
     cfg = TrainConfig(model=str(_snapshot("tiny-llada")), trust_remote_code=True, task="sudoku4", prompt_style="compact",
                       lora_r=0, dtype="float32", prompts_per_step=2, num_generations=2, gradient_accumulation_steps=1,
                       gen_length=16, block_length=8, diffusion_steps=8, num_iterations=1, max_steps=1, save_steps=0,
-                      eval_steps=0, eval_examples=2, gap_monitor_steps=0, num_draws=2, masking="random",
+                      eval_steps=0, eval_examples=2, gap_monitor_steps=0, num_draws=2, masking="random", dipod_unscored_eos=True,
                       tensorboard=False, progress_bar=False, save_final_model=False, output_dir=str(tmp_path),
                       temperature=1.0, confidence_threshold=0.2, kv_cache="dual", rollout_mismatch_steps=1)
     row = next(r for r in train(cfg).history if r.get("step") == 1 and "reward" in r)

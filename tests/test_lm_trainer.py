@@ -46,7 +46,8 @@ def small(tiny_model: str, out: Path, **changes) -> TrainConfig:
                   prompts_per_step=2, num_generations=3, gradient_accumulation_steps=2, gen_length=24, block_length=24,
                   diffusion_steps=4, num_iterations=2, learning_rate=1e-3, max_steps=3, save_steps=1, eval_steps=2,
                   eval_examples=2, gap_monitor_steps=2, gap_monitor_sequences=1, gap_monitor_orders=2, num_draws=2,
-                  masking="random", tensorboard=False, progress_bar=False, save_final_model=False, output_dir=str(out))
+                  masking="random", dipod_unscored_eos=True,  # the release's FPO process, DiPOD on (opt-in)
+                  tensorboard=False, progress_bar=False, save_final_model=False, output_dir=str(out))
     values.update(changes)
     return TrainConfig(**values)
 
@@ -336,6 +337,22 @@ def test_demo_recipe_rewards_kept_clues_and_drops_the_weights_off_sudoku():
     assert float(scores @ weights) == 1.0 + 7 / 8 < float(torch.tensor([fn(example["solution"], example)
                                                                        for fn in fns]) @ weights) == 2.0
     assert tiny_rl_config("org/model", "out", task="countdown").reward_weights is None
+
+
+def test_dipod_with_a_process_that_never_scores_the_eos_needs_an_explicit_opt_in(tmp_path):
+    """On countdown the DiPOD term under `random` masking ran answers on to the full completion: the
+    EOS is never scored, so nothing holds the length. Refused unless asked for; safe processes pass."""
+    with pytest.raises(ConfigError, match="never scores the EOS.*unbiased_random"):
+        TrainConfig(model="org/m", masking="random", dipod_beta=0.05)
+    assert TrainConfig(model="org/m", masking="random", dipod_beta=0.05, dipod_unscored_eos=True).dipod_beta == 0.05
+    assert TrainConfig(model="org/m", masking="random", dipod_beta=0.0).masking == "random"
+    for masking in ("block_random", "unbiased_random"):
+        assert TrainConfig(model="org/m", masking=masking, dipod_beta=0.05).masking == masking
+    from dipod.demo import tiny_rl_config
+    from dipod.lm.proxies import PROCESSES
+
+    countdown = tiny_rl_config("org/m", "out", task="countdown")
+    assert PROCESSES[countdown.masking].scores_eos and not countdown.dipod_unscored_eos
 
 
 def test_demo_table_shows_before_and_after():

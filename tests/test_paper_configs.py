@@ -49,7 +49,8 @@ for _dipod in (True, False):
         iterations = 8 if _task == "countdown" else 12
         RUNS[f"fpo_{_task}_{_tag}"] = dict(**FPO, **TASKS[_task], **_beta, prompt_style="d1", num_iterations=iterations,
                                            gradient_accumulation_steps=2, save_steps=100 // iterations,
-                                           **({"dipod_normalisation": "per_sequence"} if _dipod else {}))
+                                           **({"dipod_normalisation": "per_sequence", "dipod_unscored_eos": True}
+                                              if _dipod else {}))
     for _shots, _style in ((0, "d1"), (3, "d1_3shot")):
         # spg_mix/sudoku_new[_3shot]_base_spg_mix_beta1.0_weight0.5_dipod_beta{0.05,0}.sbatch
         RUNS[f"spg_mix_sudoku4{'_3shot' if _shots else ''}_{_tag}"] = dict(
@@ -59,7 +60,8 @@ for _dipod in (True, False):
     # d1/diffu-grpo/slurm_scripts/sudoku_base_dipod_beta{0.05,0}.sbatch: NUM_ITER 8, --temperature 0.3
     RUNS[f"fpo_sudoku4_{_tag}"] = dict(**FPO, **TASKS["sudoku4"], **_beta, prompt_style="d1", max_prompt_length=200,
                                        eval_split="d1_test", num_iterations=8, gradient_accumulation_steps=2,
-                                       save_steps=12, **({"dipod_normalisation": "per_sequence"} if _dipod else {}))
+                                       save_steps=12, **({"dipod_normalisation": "per_sequence", "dipod_unscored_eos": True}
+                                                         if _dipod else {}))
 
 
 def _load(name: str) -> TrainConfig:

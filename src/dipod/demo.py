@@ -29,6 +29,9 @@ TINY_RL_RECIPE: dict = {
     "prompts_per_step": 16, "num_generations": 4, "gradient_accumulation_steps": 1,
     "gen_length": 16, "block_length": 16, "diffusion_steps": 16, "temperature": 1.0, "max_prompt_length": 64,
     "num_draws": 2, "masking": "random", "num_iterations": 2,
+    # `random` never scores the EOS; harmless here because every sudoku4 answer (16 digits) fills the
+    # 16-token completion. Other tasks switch to unbiased_random (tiny_rl_config), which scores it.
+    "dipod_unscored_eos": True,
     "estimator": "spg", "spg_negative_proxy": "mix", "spg_mix_weight": 0.5, "eubo_beta": 1.0, "dipod_beta": 0.05,
     # d1's sudoku reward ignores the clue cells; the tiny policy under RL rewrites them unless they
     # are rewarded too (docs/lm_rl_diagnosis.md): correctness + clues_kept, both weight 1.
@@ -43,12 +46,14 @@ TINY_RL_RECIPE: dict = {
 
 def tiny_rl_config(model_dir: str | Path, output_dir: str | Path, **changes) -> TrainConfig:
     """The tiny recipe with ``changes``; switching ``estimator`` drops the recipe's SPG-only fields,
-    switching ``task`` drops its sudoku4 reward weights."""
+    switching ``task`` drops its sudoku4 reward weights and takes a masking process that scores the
+    EOS (answers of other tasks end anywhere; the DiPOD term must see where)."""
     values = dict(TINY_RL_RECIPE)
     if changes.get("estimator", values["estimator"]) != "spg":
         values = {k: v for k, v in values.items() if k not in ESTIMATOR_FIELDS}
     if changes.get("task", values["task"]) != values["task"]:
         values.pop("reward_weights", None)
+        values.update(masking="unbiased_random", dipod_unscored_eos=False)
     values.update(model=str(model_dir), output_dir=str(output_dir), **changes)
     return TrainConfig(**values)
 
@@ -133,7 +138,9 @@ def main(argv: list[str], prog: str = "dipod demo") -> int:
     common = dict(max_steps=args.max_steps, dipod_beta=args.dipod_beta, seed=args.seed, placebo_rewards=args.placebo,
                   save_steps=args.max_steps, eval_steps=max(1, args.max_steps // 3))
     jobs = [{"model_dir": str(model_dir), "output_dir": str(out / name),
-             "changes": {**common, **changes, "progress_bar": name == "main"}} for name, (_, changes) in runs.items()]
+             # only the main run talks: the control's progress and completions would interleave with it
+             "changes": {**common, **changes, **({} if name == "main" else {"progress_bar": False, "log_completions": 0})}}
+            for name, (_, changes) in runs.items()]
     with mp.get_context("spawn").Pool(len(jobs)) as pool:
         results = dict(zip(runs, pool.map(run_demo_job, jobs)))
 

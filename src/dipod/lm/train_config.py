@@ -102,6 +102,10 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
     dipod_normalisation: str | None = option(option_help(
         "dipod_normalisation", "DiPOD term per_token (-beta sum ELBO / sum L, SPG) or per_sequence "
         "(-beta mean ELBO, the d1 fork's FPO)"), default=None)
+    dipod_unscored_eos: bool = option(
+        "allow the DiPOD term with a masking process that never scores the EOS (random): answers that can end "
+        "anywhere then lengthen under the term (measured on countdown, docs/lm_rl_diagnosis.md). Safe when every "
+        "answer fills the completion (the tiny sudoku4 recipe); the d1 fork's FPO release runs this way", default=False)
     num_iterations: int = option("policy updates per rollout batch (mu)", default=12)
     # --- optimisation ---
     learning_rate: float = option("AdamW learning rate", default=3e-6)
@@ -158,6 +162,11 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
         require(self.masking in MASKINGS, f"masking={self.masking!r}; choose one of {MASKINGS}")
         require(self.lr_scheduler in LR_SCHEDULERS, f"lr_scheduler={self.lr_scheduler!r}; choose one of {LR_SCHEDULERS}")
         require(self.dipod_beta >= 0, f"dipod_beta={self.dipod_beta} must be >= 0 (0 turns DiPOD off)")
+        require(self.dipod_beta == 0 or PROCESSES[self.masking].scores_eos or self.dipod_unscored_eos,
+                f"dipod_beta={self.dipod_beta} with masking={self.masking}: this process never scores the EOS, so the "
+                "DiPOD term cannot hold the answer length (on countdown it ran answers on to the full completion); use "
+                "--masking unbiased_random or block_random (both score the EOS), or --dipod_unscored_eos true when every "
+                "answer fills the completion or to reproduce the d1 fork's FPO release")
         require(self.dipod_normalisation is None or self.dipod_beta > 0,
                 f"dipod_normalisation={self.dipod_normalisation!r} is unused with dipod_beta=0; remove it")
         require(0.0 <= self.min_t <= self.max_t <= 1.0, f"need 0 <= min_t <= max_t <= 1, got {self.min_t}, {self.max_t}")
