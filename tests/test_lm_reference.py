@@ -132,7 +132,7 @@ def test_reference_stages_chain_and_are_cached_by_their_settings(tmp_path, monke
         reference.ensure_reference_policy("gsm8k", tmp_path)
 
 
-@pytest.mark.parametrize("task", ["sudoku4"])
+@pytest.mark.parametrize("task", ["sudoku4", "countdown"])
 def test_the_shipped_reference_is_the_current_recipe(task):
     """The packaged weights were built from today's recipe (rebuild: python -m dipod.lm.reference TASK)."""
     shipped = reference.SHIPPED_DIR / task
