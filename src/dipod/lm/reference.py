@@ -35,25 +35,17 @@ from pathlib import Path
 from dipod.config import config_from_dict, config_to_dict
 from dipod.lm.sft import MODEL_DIR, RESULT_FILE, SFTConfig, train_sft
 
-_TINY_DECODING = {"gen_length": 16, "block_length": 16, "steps": 16}
-# Stages found by the measurements recorded in docs/lm_sft.md; fields not named keep SFTConfig's defaults.
-RECIPES: dict[str, list[dict]] = {
-    "sudoku4": [
-        {"task": "sudoku4", "model": "tiny", "seed": 0, **_TINY_DECODING, "batch_size": 64, "learning_rate": 1e-3,
-         "warmup_steps": 50, "max_steps": 2000, "lr_schedule": "cosine", "eval_every": 500, "eval_examples": 500},
-        {"task": "sudoku4", "seed": 0, **_TINY_DECODING, "batch_size": 64, "learning_rate": 1e-3,
-         "warmup_steps": 50, "max_steps": 600, "lr_schedule": "cosine", "wrong_demonstration_rate": 0.6,
-         "eval_every": 200, "eval_examples": 500},
-    ],
-    "countdown": [
-        {"task": "countdown", "model": "tiny", "seed": 0, **_TINY_DECODING, "batch_size": 128, "learning_rate": 1e-3,
-         "warmup_steps": 50, "max_steps": 2000, "lr_schedule": "cosine", "eval_every": 500, "eval_examples": 500},
-        {"task": "countdown", "seed": 0, **_TINY_DECODING, "batch_size": 128, "learning_rate": 1e-3,
-         "warmup_steps": 50, "max_steps": 600, "lr_schedule": "cosine", "wrong_demonstration_rate": 0.6,
-         "eval_every": 200, "eval_examples": 500},
-    ],
-}
-# Fields that change where and how a run is shown, not what it learns: left out of the cache key.
+def _converge_then_mislead(task: str, batch_size: int) -> list[dict]:
+    """The two stages of a recipe; fields not named keep SFTConfig's defaults."""
+    common = {"task": task, "seed": 0, "gen_length": 16, "block_length": 16, "steps": 16, "batch_size": batch_size,
+              "learning_rate": 1e-3, "warmup_steps": 50, "lr_schedule": "cosine", "eval_examples": 500}
+    return [{**common, "model": "tiny", "max_steps": 2000, "eval_every": 500},
+            {**common, "max_steps": 600, "wrong_demonstration_rate": 0.6, "eval_every": 200}]
+
+
+# Stages measured in docs/lm_sft.md; the tiny model learns countdown more slowly and needs batch 128.
+RECIPES: dict[str, list[dict]] = {"sudoku4": _converge_then_mislead("sudoku4", 64),
+                                  "countdown": _converge_then_mislead("countdown", 128)}
 # A later stage's `model` is replaced by the stage before's folder; the chained key covers that dependency.
 _NOT_IN_KEY = ("output_dir", "progress_bar", "tensorboard", "save_every", "keep_checkpoints", "resume", "overwrite")
 SHIPPED_DIR = Path(__file__).parent / "reference_policies"
