@@ -35,6 +35,7 @@ from pathlib import Path
 from dipod.config import config_from_dict, config_to_dict
 from dipod.lm.sft import MODEL_DIR, RESULT_FILE, SFTConfig, train_sft
 
+
 def _converge_then_mislead(task: str, batch_size: int) -> list[dict]:
     """The two stages of a recipe; fields not named keep SFTConfig's defaults."""
     common = {"task": task, "seed": 0, "gen_length": 16, "block_length": 16, "steps": 16, "batch_size": batch_size,
