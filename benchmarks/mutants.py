@@ -142,8 +142,8 @@ MUTANTS = [
            (T + "test_infrastructure.py", T + "test_control_resume.py"), "torch's global RNG not restored"),
     # --- trainer ----------------------------------------------------------------------------------
     Mutant("metrics_resume_keeps_rows", "runlog.py",
-           "if int(r.get(\"step\", -1)) < resume_from_step]", "if int(r.get(\"step\", -1)) <= resume_from_step]",
-           (T + "test_infrastructure.py", T + "test_control_resume.py"), "a resumed run repeats a metrics row"),
+           "if int(r.get(\"step\", -1)) < resume_from_step]", "]",
+           (T + "test_infrastructure.py", T + "test_control_resume.py"), "a resumed run keeps the killed run's rows after its checkpoint"),
 ]
 
 
