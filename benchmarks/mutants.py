@@ -109,6 +109,14 @@ MUTANTS = [
            "after_first_eos_bg = (is_eos_bg.cumsum(dim=1) - is_eos_bg.long()) > 0",
            "after_first_eos_bg = is_eos_bg.cumsum(dim=1) > 1",
            (T + "test_lm_sampler.py",), "fill after the second EOS instead of the first"),
+    # --- graders -----------------------------------------------------------------------------------
+    Mutant("answer_region_no_fallback", "lm/tasks/answer_format.py",
+           "return region or tagged_answer(text) or \"\"", "return region",
+           (T + "test_lm_graders_real.py", T + "test_lm_graders_released.py"),
+           "an empty reopened <answer> hides the closed answer before it"),
+    Mutant("sudoku_long_answer_tail", "lm/tasks/sudoku4.py",
+           "return digits[:CELLS].ljust(CELLS, \"0\")", "return digits[-CELLS:].ljust(CELLS, \"0\")",
+           (T + "test_lm_graders_real.py", T + "test_lm_graders_released.py"), "an over-long grid read from its end"),
     # --- control ----------------------------------------------------------------------------------
     Mutant("control_dipod_detached", "control/update.py",
            "            loss = loss + term\n", "            loss = loss + term.detach()\n",
