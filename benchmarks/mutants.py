@@ -166,7 +166,9 @@ def run_mutant(mutant: Mutant, timeout: float, tests: list[str] | None = None) -
         if text.count(mutant.old) != 1:
             return "error", 0.0, f"snippet found {text.count(mutant.old)} times in {mutant.path}"
         target.write_text(text.replace(mutant.old, mutant.new))
-        env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+        # the copy lives elsewhere, so point it at the shared data the tree would find beside it
+        env = {"DIPOD_SHARED_DATA": str(ROOT.parent / "shared" / "data"), **os.environ, "PYTHONPATH": str(src),
+               "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
         start = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *(tests or mutant.tests)],
