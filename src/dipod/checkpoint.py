@@ -10,6 +10,7 @@ then falls back to the newest one that loads, and logs which it skipped.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import random
@@ -82,12 +83,28 @@ def save_checkpoint(output_dir: Path, step: int, weights: dict[str, torch.Tensor
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and _out_of_space(output_dir, exc, weights):
+            raise OSError(errno.ENOSPC, f"no space left on the disk holding {output_dir} while writing checkpoint-{step} "
+                          f"({type(exc).__name__}: {exc}); nothing was replaced and the earlier checkpoints are intact: "
+                          "free some space, then resume") from exc
         raise
     for stale in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _out_of_space(output_dir: Path, exc: Exception, weights: dict[str, torch.Tensor]) -> bool:
+    """Whether a failed save failed for lack of space (safetensors reports a full disk as a bare
+    RuntimeError, so the free space is checked as well)."""
+    if getattr(exc, "errno", None) == errno.ENOSPC:
+        return True
+    needed = sum(v.numel() * v.element_size() for v in weights.values())
+    try:
+        return shutil.disk_usage(output_dir).free < needed
+    except OSError:
+        return False
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
