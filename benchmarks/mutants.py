@@ -156,6 +156,12 @@ MUTANTS = [
            "            continue\n", "            raise\n",
            (T + "test_checkpoint_crash.py", T + "test_run_guards.py"), "a corrupt newest checkpoint stops the resume"),
     # --- trainer and run folders ------------------------------------------------------------------
+    Mutant("lm_dipod_term_subtracted", "lm/trainer.py",
+           "        loss = loss + tighten\n", "        loss = loss - tighten\n",
+           (T + "test_lm_trainer.py",), "the LM trainer loosens the bound"),
+    Mutant("lm_resume_skips_scheduler", "lm/trainer.py",
+           "        self.scheduler.load_state_dict(state[\"scheduler\"])\n", "",
+           (T + "test_lm_trainer.py",), "a resumed run restarts the learning-rate schedule"),
     Mutant("lora_init_unseeded", "lm/trainer.py",
            "        torch.manual_seed(derive_seed(cfg.seed, _INIT))", "        pass",
            (T + "test_run_guards.py",), "LoRA adapters drawn from an unseeded RNG"),
@@ -172,6 +178,41 @@ MUTANTS = [
     Mutant("metrics_resume_keeps_rows", "runlog.py",
            "if int(r.get(\"step\", -1)) < resume_from_step]", "]",
            (T + "test_infrastructure.py", T + "test_control_resume.py"), "a resumed run keeps the killed run's rows after its checkpoint"),
+    # --- blind: written down before looking for a test that covers them (the others were planted to prove a test)
+    Mutant("reward_scaler_no_reset", "control/envs.py",
+           "self.running_return = torch.where(dones_n, torch.zeros_like(batch), batch)", "self.running_return = batch",
+           (T + "test_control_runner.py", T + "test_control_fpo_features.py"), "discounted return not reset at episode ends"),
+    Mutant("gap_iw_no_mean", "lm/proxies.py",
+           "iw_n = torch.logsumexp(log_p_nk, dim=1) - math.log(num_orders)", "iw_n = torch.logsumexp(log_p_nk, dim=1)",
+           (T + "test_lm_proxies.py", T + "test_lm_monitors.py"), "IW_K sums the orders instead of averaging"),
+    Mutant("metrics_nan_unguarded", "runlog.py",
+           "        return str(value)  # JSON has no NaN/inf", "        return value  # JSON has no NaN/inf",
+           (T + "test_infrastructure.py",), "NaN written as bare JSON NaN"),
+    Mutant("sft_loss_no_length_norm", "lm/sft.py",
+           "/ p_mask_b / gen_length).mean()", "/ p_mask_b).mean()",
+           (T + "test_lm_sft.py",), "SFT loss not divided by the completion length"),
+    Mutant("reshuffle_flag_ignored", "control/update.py",
+           "if epoch and settings.reshuffle_each_epoch:", "if epoch:",
+           (T + "test_control_fpo_features.py",), "every epoch reshuffled whatever the flag"),
+    Mutant("dipod_length_weight_mean", "objectives.py",
+           "return -beta * elbo_n.sum() / _as_float(lengths_n).sum().clamp_min(1.0)",
+           "return -beta * elbo_n.mean() / _as_float(lengths_n).sum().clamp_min(1.0)",
+           (T + "test_objectives.py",), "length-weighted DiPOD term divides twice"),
+    Mutant("fpo_kl_sign", "objectives.py",
+           "kl = (elbo_n - _as_float(elbo_ref)", "kl = (-elbo_n + _as_float(elbo_ref)",
+           (T + "test_objectives.py",), "FPO's KL term with the wrong sign"),
+    Mutant("prompt_mask_inclusive", "lm/proxies.py",
+           "prompt_masked_ncp = (prompt_u_ncx[..., :prompt_len] < settings.p_mask_prompt)",
+           "prompt_masked_ncp = (prompt_u_ncx[..., :prompt_len] <= settings.p_mask_prompt)",
+           (T + "test_lm_proxies.py",), "prompt masked with probability p plus the chance u == p"),
+    Mutant("time_features_swapped", "control/flow.py",
+           "return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)",
+           "return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)",
+           (T + "test_control_flow.py",), "time features in another order"),
+    Mutant("ties_unstable", "lm/reveal.py",
+           "order_bl = torch.sort(score_bl, dim=1, descending=True, stable=True).indices",
+           "order_bl = torch.sort(score_bl, dim=1, descending=True, stable=False).indices",
+           (T + "test_lm_sampler.py",), "equal scores revealed in any order"),
 ]
 
 
@@ -204,6 +245,16 @@ def run_mutant(mutant: Mutant, timeout: float, tests: list[str] | None = None) -
         return "error", seconds, proc.stdout[-300:]
 
 
+def baseline(tests: list[str], timeout: float) -> tuple[bool, str]:
+    """The chosen test files on the unmutated tree: a mutant only counts as caught where they pass."""
+    env = {"DIPOD_SHARED_DATA": str(ROOT.parent / "shared" / "data"), **os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    return proc.returncode == 0, "\n".join(failed) or proc.stdout[-500:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", default=None, help="run only these mutants (names from --list)")
@@ -211,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests", nargs="*", default=None,
                         help="run these test files for every chosen mutant instead of each mutant's own")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant's test run")
+    parser.add_argument("--no_baseline", action="store_true",
+                        help="skip the unmutated run of the test files (which must pass for verdicts to mean anything)")
     args = parser.parse_args(argv)
     if args.list:
         for m in MUTANTS:
@@ -221,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown mutant(s) {unknown}; see --list")
     chosen = [m for m in MUTANTS if args.only is None or m.name in args.only]
+    if not args.no_baseline:
+        files = sorted({t for m in chosen for t in (args.tests or m.tests)})
+        ok, detail = baseline(files, 4 * args.timeout)
+        if not ok:
+            print(f"the unmutated tree fails these tests, so no verdict would mean anything:\n{detail}")
+            return 2
+        print(f"baseline: {len(files)} test files pass on the unmutated tree", flush=True)
     print("| mutant | file | verdict | seconds | first failing test |\n|---|---|---|---|---|", flush=True)
     caught = 0
     for mutant in chosen:

@@ -26,20 +26,8 @@ from dipod.run_folder import RunFolderError, check_writable, prepare_run_folder
 from dipod.runlog import MetricsLogger, TrainingDiverged, read_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from dipod.lm.model import build_tiny_model
-
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_layers=2, num_heads=2,
-                                intermediate_size=64, max_positions=128))
+# the tiny model and one torch thread, as the trainer's tests use them
+from test_lm_trainer import one_thread, tiny_model  # noqa: F401
 
 
 def rl(tiny_model: str, out: Path, **changes) -> TrainConfig:
