@@ -34,7 +34,7 @@ def rl(tiny_model: str, out: Path, **changes) -> TrainConfig:
     values = dict(model=tiny_model, task="sudoku4", prompt_style="compact", lora_r=0, dtype="float32",
                   prompts_per_step=2, num_generations=2, gradient_accumulation_steps=1, gen_length=24, block_length=24,
                   diffusion_steps=4, num_iterations=1, learning_rate=1e-3, max_steps=2, save_steps=1, eval_steps=0,
-                  eval_examples=1, gap_monitor_steps=0, num_draws=2, masking="random", tensorboard=False,
+                  eval_examples=1, gap_monitor_steps=0, num_draws=2, masking="unbiased_random", tensorboard=False,
                   progress_bar=False, save_final_model=False, output_dir=str(out))
     values.update(changes)
     return TrainConfig(**values)
