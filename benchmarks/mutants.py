@@ -181,7 +181,8 @@ MUTANTS = [
     # --- blind: written down before looking for a test that covers them (the others were planted to prove a test)
     Mutant("reward_scaler_no_reset", "control/envs.py",
            "self.running_return = torch.where(dones_n, torch.zeros_like(batch), batch)", "self.running_return = batch",
-           (T + "test_control_runner.py", T + "test_control_fpo_features.py"), "discounted return not reset at episode ends"),
+           (T + "test_control_runner.py", T + "test_control_fpo_features.py", T + "test_estimator_oracles.py"),
+           "discounted return not reset at episode ends"),
     Mutant("gap_iw_no_mean", "lm/proxies.py",
            "iw_n = torch.logsumexp(log_p_nk, dim=1) - math.log(num_orders)", "iw_n = torch.logsumexp(log_p_nk, dim=1)",
            (T + "test_lm_proxies.py", T + "test_lm_monitors.py"), "IW_K sums the orders instead of averaging"),

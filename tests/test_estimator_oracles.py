@@ -1,6 +1,7 @@
 """Independent oracles for estimator pieces the other tests only touch at one point: the control
 DiPOD term's gradient, SPG's mix weight away from 0.5, degenerate groups of std-scaled advantages,
-and SPG's EUBO surrogate as an upper bound on exactly enumerable cases."""
+SPG's EUBO surrogate as an upper bound on exactly enumerable cases, and the control reward scaler
+against its closed form."""
 
 from __future__ import annotations
 
@@ -135,3 +136,24 @@ def test_eubo_surrogate_upper_bounds_the_exact_log_likelihood_for_beta_at_least_
                              draw.weight_nk.expand(4, -1).double(), 1.5, torch.full((4,), 2.0))
     assert float(eubo_ab[1]) < float(toy.log_likelihood(theta_ab)[0, 1]) - 0.2
     assert math.isfinite(float(eubo_ab.sum()))
+
+
+def test_reward_scaler_divides_by_the_std_of_all_discounted_returns_so_far_reset_at_episode_ends():
+    from dipod.control.envs import RewardScaler
+
+    gamma = 0.9
+    rewards = torch.tensor([[1.0, -2.0], [0.5, 3.0], [2.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    dones = torch.tensor([[False, False], [True, False], [False, True], [False, False]])
+    scaler = RewardScaler(2, gamma)
+    running = [0.0, 0.0]
+    seen: list[float] = []
+    for r_n, d_n in zip(rewards, dones):
+        running = [gamma * g + float(r) for g, r in zip(running, r_n)]
+        seen += running
+        # the statistics start from one pseudo-sample of mean 0 and variance 1 (second moment 1)
+        count = 1 + len(seen)
+        mean = sum(seen) / count
+        var = (1.0 + sum(g * g for g in seen)) / count - mean ** 2
+        out = scaler(r_n.float(), d_n)
+        torch.testing.assert_close(out, (r_n / math.sqrt(var + 1e-8)).float())
+        running = [0.0 if bool(d) else g for g, d in zip(running, d_n)]  # an episode that ended starts again
