@@ -209,7 +209,7 @@ MUTANTS = [
     Mutant("time_features_swapped", "control/flow.py",
            "return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)",
            "return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)",
-           (T + "test_control_flow.py",), "time features in another order"),
+           (T + "test_control_flow.py", T + "test_control_fpo_features.py"), "time features in another order"),
     Mutant("ties_unstable", "lm/reveal.py",
            "order_bl = torch.sort(score_bl, dim=1, descending=True, stable=True).indices",
            "order_bl = torch.sort(score_bl, dim=1, descending=True, stable=False).indices",

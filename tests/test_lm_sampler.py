@@ -208,6 +208,18 @@ def test_batched_top_k_equals_a_per_row_selection_with_ties_and_blocked_position
         assert torch.equal(top_k_mask(score_bl, k), expected)
 
 
+def test_ties_go_to_the_leftmost_positions_in_rows_as_long_as_a_global_block():
+    # Dream's global schedule ranks a whole completion (256+ positions) at once; a sort that is not
+    # stable reorders ties at that width even on the CPU.
+    score_bl = torch.randint(0, 3, (4, 512), generator=torch.Generator().manual_seed(1)).double()
+    for k in (1, 100, 300):
+        expected = torch.zeros_like(score_bl, dtype=torch.bool)
+        for row in range(4):
+            ranked = sorted(range(512), key=lambda j: (-score_bl[row, j].item(), j))
+            expected[row, ranked[:k]] = True
+        assert torch.equal(top_k_mask(score_bl, k), expected)
+
+
 def test_random_remasking_reveals_uniformly_chosen_positions():
     # The model is very sure about position 0, but random remasking must ignore confidence.
     lm = toy_lm(FixedLogits(peaked_logits([9.0, 0.1, 0.1, 0.1, 0.1], [3, 4, 5, 6, 7])))
