@@ -61,7 +61,7 @@ def run_one(job: dict) -> tuple[str, bool, float]:
             return str(out), True, float("nan")
     start = time.perf_counter()
     train(tiny_rl_config(job["model_dir"], out, progress_bar=False, tensorboard=False, log_completions=0,
-                         **job["changes"]))
+                         overwrite=True, **job["changes"]))  # an unfinished run starts again
     wall = time.perf_counter() - start
     (out / "wall_time.json").write_text(json.dumps({"wall_s": wall}))
     return str(out), False, wall

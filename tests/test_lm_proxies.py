@@ -592,3 +592,16 @@ def test_tiny_model_in_bf16_gives_finite_float32_proxies(tmp_path):
         assert value.dtype == torch.float32 and torch.isfinite(value).all()
     gap = gap_lower_bound(lm, enc["input_ids"], enc["attention_mask"], completion, settings, 2, 0)
     assert gap.dtype == torch.float32 and (gap >= -1e-5).all()
+
+
+@pytest.mark.parametrize("masking", ["block_random", "random"])
+def test_p_mask_prompt_zero_never_masks_and_one_always_masks_even_at_a_zero_uniform(masking, monkeypatch):
+    # u ~ U[0, 1) can be exactly 0; "masked with probability p" is u < p, so p = 0 (the released
+    # setting) must never mask a prompt token, and p = 1 must mask every real one.
+    monkeypatch.setattr(torch, "rand", lambda *shape, generator=None, **kw: torch.zeros(*shape))
+    attn = torch.tensor([[0, 1, 1]])
+    for p, expected in ((0.0, False), (1.0, True)):
+        settings = ProxySettings(num_draws=2, masking=masking, block_length=2, p_mask_prompt=p)
+        draw = draw_masks(attn, torch.ones(1, 4), settings, torch.Generator())
+        assert torch.equal(draw.prompt_masked_ncp[..., 1:], torch.full((1, 3, 2), expected))
+        assert not draw.prompt_masked_ncp[..., 0].any()  # padding is never a prompt token

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -203,6 +204,18 @@ def test_batched_top_k_equals_a_per_row_selection_with_ties_and_blocked_position
         expected = torch.zeros(64, 12, dtype=torch.bool)
         for row in range(64):
             ranked = sorted(range(12), key=lambda j: (-score_bl[row, j].item(), j))
+            expected[row, ranked[:k]] = True
+        assert torch.equal(top_k_mask(score_bl, k), expected)
+
+
+def test_ties_go_to_the_leftmost_positions_in_rows_as_long_as_a_global_block():
+    # Dream's global schedule ranks a whole completion (256+ positions) at once; a sort that is not
+    # stable reorders ties at that width even on the CPU.
+    score_bl = torch.randint(0, 3, (4, 512), generator=torch.Generator().manual_seed(1)).double()
+    for k in (1, 100, 300):
+        expected = torch.zeros_like(score_bl, dtype=torch.bool)
+        for row in range(4):
+            ranked = sorted(range(512), key=lambda j: (-score_bl[row, j].item(), j))
             expected[row, ranked[:k]] = True
         assert torch.equal(top_k_mask(score_bl, k), expected)
 
@@ -442,6 +455,7 @@ def test_each_reveal_rule_scores_hand_made_logits():
     assert hot["entropy"] == pytest.approx(sum(p * math.log(p) for p in tempered), abs=1e-7)
     # the score of the proposed token, not of the argmax
     assert REVEAL_RULES["maskgit_plus"].score(logits_blv, torch.tensor([[2]]), 0.0, None).item() == pytest.approx(0.2)
+    assert REVEAL_RULES["low_confidence"].score(logits_blv, torch.tensor([[2]]), 1.0, None).item() == pytest.approx(0.2)
 
 
 def test_top_p_and_top_k_keep_the_nucleus_of_the_tempered_distribution():
@@ -647,28 +661,32 @@ def load_snapshot(name: str) -> MaskedDiffusionLM:
     return load_masked_lm(str(SNAPSHOTS / name), trust_remote_code=True)
 
 
-def llada_reference_generate(model, prompt_ids, mask_id, gen_length, block_length, steps):
-    """LLaDA's published greedy decoder written out plainly (the hub model called as LLaDA's generate()
-    calls it: no attention mask), one row at a time; the mask token's logit is set to -inf as ours."""
-    rows = []
-    for prompt in prompt_ids:
-        x = torch.cat([prompt, torch.full((gen_length,), mask_id)])[None, :]
-        per_block = steps // (gen_length // block_length)
-        for block_start in range(len(prompt), x.shape[1], block_length):
-            block_end = block_start + block_length
-            for step in range(per_block):
-                k = block_length // per_block + (1 if step < block_length % per_block else 0)
-                logits = model(x).logits[0].float()
-                logits[:, mask_id] = float("-inf")
-                p = torch.softmax(logits.double(), dim=-1)
+def llada_reference_generate(model, prompt_ids, mask_id, gen_length, block_length, steps, temperature=0.0,
+                             generator=None):
+    """LLaDA's published decoder written out plainly (the hub model called as LLaDA's generate() calls it:
+    no attention mask; equal-length prompts), the mask token's logit set to -inf as ours. At temperature
+    > 0 the proposal is LLaDA's Gumbel trick, ``argmax exp(logits) / (-log u)^T`` with ``u`` uniform in
+    float64, its ``u`` drawn for the current block from ``generator`` as our sampler draws it; the
+    confidence is LLaDA's: the UNtempered probability of the token just proposed, whatever T."""
+    x = torch.cat([prompt_ids, torch.full((prompt_ids.shape[0], gen_length), mask_id)], dim=1)
+    per_block = steps // (gen_length // block_length)
+    for lo in range(prompt_ids.shape[1], x.shape[1], block_length):
+        hi = lo + block_length
+        for step in range(per_block):
+            k = block_length // per_block + (1 if step < block_length % per_block else 0)
+            logits = model(x).logits.float()
+            logits[..., mask_id] = float("-inf")
+            logits = logits[:, lo:hi].double()
+            if temperature > 0:
+                u = torch.rand(logits.shape, generator=generator, dtype=torch.float64)
+                x0 = (logits.exp() / (-torch.log(u)) ** temperature).argmax(dim=-1)
+            else:
                 x0 = logits.argmax(dim=-1)
-                confidence = p.gather(-1, x0[:, None])[:, 0]
-                confidence[block_end:] = float("-inf")
-                confidence[x[0] != mask_id] = float("-inf")
-                chosen = torch.topk(confidence, k).indices
-                x[0, chosen] = x0[chosen]
-        rows.append(x[0, len(prompt):])
-    return torch.stack(rows)
+            confidence = torch.softmax(logits, dim=-1).gather(-1, x0[..., None])[..., 0]
+            confidence[x[:, lo:hi] != mask_id] = float("-inf")
+            chosen = torch.topk(confidence, k, dim=1).indices
+            x[:, lo:hi] = x[:, lo:hi].scatter(1, chosen, x0.gather(1, chosen))
+    return x[:, prompt_ids.shape[1]:]
 
 
 def test_llada_greedy_equals_the_reference_decoder_on_the_hub_code():
@@ -681,6 +699,22 @@ def test_llada_greedy_equals_the_reference_decoder_on_the_hub_code():
     out = decode(lm, ids, attn, settings)
     assert out.forward_passes == 8
     assert torch.equal(out.completion_bg, expected)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0])
+def test_llada_sampling_at_temperature_equals_the_reference_decoder_on_the_hub_code(temperature):
+    # RL rollouts run at T = 0.3..1: there the sampled token is often not the argmax, and low_confidence
+    # must score the sampled token's untempered probability, as LLaDA's decoder does.
+    lm = load_snapshot("tiny-llada")
+    ids = torch.randint(0, 90, (4, 6), generator=torch.Generator().manual_seed(1))
+    settings = SamplerSettings(gen_length=16, block_length=8, steps=8, temperature=temperature, fill_after_eos=False)
+    with torch.no_grad():
+        expected = llada_reference_generate(lm.model, ids, lm.mask_id, 16, 8, 8, temperature,
+                                            torch.Generator().manual_seed(7))
+    out = decode(lm, ids, torch.ones_like(ids), settings, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(out.completion_bg, expected)
+    greedy = decode(lm, ids, torch.ones_like(ids), dataclasses.replace(settings, temperature=0.0))
+    assert not torch.equal(out.completion_bg, greedy.completion_bg)  # the draws really left the argmax
 
 
 @pytest.mark.parametrize("alg, top_p, top_k", [

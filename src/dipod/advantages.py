@@ -9,7 +9,8 @@ from torch import Tensor
 def group_relative_advantages(rewards_n: Tensor, group_size: int, scale_by_std: bool = False, eps: float = 1e-4) -> Tensor:
     """``A = r - mean(r over its group)`` (optionally divided by the group's std + eps).
 
-    ``rewards_n`` holds consecutive groups of ``group_size`` completions of the same prompt.
+    ``rewards_n`` holds consecutive groups of ``group_size`` completions of the same prompt; a group
+    whose rewards are all equal gets advantage 0 exactly, whatever ``eps``.
     """
     if group_size < 1 or rewards_n.numel() % group_size != 0:
         raise ValueError(f"group_relative_advantages: {rewards_n.numel()} rewards do not split into groups of {group_size}")
@@ -17,7 +18,10 @@ def group_relative_advantages(rewards_n: Tensor, group_size: int, scale_by_std: 
     adv = grouped - grouped.mean(-1, keepdim=True)
     if scale_by_std:
         adv = adv / (grouped.std(-1, keepdim=True, unbiased=True).nan_to_num(0.0) + eps)
-    return adv.reshape(-1)
+    # A group of equal rewards carries no signal: exactly 0 (a float mean leaves ~1e-17 residues,
+    # which std scaling with eps = 0 would turn into 0/0 = NaN).
+    constant = (grouped == grouped[:, :1]).all(-1, keepdim=True)
+    return adv.masked_fill(constant, 0.0).reshape(-1)
 
 
 def generalized_advantage_estimation(

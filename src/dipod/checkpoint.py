@@ -2,11 +2,17 @@
 
 A checkpoint is a folder ``OUTPUT_DIR/checkpoint-STEP``. It is first written completely under a
 temp name and then renamed into place, so a crash leaves either the old or the new checkpoint,
-never a half-written one. Non-finite weights are refused: no NaN checkpoint is ever written.
+never a half-written one (a ``kill -9`` can leave a hidden ``.checkpoint-*`` temp dir; the next save
+removes it). Non-finite weights are refused: no NaN checkpoint is ever written. A checkpoint whose
+files cannot be read raises ``CorruptCheckpointError`` naming the file; ``latest_intact_checkpoint``
+then falls back to the newest one that loads, and logs which it skipped.
 """
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import random
 import re
 import shutil
@@ -24,10 +30,15 @@ WEIGHTS = "model.safetensors"
 STATE = "trainer_state.pt"
 META = "meta.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+log = logging.getLogger(__name__)
 
 
 class NonFiniteCheckpointError(RuntimeError):
     pass
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file exists but cannot be read (truncated, overwritten, wrong format)."""
 
 
 def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
@@ -57,6 +68,8 @@ def save_checkpoint(output_dir: Path, step: int, weights: dict[str, torch.Tensor
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
+    for debris in output_dir.glob(".checkpoint-*"):  # temp dirs of a save that was killed
+        shutil.rmtree(debris, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
@@ -70,12 +83,28 @@ def save_checkpoint(output_dir: Path, step: int, weights: dict[str, torch.Tensor
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and _out_of_space(output_dir, exc, weights):
+            raise OSError(errno.ENOSPC, f"no space left on the disk holding {output_dir} while writing checkpoint-{step} "
+                          f"({type(exc).__name__}: {exc}); nothing was replaced and the earlier checkpoints are intact: "
+                          "free some space, then resume") from exc
         raise
     for stale in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _out_of_space(output_dir: Path, exc: Exception, weights: dict[str, torch.Tensor]) -> bool:
+    """Whether a failed save failed for lack of space (safetensors reports a full disk as a bare
+    RuntimeError, so the free space is checked as well)."""
+    if getattr(exc, "errno", None) == errno.ENOSPC:
+        return True
+    needed = sum(v.numel() * v.element_size() for v in weights.values())
+    try:
+        return shutil.disk_usage(output_dir).free < needed
+    except OSError:
+        return False
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -93,18 +122,47 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    import json
-
     path = Path(path)
     missing = [name for name in (WEIGHTS, STATE, META) if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint {path} is incomplete (missing {missing}); point --resume at a checkpoint-STEP folder")
-    weights = load_file(str(path / WEIGHTS))
     # Our own trainer state holds numpy RNG states and python tuples, hence weights_only=False;
     # only load checkpoints you wrote yourself.
-    state = torch.load(path / STATE, weights_only=False)
-    meta = json.loads((path / META).read_text())
+    readers = ((WEIGHTS, lambda f: load_file(str(f))), (STATE, lambda f: torch.load(f, weights_only=False)),
+               (META, lambda f: json.loads(f.read_text())))
+    loaded = []
+    for name, read in readers:
+        try:
+            loaded.append(read(path / name))
+        except Exception as exc:  # safetensors, pickle and json each raise their own kinds
+            raise CorruptCheckpointError(f"checkpoint file {path / name} cannot be read ({type(exc).__name__}: "
+                                         f"{str(exc)[:200]}); it is truncated or damaged: resume from an earlier "
+                                         "checkpoint-STEP folder, or delete this one") from None
+    weights, state, meta = loaded
     return weights, state, meta
+
+
+def latest_intact_checkpoint(output_dir: Path) -> tuple[Path, tuple[dict, dict, dict]] | None:
+    """The newest checkpoint of ``output_dir`` that loads, with its contents; ``None`` when there is none.
+
+    A newer one that cannot be read is skipped with a warning naming it (and left on disk); if none
+    can be read, ``CorruptCheckpointError`` names them all.
+    """
+    skipped = []
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            contents = load_checkpoint(path)
+        except CorruptCheckpointError as exc:
+            log.warning("%s; trying the one before it", exc)
+            skipped.append(path.name)
+            continue
+        if skipped:
+            log.warning("resuming from %s: the newer %s could not be read", path, ", ".join(skipped))
+        return path, contents
+    if skipped:
+        raise CorruptCheckpointError(f"{output_dir}: no intact checkpoint ({', '.join(skipped)} cannot be read); "
+                                     "start a new run in a new --output_dir")
+    return None
 
 
 def copy_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path, fix: str,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from dipod.runlog import TrainingDiverged
+
 # command path -> (module with a ``main(argv) -> int``, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("toy",): ("dipod.toy", "exact two-token diagnostic of double drift (paper Fig. 2)"),
@@ -44,10 +46,14 @@ def main(argv: list[str] | None = None) -> int:
             module = importlib.import_module(module_name)
             try:
                 return int(module.main(argv[depth:], prog=prog) or 0)
-            except (ValueError, FileNotFoundError) as exc:
-                # Bad input (configs, flags, data files) ends with one clear line, not a traceback.
+            except (ValueError, OSError) as exc:
+                # Bad input (configs, flags, data files) and unusable folders or disks end with one
+                # clear line, not a traceback.
                 print(f"{prog}: error: {exc}", file=sys.stderr)
                 return 2
+            except TrainingDiverged as exc:  # the message says what happened and what to change
+                print(f"{prog}: {exc}", file=sys.stderr)
+                return 1
     print(f"dipod: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 

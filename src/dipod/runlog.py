@@ -1,7 +1,8 @@
 """Run outputs that must never be lost: atomic file writes and the per-step metrics log.
 
 ``metrics.jsonl`` gets one JSON object per step, flushed and fsynced line by line, so a killed run
-keeps every finished step. TensorBoard (and wandb, when asked) mirror the same scalars.
+keeps every finished step. TensorBoard (and wandb, when asked) mirror the same scalars; on resume
+TensorBoard purges the killed run's events from the resumed step on, so each step shows once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+class TrainingDiverged(FloatingPointError):
+    """A run stopped because its weights or losses went non-finite; the message says what happened,
+    which checkpoint (if any) is intact, and what to change."""
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -85,7 +91,8 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.output_dir / "tb"))
+                # purge_step hides the killed run's events at or after the resumed step (else shown twice)
+                self._tb = SummaryWriter(str(self.output_dir / "tb"), purge_step=resume_from_step)
             except ImportError:
                 self._tb = None
         self._wandb = None

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dipod.checkpoint import latest_checkpoint, load_checkpoint
+from dipod.checkpoint import latest_intact_checkpoint, load_checkpoint
 from dipod.config import ConfigError, parse_config
 from dipod.control.envs import GymVecEnv
 from dipod.control.runner import build_actor, config_from_checkpoint
@@ -39,10 +39,10 @@ def resolve_checkpoint(path: str) -> Path:
     folder = Path(path)
     if (folder / "meta.json").is_file():
         return folder
-    latest = latest_checkpoint(folder)
-    if latest is None:
+    found = latest_intact_checkpoint(folder)  # a corrupt newest one is named in the log and skipped
+    if found is None:
         raise FileNotFoundError(f"no checkpoint at {folder} (pass a checkpoint-STEP folder or a run folder holding one)")
-    return latest
+    return found[0]
 
 
 @torch.no_grad()

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from dipod.advantages import generalized_advantage_estimation
-from dipod.checkpoint import capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from dipod.checkpoint import (capture_rng_state, latest_checkpoint, latest_intact_checkpoint, load_checkpoint,
+                              restore_rng_state, save_checkpoint)
 from dipod.config import config_to_dict, save_config
 from dipod.control.config import ControlConfig, config_from_checkpoint
 from dipod.control.distill import SelfDistillation
@@ -40,7 +41,8 @@ from dipod.control.gaussian import GaussianActor
 from dipod.control.update import RolloutBatch, fpo_plus_plus_update, gaussian_ppo_update, mean_cfm_loss, rollout_proxies
 
 __all__ = ["ControlConfig", "Runner", "build_actor", "config_from_checkpoint", "train"]
-from dipod.runlog import MetricsLogger
+from dipod.run_folder import check_writable
+from dipod.runlog import MetricsLogger, TrainingDiverged
 
 def build_actor(cfg: ControlConfig, num_obs: int, num_actions: int, low: Any, high: Any) -> nn.Module:
     if cfg.policy == "flow":
@@ -59,12 +61,11 @@ def resolve_resume(cfg: ControlConfig) -> Path | None:
             raise ValueError(f"{out} already holds {latest.name}; pass --resume auto to continue it "
                              "or choose a new --output_dir")
         return None
-    if cfg.resume == "auto":
-        return latest
-    if cfg.resume == "latest":
-        if latest is None:
+    if cfg.resume in ("auto", "latest"):
+        found = latest_intact_checkpoint(out)  # a corrupt newest one is named in the log and skipped
+        if found is None and cfg.resume == "latest":
             raise FileNotFoundError(f"--resume latest: no checkpoint-STEP folder in {out}")
-        return latest
+        return None if found is None else found[0]
     path = Path(cfg.resume)
     if not path.is_dir():
         raise FileNotFoundError(f"--resume {path}: not a checkpoint folder (expected OUTPUT_DIR/checkpoint-STEP)")
@@ -76,6 +77,7 @@ class Runner:
 
     def __init__(self, cfg: ControlConfig, env: VecEnv | None = None):
         self.cfg = cfg
+        check_writable(cfg.output_dir)
         self.resume_from = resolve_resume(cfg)
         self.env = env if env is not None else GymVecEnv(cfg.env, cfg.num_envs)
         torch.set_num_threads(cfg.num_threads)
@@ -113,8 +115,8 @@ class Runner:
     def save(self) -> Path:
         bad = [k for k, v in self.weights().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:  # never write a diverged checkpoint; the earlier ones stay as they are
-            raise FloatingPointError(f"non-finite weights {bad[:4]} at step {self.global_step}; lower learning_rate "
-                                     "or resume from an earlier checkpoint")
+            raise TrainingDiverged(f"the policy diverged: non-finite weights {bad[:4]} at step {self.global_step} "
+                                   f"(not checkpointed). {self._divergence_advice()}")
         state = {"optimizer": self.optimizer.state_dict(), "reward_scaler": self.reward_scaler.state_dict(),
                  "ema_updates": None if self.ema is None else self.ema.updates,
                  "ema_active": self.ema is not None and self.ema.active,
@@ -146,6 +148,12 @@ class Runner:
         self.distill_env_steps = int(state.get("distill_env_steps", 0))
         self.recent_returns.extend(state["recent_returns"])
 
+    def _divergence_advice(self) -> str:
+        latest = latest_checkpoint(Path(self.cfg.output_dir))
+        where = (f"{latest.name} is intact: continue from it with --resume auto" if latest is not None
+                 else "no checkpoint was written yet, so start again")
+        return f"Lower --learning_rate (now {self.cfg.learning_rate:g}) or --max_grad_norm; {where}"
+
     # ---- one iteration -----------------------------------------------------------------------
     @torch.no_grad()
     def collect(self, obs: Tensor) -> tuple[Tensor, RolloutBatch, dict[str, float]]:
@@ -161,6 +169,10 @@ class Runner:
             self.actor.obs_norm.update(obs)
             self.critic.obs_norm.update(obs)
             action = self.actor.sample(obs, self.generator)
+            if not bool(torch.isfinite(action).all()):  # the policy, not the environment, went wrong
+                raise TrainingDiverged(f"the policy diverged: its actions are non-finite at step "
+                                       f"{self.global_step + step * n} (before they reached the environment). "
+                                       f"{self._divergence_advice()}")
             if cfg.policy == "gaussian":
                 logp_t[step] = self.actor.log_prob(obs, action)
             elif cfg.action_noise_std > 0:  # FPO++: a little extra exploration, part of the stored action

@@ -30,14 +30,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from dipod.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
-                              save_checkpoint)
+from dipod.checkpoint import capture_rng_state, latest_intact_checkpoint, restore_rng_state, save_checkpoint
 from dipod.config import ConfigError, option, parse_config, require, save_config
 from dipod.lm.evaluate import PROMPT_STYLES, evaluate_policy
 from dipod.lm.families import FAMILIES
 from dipod.lm.train_config import DTYPES
 from dipod.lm.sampler import DecodingOptions, SamplerSettings
-from dipod.runlog import MetricsLogger, atomic_write_json
+from dipod.run_folder import prepare_run_folder
+from dipod.runlog import MetricsLogger, TrainingDiverged, atomic_write_json
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RESULT_FILE = "sft_result.json"
@@ -137,7 +137,9 @@ class SFTConfig(DecodingOptions):  # remasking, schedule, confidence_threshold, 
     output_dir: str = option("run folder", default="runs/lm_sft")
     save_every: int = option("checkpoint every this many steps (0: only at the end)", default=500)
     keep_checkpoints: int = option("how many checkpoints to keep", default=2)
-    resume: bool = option("continue from the newest checkpoint in output_dir", default=False)
+    resume: bool = option("continue from the newest intact checkpoint in output_dir", default=False)
+    overwrite: bool = option("replace the run already in output_dir (its metrics, checkpoints, model); without it "
+                             "a folder holding a run is refused unless --resume true", default=False)
     tensorboard: bool = option("mirror metrics to OUTPUT_DIR/tb", default=False)
     progress_bar: bool = option("show a tqdm progress bar", default=True)
 
@@ -250,7 +252,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     from dipod.lm.trainer import derive_seed
 
     started = time.perf_counter()
-    out = Path(cfg.output_dir)
+    out = prepare_run_folder(cfg.output_dir, resuming=cfg.resume, overwrite=cfg.overwrite, resume_flag="--resume true")
     task = get_task(cfg.task)
     train_examples = task.load("train", path=cfg.train_data, limit=cfg.train_examples)
     if not train_examples:
@@ -270,9 +272,9 @@ def train_sft(cfg: SFTConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
 
     start_step = 0
-    checkpoint = latest_checkpoint(out) if cfg.resume else None
-    if checkpoint is not None:
-        weights, state, meta = load_checkpoint(checkpoint)
+    found = latest_intact_checkpoint(out) if cfg.resume else None
+    if found is not None:
+        _, (weights, state, meta) = found
         model.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -313,8 +315,10 @@ def train_sft(cfg: SFTConfig) -> dict:
             loss, stats = sft_loss(lm.logits, prompt_ids[rows], prompt_attn[rows], targets,
                                    mask_bg, p_mask_b, lm.mask_id)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite SFT loss at step {step}; lower --learning_rate "
-                                         f"(the last checkpoint in {out} is intact; --resume true continues from it)")
+                kept = (f"checkpoint-{last_saved} in {out} is intact and --resume true continues from it" if last_saved
+                        else "no checkpoint was written yet, so start again")
+                raise TrainingDiverged(f"non-finite SFT loss at step {step}: the weights diverged. Lower --learning_rate "
+                                       f"(now {cfg.learning_rate:g}); {kept}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
@@ -371,7 +375,11 @@ def _plot(out: Path) -> None:
 
 def main(argv: list[str], prog: str = "dipod lm sft") -> int:
     cfg = parse_config(SFTConfig, argv, prog, description="Masked-diffusion supervised training (LLaDA's SFT loss).")
-    result = train_sft(cfg)
+    try:
+        result = train_sft(cfg)
+    except TrainingDiverged as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
     acc = result["eval_accuracy"]
     summary = "no held-out evaluation" if acc is None else f"held-out greedy accuracy {acc:.3f}, reward {result['eval_reward']:.3f}"
     print(f"{prog}: stopped after step {result['final_step']} ({result['stopped_because']}): {summary}; "

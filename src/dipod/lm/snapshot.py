@@ -42,8 +42,16 @@ def _looks_like_path(name: str) -> bool:
 def read_config_dict(name: str, local: bool) -> dict:
     """The raw ``config.json`` (no model code runs): enough to pick the family and check the snapshot."""
     if local:
-        with open(os.path.join(name, "config.json"), encoding="utf-8") as f:
-            return json.load(f)
+        path = os.path.join(name, "config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); restore it from the model's repository or "
+                             "save the model again with save_pretrained") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} must hold a JSON object of model settings, not a {type(config).__name__}")
+        return config
     from transformers import PretrainedConfig
 
     try:

@@ -120,7 +120,10 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
     output_dir: str = option("run folder: metrics.jsonl, tb/, checkpoint-STEP/, final_model/", default="runs/lm_train")
     max_steps: int = option("rollout batches to train on (each makes num_iterations updates)", default=100)
     seed: int = option("seed of every random draw (same seed => same run on CPU)", default=42)
-    resume: str | None = option("'latest' (newest checkpoint in output_dir) or a checkpoint-STEP folder", default=None)
+    resume: str | None = option("'latest' (newest intact checkpoint in output_dir) or a checkpoint-STEP folder",
+                                default=None)
+    overwrite: bool = option("replace the run already in output_dir (its metrics, checkpoints, final model); "
+                             "without it a folder holding a run is refused unless --resume", default=False)
     save_steps: int = option("write a checkpoint every this many steps (0: only at the end)", default=50)
     keep_checkpoints: int = option("how many checkpoints to keep", default=2)
     eval_steps: int = option("greedy held-out evaluation every this many steps (0: only before and after)", default=50)

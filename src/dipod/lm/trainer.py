@@ -30,22 +30,19 @@ import torch
 from torch import Tensor
 
 from dipod.advantages import group_relative_advantages
-from dipod.checkpoint import (capture_rng_state, copy_weights, latest_checkpoint, load_checkpoint,
-                              restore_rng_state, save_checkpoint)
+from dipod.checkpoint import (capture_rng_state, copy_weights, latest_checkpoint, latest_intact_checkpoint,
+                              load_checkpoint, restore_rng_state, save_checkpoint)
 from dipod.config import ConfigError, config_to_dict, parse_config, save_config
 from dipod.lm.monitors import CollapseWatch, group_reward_stats, log_completions, rollout_confidence
 from dipod.lm.proxies import completion_mask
 from dipod.lm.train_config import TrainConfig
 from dipod.lm.estimators import get_estimator
 from dipod.objectives import dipod_term
-from dipod.runlog import MetricsLogger
+from dipod.run_folder import prepare_run_folder
+from dipod.runlog import MetricsLogger, TrainingDiverged
 
 # metric keys that measure wall-clock time; they differ between otherwise identical runs
 TIMING_KEYS = ("step_time", "generation_time", "update_time", "tokens_per_s")
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite updates in a row; the last good checkpoint is untouched."""
 
 
 def derive_seed(*parts: int) -> int:
@@ -54,7 +51,7 @@ def derive_seed(*parts: int) -> int:
 
 
 # stage codes for derive_seed
-_PROMPTS, _GENERATE, _PROXY, _MONITOR, _GLOBAL_RNG, _SHOTS, _PLACEBO = range(7)
+_PROMPTS, _GENERATE, _PROXY, _MONITOR, _GLOBAL_RNG, _SHOTS, _PLACEBO, _INIT = range(8)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -142,7 +139,12 @@ class Trainer:
             raise ValueError(f"task {cfg.task}: the training split is empty (train_data={cfg.train_data})")
         self.reward_names, self.reward_fns, self.reward_weights = engine.reward_table(self.task, cfg.reward_weights)
         self.shots_prefix = self._few_shot_prefix()
+        # every process checks the folder before the model loads; only the main one removes an overwritten run
+        prepare_run_folder(cfg.output_dir, resuming=cfg.resume is not None, overwrite=cfg.overwrite,
+                           resume_flag="--resume latest", remove=acc.is_main_process)
+        acc.wait_for_everyone()
 
+        torch.manual_seed(derive_seed(cfg.seed, _INIT))  # peft draws the LoRA adapters' initial values here
         self.lm = engine.load_policy(cfg, device=acc.device)
         self.ref_lm = engine.load_reference(cfg, device=acc.device) if cfg.kl_beta_value() > 0 else None
         params = [p for p in self.lm.model.parameters() if p.requires_grad]
@@ -443,13 +445,14 @@ class Trainer:
     def restore(self) -> None:
         cfg = self.cfg
         if cfg.resume in ("latest", "true", "auto"):
-            path = latest_checkpoint(Path(cfg.output_dir))
-            if path is None:
+            found = latest_intact_checkpoint(Path(cfg.output_dir))  # a corrupt newest one is named and skipped
+            if found is None:
                 self.accelerator.print(f"--resume {cfg.resume}: no checkpoint in {cfg.output_dir}; starting from step 0")
                 return
+            path, (weights, state, meta) = found
         else:
             path = Path(cfg.resume)
-        weights, state, meta = load_checkpoint(path)
+            weights, state, meta = load_checkpoint(path)
         copy_weights(self.accelerator.unwrap_model(self.model), weights, path,
                      "resume with the same --model and LoRA settings", required=set(self.trainable_weights()))
         self.optimizer.load_state_dict(state["optimizer"])
@@ -457,6 +460,21 @@ class Trainer:
         restore_rng_state(state["rng"])
         self.nonfinite_streak = int(state["nonfinite_streak"])
         self.start_step = int(meta["step"])
+
+    def _diverged_message(self, step: int) -> str:
+        """What happened and advice that fits this run's settings."""
+        cfg = self.cfg
+        advice = [f"lower --learning_rate (now {cfg.learning_rate:g})"]
+        advice.append(f"clip harder with a smaller --max_grad_norm (now {cfg.max_grad_norm:g})" if cfg.max_grad_norm > 0
+                      else "turn gradient clipping on (--max_grad_norm 0.2)")
+        if cfg.dtype != "float32":
+            advice.append(f"train in --dtype float32 (now {cfg.dtype})")
+        saved = latest_checkpoint(Path(cfg.output_dir))
+        where = (f"then continue from {saved.name} (intact) with --resume latest" if saved is not None
+                 else "then start again (no checkpoint was written before this)")
+        return (f"stopped at step {step}: {self.nonfinite_streak} non-finite updates in a row (NaN/inf in the loss, "
+                f"a proxy or the gradient); none of them was applied or checkpointed. To fix: "
+                f"{'; '.join(advice)}; {where}")
 
     # ------------------------------------------------------------------ the run
     def run(self) -> TrainResult:
@@ -500,10 +518,7 @@ class Trainer:
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward", "accuracy", "gap_lower_bound")
                                  if k in metrics})
                 if self.nonfinite_streak >= cfg.max_nonfinite_updates:
-                    raise TrainingDiverged(
-                        f"stopped at step {step}: {self.nonfinite_streak} non-finite updates in a row (NaN/inf in the "
-                        f"loss, a proxy or the gradient); no checkpoint was written for them. Lower --learning_rate, "
-                        f"raise --max_grad_norm clipping, or use --dtype float32, then --resume latest")
+                    raise TrainingDiverged(self._diverged_message(step))
                 if last or (cfg.save_steps and step % cfg.save_steps == 0):
                     self.save(step)
             bar.close()
