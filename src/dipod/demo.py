@@ -137,8 +137,9 @@ def main(argv: list[str], prog: str = "dipod demo") -> int:
     runs = {k: v for k, v in RUNS.items() if not (args.no_baseline and k == "plain")}
     print(f"[2/3] {' and '.join(label for label, _ in runs.values())}{placebo}, {args.max_steps} steps, "
           f"seed {args.seed}{', in parallel' if len(runs) > 1 else ''} ...", flush=True)
+    # each demo replaces the previous demo's runs in OUTPUT_DIR/main and OUTPUT_DIR/plain
     common = dict(max_steps=args.max_steps, dipod_beta=args.dipod_beta, seed=args.seed, placebo_rewards=args.placebo,
-                  save_steps=args.max_steps, eval_steps=max(1, args.max_steps // 3))
+                  save_steps=args.max_steps, eval_steps=max(1, args.max_steps // 3), overwrite=True)
     jobs = [{"model_dir": str(model_dir), "output_dir": str(out / name),
              # only the main run talks: the control's progress and completions would interleave with it
              "changes": {**common, **changes, **({} if name == "main" else {"progress_bar": False, "log_completions": 0})}}
