@@ -51,7 +51,8 @@ def run_one(task: str, method: str, seed: int, num_envs: int, iterations: int, f
     """Train one (method, seed) in this process and write its per-iteration records to ``out``."""
     import torch
 
-    from dipod.control.mjlab_train import REPO_CONFIGS, learn_recorded, make_runner, released_fpo_agent_cfg, task_agent_cfg
+    from dipod.control.mjlab_train import (REPO_CONFIGS, learn_recorded, make_env, make_runner, released_fpo_agent_cfg,
+                                           task_agent_cfg)
 
     torch.set_num_threads(1)
     overrides = METHODS[method]
@@ -59,7 +60,7 @@ def run_one(task: str, method: str, seed: int, num_envs: int, iterations: int, f
     if overrides is not None:
         cfg = released_fpo_agent_cfg(cfg, REPO_CONFIGS / "rsl_rl_locomotion.yaml", **{**fpo_set, **overrides})
     start = time.perf_counter()
-    runner = make_runner(task, cfg, num_envs, seed, out.parent / f"log_seed{seed}")
+    runner = make_runner(make_env(task, num_envs, seed), task, cfg, seed, out.parent / f"log_seed{seed}")
     build_s = time.perf_counter() - start
     records = learn_recorded(runner, iterations)
     atomic_write_json(out, {"task": task, "method": method, "seed": seed, "num_envs": num_envs, "build_s": build_s,

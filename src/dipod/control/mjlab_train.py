@@ -58,28 +58,34 @@ def task_agent_cfg(task: str) -> dict[str, Any]:
     return dataclasses.asdict(load_rl_cfg(task))
 
 
-def make_runner(task: str, agent_cfg: dict[str, Any], num_envs: int, seed: int, log_dir: str | Path | None,
-                device: str = "cpu", motion_file: str | Path | None = None):
-    """Environment + the task's runner class (mjlab's ``train`` defaults: tensorboard off W&B, no upload)."""
-    import mjlab.tasks  # noqa: F401
+def make_env(task: str, num_envs: int, seed: int, device: str = "cpu", motion_file: str | Path | None = None):
+    """The task's environment, wrapped for rsl-rl (one env can serve several runners one after another)."""
+    import mjlab.tasks  # noqa: F401  (registers the stock tasks)
     from mjlab.envs import ManagerBasedRlEnv
-    from mjlab.rl import MjlabOnPolicyRunner, RslRlVecEnvWrapper
-    from mjlab.tasks.registry import load_env_cfg, load_runner_cls
+    from mjlab.rl import RslRlVecEnvWrapper
+    from mjlab.tasks.registry import load_env_cfg
 
     env_cfg = load_env_cfg(task)
     env_cfg.scene.num_envs, env_cfg.seed = num_envs, seed
-    tracking = "motion" in env_cfg.commands
-    if tracking:
+    if "motion" in env_cfg.commands:
         if motion_file is None or not Path(motion_file).is_file():
             raise FileNotFoundError(f"{task} needs a motion .npz (got {motion_file!r}); the synthetic one is "
                                     "tests/fixtures/g1_synthetic_motion.npz (docs/control_mjlab.md)")
         env_cfg.commands["motion"].motion_file = str(motion_file)
+    torch.manual_seed(seed)
+    return RslRlVecEnvWrapper(ManagerBasedRlEnv(cfg=env_cfg, device=device))
+
+
+def make_runner(env, task: str, agent_cfg: dict[str, Any], seed: int, log_dir: str | Path | None, device: str = "cpu"):
+    """The task's runner class on ``env``, as mjlab's ``train`` builds it (tensorboard instead of W&B, no upload)."""
+    from mjlab.rl import MjlabOnPolicyRunner
+    from mjlab.tasks.registry import load_runner_cls
+
     cfg = copy.deepcopy(agent_cfg)
     cfg.update(seed=seed, logger="tensorboard", upload_model=False)
     torch.manual_seed(seed)
-    env = RslRlVecEnvWrapper(ManagerBasedRlEnv(cfg=env_cfg, device=device), clip_actions=cfg.get("clip_actions"))
     runner_cls = load_runner_cls(task) or MjlabOnPolicyRunner
-    kwargs = {"registry_name": None} if tracking else {}
+    kwargs = {"registry_name": None} if "motion" in env.unwrapped.cfg.commands else {}
     return runner_cls(env, cfg, None if log_dir is None else str(log_dir), device, **kwargs)
 
 
