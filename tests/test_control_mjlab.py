@@ -59,14 +59,16 @@ def assert_finite(records, iterations: int) -> None:
         assert all(math.isfinite(v) for v in record.losses.values()), record.losses
 
 
-def assert_exported(log_dir: Path, iteration: int, capsys) -> None:
-    """mjlab's velocity runner exports ``<run>.onnx`` with metadata at every save; it only prints a warning if that fails."""
+def assert_exported(log_dirs: list[Path], iteration: int, capsys) -> None:
+    """mjlab's velocity runner exports ``<run>.onnx`` with metadata at every save and only prints a warning if that
+    fails (checked last, so that on rsl-rl-lib 5.5 everything before it has been shown to work)."""
     out = capsys.readouterr().out
-    assert "ONNX export failed" not in out, out[out.find("ONNX export failed") - 200:][:600]
-    assert (log_dir / f"model_{iteration}.pt").is_file()
+    assert "ONNX export failed" not in out, out[out.find("ONNX export failed"):][:300]
     onnx = pytest.importorskip("onnx")
-    model = onnx.load(str(log_dir / f"{log_dir.name}.onnx"))
-    assert {p.key for p in model.metadata_props} >= {"joint_names", "action_scale"}
+    for log_dir in log_dirs:
+        assert (log_dir / f"model_{iteration}.pt").is_file()
+        model = onnx.load(str(log_dir / f"{log_dir.name}.onnx"))
+        assert {p.key for p in model.metadata_props} >= {"joint_names", "action_scale"}
 
 
 def test_fpo_plus_plus_with_dipod_and_distillation_trains_and_resumes(velocity_env, tmp_path, capsys):
@@ -82,7 +84,6 @@ def test_fpo_plus_plus_with_dipod_and_distillation_trains_and_resumes(velocity_e
     assert first["distill_initial_done"] == 1.0 and first["distill_env_steps"] == 2 * 2 * 4  # iterations x steps x envs
     assert second["distill_interleaved_done"] == 1.0  # distill_every=1: a stage before the second rollout
     assert first["dipod_loss"] != 0.0 and math.isfinite(first["cfm_loss_before"])
-    assert_exported(log_dir, 1, capsys)
 
     resumed = make_runner(velocity_env, VELOCITY, cfg, seed=0, log_dir=tmp_path / "fpo_resumed")
     resumed.load(str(log_dir / "model_1.pt"))  # what mjlab's train does with --agent.resume True
@@ -94,14 +95,14 @@ def test_fpo_plus_plus_with_dipod_and_distillation_trains_and_resumes(velocity_e
     assert_finite(more, 1)
     assert "distill_initial_done" not in more[0].losses and more[0].losses["distill_interleaved_done"] == 1.0
     assert resumed.alg.rl_updates == 3
-    assert_exported(tmp_path / "fpo_resumed", 1, capsys)
+    assert_exported([log_dir, tmp_path / "fpo_resumed"], 1, capsys)
 
 
 def test_stock_ppo_beside_it(velocity_env, tmp_path, capsys):
     runner = make_runner(velocity_env, VELOCITY, task_agent_cfg(VELOCITY), seed=0, log_dir=tmp_path / "ppo")
     assert type(runner.alg).__name__ == "PPO"
     assert_finite(learn_recorded(runner, 2), 2)
-    assert_exported(tmp_path / "ppo", 1, capsys)
+    assert_exported([tmp_path / "ppo"], 1, capsys)
 
 
 def test_tracking_runs_on_the_synthetic_motion(tmp_path):
@@ -109,7 +110,8 @@ def test_tracking_runs_on_the_synthetic_motion(tmp_path):
     assert motion["joint_pos"].shape == (200, 29) and motion["body_pos_w"].shape == (200, 30, 3)
     env = make_env(TRACKING, num_envs=4, seed=0, motion_file=MOTION)
     try:
-        cfg = released_fpo_agent_cfg(task_agent_cfg(TRACKING), REPO_CONFIGS / "rsl_rl_g1_tracking.yaml", **SMALL,
+        cfg = released_fpo_agent_cfg(task_agent_cfg(TRACKING), REPO_CONFIGS / "rsl_rl_g1_tracking.yaml",
+                                     **{**SMALL, "num_draws": 6},  # the k-NN entropy (k = 5) needs more draws than k
                                      distill_initial_iterations=1)
         runner = make_runner(env, TRACKING, cfg, seed=0, log_dir=tmp_path / "tracking")
         records = learn_recorded(runner, 2)
