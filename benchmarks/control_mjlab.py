@@ -4,8 +4,9 @@ One velocity task of mjlab (default: Go1 on flat ground), few environments, the 
 runner iterations for every method (self-distillation steps are extra, as in the released code,
 and their cost is in the wall time). FPO++ uses configs/control/rsl_rl_locomotion.yaml with the
 released quadruped values (16 epochs, 16 draws) unless --fpo_set changes them; PPO is the task's
-own registered rsl-rl config. Each (method, seed) runs in its own process and writes
-``<output_dir>/<method>/seed<k>.json`` as it finishes; re-running the command skips finished runs.
+own registered rsl-rl config. All runs share one environment, re-seeded and reset before each;
+each (method, seed) writes ``<output_dir>/<method>/seed<k>.json`` as it finishes, and re-running
+the command skips finished runs.
 
     nice -n 10 python benchmarks/control_mjlab.py                       # the preset of docs/results/control_mjlab.md
     python benchmarks/control_mjlab.py --iterations 3 --seeds 0 --name control_mjlab_smoke
@@ -25,7 +26,6 @@ import dataclasses
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,34 +38,48 @@ from dipod.runlog import atomic_write_json, atomic_write_text
 # FPO++ variants: overrides of the algorithm config (None: the task's stock rsl-rl PPO).
 METHODS: dict[str, dict | None] = {
     "FPO++": {},
-    "FPO++ + Alg. 3": {"distill_initial_iterations": 15},
+    "FPO++ + Alg. 3": {"distill_initial_iterations": 10},
     "FPO++ + DiPOD term": {"dipod_beta": 0.1},
-    "FPO++ + interleaved": {"distill_every": 5, "distill_iterations": 3},
+    "FPO++ + interleaved": {"distill_every": 2, "distill_iterations": 2},
     "PPO": None,
 }
 CPU_FPO = {"num_learning_epochs": 16, "num_draws": 16}  # the released quadruped values (locomotion YAML: humanoid 32)
 CURVES = ("step_reward", "episode_return", "episode_length", "cfm_loss_before")
 
 
-def run_one(task: str, method: str, seed: int, num_envs: int, iterations: int, fpo_set: dict, out: Path) -> None:
-    """Train one (method, seed) in this process and write its per-iteration records to ``out``."""
+def run_all(task: str, methods: list[str], seeds: list[int], num_envs: int, iterations: int, fpo_set: dict,
+            root: Path) -> float:
+    """Every (seed, method) on one environment, built once (building took minutes on the loaded CPU): before each
+    run it is re-seeded and reset, and the runner is built under the same seed. Returns the build time in s."""
     import torch
 
     from dipod.control.mjlab_train import (REPO_CONFIGS, learn_recorded, make_env, make_runner, released_fpo_agent_cfg,
                                            task_agent_cfg)
 
     torch.set_num_threads(1)
-    overrides = METHODS[method]
-    cfg = task_agent_cfg(task)
-    if overrides is not None:
-        cfg = released_fpo_agent_cfg(cfg, REPO_CONFIGS / "rsl_rl_locomotion.yaml", **{**fpo_set, **overrides})
-    start = time.perf_counter()
-    runner = make_runner(make_env(task, num_envs, seed), task, cfg, seed, out.parent / f"log_seed{seed}")
-    build_s = time.perf_counter() - start
-    records = learn_recorded(runner, iterations)
-    atomic_write_json(out, {"task": task, "method": method, "seed": seed, "num_envs": num_envs, "build_s": build_s,
-                            "wall_s": time.perf_counter() - start - build_s, "algorithm": cfg["algorithm"],
-                            "records": [dataclasses.asdict(r) for r in records]})
+    env, build_s, start = None, 0.0, time.perf_counter()
+    for seed in seeds:  # seed-major: an interrupted sweep still has every method on the first seeds
+        for method in methods:
+            out = root / slug(method) / f"seed{seed}.json"
+            if out.is_file():
+                continue
+            if env is None:
+                built = time.perf_counter()
+                env = make_env(task, num_envs, seed)
+                build_s = time.perf_counter() - built
+            env.unwrapped.common_step_counter = 0  # curricula start over
+            env.unwrapped.reset(seed=seed)
+            cfg = task_agent_cfg(task)
+            if METHODS[method] is not None:
+                cfg = released_fpo_agent_cfg(cfg, REPO_CONFIGS / "rsl_rl_locomotion.yaml", **{**fpo_set, **METHODS[method]})
+            run_start = time.perf_counter()
+            runner = make_runner(env, task, cfg, seed, out.parent / f"log_seed{seed}")
+            records = learn_recorded(runner, iterations)
+            atomic_write_json(out, {"task": task, "method": method, "seed": seed, "num_envs": num_envs,
+                                    "wall_s": time.perf_counter() - run_start, "algorithm": cfg["algorithm"],
+                                    "records": [dataclasses.asdict(r) for r in records]})
+            print(f"[{time.perf_counter() - start:6.0f}s] {method} seed {seed} done", flush=True)
+    return build_s
 
 
 def curve(run: dict, key: str) -> np.ndarray:
@@ -126,41 +140,29 @@ def plot(runs: dict[str, list[dict]], task: str, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="Mjlab-Velocity-Flat-Unitree-Go1")
-    parser.add_argument("--num_envs", type=int, default=8)
-    parser.add_argument("--iterations", type=int, default=15, help="runner iterations per run (same for every method)")
+    parser.add_argument("--num_envs", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=3, help="runner iterations per run (same for every method)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--fpo_set", default=json.dumps(CPU_FPO), help="JSON algorithm overrides for every FPO++ run")
     parser.add_argument("--output_dir", default="runs/bench_mjlab")
     parser.add_argument("--results_dir", default="docs/results")
     parser.add_argument("--name", default="control_mjlab")
-    parser.add_argument("--_run", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # mjlab picks the CPU
     root, fpo_set = Path(args.output_dir), json.loads(args.fpo_set)
-    if args._run:
-        method, seed = args._run
-        run_one(args.task, method, int(seed), args.num_envs, args.iterations, fpo_set,
-                root / slug(method) / f"seed{seed}.json")
-        return 0
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     start = time.time()
-    for seed in seeds:  # seed-major: an interrupted sweep still has every method on the first seeds
-        for method in methods:
-            out = root / slug(method) / f"seed{seed}.json"
-            if not out.is_file():
-                subprocess.run([sys.executable, __file__, *sys.argv[1:], "--_run", method, str(seed)], check=True,
-                               stdout=subprocess.DEVNULL)
-            print(f"[{time.time() - start:6.0f}s] {method} seed {seed} done", flush=True)
+    build_s = run_all(args.task, methods, seeds, args.num_envs, args.iterations, fpo_set, root)
     runs = {m: [json.loads((root / slug(m) / f"seed{s}.json").read_text()) for s in seeds] for m in methods}
     lines, table = summary_table(runs, args.iterations)
     header = [f"{args.task}, {args.num_envs} environments, {args.iterations} runner iterations per run, seeds "
               f"{args.seeds}; CPU (MuJoCo Warp), one torch thread, one run at a time on a shared 2-core machine; "
-              f"this invocation {(time.time() - start) / 60:.0f} min. Last-quarter means, mean ± 95% CI half-width "
-              "(Student t over seeds).", "", "Command: `python benchmarks/control_mjlab.py "
+              f"this invocation {(time.time() - start) / 60:.0f} min (building the environment once: {build_s:.0f} s). "
+              "Last-quarter means, mean ± 95% CI half-width (Student t over seeds).", "", "Command: `python benchmarks/control_mjlab.py "
               + shlex.join(sys.argv[1:]) + "`", ""]
     results = Path(args.results_dir)
     atomic_write_text(results / f"{args.name}_table.md", "\n".join(header + lines) + "\n")
