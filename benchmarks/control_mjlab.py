@@ -16,7 +16,8 @@ mean reward per step, the mean episode return and length (rsl-rl's ``Train/mean_
 ``Train/mean_episode_length``: last 100 finished episodes) and the on-policy CFM loss before
 each update (``cfm_loss_before``, the bound-tightness monitor: lower = tighter ELBO); the table
 has their means over the last quarter of the iterations and the wall time per run.
-Needs ``pip install -e ".[mjlab]"``; runs on the CPU (``CUDA_VISIBLE_DEVICES=`` is set here).
+Needs ``pip install -e ".[mjlab]"``; runs on the CPU (``CUDA_VISIBLE_DEVICES=`` is set here) unless
+``--device cuda:0``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ CURVES = ("step_reward", "episode_return", "episode_length", "cfm_loss_before")
 
 
 def run_all(task: str, methods: list[str], seeds: list[int], num_envs: int, iterations: int, fpo_set: dict,
-            root: Path) -> float:
+            root: Path, device: str) -> float:
     """Every (seed, method) on one environment, built once (building took minutes on the loaded CPU): before each
     run it is re-seeded and reset, and the runner is built under the same seed. Returns the build time in s."""
     import torch
@@ -65,7 +66,7 @@ def run_all(task: str, methods: list[str], seeds: list[int], num_envs: int, iter
                 continue
             if env is None:
                 built = time.perf_counter()
-                env = make_env(task, num_envs, seed)
+                env = make_env(task, num_envs, seed, device)
                 build_s = time.perf_counter() - built
             env.unwrapped.common_step_counter = 0  # curricula start over
             env.unwrapped.reset(seed=seed)
@@ -73,7 +74,7 @@ def run_all(task: str, methods: list[str], seeds: list[int], num_envs: int, iter
             if METHODS[method] is not None:
                 cfg = released_fpo_agent_cfg(cfg, REPO_CONFIGS / "rsl_rl_locomotion.yaml", **{**fpo_set, **METHODS[method]})
             run_start = time.perf_counter()
-            runner = make_runner(env, task, cfg, seed, out.parent / f"log_seed{seed}")
+            runner = make_runner(env, task, cfg, seed, out.parent / f"log_seed{seed}", device)
             records = learn_recorded(runner, iterations)
             atomic_write_json(out, {"task": task, "method": method, "seed": seed, "num_envs": num_envs,
                                     "wall_s": time.perf_counter() - run_start, "algorithm": cfg["algorithm"],
@@ -148,19 +149,21 @@ def main() -> int:
     parser.add_argument("--output_dir", default="runs/bench_mjlab")
     parser.add_argument("--results_dir", default="docs/results")
     parser.add_argument("--name", default="control_mjlab")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda:0 on a GPU machine")
     args = parser.parse_args()
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # mjlab picks the CPU
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # MuJoCo Warp's CPU device
     root, fpo_set = Path(args.output_dir), json.loads(args.fpo_set)
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     start = time.time()
-    build_s = run_all(args.task, methods, seeds, args.num_envs, args.iterations, fpo_set, root)
+    build_s = run_all(args.task, methods, seeds, args.num_envs, args.iterations, fpo_set, root, args.device)
     runs = {m: [json.loads((root / slug(m) / f"seed{s}.json").read_text()) for s in seeds] for m in methods}
     lines, table = summary_table(runs, args.iterations)
     header = [f"{args.task}, {args.num_envs} environments, {args.iterations} runner iterations per run, seeds "
-              f"{args.seeds}; CPU (MuJoCo Warp), one torch thread, one run at a time on a shared 2-core machine; "
+              f"{args.seeds}; {args.device} (MuJoCo Warp), one torch thread, one run at a time; "
               f"this invocation {(time.time() - start) / 60:.0f} min (building the environment once: {build_s:.0f} s). "
               "Last-quarter means, mean ± 95% CI half-width (Student t over seeds).", "", "Command: `python benchmarks/control_mjlab.py "
               + shlex.join(sys.argv[1:]) + "`", ""]
