@@ -62,3 +62,28 @@ def test_rsl_rl_defaults_are_the_released_base_values():
     base = FPOPlusPlusConfig()
     assert (base.num_learning_epochs, base.num_mini_batches, base.clip_param, base.adam_betas, base.cfm_clamp,
             base.cfm_reduction, base.num_draws, base.ema_warmup_updates) == (16, 4, 0.05, [0.9, 0.999], 20.0, "sqrt", 16, 500)
+
+
+def test_released_family_merged_into_an_mjlab_runner_config():
+    """dipod.control.mjlab_train.released_fpo_agent_cfg: a task's PPO runner dict (as mjlab passes it) gets the family's
+    algorithm, rollout length and widths, keeps everything else, and parses to the released values plus overrides."""
+    from dipod.control.mjlab_train import REPO_CONFIGS, released_fpo_agent_cfg
+
+    gaussian = {"class_name": "GaussianDistribution", "init_std": 1.0, "std_type": "scalar"}
+    task = {"seed": 42, "num_steps_per_env": 24, "obs_groups": {"actor": ("actor",), "critic": ("critic",)},
+            "save_interval": 50, "actor": {"hidden_dims": (512, 256, 128), "activation": "elu", "obs_normalization": True,
+                                           "distribution_cfg": gaussian, "class_name": "MLPModel"},
+            "critic": {"hidden_dims": (512, 256, 128), "activation": "elu", "obs_normalization": True,
+                       "distribution_cfg": None, "class_name": "MLPModel"},
+            "algorithm": {"class_name": "PPO", "entropy_coef": 0.01, "clip_param": 0.2}}
+    assert REPO_CONFIGS == CONFIGS
+    cfg = released_fpo_agent_cfg(task, CONFIGS / "rsl_rl_g1_tracking.yaml", dipod_beta=0.1)
+    assert task["algorithm"]["class_name"] == "PPO" and task["actor"]["distribution_cfg"] is gaussian  # not mutated
+    assert cfg["algorithm"]["class_name"] == "dipod.control.rsl_rl:FPOPlusPlus" and "entropy_coef" not in cfg["algorithm"]
+    assert (cfg["num_steps_per_env"], cfg["save_interval"], cfg["obs_groups"]) == (48, 50, task["obs_groups"])
+    assert cfg["actor"]["hidden_dims"] == [1024, 512, 256] and cfg["actor"]["distribution_cfg"] is None
+    assert cfg["actor"]["class_name"] == "MLPModel"
+    settings = parse_algorithm_config(cfg["algorithm"])
+    assert settings.dipod_beta == 0.1
+    for key, value in TRACKING.items():
+        assert getattr(settings, key) == value, key

@@ -230,6 +230,16 @@ def test_config_validation():
         OnPolicyRunner(PointReachVecEnv(num_envs=8), bad)
 
 
+def test_construction_fills_the_extension_keys_rsl_rl_reads():
+    """rsl-rl-lib 5.4.2 (mjlab's pin) reads cfg["algorithm"]["rnd_cfg"] in its logger and runner without .get;
+    its PPO sets the keys while being built, so FPOPlusPlus must as well (KeyError: 'rnd_cfg' otherwise)."""
+    cfg = train_cfg()
+    assert "rnd_cfg" not in cfg["algorithm"] and "symmetry_cfg" not in cfg["algorithm"]
+    env = PointReachVecEnv(num_envs=16)
+    FPOPlusPlus.construct_algorithm(env.get_observations(), env, cfg, "cpu")
+    assert cfg["algorithm"]["rnd_cfg"] is None and cfg["algorithm"]["symmetry_cfg"] is None
+
+
 def test_a_ppo_shaped_config_switches_by_class_name():
     """What mjlab / IsaacLab pass after `asdict(agent_cfg)` when only class_name is changed."""
     ppo_algorithm = {"num_learning_epochs": 5, "num_mini_batches": 4, "learning_rate": 1e-3, "schedule": "adaptive",

@@ -48,7 +48,8 @@ from dipod.config import ConfigError
 from dipod.control.distill import SelfDistillation
 from dipod.control.ema import ActorEMA
 from dipod.control.flow import Critic, FlowActor
-from dipod.control.rsl_rl_config import CLASS_NAME, FPOPlusPlusConfig, model_settings, parse_algorithm_config
+from dipod.control.rsl_rl_config import (CLASS_NAME, UNSUPPORTED_EXTENSIONS, FPOPlusPlusConfig, model_settings,
+                                        parse_algorithm_config)
 from dipod.control.update import RolloutBatch, fpo_plus_plus_update, mean_cfm_loss, rollout_proxies
 
 __all__ = ["CLASS_NAME", "FPOPlusPlus", "FPOPlusPlusConfig", "FlowPolicy", "parse_algorithm_config"]
@@ -148,6 +149,10 @@ class FPOPlusPlus:
         if cfg.get("multi_gpu") is not None:
             raise ConfigError("FPOPlusPlus runs on one device; multi-GPU training (WORLD_SIZE > 1) is not supported")
         settings = parse_algorithm_config(cfg["algorithm"])
+        # rsl-rl-lib 5.4's runner and logger read these keys unconditionally (``cfg["algorithm"]["rnd_cfg"]``);
+        # its PPO fills them in while being constructed, so the replacement must too (None: extension off).
+        for key in UNSUPPORTED_EXTENSIONS:
+            cfg["algorithm"][key] = None
         cfg["obs_groups"] = resolve_obs_groups(obs, cfg.get("obs_groups", {}), ["actor", "critic"])
         for name in ("actor", "critic"):
             bad = [group for group in cfg["obs_groups"][name] if obs[group].dim() != 2]
