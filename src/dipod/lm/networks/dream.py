@@ -26,10 +26,16 @@ def spec(config) -> NetworkSpec:
         shifted=True, tied_head=bool(get("tie_word_embeddings", False)))
 
 
+def sizes(config) -> dict:
+    """Shapes of the weights (Qwen2: biases on q/k/v only)."""
+    return dict(vocab=config.vocab_size, d_model=config.hidden_size, mlp_hidden=config.intermediate_size,
+                qkv_bias=True, other_bias=False)
+
+
 def paths(spec: NetworkSpec) -> dict:
-    names = dict(attn_norm="input_layernorm", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                 o="self_attn.o_proj", mlp_norm="post_attention_layernorm", gate="mlp.gate_proj", up="mlp.up_proj",
-                 down="mlp.down_proj")
+    names = dict(attn_norm="input_layernorm", q_proj="self_attn.q_proj", k_proj="self_attn.k_proj",
+                 v_proj="self_attn.v_proj", o_proj="self_attn.o_proj", mlp_norm="post_attention_layernorm",
+                 gate_proj="mlp.gate_proj", up_proj="mlp.up_proj", down_proj="mlp.down_proj")
     return {"embed": "model.embed_tokens", "final_norm": "model.norm", "head": None if spec.tied_head else "lm_head",
             "layers": [{part: f"model.layers.{i}.{name}" for part, name in names.items()}
                        for i in range(spec.n_layers)]}
