@@ -644,7 +644,7 @@ SNAPSHOTS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 def load_snapshot(name: str) -> MaskedDiffusionLM:
     if not (SNAPSHOTS / name).is_dir():
         pytest.skip(f"../shared/models/{name} is absent")
-    return load_masked_lm(str(SNAPSHOTS / name), trust_remote_code=True)
+    return load_masked_lm(str(SNAPSHOTS / name))
 
 
 def llada_reference_generate(model, prompt_ids, mask_id, gen_length, block_length, steps):
