@@ -641,15 +641,21 @@ def test_family_sampler_defaults_fill_only_what_the_user_left_unset():
 SNAPSHOTS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 
 
-def load_snapshot(name: str) -> MaskedDiffusionLM:
+def load_snapshot(name: str, hub_code: bool = False) -> MaskedDiffusionLM:
+    """The snapshot in our network, or (``hub_code``) run by its own code: the legacy path, transformers 4.56-4.57."""
+    from hub_snapshots import hub_code_loads
+
     if not (SNAPSHOTS / name).is_dir():
         pytest.skip(f"../shared/models/{name} is absent")
-    return load_masked_lm(str(SNAPSHOTS / name))
+    if hub_code and not hub_code_loads():
+        pytest.skip("the hub code of LLaDA / Dream loads on transformers 4.56-4.57 only")
+    return load_masked_lm(str(SNAPSHOTS / name), trust_remote_code=hub_code)
 
 
 def llada_reference_generate(model, prompt_ids, mask_id, gen_length, block_length, steps):
-    """LLaDA's published greedy decoder written out plainly (the hub model called as LLaDA's generate()
-    calls it: no attention mask), one row at a time; the mask token's logit is set to -inf as ours."""
+    """LLaDA's published greedy decoder written out plainly (the model called as LLaDA's generate()
+    calls it: no attention mask), one row at a time; the mask token's logit is set to -inf as ours.
+    ``model(x)`` returns logits (our network) or an output with ``.logits`` (the hub code)."""
     rows = []
     for prompt in prompt_ids:
         x = torch.cat([prompt, torch.full((gen_length,), mask_id)])[None, :]
@@ -658,7 +664,8 @@ def llada_reference_generate(model, prompt_ids, mask_id, gen_length, block_lengt
             block_end = block_start + block_length
             for step in range(per_block):
                 k = block_length // per_block + (1 if step < block_length % per_block else 0)
-                logits = model(x).logits[0].float()
+                out = model(x)
+                logits = getattr(out, "logits", out)[0].float()
                 logits[:, mask_id] = float("-inf")
                 p = torch.softmax(logits.double(), dim=-1)
                 x0 = logits.argmax(dim=-1)
@@ -671,8 +678,9 @@ def llada_reference_generate(model, prompt_ids, mask_id, gen_length, block_lengt
     return torch.stack(rows)
 
 
-def test_llada_greedy_equals_the_reference_decoder_on_the_hub_code():
-    lm = load_snapshot("tiny-llada")
+@pytest.mark.parametrize("hub_code", [False, True], ids=["our_network", "hub_code"])
+def test_llada_greedy_equals_the_reference_decoder(hub_code):
+    lm = load_snapshot("tiny-llada", hub_code)
     ids = torch.randint(0, 90, (3, 6), generator=torch.Generator().manual_seed(0))
     attn = torch.ones_like(ids)
     settings = SamplerSettings(gen_length=16, block_length=8, steps=8, fill_after_eos=False)
@@ -688,7 +696,8 @@ def test_llada_greedy_equals_the_reference_decoder_on_the_hub_code():
     ("maskgit_plus", None, 50), ("topk_margin", 0.5, 20), ("entropy", 0.95, None),
 ])
 def test_dream_greedy_equals_diffusion_generate(alg, top_p, top_k):
-    lm = load_snapshot("tiny-dream")
+    """Dream's own sampler (its hub code's ``diffusion_generate``) against ours on the same hub model."""
+    lm = load_snapshot("tiny-dream", hub_code=True)
     prompt_len, gen_length, steps = 7, 32, 16
     ids = torch.randint(0, 90, (3, prompt_len), generator=torch.Generator().manual_seed(0))
     attn = torch.ones_like(ids)
