@@ -14,7 +14,8 @@ A family says everything dipod must know about an architecture that its ``config
 
 Families: ``llada`` (LLaDA-8B-Instruct / -Base, LLaDA-1.5: one code base), ``dream``
 (Dream-v0-Instruct-7B / -Base-7B) and ``hf_masked_lm`` (any ``AutoModelForMaskedLM`` of
-transformers, e.g. our tiny ModernBERT). LLaDA and Dream load into our own network by default
+transformers, e.g. our tiny ModernBERT) and ``diffusion_gemma`` (transformers' own block-diffusion
+model with uniform noise, ``noise = "uniform"``: dipod.lm.diffusion_gemma). LLaDA and Dream load into our own network by default
 (``native``: dipod.lm.networks.checkpoint_model, called by ``native_forward``); the attention
 conventions above describe their hub code, the legacy ``trust_remote_code`` path. ``detect_family`` reads ``model_type`` and ``auto_map``
 of the config; ``--model_family`` names one explicitly. See docs/lm_models.md.
@@ -42,6 +43,9 @@ class ModelFamily:
     shifted_logits: bool = False
     needs_remote_code: bool = False  # the legacy path: its hub snapshot ships model code (auto_map)
     native: bool = False  # loaded into our own network (dipod.lm.networks) unless trust_remote_code asks otherwise
+    # "masking" (mask tokens: our sampler and proxies) or "uniform" (uniform-noise block diffusion:
+    # dipod.lm.diffusion_gemma decodes and scores it; no mask token)
+    noise: str = "masking"
     end_of_turn_token: str | None = None
     # LoRA target module-name suffixes, or "all-linear". The output head is never adapted
     # (dipod.lm.model.apply_lora drops it). ``hub_lora_targets``: the same layers named as in the
@@ -242,7 +246,31 @@ class _GenerationConfigWriter:
         self._config.to_json_file(os.path.join(save_directory, "generation_config.json"), use_diff=True)
 
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLaDA(), Dream(), HFMaskedLM())}
+class DiffusionGemma(ModelFamily):
+    """DiffusionGemma (transformers' own ``DiffusionGemmaForBlockDiffusion``): block diffusion, uniform noise.
+
+    Not a mask predictor: its decoder denoises a canvas after an encoder's cache, so ``lm.logits``
+    does not apply; dipod.lm.diffusion_gemma decodes it (its own sampler) and scores it (the
+    uniform-noise ELBO). LoRA targets the text attention and dense MLP projections of encoder and
+    decoder (the MoE experts are packed parameters, not linear layers).
+    """
+
+    name = "diffusion_gemma"
+    noise = "uniform"
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def matches(self, config: Mapping[str, Any]) -> bool:
+        return config.get("model_type") == "diffusion_gemma"
+
+    def auto_class(self) -> str:
+        return "DiffusionGemmaForBlockDiffusion"
+
+    def forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
+        raise ValueError("DiffusionGemma has no masked forward over the full sequence (it denoises a canvas "
+                         "after its encoder); decode and score it through dipod.lm.diffusion_gemma")
+
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLaDA(), Dream(), DiffusionGemma(), HFMaskedLM())}
 
 
 def get_family(name: str) -> ModelFamily:

@@ -237,7 +237,8 @@ def load_masked_lm(
 
     embeddings = model.get_input_embeddings()
     vocab_size = embeddings.weight.shape[0] if embeddings is not None else None
-    mask_id = _resolve_mask_id(name, tokenizer, config, mask_token_id, vocab_size)
+    # Uniform-noise models have no mask token; -1 matches no token id.
+    mask_id = -1 if family.noise == "uniform" else _resolve_mask_id(name, tokenizer, config, mask_token_id, vocab_size)
     eos_id = _special_id(tokenizer, config, "eos_token_id")
     if eos_id is None:
         raise ValueError(f"model {name!r} defines no EOS token; its tokenizer needs an eos_token")

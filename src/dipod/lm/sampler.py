@@ -302,6 +302,10 @@ def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSetting
     predicting positions ``lo..hi-1``, with ``new_block`` true on each block's first step.
     """
     _check_inputs(lm, prompt_ids, prompt_attn, settings, generator)
+    if getattr(getattr(lm, "family", None), "noise", "masking") == "uniform":
+        from dipod.lm.diffusion_gemma import decode as decode_uniform
+
+        return decode_uniform(lm, prompt_ids, prompt_attn, settings, generator)  # its own sampler
     settings = settings.resolved(family_sampler_defaults(lm))
     rule = REVEAL_RULES[settings.remasking]
     batch, prompt_len = prompt_ids.shape
