@@ -301,6 +301,11 @@ def _load_tokenizer(model_dir: str):
     named = json.loads(path.read_text()).get("tokenizer_class") if path.is_file() else None
     cls = getattr(transformers, str(named), None) if named else None
     if cls is None or not hasattr(cls, "from_pretrained"):
+        if not (Path(model_dir) / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"model directory {model_dir!r}: its tokenizer class {named!r} is not one of transformers' and there "
+                "is no tokenizer.json to read instead; add the repository's tokenizer.json (or save the tokenizer "
+                "once with the legacy path, --trust_remote_code true on transformers 4.56-4.57)")
         cls = transformers.PreTrainedTokenizerFast
     return cls.from_pretrained(model_dir, local_files_only=True)
 
