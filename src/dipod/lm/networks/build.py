@@ -1,13 +1,13 @@
-"""Assemble a ``Network`` from a family's weight names: sharing a loaded hub model's modules, or from tensors.
+"""Assemble a ``Network`` from a family's weight names, sharing a loaded hub model's modules (legacy path).
 
 A family module (``llada.py``, ``dream.py``) gives a ``NetworkSpec`` read from the model config
 and ``paths``: for each part of our network, the module path of the same part in the hub model
 (``model.transformer.blocks.0.q_proj``); the weight names are those paths plus ``.weight`` /
 ``.bias``, as in the hub's ``model.safetensors``.
 
-Sharing (``shared_modules``, the legacy hub-code path) copies nothing: the network calls the hub's own ``nn.Linear`` /
-LoRA / embedding modules and reads its norm weights, so training updates and adapters apply to
-both at once.
+Sharing (``shared_modules``) copies nothing: the network calls the hub's own ``nn.Linear`` / LoRA /
+embedding modules and reads its norm weights, so training updates and adapters apply to both at
+once. The default path reads checkpoints into a network of its own (``checkpoint_model.py``).
 """
 
 from __future__ import annotations
