@@ -13,12 +13,13 @@ A family says everything dipod must know about an architecture that its ``config
 * its decoding defaults (``sampler_defaults``).
 
 Families: ``llada`` (LLaDA-8B-Instruct / -Base, LLaDA-1.5: one code base), ``dream``
-(Dream-v0-Instruct-7B / -Base-7B) and ``hf_masked_lm`` (any ``AutoModelForMaskedLM`` of
-transformers, e.g. our tiny ModernBERT) and ``diffusion_gemma`` (transformers' own block-diffusion
-model with uniform noise, ``noise = "uniform"``: dipod.lm.diffusion_gemma). LLaDA and Dream load into our own network by default
-(``native``: dipod.lm.networks.checkpoint_model, called by ``native_forward``); the attention
-conventions above describe their hub code, the legacy ``trust_remote_code`` path. ``detect_family`` reads ``model_type`` and ``auto_map``
-of the config; ``--model_family`` names one explicitly. See docs/lm_models.md.
+(Dream-v0-Instruct-7B / -Base-7B), ``diffusion_gemma`` (transformers' own block-diffusion model
+with uniform noise, ``noise = "uniform"``: dipod.lm.diffusion_gemma) and ``hf_masked_lm`` (any
+``AutoModelForMaskedLM`` of transformers, e.g. our tiny ModernBERT). LLaDA and Dream load into our
+own network by default (``native``: dipod.lm.networks.checkpoint_model, called by
+``native_forward``); the attention conventions above describe their hub code, the legacy
+``trust_remote_code`` path. ``detect_family`` reads ``model_type`` and ``auto_map`` of the config;
+``--model_family`` names one explicitly. See docs/lm_models.md.
 """
 
 from __future__ import annotations
