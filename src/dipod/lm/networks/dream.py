@@ -17,7 +17,7 @@ def spec(config) -> NetworkSpec:
                             ("hidden_act", get("hidden_act", "silu") == "silu", "'silu'")):
         if not ok:
             raise ValueError(f"Dream config {field}={get(field)!r} is not supported by dipod.lm.networks "
-                             f"(needs {want}); run without kv_cache")
+                             f"(needs {want}); its hub code may: --trust_remote_code true (transformers 4.56-4.57)")
     hidden, n_heads = get("hidden_size"), get("num_attention_heads")
     return NetworkSpec(
         family="dream", n_layers=get("num_hidden_layers"), n_heads=n_heads,

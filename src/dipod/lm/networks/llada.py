@@ -15,7 +15,8 @@ from dipod.lm.networks.transformer import NetworkSpec
 def _need(config, field: str, ok: bool, want: str) -> None:
     if not ok:
         raise ValueError(f"LLaDA config {field}={getattr(config, field, None)!r} is not supported by "
-                         f"dipod.lm.networks (needs {want}); run without kv_cache")
+                         f"dipod.lm.networks (needs {want}); its hub code may: --trust_remote_code true (transformers "
+                         "4.56-4.57)")
 
 
 def spec(config) -> NetworkSpec:
