@@ -45,7 +45,7 @@ def rollout_confidence(lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_m
     predictive entropy (nats) and of the top token's probability (confidence). A policy that has
     collapsed onto one answer has entropy near 0 and confidence near 1 there. A uniform-noise family
     (DiffusionGemma) starts from random tokens, not a masked canvas: NaN, not measured."""
-    if getattr(lm.family, "noise", "masking") == "uniform":
+    if getattr(getattr(lm, "family", None), "noise", "masking") == "uniform":
         return {"rollout_entropy": float("nan"), "rollout_confidence": float("nan")}
     gen_length = completion_mask_nl.shape[1]
     masked = torch.full((prompt_ids.shape[0], gen_length), lm.mask_id, dtype=torch.long, device=prompt_ids.device)
