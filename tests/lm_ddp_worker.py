@@ -28,8 +28,8 @@ seen: dict[str, torch.Tensor] = {}
 original = trainer.advantages
 
 
-def recording(rewards_nf):
-    adv_n, all_rewards_nf = original(rewards_nf)
+def recording(rewards_nf, *args):  # args: what the trainer passes beside the rewards (the step)
+    adv_n, all_rewards_nf = original(rewards_nf, *args)
     step = len(seen) // 3
     seen[f"adv_{step}"], seen[f"all_rewards_{step}"], seen[f"local_rewards_{step}"] = adv_n, all_rewards_nf, rewards_nf
     return adv_n, all_rewards_nf

@@ -122,7 +122,8 @@ def test_masks_are_redrawn_every_iteration_as_released(masking, reseed, distinct
     cfg = TrainConfig(model=str(model), task="sudoku4", prompt_style="compact", lora_r=0, dtype="float32",
                       prompts_per_step=2, num_generations=2, gradient_accumulation_steps=1, gen_length=8,
                       block_length=4, diffusion_steps=2, num_iterations=2, max_steps=1, masking=masking,
-                      reseed_masks=reseed, estimator="fpo", eval_examples=1, gap_monitor_steps=0, tensorboard=False,
+                      reseed_masks=reseed, estimator="fpo", dipod_unscored_eos=True,  # the release's FPO + DiPOD
+                      eval_examples=1, gap_monitor_steps=0, tensorboard=False,
                       progress_bar=False, save_final_model=False, output_dir=str(tmp_path / "run"))
     trainer = Trainer(cfg)
     calls = []
