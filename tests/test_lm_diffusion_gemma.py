@@ -3,7 +3,7 @@
 The snapshot is built here by ``build_tiny_diffusion_gemma`` (transformers' config and model
 classes at a tiny size, random weights, our character tokenizer). Pins: it loads as the
 ``diffusion_gemma`` family with no remote code; dipod's decode IS the model's own sampler (same
-tokens as ``model.generate`` under the same seed, rows independent of padding); the ELBO of a
+tokens as ``model.generate`` under the same seed; padded rows run without their padding); the ELBO of a
 block depends only on the clean prefix and that block, is seeded and differentiable; `lm eval`,
 `lm generate` and `lm train` (FPO and SPG with DiPOD) run on it.
 """
@@ -49,7 +49,7 @@ def test_loads_as_a_family_of_ours_on_transformers_own_classes(lm, snapshot):
         lm.logits(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
 
 
-def test_decode_is_the_models_own_sampler_and_rows_ignore_padding(lm):
+def test_decode_is_the_models_own_sampler(lm):
     ids = torch.randint(4, 90, (3, 6), generator=torch.Generator().manual_seed(0))
     attn = torch.ones_like(ids)
     attn[0, :2] = 0
