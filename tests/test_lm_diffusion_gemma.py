@@ -109,6 +109,8 @@ def test_eval_and_generate_decode_it(snapshot, tmp_path, capsys):
     assert report["num_examples"] == 3 and 0.0 <= report["mean_reward"] <= 1.0
     assert generate_main([*common, "--n", "2"]) == 0
     assert capsys.readouterr().out.count("--- example") == 2
+    assert generate_main([*common, "--n", "2", "--uniform_sampler", "ancestral"]) == 0  # our sampler
+    assert capsys.readouterr().out.count("--- example") == 2
 
 
 @pytest.mark.parametrize("estimator,extra", [("fpo", []), ("spg", ["--spg_negative_proxy", "elbo"])])
@@ -139,3 +141,36 @@ def test_an_estimator_that_reads_the_eubo_is_refused(snapshot, tmp_path):
     with pytest.raises(ConfigError, match=r"'spg' reads \['eubo_n'\].*--spg_negative_proxy elbo"):
         main(["--model", str(snapshot), "--task", "sudoku4", "--estimator", "spg", "--lora_r", "0",
               "--max_steps", "1", "--output_dir", str(tmp_path), "--tensorboard", "false", "--progress_bar", "false"])
+
+
+def test_ancestral_sampler_returns_the_point_the_denoiser_is_sure_of():
+    """With p(x_0 | x_t) a point mass on x*, every reverse step is the posterior given x* and the chain ends at x*."""
+    from types import SimpleNamespace
+
+    from dipod.lm.diffusion_gemma import decode_ancestral
+    from dipod.lm.families import get_family
+
+    target = torch.tensor([[5, 9, 3, 3], [7, 1, 0, 2]])
+
+    class Sure(torch.nn.Module):
+        config = SimpleNamespace(canvas_length=2, text_config=SimpleNamespace(vocab_size=11))
+
+        def forward(self, input_ids, decoder_input_ids):
+            block = (input_ids.shape[1] - 3) // 2  # prompt of 3, then the finished canvases
+            x0 = target[:, 2 * block:2 * block + 2]
+            return SimpleNamespace(logits=torch.nn.functional.one_hot(x0, 11).float() * 50.0)
+
+    lm = SimpleNamespace(model=Sure(), family=get_family("diffusion_gemma"))
+    prompts = torch.ones(2, 3, dtype=torch.long)
+    settings = SamplerSettings(gen_length=4, block_length=4, steps=4, temperature=1.0, uniform_sampler="ancestral")
+    out = decode_ancestral(lm, prompts, torch.ones_like(prompts), settings, torch.Generator().manual_seed(0))
+    assert torch.equal(out.completion_bg, target) and out.forward_passes == 4 * 2
+
+
+def test_ancestral_sampler_on_the_snapshot_is_seeded(lm):
+    ids = torch.randint(4, 90, (2, 5), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    settings = SamplerSettings(gen_length=16, block_length=16, steps=3, temperature=1.0, uniform_sampler="ancestral")
+    runs = [decode(lm, ids, attn, settings, torch.Generator().manual_seed(4)) for _ in range(2)]
+    assert torch.equal(runs[0].completion_bg, runs[1].completion_bg) and runs[0].forward_passes == 3 * 2
+    assert runs[0].completion_bg.shape == (2, 16)

@@ -9,8 +9,9 @@ own classes (no remote code); what dipod adds:
   ``DiffusionGemmaForBlockDiffusion`` at a tiny size with random weights (the vision tower
   included, at its smallest) and our character tokenizer, saved with ``save_pretrained``:
   the snapshot the tests and ``benchmarks/build_tiny_diffusion_gemma.py`` use;
-- ``decode``: the model's own entropy-bounded sampler (``model.generate``), behind
-  ``dipod.lm.sampler.decode`` so ``lm eval / generate`` and RL rollouts use it;
+- ``decode``: the model's own entropy-bounded sampler (``model.generate``) or ours (ancestral
+  sampling of the ELBO's process), behind ``dipod.lm.sampler.decode`` so ``lm eval / generate``
+  and RL rollouts use them (``--uniform_sampler own | ancestral``);
 - ``compute_uniform_proxies``: the ELBO of the uniform-noise process per draw (``uniform_noise``;
   derivation in docs/lm_proxies.md), summed over canvas blocks, each conditioned on the clean
   prompt and earlier blocks, behind ``dipod.lm.proxies.compute_proxies``.
@@ -70,6 +71,53 @@ def _row_groups(prompt_attn: Tensor):
 
 
 def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings, generator: torch.Generator | None = None):
+    """Completions ``[B, gen_length]`` by ``settings.uniform_sampler``: the model's own or ours (ancestral)."""
+    canvas = lm.model.config.canvas_length
+    if settings.gen_length % canvas:
+        raise ValueError(f"gen_length={settings.gen_length} must be a multiple of DiffusionGemma's canvas_length="
+                         f"{canvas}")
+    own = settings.uniform_sampler == "own"
+    return (decode_own if own else decode_ancestral)(lm, prompt_ids, prompt_attn, settings, generator)
+
+
+def decode_ancestral(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings, generator: torch.Generator | None = None):
+    """dipod's sampler: per canvas, ``x_T`` uniform, then ``x_{t-1} ~ p(x_{t-1} | x_t)`` for ``t = T .. 2`` and
+    ``x_0 ~ p(x_0 | x_1)``, with ``T = steps`` and the ELBO's linear schedule: the generative model whose
+    ELBO the proxies compute. ``temperature`` divides the denoiser's logits (0: its argmax, one-hot)."""
+    from dipod.lm.model import eval_mode
+    from dipod.lm.sampler import Decoded
+
+    model = lm.model
+    canvas, vocab = model.config.canvas_length, model.config.text_config.vocab_size
+    alphas = uniform_noise.linear_alphas(settings.steps)
+    device = prompt_ids.device
+    completion = torch.empty((prompt_ids.shape[0], settings.gen_length), dtype=torch.long, device=device)
+    passes = 0
+
+    def denoise(logits_ncv: Tensor) -> Tensor:
+        if settings.temperature == 0:
+            return torch.nn.functional.one_hot(logits_ncv.argmax(-1), vocab).double()
+        return torch.softmax(logits_ncv.double() / settings.temperature, dim=-1)
+
+    def draw(probs_ncv: Tensor) -> Tensor:
+        flat = torch.multinomial(probs_ncv.reshape(-1, vocab).float().cpu(), 1, generator=generator)
+        return flat.view(probs_ncv.shape[:-1]).to(device)
+
+    with eval_mode(model), torch.inference_mode():
+        for rows, cols in _row_groups(prompt_attn):
+            seq = prompt_ids[rows][:, cols]
+            for start in range(0, settings.gen_length, canvas):
+                x = torch.randint(0, vocab, (len(rows), canvas), generator=generator).to(device)
+                for t in range(settings.steps, 0, -1):
+                    p0 = denoise(model(input_ids=seq, decoder_input_ids=x).logits.float())
+                    x = draw(uniform_noise.reverse(p0, x, alphas, t) if t > 1 else p0)
+                seq = torch.cat([seq, x], dim=1)
+                passes += settings.steps
+            completion[rows] = seq[:, len(cols):]
+    return Decoded(completion_bg=completion, order_bg=torch.zeros_like(completion), forward_passes=passes)
+
+
+def decode_own(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings, generator: torch.Generator | None = None):
     """Completions ``[B, gen_length]`` by the model's own sampler; ``steps`` caps its denoising steps per canvas.
 
     ``temperature`` is the end of its linear temperature schedule (``t_min``; 0 means 1e-4, the
@@ -81,10 +129,6 @@ def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings, generator: tor
     from dipod.lm.sampler import Decoded
 
     model = lm.model
-    canvas = model.config.canvas_length
-    if settings.gen_length % canvas:
-        raise ValueError(f"gen_length={settings.gen_length} must be a multiple of DiffusionGemma's canvas_length="
-                         f"{canvas}")
     seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else None
     t_min = max(settings.temperature, 1e-4)
     completion = torch.full((prompt_ids.shape[0], settings.gen_length), lm.pad_id, dtype=torch.long,
