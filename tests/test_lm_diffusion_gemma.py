@@ -5,7 +5,7 @@ classes at a tiny size, random weights, our character tokenizer). Pins: it loads
 ``diffusion_gemma`` family with no remote code; dipod's decode IS the model's own sampler (same
 tokens as ``model.generate`` under the same seed; padded rows run without their padding); the ELBO of a
 block depends only on the clean prefix and that block, is seeded and differentiable; `lm eval`,
-`lm generate` and `lm train` (FPO and SPG with DiPOD) run on it.
+`lm generate` and `lm train` (FPO and SPG with DiPOD; rollouts by its sampler or ours) run on it.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def test_eval_and_generate_decode_it(snapshot, tmp_path, capsys):
     assert capsys.readouterr().out.count("--- example") == 2
 
 
-@pytest.mark.parametrize("estimator,extra", [("fpo", []), ("spg", ["--spg_negative_proxy", "elbo"])])
+@pytest.mark.parametrize("estimator,extra", [("fpo", []), ("spg", ["--spg_negative_proxy", "elbo"]),
+                                             ("fpo", ["--uniform_sampler", "ancestral"])])
 def test_train_runs_fpo_and_spg_with_dipod(snapshot, tmp_path, estimator, extra):
     from dipod.lm.trainer import main
     from dipod.runlog import read_metrics
