@@ -55,7 +55,9 @@ RECIPES: dict[str, list[dict]] = {
 }
 # Fields that change where and how a run is shown, not what it learns: left out of the cache key.
 # A later stage's `model` is replaced by the stage before's folder; the chained key covers that dependency.
-_NOT_IN_KEY = ("output_dir", "progress_bar", "tensorboard", "save_every", "keep_checkpoints", "resume", "overwrite")
+# `uniform_sampler` is read only by uniform-noise families (DiffusionGemma); the recipes train masked models.
+_NOT_IN_KEY = ("output_dir", "progress_bar", "tensorboard", "save_every", "keep_checkpoints", "resume", "overwrite",
+               "uniform_sampler")
 SHIPPED_DIR = Path(__file__).parent / "reference_policies"
 KEY_FILE = "recipe_key.txt"
 
