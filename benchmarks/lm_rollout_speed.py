@@ -135,7 +135,7 @@ def long_part(args) -> dict:
         model_dir = build_random_llada(Path(tmp) / "llada", d_model=args.long_d_model, n_layers=args.long_layers,
                                        n_heads=args.long_heads, mlp_hidden=args.long_mlp, head_std=args.long_head_std,
                                        seed=args.seed)
-        lm = load_masked_lm(model_dir, trust_remote_code=True)
+        lm = load_masked_lm(model_dir)
     g = torch.Generator().manual_seed(args.seed)
     ordinary = torch.tensor([t for t in range(90) if t not in (lm.mask_id, lm.pad_id, lm.eos_id)])
     prompts = ordinary[torch.randint(len(ordinary), (args.long_batch, args.long_prompt), generator=g)]

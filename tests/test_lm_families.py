@@ -1,8 +1,10 @@
-"""dipod.lm.families on the hub-shaped LLaDA and Dream snapshots (their own remote code, tiny random weights).
+"""dipod.lm.families on the hub-shaped LLaDA and Dream snapshots (tiny random weights).
 
-Pins: family detection and clear errors before any compute; Dream's shifted logits and boolean
-mask; LLaDA rows independent of the batch (logits, greedy decoding, proxies); save and reload;
-activation checkpointing (same gradients, lower peak memory); mask id sanity; LoRA targets.
+The default path loads them into our own network; tests marked ``needs_hub_code`` pin the legacy
+path (their own remote code, transformers 4.56-4.57). Pins: family detection and clear errors
+before any compute; Dream's shifted logits and padding; LLaDA rows independent of the batch
+(logits, greedy decoding, proxies); save and reload; activation checkpointing (same gradients,
+lower peak memory); mask id sanity; LoRA targets.
 """
 
 from __future__ import annotations
@@ -21,14 +23,16 @@ pytest.importorskip("transformers")
 from dipod.lm.families import FAMILIES, detect_family, get_family, without_padding  # noqa: E402
 from dipod.lm.model import LoraSettings, build_tiny_model, load_masked_lm  # noqa: E402
 
-MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
-SNAPSHOTS = {"llada": MODELS / "tiny-llada", "dream": MODELS / "tiny-dream"}
-needs_snapshots = pytest.mark.skipif(not all(p.is_dir() for p in SNAPSHOTS.values()),
-                                     reason="../shared/models snapshots are absent")
+from hub_snapshots import SNAPSHOTS, hub_code_loads, needs_hub_code, needs_snapshots  # noqa: E402
+
 pytestmark = [needs_snapshots, pytest.mark.filterwarnings("ignore")]
 
 
 def load(family: str, **kwargs):
+    return load_masked_lm(SNAPSHOTS[family], **kwargs)
+
+
+def load_hub(family: str, **kwargs):
     return load_masked_lm(SNAPSHOTS[family], trust_remote_code=True, **kwargs)
 
 
@@ -85,8 +89,6 @@ def test_unknown_family_and_remote_code_off_fail_before_loading(tmp_path):
         detect_family(moe, "inclusionAI/LLaDA-MoE-7B-A1B-Instruct")
     with pytest.raises(ValueError, match=r"model_family='bert'.*choose one of"):
         get_family("bert")
-    with pytest.raises(ValueError, match=r"ships its own model code.*--trust_remote_code true"):
-        load_masked_lm(SNAPSHOTS["llada"])
     from dipod.config import ConfigError
     from dipod.lm.train_config import TrainConfig
 
@@ -94,14 +96,23 @@ def test_unknown_family_and_remote_code_off_fail_before_loading(tmp_path):
         TrainConfig(model_family="lada")
 
 
-@pytest.mark.parametrize("family,missing", [("llada", "modeling_llada.py"), ("dream", "generation_utils.py"),
-                                             ("dream", "model.safetensors"), ("llada", "tokenizer.json")])
-def test_an_incomplete_snapshot_names_the_missing_file(tmp_path, family, missing):
+@pytest.mark.skipif(hub_code_loads(), reason="transformers 4.56-4.57 runs the hub code: no error to check")
+def test_hub_code_on_transformers_5_names_the_versions_and_the_default_path():
+    with pytest.raises(ValueError, match=r"transformers 4.56-4.57 only \(installed: 5.*Drop --trust_remote_code"):
+        load_hub("llada")
+
+
+@pytest.mark.parametrize("family,missing,hub_code", [
+    ("llada", "modeling_llada.py", True), ("dream", "generation_utils.py", True),
+    ("dream", "model.safetensors", False), ("llada", "tokenizer.json", False)])
+def test_an_incomplete_snapshot_names_the_missing_file(tmp_path, family, missing, hub_code):
+    if hub_code and not hub_code_loads():
+        pytest.skip("the hub code's files matter only where the hub code loads (transformers 4.56-4.57)")
     copy = tmp_path / family
     shutil.copytree(SNAPSHOTS[family], copy, ignore=shutil.ignore_patterns(missing, "tokenizer_config.json")
                     if missing == "tokenizer.json" else shutil.ignore_patterns(missing))
     with pytest.raises(FileNotFoundError, match=rf"no .*{missing.split('.')[0]}.*download the whole repository"):
-        load_masked_lm(copy, trust_remote_code=True)
+        load_masked_lm(copy, trust_remote_code=hub_code)
 
 
 def test_mask_token_id_must_agree_with_the_model(llada):
@@ -118,7 +129,7 @@ def test_mask_token_id_must_agree_with_the_model(llada):
 
 def test_dream_logits_are_realigned_so_position_i_predicts_token_i(dream):
     ids, attn = left_padded(dream, ["7*8=56, ok"])
-    raw = dream.model(input_ids=ids).logits
+    raw = dream.family.forward(dream.model, ids, attn)
     ours = dream.logits(ids, attn)
     assert torch.equal(ours[:, 1:], raw[:, :-1].float())  # Dream reads token i from output i - 1
     assert torch.equal(ours[:, 0], raw[:, 0].float())
@@ -140,8 +151,19 @@ def test_llada_rows_do_not_depend_on_the_batch(llada):
     batch = llada.logits(ids, attn)
     for i, text in enumerate(TEXTS):
         alone = llada.logits(*left_padded(llada, [text]))[0]
-        assert torch.equal(batch[i, -alone.shape[0]:], alone)
+        # our network masks padding keys (positions shifted by the padding: float32 rounding only)
+        torch.testing.assert_close(batch[i, -alone.shape[0]:], alone, rtol=0, atol=1e-5)
         assert not batch[i, :-alone.shape[0]].any()  # padding positions: zeros, never read
+
+
+@needs_hub_code
+def test_llada_hub_code_rows_do_not_depend_on_the_batch():
+    llada = load_hub("llada")
+    ids, attn = left_padded(llada, TEXTS)
+    batch = llada.logits(ids, attn)
+    for i, text in enumerate(TEXTS):
+        alone = llada.logits(*left_padded(llada, [text]))[0]
+        assert torch.equal(batch[i, -alone.shape[0]:], alone)
     # The code really ignores attention_mask: without the family, padding leaks into the rows.
     leaky = llada.model(input_ids=ids, attention_mask=attn).logits
     assert (leaky[0, -len("12+34="):] - batch[0, -len("12+34="):]).abs().max() > 1e-3
@@ -185,7 +207,7 @@ def test_greedy_decoding_and_proxies_do_not_depend_on_the_batch(family, llada, d
     completions = batch[:2]
     padded = compute_proxies(lm, long_ids, long_attn, completions, proxy, seed=0)
     unpadded = compute_proxies(lm, short_ids, short_attn, completions, proxy, seed=0)
-    tol = 0 if family == "llada" else 1e-5
+    tol = 1e-5
     torch.testing.assert_close(padded.elbo_nk[0], unpadded.elbo_nk[0], rtol=0, atol=tol)
     torch.testing.assert_close(padded.eubo_n[0], unpadded.eubo_n[0], rtol=0, atol=tol)
 
@@ -203,29 +225,51 @@ def test_save_and_reload_give_the_same_logits(family, tmp_path):
     ids, attn = left_padded(lm, TEXTS)
     before = lm.logits(ids, attn)
     out = lm.save_pretrained(tmp_path / "saved")
-    again = load_masked_lm(out, trust_remote_code=True)
-    assert again.family is lm.family and (again.mask_id, again.eos_id) == (lm.mask_id, lm.eos_id)
+    again = load_masked_lm(out)
+    assert again.family is lm.family and (again.mask_id, again.eos_id, again.eot_id) == (lm.mask_id, lm.eos_id,
+                                                                                          lm.eot_id)
     # Merging W + scale * B A rounds differently from applying the adapter: float32 noise only.
     torch.testing.assert_close(again.logits(ids, attn), before, rtol=0, atol=1e-4)
     assert (before - load(family).logits(ids, attn)).abs().max() > 1e-3  # the adapters were saved
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    if not hub_code_loads():
+        return
+    # The saved folder is a hub snapshot: the hub code loads it and computes the same logits.
+    hub = load_masked_lm(out, trust_remote_code=True)
+    torch.testing.assert_close(hub.logits(ids, attn), again.logits(ids, attn), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family,expected", [
-    ("llada", {"q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"}),
-    ("dream", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
-])
-def test_default_lora_targets_cover_every_block_linear_but_not_the_head(family, expected):
-    lm = load(family, lora=LoraSettings(r=2))
+OUR_BLOCK_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("targets", [None, "all-linear"])
+def test_default_lora_targets_cover_every_block_linear_but_not_the_head(family, targets):
+    lm = load(family, lora=LoraSettings(r=2, target_modules=targets))
     adapted = {n.split(".lora_A")[0] for n, _ in lm.model.named_parameters() if ".lora_A." in n}
-    assert {n.rsplit(".", 1)[-1] for n in adapted} == expected
-    assert len(adapted) == 2 * len(expected)  # two blocks
-    assert not any(n.endswith(("transformer.ff_out", "lm_head")) for n in adapted)
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == OUR_BLOCK_LINEARS  # our module names, both families
+    assert len(adapted) == 2 * len(OUR_BLOCK_LINEARS)  # two blocks
+    assert not any(n.endswith("head") for n in adapted)
 
 
-def test_lora_targets_that_match_nothing_name_the_real_layers():
-    # Dream's (and the released code's) o_proj does not exist in LLaDA, whose output projection is attn_out.
+def test_lora_targets_take_llada_hub_names_and_unknown_ones_name_the_real_layers():
+    lm = load("llada", lora=LoraSettings(r=2, target_modules="q_proj,attn_out,ff_proj"))  # hub-code names
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in lm.model.named_parameters() if ".lora_A." in n}
+    assert adapted == {"q_proj", "o_proj", "gate_proj"}
+    with pytest.raises(ValueError, match=r"\['wq'\] match no linear layer.*'down_proj'.*'o_proj'"):
+        load("llada", lora=LoraSettings(r=2, target_modules="q_proj,wq"))
+
+
+@needs_hub_code
+def test_hub_code_lora_targets_name_the_hub_layers():
+    lm = load_hub("llada", lora=LoraSettings(r=2))
+    adapted = {n.split(".lora_A")[0] for n, _ in lm.model.named_parameters() if ".lora_A." in n}
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == {"q_proj", "k_proj", "v_proj", "attn_out", "ff_proj",
+                                                       "up_proj", "ff_out"}
+    assert not any(n.endswith("transformer.ff_out") for n in adapted)
+    # Dream's (and the released code's) o_proj does not exist in LLaDA's hub code, whose output projection is attn_out.
     with pytest.raises(ValueError, match=r"\['o_proj'\] match no linear layer.*'attn_out'"):
-        load("llada", lora=LoraSettings(r=2, target_modules="q_proj,o_proj"))
+        load_hub("llada", lora=LoraSettings(r=2, target_modules="q_proj,o_proj"))
 
 
 def peak_bytes_and_grads(family: str, checkpointing: bool, batch: int = 2, length: int = 128):

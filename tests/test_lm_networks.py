@@ -1,7 +1,12 @@
-"""Our LLaDA / Dream networks against the hub code of the ../shared/models snapshots, and the block KV cache."""
+"""Our LLaDA / Dream networks against the hub code of the ../shared/models snapshots, and the block KV cache.
+
+Tests marked ``needs_hub_code`` run the hub code itself (transformers 4.56-4.57); on transformers 5
+the recorded hub logits pin the same parity (tests/test_lm_checkpoint_model.py).
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import types
 from pathlib import Path
@@ -13,7 +18,8 @@ from dipod.lm.networks import load_network, make_cached_forward, native_network
 from dipod.lm.networks.cache import BlockCachedForward
 from dipod.lm.networks.transformer import Network
 
-MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+from hub_snapshots import MODELS, needs_hub_code  # noqa: E402
+
 SNAPSHOTS = ("tiny-llada", "tiny-dream")
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=2e-2)}
 
@@ -50,6 +56,7 @@ def _left_padded(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, t
     return ids, attn
 
 
+@needs_hub_code
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", SNAPSHOTS)
 def test_logits_equal_the_hub_code(name, dtype):
@@ -64,6 +71,7 @@ def test_logits_equal_the_hub_code(name, dtype):
     torch.testing.assert_close(from_safetensors, expected, **TOL[dtype])
 
 
+@needs_hub_code
 @pytest.mark.parametrize("name", SNAPSHOTS)
 def test_masked_padding_equals_the_prompt_without_padding(name):
     """Keys at padding are masked and positions stay absolute; RoPE being relative, each row's real
@@ -78,6 +86,7 @@ def test_masked_padding_equals_the_prompt_without_padding(name):
             torch.testing.assert_close(ours[i, ids.shape[1] - len(row):], alone, **TOL[torch.float32])
 
 
+@needs_hub_code
 def test_dream_padding_matches_dreams_own_masked_call():
     """Dream's generate() passes a 4-D boolean mask and position ids restarting at the first real token."""
     hub = _hub("tiny-dream")
@@ -92,6 +101,7 @@ def test_dream_padding_matches_dreams_own_masked_call():
     torch.testing.assert_close(ours[real], expected[real], **TOL[torch.float32])
 
 
+@needs_hub_code
 def test_shared_modules_follow_weight_updates_and_lora():
     from dipod.lm.model import LoraSettings, apply_lora
 
@@ -198,7 +208,7 @@ def test_bad_use_is_a_clear_error():
 def _snapshot_lm(name: str):
     from dipod.lm.model import load_masked_lm
 
-    return load_masked_lm(_snapshot(name), trust_remote_code=True)
+    return load_masked_lm(_snapshot(name))
 
 
 @pytest.mark.parametrize("name", SNAPSHOTS)
@@ -289,7 +299,7 @@ def test_rl_run_with_fast_rollouts_logs_the_mismatch(tmp_path):
     from dipod.lm.train_config import TrainConfig
     from dipod.lm.trainer import train
 
-    cfg = TrainConfig(model=str(_snapshot("tiny-llada")), trust_remote_code=True, task="sudoku4", prompt_style="compact",
+    cfg = TrainConfig(model=str(_snapshot("tiny-llada")), task="sudoku4", prompt_style="compact",
                       lora_r=0, dtype="float32", prompts_per_step=2, num_generations=2, gradient_accumulation_steps=1,
                       gen_length=16, block_length=8, diffusion_steps=8, num_iterations=1, max_steps=1, save_steps=0,
                       eval_steps=0, eval_examples=2, gap_monitor_steps=0, num_draws=2, masking="random", dipod_unscored_eos=True,
@@ -310,6 +320,10 @@ def tiny_bert(tmp_path_factory):
 
     path = build_tiny_model(tmp_path_factory.mktemp("bert") / "m", hidden_size=32, num_layers=4, num_heads=2,
                             intermediate_size=64, max_positions=256)
+    config = json.loads((path / "config.json").read_text())
+    # every 3rd layer global (transformers 4.x reads global_attn_every_n_layers, 5.x reads layer_types)
+    config["layer_types"] = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    (path / "config.json").write_text(json.dumps({**config, "global_attn_every_n_layers": 3, "local_attention": 128}))
     lm = load_masked_lm(path)
     with torch.no_grad():
         for param in lm.model.parameters():

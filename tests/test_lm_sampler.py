@@ -655,10 +655,15 @@ def test_family_sampler_defaults_fill_only_what_the_user_left_unset():
 SNAPSHOTS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 
 
-def load_snapshot(name: str) -> MaskedDiffusionLM:
+def load_snapshot(name: str, hub_code: bool = False) -> MaskedDiffusionLM:
+    """The snapshot in our network, or (``hub_code``) run by its own code: the legacy path, transformers 4.56-4.57."""
+    from hub_snapshots import hub_code_loads
+
     if not (SNAPSHOTS / name).is_dir():
         pytest.skip(f"../shared/models/{name} is absent")
-    return load_masked_lm(str(SNAPSHOTS / name), trust_remote_code=True)
+    if hub_code and not hub_code_loads():
+        pytest.skip("the hub code of LLaDA / Dream loads on transformers 4.56-4.57 only")
+    return load_masked_lm(str(SNAPSHOTS / name), trust_remote_code=hub_code)
 
 
 def llada_reference_generate(model, prompt_ids, mask_id, gen_length, block_length, steps, temperature=0.0,
@@ -667,14 +672,16 @@ def llada_reference_generate(model, prompt_ids, mask_id, gen_length, block_lengt
     no attention mask; equal-length prompts), the mask token's logit set to -inf as ours. At temperature
     > 0 the proposal is LLaDA's Gumbel trick, ``argmax exp(logits) / (-log u)^T`` with ``u`` uniform in
     float64, its ``u`` drawn for the current block from ``generator`` as our sampler draws it; the
-    confidence is LLaDA's: the UNtempered probability of the token just proposed, whatever T."""
+    confidence is LLaDA's: the UNtempered probability of the token just proposed, whatever T.
+    ``model(x)`` returns logits (our network) or an output with ``.logits`` (the hub code)."""
     x = torch.cat([prompt_ids, torch.full((prompt_ids.shape[0], gen_length), mask_id)], dim=1)
     per_block = steps // (gen_length // block_length)
     for lo in range(prompt_ids.shape[1], x.shape[1], block_length):
         hi = lo + block_length
         for step in range(per_block):
             k = block_length // per_block + (1 if step < block_length % per_block else 0)
-            logits = model(x).logits.float()
+            out = model(x)
+            logits = getattr(out, "logits", out).float()
             logits[..., mask_id] = float("-inf")
             logits = logits[:, lo:hi].double()
             if temperature > 0:
@@ -689,8 +696,9 @@ def llada_reference_generate(model, prompt_ids, mask_id, gen_length, block_lengt
     return x[:, prompt_ids.shape[1]:]
 
 
-def test_llada_greedy_equals_the_reference_decoder_on_the_hub_code():
-    lm = load_snapshot("tiny-llada")
+@pytest.mark.parametrize("hub_code", [False, True], ids=["our_network", "hub_code"])
+def test_llada_greedy_equals_the_reference_decoder(hub_code):
+    lm = load_snapshot("tiny-llada", hub_code)
     ids = torch.randint(0, 90, (3, 6), generator=torch.Generator().manual_seed(0))
     attn = torch.ones_like(ids)
     settings = SamplerSettings(gen_length=16, block_length=8, steps=8, fill_after_eos=False)
@@ -722,7 +730,8 @@ def test_llada_sampling_at_temperature_equals_the_reference_decoder_on_the_hub_c
     ("maskgit_plus", None, 50), ("topk_margin", 0.5, 20), ("entropy", 0.95, None),
 ])
 def test_dream_greedy_equals_diffusion_generate(alg, top_p, top_k):
-    lm = load_snapshot("tiny-dream")
+    """Dream's own sampler (its hub code's ``diffusion_generate``) against ours on the same hub model."""
+    lm = load_snapshot("tiny-dream", hub_code=True)
     prompt_len, gen_length, steps = 7, 32, 16
     ids = torch.randint(0, 90, (3, prompt_len), generator=torch.Generator().manual_seed(0))
     attn = torch.ones_like(ids)

@@ -1,7 +1,8 @@
 """`dipod lm train / eval / generate / sft` end to end on the hub-shaped LLaDA and Dream snapshots.
 
 The snapshots are tiny (vocab 128, d_model 64, 2 layers, random weights), so these pin that every
-path RUNS on the real architectures as the hub ships them (every estimator, LoRA on and off,
+path RUNS on the real architectures as the hub ships them, loaded into our own network (the legacy
+hub-code path once, where transformers 4.56-4.57 can run it) (every estimator, LoRA on and off,
 float32 and bfloat16, the LLaDA-1.5 and Dream configs), not accuracy. The default run covers every
 estimator per family with LoRA and dtype alternating; the full matrix is marked slow.
 """
@@ -17,6 +18,8 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+
+from hub_snapshots import needs_hub_code  # noqa: E402
 
 from dipod.runlog import read_metrics  # noqa: E402
 
@@ -60,7 +63,7 @@ MATRIX = [pytest.param(f, e, lr, dt, marks=() if _default(f, e, lr, dt) else pyt
 
 @pytest.mark.parametrize("family,estimator,lora_r,dtype", MATRIX)
 def test_train_runs_one_step(family, estimator, lora_r, dtype, tmp_path):
-    flags = ["--model", str(SNAPSHOTS[family]), "--trust_remote_code", "true", "--task", "sudoku4",
+    flags = ["--model", str(SNAPSHOTS[family]), "--task", "sudoku4",
              "--prompt_style", "chat", "--estimator", estimator, "--lora_r", lora_r, "--dtype", dtype,
              "--gradient_checkpointing", "true", "--save_final_model", "true"]
     if estimator == "d1":
@@ -68,8 +71,22 @@ def test_train_runs_one_step(family, estimator, lora_r, dtype, tmp_path):
     train_one_step(flags, tmp_path)
     from dipod.lm.model import load_masked_lm
 
-    saved = load_masked_lm(tmp_path / "final_model", trust_remote_code=True)  # LoRA merged
+    saved = load_masked_lm(tmp_path / "final_model")  # LoRA merged
     assert saved.family.name == family and saved.mask_id == 120
+
+
+@needs_hub_code
+@pytest.mark.parametrize("family", list(SNAPSHOTS))
+def test_the_legacy_hub_code_path_trains_and_saves(family, tmp_path):
+    """--trust_remote_code true runs the hub code (transformers 4.56-4.57); its saved model loads in ours."""
+    from dipod.lm.model import load_masked_lm
+
+    train_one_step(["--model", str(SNAPSHOTS[family]), "--trust_remote_code", "true", "--task", "sudoku4",
+                    "--prompt_style", "chat", "--lora_r", "4", "--save_final_model", "true"], tmp_path)
+    hub, ours = (load_masked_lm(tmp_path / "final_model", trust_remote_code=remote) for remote in (True, False))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    torch.testing.assert_close(ours.logits(ids, attn), hub.logits(ids, attn), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("config,family", [("llada15_gsm8k_spg_dipod.yaml", "llada"),
@@ -81,7 +98,7 @@ def test_model_configs_run_one_step_through_the_snapshots(config, family, tmp_pa
 
     path = ROOT / "configs" / "lm" / config
     cfg = parse_config(TrainConfig, ["--config", str(path)], "t")
-    assert cfg.trust_remote_code and cfg.mask_token_id is None and cfg.gradient_checkpointing
+    assert not cfg.trust_remote_code and cfg.mask_token_id is None and cfg.gradient_checkpointing
     assert {"GSAI-ML/LLaDA-1.5": "llada", "Dream-org/Dream-v0-Instruct-7B": "dream"}[cfg.model] == family
     flags = ["--config", str(path), "--model", str(SNAPSHOTS[family]), "--lora_r", "4", "--generation_batch_size", "2",
              "--train_data", str(GSM8K), "--eval_data", str(GSM8K), "--save_final_model", "false"]
@@ -93,7 +110,7 @@ def test_eval_and_generate_run_on_the_snapshot(family, tmp_path, capsys):
     from dipod.lm.evaluate import main as eval_main
     from dipod.lm.generate import main as generate_main
 
-    common = ["--model", str(SNAPSHOTS[family]), "--trust_remote_code", "true", "--task", "sudoku4",
+    common = ["--model", str(SNAPSHOTS[family]), "--task", "sudoku4",
               "--prompt_style", "chat", "--gen_length", "8", "--block_length", "4", "--steps", "4",
               "--max_prompt_length", "48"]
     assert eval_main([*common, "--limit", "3", "--batch_size", "2", "--dtype", "bfloat16",
@@ -110,14 +127,14 @@ def test_sft_trains_and_saves_a_reloadable_model(family, dtype, tmp_path):
     from dipod.lm.sft import main as sft_main
 
     out = tmp_path / "sft"
-    assert sft_main(["--model", str(SNAPSHOTS[family]), "--trust_remote_code", "true", "--task", "sudoku4",
+    assert sft_main(["--model", str(SNAPSHOTS[family]), "--task", "sudoku4",
                      "--prompt_style", "chat", "--train_examples", "4", "--eval_examples", "1", "--eval_every", "0",
                      "--gen_length", "16", "--block_length", "8", "--steps", "4", "--max_prompt_length", "48",
                      "--max_steps", "2", "--batch_size", "2", "--learning_rate", "1e-2", "--warmup_steps", "0",
                      "--dtype", dtype, "--progress_bar", "false", "--output_dir", str(out)]) == 0
     result = json.loads((out / "sft_result.json").read_text())
-    trained = load_masked_lm(result["model_dir"], trust_remote_code=True, dtype=dtype)
-    start = load_masked_lm(SNAPSHOTS[family], trust_remote_code=True, dtype=dtype)
+    trained = load_masked_lm(result["model_dir"], dtype=dtype)
+    start = load_masked_lm(SNAPSHOTS[family], dtype=dtype)
     assert trained.family is start.family
     moved = [name for name, p in trained.model.named_parameters()
              if not torch.equal(p, dict(start.model.named_parameters())[name])]

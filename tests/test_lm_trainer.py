@@ -66,7 +66,7 @@ def test_paper_configs_parse_with_the_published_settings(path):
     assert (cfg.estimator, cfg.option_value("spg_negative_proxy"), cfg.option_value("spg_mix_weight")) == ("spg", "mix", 0.5)
     assert cfg.eubo_beta_value() == (1.0 if cfg.task == "sudoku4" else 1.5)
     assert cfg.few_shot == (3 if "3shot" in path.name else 0)
-    assert cfg.model == "GSAI-ML/LLaDA-8B-Instruct" and cfg.trust_remote_code and cfg.mask_token_id is None
+    assert cfg.model == "GSAI-ML/LLaDA-8B-Instruct" and not cfg.trust_remote_code and cfg.mask_token_id is None
 
 
 def test_there_is_a_config_per_paper_task_and_an_accelerate_config():

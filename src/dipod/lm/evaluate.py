@@ -48,7 +48,9 @@ class DecodeConfig(DecodingOptions):
     batch_size: int = option("prompts decoded per sampler call", default=64)
     seed: int = option("seed of the sampler's random draws (temperature > 0 or random remasking)", default=0)
     dtype: str = option("model dtype: float32, bfloat16 or float16", default="float32")
-    trust_remote_code: bool = option("allow the model repository's own code (LLaDA needs true)", default=False)
+    trust_remote_code: bool = option("run the model repository's own code: the legacy path for LLaDA / Dream "
+                                     "(transformers 4.56-4.57); by default they load into dipod's own network",
+                                     default=False)
     mask_token_id: int | None = option(
         "mask token id for a model that defines none; must equal the model's own id otherwise", default=None)
     model_family: str | None = option(

@@ -13,9 +13,13 @@ A family says everything dipod must know about an architecture that its ``config
 * its decoding defaults (``sampler_defaults``).
 
 Families: ``llada`` (LLaDA-8B-Instruct / -Base, LLaDA-1.5: one code base), ``dream``
-(Dream-v0-Instruct-7B / -Base-7B) and ``hf_masked_lm`` (any ``AutoModelForMaskedLM`` of
-transformers, e.g. our tiny ModernBERT). ``detect_family`` reads ``model_type`` and ``auto_map``
-of the config; ``--model_family`` names one explicitly. See docs/lm_models.md.
+(Dream-v0-Instruct-7B / -Base-7B), ``diffusion_gemma`` (transformers' own block-diffusion model
+with uniform noise, ``noise = "uniform"``: dipod.lm.diffusion_gemma) and ``hf_masked_lm`` (any
+``AutoModelForMaskedLM`` of transformers, e.g. our tiny ModernBERT). LLaDA and Dream load into our
+own network by default (``native``: dipod.lm.networks.checkpoint_model, called by
+``native_forward``); the attention conventions above describe their hub code, the legacy
+``trust_remote_code`` path. ``detect_family`` reads ``model_type`` and ``auto_map`` of the config;
+``--model_family`` names one explicitly. See docs/lm_models.md.
 """
 
 from __future__ import annotations
@@ -38,11 +42,19 @@ class ModelFamily:
     attention: str = "2d"  # "2d", "4d_bool" or "none": how ``forward`` passes the padding (module docstring)
     forward_kwargs: Mapping[str, Any] = MappingProxyType({})  # extra keyword arguments of every forward call
     shifted_logits: bool = False
-    needs_remote_code: bool = False
+    needs_remote_code: bool = False  # the legacy path: its hub snapshot ships model code (auto_map)
+    native: bool = False  # loaded into our own network (dipod.lm.networks) unless trust_remote_code asks otherwise
+    # "masking" (mask tokens: our sampler and proxies) or "uniform" (uniform-noise block diffusion:
+    # dipod.lm.diffusion_gemma decodes and scores it; no mask token)
+    noise: str = "masking"
     end_of_turn_token: str | None = None
     # LoRA target module-name suffixes, or "all-linear". The output head is never adapted
-    # (dipod.lm.model.apply_lora drops it), so a suffix such as LLaDA's "ff_out" only hits blocks.
+    # (dipod.lm.model.apply_lora drops it). ``hub_lora_targets``: the same layers named as in the
+    # hub code (legacy path); ``hub_module_names``: hub name -> our name, so configs written for the
+    # hub code keep working on ours.
     lora_targets: str | tuple[str, ...] = "all-linear"
+    hub_lora_targets: str | tuple[str, ...] | None = None
+    hub_module_names: Mapping[str, str] = MappingProxyType({})
     # Decoding defaults of the family: a plain dict of SamplerSettings field names -> values that
     # dipod.lm.sampler applies where the user left a field unset. Keys must be SamplerSettings
     # fields ("schedule": "blocks" (LLaDA's semi-autoregressive blocks, even split per block) or
@@ -64,6 +76,8 @@ class ModelFamily:
 
     def forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
         """Raw logits ``[B, T, V]`` (model dtype) for ``ids`` with 0/1 mask ``attn`` (0 = padding)."""
+        if is_checkpoint_network(model):
+            return self.native_forward(model, ids, attn)
         if self.attention == "none":
             return without_padding(lambda x: _logits_of(model(input_ids=x, **self.forward_kwargs)), ids, attn)
         if self.attention == "4d_bool":
@@ -75,6 +89,10 @@ class ModelFamily:
             return _logits_of(model(input_ids=ids, attention_mask=keep[:, None, None, :], position_ids=positions,
                                     **self.forward_kwargs))
         return _logits_of(model(input_ids=ids, attention_mask=attn, **self.forward_kwargs))
+
+    def native_forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
+        """Our network (dipod.lm.networks): padding keys masked, positions absolute."""
+        return model(ids, attn)
 
     def logits(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
         """Logits ``[B, T, V]`` with ``[:, i]`` predicting token i, whatever the family's convention."""
@@ -97,6 +115,15 @@ class ModelFamily:
     def saving(self, model: nn.Module) -> Iterator[None]:
         """Context in which ``model.save_pretrained`` works for this family."""
         yield
+
+
+def is_checkpoint_network(model: nn.Module) -> bool:
+    """Whether ``model`` (under DDP / PEFT wrappers) is our own network read from a checkpoint."""
+    from dipod.lm.networks.checkpoint_model import CheckpointNetwork
+
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return isinstance(model, CheckpointNetwork)
 
 
 def _logits_of(out: Any) -> Tensor:
@@ -124,24 +151,34 @@ class HFMaskedLM(ModelFamily):
 class LLaDA(ModelFamily):
     """LLaDA-8B-Instruct / -Base and LLaDA-1.5 (hub code ``modeling_llada.py``).
 
-    Its attention is called without a mask, so left padding is attended to. To make every row's
-    logits independent of the others, rows are grouped by their padding pattern and each group
-    runs without its padding columns; padding positions get zero logits (never read).
+    Our network masks padding keys, so a row's logits are those of the row alone; padding positions
+    get zero logits (never read), as on the legacy path. The hub code's attention is called without
+    a mask, so there rows are grouped by their padding pattern and each group runs without its
+    padding columns.
     """
 
     name = "llada"
     attention = "none"
     forward_kwargs = MappingProxyType({"use_cache": False})  # no key/value outputs during training
     needs_remote_code = True
+    native = True
     end_of_turn_token = "<|eot_id|>"
-    # Every linear layer of a block (attention q/k/v/out, SwiGLU ff_proj/up_proj/ff_out).
-    lora_targets = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+    # Every linear layer of a block (attention q/k/v/out, SwiGLU gate/up/down).
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    hub_lora_targets = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+    hub_module_names = MappingProxyType({"attn_out": "o_proj", "ff_proj": "gate_proj", "ff_out": "down_proj"})
     sampler_defaults = MappingProxyType({"schedule": "blocks", "remasking": "low_confidence"})
 
     def matches(self, config: Mapping[str, Any]) -> bool:
         return config.get("model_type") == "llada"
 
+    def native_forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
+        logits = model(ids, attn)
+        return logits if bool(attn.all()) else logits.masked_fill(~attn.bool()[..., None], 0.0)
+
     def enable_activation_checkpointing(self, model: nn.Module) -> None:
+        if is_checkpoint_network(model):
+            return super().enable_activation_checkpointing(model)
         # LLaDA does not declare Hugging Face gradient checkpointing; its LLaDAModel has its own
         # (torch.utils.checkpoint, non-reentrant) with per-layer strategies.
         inner = getattr(model, "model", None)
@@ -166,6 +203,7 @@ class Dream(ModelFamily):
     attention = "4d_bool"
     shifted_logits = True
     needs_remote_code = True
+    native = True
     end_of_turn_token = "<|im_end|>"
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     sampler_defaults = MappingProxyType({"schedule": "global", "remasking": "maskgit_plus"})
@@ -173,10 +211,20 @@ class Dream(ModelFamily):
     def matches(self, config: Mapping[str, Any]) -> bool:
         return str(config.get("model_type", "")).lower() == "dream"
 
+    def native_forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
+        if bool(attn.all()):
+            return model(ids, attn)
+        # Dream's own positions (count from the first real token, padding at 1): padding rows then
+        # equal the hub code's too, not only the real ones.
+        return model(ids, attn, (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 1))
+
     @contextlib.contextmanager
     def saving(self, model: nn.Module) -> Iterator[None]:
         # transformers 4.57 saves a generation config after validate(strict=True); Dream's
         # DreamGenerationConfig.validate takes no `strict`. Write its JSON directly instead.
+        if is_checkpoint_network(model):  # ours copies the snapshot's generation_config.json as it is
+            yield
+            return
         original = model.generation_config
         model.generation_config = _GenerationConfigWriter(original)
         try:
@@ -199,7 +247,31 @@ class _GenerationConfigWriter:
         self._config.to_json_file(os.path.join(save_directory, "generation_config.json"), use_diff=True)
 
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLaDA(), Dream(), HFMaskedLM())}
+class DiffusionGemma(ModelFamily):
+    """DiffusionGemma (transformers' own ``DiffusionGemmaForBlockDiffusion``): block diffusion, uniform noise.
+
+    Not a mask predictor: its decoder denoises a canvas after an encoder's cache, so ``lm.logits``
+    does not apply; dipod.lm.diffusion_gemma decodes it (its own sampler) and scores it (the
+    uniform-noise ELBO). LoRA targets the text attention and dense MLP projections of encoder and
+    decoder (the MoE experts are packed parameters, not linear layers).
+    """
+
+    name = "diffusion_gemma"
+    noise = "uniform"
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def matches(self, config: Mapping[str, Any]) -> bool:
+        return config.get("model_type") == "diffusion_gemma"
+
+    def auto_class(self) -> str:
+        return "DiffusionGemmaForBlockDiffusion"
+
+    def forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
+        raise ValueError("DiffusionGemma has no masked forward over the full sequence (it denoises a canvas "
+                         "after its encoder); decode and score it through dipod.lm.diffusion_gemma")
+
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLaDA(), Dream(), DiffusionGemma(), HFMaskedLM())}
 
 
 def get_family(name: str) -> ModelFamily:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import os
 import shutil
 import string
@@ -36,6 +37,8 @@ TINY_SPECIAL_TOKENS = (PAD_TOKEN, MASK_TOKEN, EOS_TOKEN, UNK_TOKEN)
 # One token per character: digits, ASCII letters, punctuation (covers + - * / ( ) = , : < > .),
 # space and newline. Anything else encodes as <unk>.
 TINY_ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n"
+
+LEGACY_TRANSFORMERS = ((4, 56), (4, 58))  # where the hub code of LLaDA and Dream loads: [4.56, 4.58)
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -207,44 +210,35 @@ def load_masked_lm(
     """Load a mask predictor and its tokenizer from a local directory or a hub id.
 
     Everything that can be checked from ``config.json`` and the folder is checked before any model
-    code runs: the family (``model_family`` or detected, see dipod.lm.families), that
-    ``trust_remote_code`` is on for a model that ships its own code, and that a local snapshot
-    has its weights, tokenizer and code files. A local directory is loaded with
-    ``local_files_only=True`` (never touches the network). The mask id is the model's
+    code runs: the family (``model_family`` or detected, see dipod.lm.families) and that a local
+    snapshot has its weights and tokenizer. LLaDA and Dream load into our own network from their
+    checkpoint files (dipod.lm.networks.checkpoint_model; no hub code, any transformers 5.x);
+    ``trust_remote_code=True`` runs their hub code instead (the legacy path, transformers
+    4.56-4.57 only). Other models load through transformers' Auto classes. A local directory is
+    loaded with ``local_files_only=True`` (never touches the network). The mask id is the model's
     (tokenizer or config); ``mask_token_id`` only fills in for a model that has none and must
     agree otherwise. ``lora.target_modules=None`` means the family's default targets.
     ``load_in_4bit`` quantises the base weights (``nf4_quantization``; LoRA adapters stay bf16).
     """
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
-
     torch_dtype = resolve_dtype(dtype)
     name, local = locate_model(name_or_path)
     raw_config = read_config_dict(name, local)
     family = get_family(model_family) if model_family else detect_family(raw_config, name)
-    if (family.needs_remote_code or raw_config.get("auto_map")) and not trust_remote_code:
-        raise ValueError(
-            f"model {name!r} ({family.name}) ships its own model code (config.json auto_map); pass "
-            "--trust_remote_code true to run it")
-    if local:
-        check_snapshot(name, raw_config)
-    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local}
-    # a quantised model is placed by from_pretrained (bitsandbytes weights are not moved afterwards)
-    quantized = {"quantization_config": nf4_quantization(device), "device_map": {"": device}} if load_in_4bit else {}
-    try:
-        config = AutoConfig.from_pretrained(name, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        auto = getattr(transformers, family.auto_class())
-        model = auto.from_pretrained(name, config=config, dtype=torch_dtype, **kwargs, **quantized)
-    except OSError as err:
-        where = "from local directory" if local else "(no such local directory; tried it as a hub id)"
-        raise FileNotFoundError(
-            f"could not load model {name!r} {where}: {err} Pass a local directory written by save_pretrained, "
-            "or a hub id reachable from this machine (download it first when offline)") from err
+    ours = family.native and not trust_remote_code
+    if ours:
+        if load_in_4bit:
+            raise ValueError(f"load_in_4bit quantises through the hub code's from_pretrained; {family.name} loads into "
+                             "dipod's own network here. Set load_in_4bit false, or use the legacy path "
+                             "(--trust_remote_code true on transformers 4.56-4.57)")
+        model, tokenizer, config = _load_checkpoint_network(name, local, torch_dtype)
+    else:
+        model, tokenizer, config = _load_with_transformers(name, local, raw_config, family, torch_dtype,
+                                                           trust_remote_code, load_in_4bit, device)
 
     embeddings = model.get_input_embeddings()
     vocab_size = embeddings.weight.shape[0] if embeddings is not None else None
-    mask_id = _resolve_mask_id(name, tokenizer, config, mask_token_id, vocab_size)
+    # Uniform-noise models have no mask token; -1 matches no token id.
+    mask_id = -1 if family.noise == "uniform" else _resolve_mask_id(name, tokenizer, config, mask_token_id, vocab_size)
     eos_id = _special_id(tokenizer, config, "eos_token_id")
     if eos_id is None:
         raise ValueError(f"model {name!r} defines no EOS token; its tokenizer needs an eos_token")
@@ -260,25 +254,115 @@ def load_masked_lm(
     if gradient_checkpointing:
         family.enable_activation_checkpointing(model)
     if lora is not None:
-        if lora.target_modules is None:
-            lora = dataclasses.replace(lora, target_modules=family.lora_targets)
-        model = apply_lora(model, lora)
+        model = apply_lora(model, _family_lora_targets(lora, family, ours))
     return MaskedDiffusionLM(model=model, tokenizer=tokenizer, mask_id=mask_id, pad_id=pad_id, eos_id=eos_id,
                              eot_id=eot_id, family=family, source=name)
+
+
+def _family_lora_targets(lora: LoraSettings, family: ModelFamily, ours: bool) -> LoraSettings:
+    """The family's default targets when none are named; on our network, hub-code names are translated."""
+    if lora.target_modules is None:
+        default = family.lora_targets if ours or family.hub_lora_targets is None else family.hub_lora_targets
+        return dataclasses.replace(lora, target_modules=default)
+    if ours and not isinstance(lora.target_modules, str):
+        names = tuple(dict.fromkeys(family.hub_module_names.get(m, m) for m in lora.target_modules))
+        return dataclasses.replace(lora, target_modules=names)
+    return lora
+
+
+def _load_checkpoint_network(name: str, local: bool, dtype: torch.dtype):
+    """LLaDA / Dream into our own network: config.json + safetensors + tokenizer, no model code run."""
+    from dipod.lm.networks.checkpoint_model import load_checkpoint_model
+
+    if not local:
+        from huggingface_hub import snapshot_download
+
+        try:  # weights, config, tokenizer (and the hub code, kept so a saved copy still runs it)
+            name = snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.py", "*.jinja", "*.txt",
+                                                           "*.model", "*.tiktoken"])
+        except Exception as err:  # noqa: BLE001 - hub / network errors of any kind
+            raise FileNotFoundError(f"could not download model {name!r}: {err}. Download it first (e.g. "
+                                    "`huggingface-cli download ORG/NAME --local-dir DIR`) and pass DIR") from err
+    check_snapshot(name, read_config_dict(name, True), need_code=False)
+    model = load_checkpoint_model(name, dtype)
+    return model, _load_tokenizer(name), model.config
+
+
+def _load_tokenizer(model_dir: str):
+    """The snapshot's tokenizer without any model code.
+
+    tokenizer_config.json names its class; a class of transformers is used as it is, anything else
+    (a tokenizer of the hub code) is replaced by transformers' fast tokenizer, which reads the same
+    ``tokenizer.json`` (vocabulary, special tokens, chat template). Neither looks at config.json.
+    """
+    import transformers
+
+    path = Path(model_dir) / "tokenizer_config.json"
+    named = json.loads(path.read_text()).get("tokenizer_class") if path.is_file() else None
+    cls = getattr(transformers, str(named), None) if named else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        if not (Path(model_dir) / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"model directory {model_dir!r}: its tokenizer class {named!r} is not one of transformers' and there "
+                "is no tokenizer.json to read instead; add the repository's tokenizer.json (or save the tokenizer "
+                "once with the legacy path, --trust_remote_code true on transformers 4.56-4.57)")
+        cls = transformers.PreTrainedTokenizerFast
+    return cls.from_pretrained(model_dir, local_files_only=True)
+
+
+def _load_with_transformers(name: str, local: bool, raw_config: dict, family: ModelFamily, dtype: torch.dtype,
+                            trust_remote_code: bool, load_in_4bit: bool, device):
+    """A transformers model (and, with ``trust_remote_code``, the hub code of LLaDA / Dream: the legacy path)."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    if (family.needs_remote_code or raw_config.get("auto_map")) and not trust_remote_code:
+        raise ValueError(
+            f"model {name!r} ({family.name}) ships its own model code (config.json auto_map); pass "
+            "--trust_remote_code true to run it")
+    if family.native and not LEGACY_TRANSFORMERS[0] <= _version(transformers.__version__) < LEGACY_TRANSFORMERS[1]:
+        raise ValueError(
+            f"--trust_remote_code true runs the hub code of {family.name}, which loads on transformers 4.56-4.57 "
+            f"only (installed: {transformers.__version__}). Drop --trust_remote_code: dipod loads {family.name} into "
+            "its own network on any supported transformers; or pip install 'transformers>=4.56,<4.58'")
+    if local:
+        check_snapshot(name, raw_config)
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local}
+    # a quantised model is placed by from_pretrained (bitsandbytes weights are not moved afterwards)
+    quantized = {"quantization_config": nf4_quantization(device), "device_map": {"": device}} if load_in_4bit else {}
+    try:
+        config = AutoConfig.from_pretrained(name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        auto = getattr(transformers, family.auto_class())
+        model = auto.from_pretrained(name, config=config, dtype=dtype, **kwargs, **quantized)
+    except OSError as err:
+        where = "from local directory" if local else "(no such local directory; tried it as a hub id)"
+        raise FileNotFoundError(
+            f"could not load model {name!r} {where}: {err} Pass a local directory written by save_pretrained, "
+            "or a hub id reachable from this machine (download it first when offline)") from err
+    return model, tokenizer, config
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = text.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
     """Wrap ``model`` with LoRA adapters; only the adapters stay trainable.
 
-    Name suffixes are expanded to the full names of the matching linear layers, leaving out the
-    output head (LLaDA's head and its blocks' MLP output share the name ``ff_out``).
+    Name suffixes (and ``"all-linear"``) are expanded to the full names of the matching linear
+    layers, leaving out the output head (LLaDA's hub-code head and its blocks' MLP output share the
+    name ``ff_out``).
     """
     from peft import LoraConfig, get_peft_model
 
     targets = lora.target_modules
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if targets == "all-linear":  # expanded here: peft's own expansion accepts only transformers models
+        targets = tuple({n.rsplit(".", 1)[-1] for n, m in linears.items() if m is not head})
     if not isinstance(targets, str):
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         full = [n for n, m in linears.items() if m is not head and n.rsplit(".", 1)[-1] in targets]
         unmatched = sorted(set(targets) - {n.rsplit(".", 1)[-1] for n in full})
         if unmatched:

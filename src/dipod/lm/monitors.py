@@ -43,7 +43,10 @@ def rollout_confidence(lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_m
     """Sharpness of the policy where every rollout starts: one forward with the whole completion
     masked (the sampler's first step). Returns the mean over live completion positions of the
     predictive entropy (nats) and of the top token's probability (confidence). A policy that has
-    collapsed onto one answer has entropy near 0 and confidence near 1 there."""
+    collapsed onto one answer has entropy near 0 and confidence near 1 there. A uniform-noise family
+    (DiffusionGemma) starts from random tokens, not a masked canvas: NaN, not measured."""
+    if getattr(getattr(lm, "family", None), "noise", "masking") == "uniform":
+        return {"rollout_entropy": float("nan"), "rollout_confidence": float("nan")}
     gen_length = completion_mask_nl.shape[1]
     masked = torch.full((prompt_ids.shape[0], gen_length), lm.mask_id, dtype=torch.long, device=prompt_ids.device)
     ids = torch.cat([prompt_ids, masked], dim=1)

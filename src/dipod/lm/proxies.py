@@ -246,6 +246,10 @@ def compute_proxies(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tens
     """ELBO (per draw, mean, per token), EUBO surrogate and, with ``meanfield``, d1's per-token
     log-probs, all from one batched forward over ``B x (K [+1])`` masked copies."""
     _check_batch(prompt_ids, prompt_attn, completion_ids)
+    if lm.family.noise == "uniform":
+        from dipod.lm.diffusion_gemma import compute_uniform_proxies
+
+        return compute_uniform_proxies(lm, prompt_ids, prompt_attn, completion_ids, settings, seed)
     mask_nl = live_mask(completion_ids, lm.eos_id, settings)
     draw = draw_masks(prompt_attn, mask_nl, settings, torch.Generator().manual_seed(int(seed)))
     return score_draw(lm, prompt_ids, prompt_attn, completion_ids, draw, settings, meanfield=meanfield)
@@ -345,13 +349,16 @@ def gap_lower_bound(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tens
 
     ``IW_K = log (1/K) sum_k p_sigma_k(x)`` and ``ELBO_K = (1/K) sum_k log p_sigma_k(x)`` from the same
     orders. ``E[ELBO_K]`` is the any-order ELBO of the live tokens and ``E[IW_K]`` rises with K to
-    ``log pi``, so the expectation lies in ``[0, log pi - ELBO]`` and tends to the gap. The prompt is
+    ``log pi``, so the expectation lies in ``[0, log pi - ELBO]`` and tends to the gap (NaN, not
+    measured, for a uniform-noise family: it has no unmasking orders). The prompt is
     never masked here; live tokens and the tail follow ``settings.masking`` (block by block for
     ``block_random``). Costs ``max_n L_n`` forwards of ``B x K`` rows.
     """
     if num_orders < 1:
         raise ValueError(f"gap_lower_bound: num_orders={num_orders} must be >= 1")
     _check_batch(prompt_ids, prompt_attn, completion_ids)
+    if lm.family.noise == "uniform":  # orders of unmasking do not exist there: not measured (NaN)
+        return torch.full((completion_ids.shape[0],), float("nan"), device=completion_ids.device)
     orders = decoding_orders(live_mask(completion_ids, lm.eos_id, settings), num_orders, settings,
                              torch.Generator().manual_seed(int(seed)))
     log_p_nk = order_log_probs(lm, prompt_ids, prompt_attn, completion_ids, orders, settings.max_tokens_per_forward,

@@ -48,7 +48,9 @@ def _converge_then_mislead(task: str, batch_size: int) -> list[dict]:
 RECIPES: dict[str, list[dict]] = {"sudoku4": _converge_then_mislead("sudoku4", 64),
                                   "countdown": _converge_then_mislead("countdown", 128)}
 # A later stage's `model` is replaced by the stage before's folder; the chained key covers that dependency.
-_NOT_IN_KEY = ("output_dir", "progress_bar", "tensorboard", "save_every", "keep_checkpoints", "resume", "overwrite")
+# `uniform_sampler` is read only by uniform-noise families (DiffusionGemma); the recipes train masked models.
+_NOT_IN_KEY = ("output_dir", "progress_bar", "tensorboard", "save_every", "keep_checkpoints", "resume", "overwrite",
+               "uniform_sampler")
 SHIPPED_DIR = Path(__file__).parent / "reference_policies"
 KEY_FILE = "recipe_key.txt"
 

@@ -50,6 +50,9 @@ __all__ = ["BlockForward", "DecodingOptions", "SamplerSettings", "Decoded", "dec
            "full_forward", "family_sampler_defaults", "fill_after_first_eos", "reveal_schedule", "top_k_mask"]
 
 
+UNIFORM_SAMPLERS = ("own", "ancestral")  # dipod.lm.diffusion_gemma
+
+
 @dataclass
 class DecodingOptions:
     """Decoding options shared by every config that decodes (train, SFT, eval, generate): declared once here."""
@@ -72,6 +75,9 @@ class DecodingOptions:
                                "distribution (Dream's top_k; None: no filter)", default=None)
     top_p: float | None = option("propose only within the nucleus of this tempered probability mass; scores read "
                                  "the filtered distribution (Dream's top_p; None: no filter)", default=None)
+    uniform_sampler: str = option(f"uniform-noise families (DiffusionGemma), one of {UNIFORM_SAMPLERS}: 'own' (the "
+                                  "model's entropy-bounded sampler) or 'ancestral' (dipod's: x_(t-1) ~ p(x_(t-1) | x_t) "
+                                  "of the ELBO's process, steps per canvas)", default="own")
 
     def decoding_options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(DecodingOptions)}
@@ -104,6 +110,8 @@ class DecodingOptions:
             raise ConfigError(f"top_k={self.top_k} must be >= 1 (or leave it unset: no filter)")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p={self.top_p} must lie in (0, 1] (or leave it unset: no filter)")
+        if self.uniform_sampler not in UNIFORM_SAMPLERS:
+            raise ConfigError(f"uniform_sampler={self.uniform_sampler!r}; choose one of {UNIFORM_SAMPLERS}")
 
 
 @dataclass
@@ -302,6 +310,10 @@ def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSetting
     predicting positions ``lo..hi-1``, with ``new_block`` true on each block's first step.
     """
     _check_inputs(lm, prompt_ids, prompt_attn, settings, generator)
+    if getattr(getattr(lm, "family", None), "noise", "masking") == "uniform":
+        from dipod.lm.diffusion_gemma import decode as decode_uniform
+
+        return decode_uniform(lm, prompt_ids, prompt_attn, settings, generator)  # its own sampler
     settings = settings.resolved(family_sampler_defaults(lm))
     rule = REVEAL_RULES[settings.remasking]
     batch, prompt_len = prompt_ids.shape

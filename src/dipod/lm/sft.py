@@ -91,7 +91,9 @@ class SFTConfig(DecodingOptions):  # remasking, schedule, confidence_threshold, 
     tiny_layers: int = option("tiny model: transformer layers", default=4)
     tiny_heads: int = option("tiny model: attention heads", default=4)
     tiny_intermediate_size: int = option("tiny model: MLP width", default=256)
-    trust_remote_code: bool = option("allow the model repository's own code (LLaDA needs true)", default=False)
+    trust_remote_code: bool = option("run the model repository's own code: the legacy path for LLaDA / Dream "
+                                     "(transformers 4.56-4.57); by default they load into dipod's own network",
+                                     default=False)
     mask_token_id: int | None = option(
         "mask token id for a model that defines none; must equal the model's own id otherwise", default=None)
     model_family: str | None = option(

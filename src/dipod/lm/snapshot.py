@@ -67,8 +67,8 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def check_snapshot(name: str, config: dict) -> None:
-    """A local snapshot has the weights, a tokenizer and every code file its auto_map needs."""
+def check_snapshot(name: str, config: dict, need_code: bool = True) -> None:
+    """A local snapshot has the weights, a tokenizer and (``need_code``) every code file its auto_map needs."""
     def missing(what: str, files) -> FileNotFoundError:
         return FileNotFoundError(
             f"model directory {name!r} has no {what} ({' or '.join(files)}); the snapshot is incomplete: "
@@ -79,6 +79,8 @@ def check_snapshot(name: str, config: dict) -> None:
         raise missing("weights", _WEIGHT_FILES)
     if not any(os.path.isfile(os.path.join(name, f)) for f in _TOKENIZER_FILES):
         raise missing("tokenizer", _TOKENIZER_FILES)
+    if not need_code:
+        return
     # auto_map entries look like "modeling_llada.LLaDAModelLM"; the code may import siblings
     # ("from .generation_utils import ..."), which must be there too.
     todo = [ref.split("--")[-1].split(".")[0] for ref in (config.get("auto_map") or {}).values() if isinstance(ref, str)]

@@ -36,7 +36,9 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
     # --- model ---
     model: str = option("hub id or local directory of a mask predictor (dipod.lm.model.load_masked_lm)",
                        default="GSAI-ML/LLaDA-8B-Instruct")
-    trust_remote_code: bool = option("allow the model repository's own code (LLaDA needs true)", default=False)
+    trust_remote_code: bool = option("run the model repository's own code: the legacy path for LLaDA / Dream "
+                                     "(transformers 4.56-4.57); by default they load into dipod's own network",
+                                     default=False)
     mask_token_id: int | None = option(
         "mask token id for a model that defines none; must equal the model's own id otherwise", default=None)
     model_family: str | None = option(

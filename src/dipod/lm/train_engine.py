@@ -111,6 +111,10 @@ def load_policy(cfg: TrainConfig, device):
                         mask_token_id=cfg.mask_token_id, model_family=cfg.model_family, lora=lora,
                         gradient_checkpointing=cfg.gradient_checkpointing,
                         device=device, load_in_4bit=cfg.load_in_4bit)
+    if lm.family.noise == "uniform":
+        from dipod.lm.diffusion_gemma import check_estimator
+
+        check_estimator(cfg)
     lm.model.train()
     return lm
 

@@ -1,13 +1,14 @@
 """Our own implementations of the LLaDA and Dream networks, and the block KV cache built on them.
 
-The hub code of these models has no cache interface, so fast rollouts run the same weights through
-``Network`` (``transformer.py``), which matches the hub's logits to float32 rounding (tests/test_lm_networks.py).
+LLaDA and Dream load into ``Network`` (``transformer.py``) from their hub checkpoint files
+(``checkpoint_model.py``); its logits equal the hub code's to float32 rounding (tests/test_lm_networks.py).
 ModernBERT (the tiny CPU model) gets the cache too (``modernbert.py``: our attention, its own other modules).
 
-- ``native_network(lm)``: the network of a loaded ``MaskedDiffusionLM``, sharing its modules
+- ``native_network(lm)``: the network of a loaded ``MaskedDiffusionLM``: the model itself when it was
+  loaded by us (the default), or, for the legacy hub-code path, one sharing the hub model's modules
   (LoRA adapters and training updates included, nothing copied);
 - ``load_network(model_dir, dtype)``: the network straight from a snapshot's ``config.json`` and
-  safetensors, without the hub code;
+  safetensors, without the hub code (``load_checkpoint_model``);
 - ``make_cached_forward(lm, mode)``: the sampler's pluggable forward with a ``prefix`` or
   ``dual`` block KV cache (``cache.py``).
 """
@@ -19,17 +20,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dipod.lm.networks import dream, llada
-from dipod.lm.networks.build import assemble, modules_from_tensors, read_checkpoint, shared_modules
+from dipod.lm.networks.build import assemble, shared_modules
 from dipod.lm.networks.cache import MODES, BlockCachedForward
+from dipod.lm.networks.checkpoint_model import FAMILIES, CheckpointNetwork, load_checkpoint_model
 from dipod.lm.networks.modernbert import ModernBertNetwork
 from dipod.lm.networks.transformer import Network, NetworkSpec
 
-FAMILIES = {"llada": llada, "dream": dream}  # written from the architecture, loadable from safetensors
 SUPPORTED = (*FAMILIES, "modernbert")  # config.model_type values with a native network
 
-__all__ = ["FAMILIES", "MODES", "SUPPORTED", "BlockCachedForward", "ModernBertNetwork", "Network", "NetworkSpec",
-           "family_of_config",
+__all__ = ["FAMILIES", "MODES", "SUPPORTED", "BlockCachedForward", "CheckpointNetwork", "ModernBertNetwork", "Network",
+           "NetworkSpec", "family_of_config", "load_checkpoint_model",
            "load_network", "make_cached_forward", "native_network"]
 
 
@@ -49,8 +49,10 @@ def _hub_module(model: nn.Module) -> nn.Module:
 
 
 def native_network(lm) -> Network | ModernBertNetwork:
-    """Our network for ``lm`` (a ``MaskedDiffusionLM``), built on the hub model's own modules."""
+    """Our network for ``lm`` (a ``MaskedDiffusionLM``): its model, or one built on the hub model's own modules."""
     hub = _hub_module(lm.model)
+    if isinstance(hub, CheckpointNetwork):
+        return hub
     name = family_of_config(hub.config)
     if name == "modernbert":
         return ModernBertNetwork(hub)
@@ -60,15 +62,8 @@ def native_network(lm) -> Network | ModernBertNetwork:
 
 
 def load_network(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Network:
-    """Our network from a hub snapshot's ``config.json`` and ``model.safetensors`` (no hub code run)."""
-    config, tensors = read_checkpoint(model_dir, dtype)
-    name = family_of_config(config)
-    if name not in FAMILIES:
-        raise ValueError(f"load_network reads {sorted(FAMILIES)} snapshots; for {name!r} load the model and use "
-                         "native_network(lm)")
-    family = FAMILIES[name]
-    spec = family.spec(config)
-    return assemble(spec, family.paths(spec), modules_from_tensors(tensors))
+    """Our network from a hub snapshot's ``config.json`` and safetensors (no hub code run)."""
+    return load_checkpoint_model(model_dir, dtype)
 
 
 def make_cached_forward(lm, mode: str) -> BlockCachedForward:

@@ -17,7 +17,7 @@ def spec(config) -> NetworkSpec:
                             ("hidden_act", get("hidden_act", "silu") == "silu", "'silu'")):
         if not ok:
             raise ValueError(f"Dream config {field}={get(field)!r} is not supported by dipod.lm.networks "
-                             f"(needs {want}); run without kv_cache")
+                             f"(needs {want}); its hub code may: --trust_remote_code true (transformers 4.56-4.57)")
     hidden, n_heads = get("hidden_size"), get("num_attention_heads")
     return NetworkSpec(
         family="dream", n_layers=get("num_hidden_layers"), n_heads=n_heads,
@@ -26,10 +26,16 @@ def spec(config) -> NetworkSpec:
         shifted=True, tied_head=bool(get("tie_word_embeddings", False)))
 
 
+def sizes(config) -> dict:
+    """Shapes of the weights (Qwen2: biases on q/k/v only)."""
+    return dict(vocab=config.vocab_size, d_model=config.hidden_size, mlp_hidden=config.intermediate_size,
+                qkv_bias=True, other_bias=False)
+
+
 def paths(spec: NetworkSpec) -> dict:
-    names = dict(attn_norm="input_layernorm", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                 o="self_attn.o_proj", mlp_norm="post_attention_layernorm", gate="mlp.gate_proj", up="mlp.up_proj",
-                 down="mlp.down_proj")
+    names = dict(attn_norm="input_layernorm", q_proj="self_attn.q_proj", k_proj="self_attn.k_proj",
+                 v_proj="self_attn.v_proj", o_proj="self_attn.o_proj", mlp_norm="post_attention_layernorm",
+                 gate_proj="mlp.gate_proj", up_proj="mlp.up_proj", down_proj="mlp.down_proj")
     return {"embed": "model.embed_tokens", "final_norm": "model.norm", "head": None if spec.tied_head else "lm_head",
             "layers": [{part: f"model.layers.{i}.{name}" for part, name in names.items()}
                        for i in range(spec.n_layers)]}

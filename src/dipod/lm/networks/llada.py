@@ -15,7 +15,8 @@ from dipod.lm.networks.transformer import NetworkSpec
 def _need(config, field: str, ok: bool, want: str) -> None:
     if not ok:
         raise ValueError(f"LLaDA config {field}={getattr(config, field, None)!r} is not supported by "
-                         f"dipod.lm.networks (needs {want}); run without kv_cache")
+                         f"dipod.lm.networks (needs {want}); its hub code may: --trust_remote_code true (transformers "
+                         "4.56-4.57)")
 
 
 def spec(config) -> NetworkSpec:
@@ -38,10 +39,19 @@ def spec(config) -> NetworkSpec:
         logit_scale=1.0 / math.sqrt(d_model) if get("scale_logits") else 1.0)
 
 
+def sizes(config) -> dict:
+    """Shapes of the weights: vocabulary rows, model width, MLP width, whether q/k/v carry biases."""
+    get = lambda name, default=None: getattr(config, name, default)  # noqa: E731
+    d_model = get("d_model")
+    return dict(vocab=get("embedding_size") or get("vocab_size"), d_model=d_model,
+                mlp_hidden=get("mlp_hidden_size") or get("mlp_ratio", 4) * d_model,
+                qkv_bias=bool(get("include_qkv_bias") or get("include_bias")), other_bias=bool(get("include_bias")))
+
+
 def paths(spec: NetworkSpec) -> dict:
     root = "model.transformer"
-    names = dict(attn_norm="attn_norm", q="q_proj", k="k_proj", v="v_proj", o="attn_out", mlp_norm="ff_norm",
-                 gate="ff_proj", up="up_proj", down="ff_out")
+    names = dict(attn_norm="attn_norm", q_proj="q_proj", k_proj="k_proj", v_proj="v_proj", o_proj="attn_out",
+                 mlp_norm="ff_norm", gate_proj="ff_proj", up_proj="up_proj", down_proj="ff_out")
     return {"embed": f"{root}.wte", "final_norm": f"{root}.ln_f",
             "head": None if spec.tied_head else f"{root}.ff_out",
             "layers": [{part: f"{root}.blocks.{i}.{name}" for part, name in names.items()}

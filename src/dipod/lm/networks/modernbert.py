@@ -18,6 +18,24 @@ from torch import Tensor, nn
 from dipod.lm.networks.transformer import LayerKV, NetworkSpec, apply_rope, key_padding_mask, rope_tables
 
 
+def _layer_kinds(config) -> list[tuple[int | None, float]]:
+    """(half window or None for global attention, RoPE base) per layer, as ModernBertAttention sets them.
+
+    transformers 5 names a type per layer (``layer_types``, ``rope_parameters`` per type,
+    ``sliding_window`` = half the local window); 4.x makes every n-th layer global.
+    """
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and "full_attention" in rope:
+        sliding = rope.get("sliding_attention", rope["full_attention"])
+        kinds = {"full_attention": (None, rope["full_attention"]["rope_theta"]),
+                 "sliding_attention": (config.sliding_window, sliding["rope_theta"])}
+        return [kinds[kind] for kind in config.layer_types]
+    every = config.global_attn_every_n_layers
+    local_theta = config.local_rope_theta if config.local_rope_theta is not None else config.global_rope_theta
+    return [(None, config.global_rope_theta) if i % every == 0 else (config.local_attention // 2, local_theta)
+            for i in range(config.num_hidden_layers)]
+
+
 class ModernBertNetwork(nn.Module):
     def __init__(self, hub: nn.Module):
         super().__init__()
@@ -25,16 +43,12 @@ class ModernBertNetwork(nn.Module):
         if getattr(config, "_attn_implementation", "sdpa") == "flash_attention_2":
             raise ValueError("ModernBERT with flash_attention_2 unpads its inputs; load it with sdpa for kv_cache")
         n_heads = config.num_attention_heads
+        self.layer_kinds = _layer_kinds(config)
         self.spec = NetworkSpec(
             family="modernbert", n_layers=config.num_hidden_layers, n_heads=n_heads, n_kv_heads=n_heads,
-            head_dim=config.hidden_size // n_heads, norm_eps=config.norm_eps, rope_theta=config.global_rope_theta,
+            head_dim=config.hidden_size // n_heads, norm_eps=config.norm_eps, rope_theta=self.layer_kinds[0][1],
             rope_in_float32=False, shifted=False)
         self.hub = hub
-        every = config.global_attn_every_n_layers
-        local_theta = config.local_rope_theta if config.local_rope_theta is not None else config.global_rope_theta
-        # (half window or None for global attention, RoPE base) per layer, as ModernBertAttention sets them.
-        self.layer_kinds = [(None, config.global_rope_theta) if i % every == 0 else
-                            (config.local_attention // 2, local_theta) for i in range(config.num_hidden_layers)]
 
     def _attention(self, layer: nn.Module, x: Tensor, positions: Tensor, key_mask: Tensor | None, start: int,
                    kv: LayerKV | None, half_window: int | None, theta: float) -> Tensor:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -94,21 +95,22 @@ class LayerKV:
 class Layer(nn.Module):
     """One transformer layer. Its submodules may be the hub model's own (shared, not copied)."""
 
-    def __init__(self, spec: NetworkSpec, attn_norm: nn.Module, q: nn.Module, k: nn.Module, v: nn.Module,
-                 o: nn.Module, mlp_norm: nn.Module, gate: nn.Module, up: nn.Module, down: nn.Module):
+    def __init__(self, spec: NetworkSpec, attn_norm: nn.Module, q_proj: nn.Module, k_proj: nn.Module,
+                 v_proj: nn.Module, o_proj: nn.Module, mlp_norm: nn.Module, gate_proj: nn.Module, up_proj: nn.Module,
+                 down_proj: nn.Module):
         super().__init__()
         self.spec = spec
-        self.attn_norm, self.q, self.k, self.v, self.o = attn_norm, q, k, v, o
-        self.mlp_norm, self.gate, self.up, self.down = mlp_norm, gate, up, down
+        self.attn_norm, self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn_norm, q_proj, k_proj, v_proj, o_proj
+        self.mlp_norm, self.gate_proj, self.up_proj, self.down_proj = mlp_norm, gate_proj, up_proj, down_proj
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None, start: int,
                 kv: LayerKV | None) -> Tensor:
         spec = self.spec
         batch, length, _ = x.shape
         h = rms_norm(x, self.attn_norm.weight, spec.norm_eps)
-        q = self.q(h).view(batch, length, spec.n_heads, spec.head_dim).transpose(1, 2)
-        k = self.k(h).view(batch, length, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
-        v = self.v(h).view(batch, length, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
+        q = self.q_proj(h).view(batch, length, spec.n_heads, spec.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(batch, length, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(batch, length, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin, spec.rope_in_float32)
         k = apply_rope(k, cos, sin, spec.rope_in_float32)
         if kv is not None:
@@ -117,9 +119,9 @@ class Layer(nn.Module):
             groups = spec.n_heads // spec.n_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        x = x + self.o(att.transpose(1, 2).reshape(batch, length, spec.n_heads * spec.head_dim))
+        x = x + self.o_proj(att.transpose(1, 2).reshape(batch, length, spec.n_heads * spec.head_dim))
         h = rms_norm(x, self.mlp_norm.weight, spec.norm_eps)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
 def key_padding_mask(attn_bt: Tensor | None) -> Tensor | None:
@@ -139,21 +141,33 @@ class Network(nn.Module):
             raise ValueError(f"{spec.family}: n_heads={spec.n_heads} is not a multiple of n_kv_heads={spec.n_kv_heads}")
         self.spec = spec
         self.embed, self.layers, self.final_norm, self.head = embed, nn.ModuleList(layers), final_norm, head
+        self.activation_checkpointing = False
 
     def hidden(self, ids_bq: Tensor, start: int = 0, key_mask: Tensor | None = None,
-               cache: list[LayerKV] | None = None) -> Tensor:
+               cache: list[LayerKV] | None = None, positions_bq: Tensor | None = None) -> Tensor:
         """Final-norm hidden states ``[B, Q, d]`` of the tokens at positions ``start .. start + Q - 1``.
 
         With ``cache`` the keys/values of these positions are written into it and attention runs
-        over every cached position; without it, over the ``Q`` tokens alone.
+        over every cached position; without it, over the ``Q`` tokens alone. ``positions_bq``
+        replaces the positions per row (Dream's own convention restarts them after left padding;
+        only padding queries see a difference, since RoPE scores depend on differences alone).
         """
         x = self.embed(ids_bq)
         if self.spec.embed_scale != 1.0:
             x = x * self.spec.embed_scale
-        positions = torch.arange(start, start + ids_bq.shape[1], device=ids_bq.device)
-        cos, sin = rope_tables(positions, self.spec.head_dim, self.spec.rope_theta)
+        if positions_bq is None:
+            positions = torch.arange(start, start + ids_bq.shape[1], device=ids_bq.device)
+            cos, sin = rope_tables(positions, self.spec.head_dim, self.spec.rope_theta)
+        else:
+            cos, sin = rope_tables(positions_bq.reshape(-1), self.spec.head_dim, self.spec.rope_theta)
+            cos, sin = (t.view(*positions_bq.shape, -1)[:, None] for t in (cos, sin))  # [B, 1, Q, D]
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, key_mask, start, None if cache is None else cache[i])
+            kv = None if cache is None else cache[i]
+            if recompute:  # keep only each layer's input; recompute its activations in backward
+                x = checkpoint(layer, x, cos, sin, key_mask, start, kv, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, key_mask, start, kv)
         return rms_norm(x, self.final_norm.weight, self.spec.norm_eps)
 
     def head_logits(self, hidden: Tensor) -> Tensor:
@@ -166,5 +180,5 @@ class Network(nn.Module):
     def new_cache(self) -> list[LayerKV]:
         return [LayerKV() for _ in self.layers]
 
-    def forward(self, ids_bt: Tensor, attn_bt: Tensor | None = None) -> Tensor:
-        return self.head_logits(self.hidden(ids_bt, 0, key_padding_mask(attn_bt)))
+    def forward(self, ids_bt: Tensor, attn_bt: Tensor | None = None, positions_bt: Tensor | None = None) -> Tensor:
+        return self.head_logits(self.hidden(ids_bt, 0, key_padding_mask(attn_bt), positions_bq=positions_bt))

@@ -1,0 +1,166 @@
+"""LLaDA and Dream checkpoints as OUR network with its own parameters: no hub code, any transformers version.
+
+``load_checkpoint_model(model_dir, dtype)`` reads a hub snapshot's ``config.json`` and safetensors
+(one file or a sharded index) into a ``CheckpointNetwork``. The family's ``spec`` and ``sizes``
+(``llada.py``, ``dream.py``) give the name (the hub's) and shape of every tensor the network needs;
+the safetensors headers are checked against that list before any weight is read, so a missing,
+unexpected or mis-shaped tensor is an error naming it, and only then are the tensors assigned.
+
+``save_pretrained(dir)`` writes the same format back: ``config.json`` as read, the weights under the
+hub's names and, when the source snapshot had them, its own code files, so a saved model loads
+again here and, for users of the hub code, with ``trust_remote_code=True`` on transformers 4.56-4.57.
+
+Module names are ours and the same for every family (LoRA targets name them): ``embed``,
+``layers.N.{attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_norm, gate_proj, up_proj, down_proj}``,
+``final_norm`` and ``head`` (absent when the head is tied to ``embed``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from dipod.lm.networks import dream, llada
+from dipod.lm.networks.build import LAYER_PARTS, NormWeight
+from dipod.lm.networks.transformer import Layer, Network
+
+FAMILIES = {"llada": llada, "dream": dream}  # config.json model_type (lower case) -> spec / sizes / paths
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters write; recomputed, never read
+CODE_FILES = ("*.py", "generation_config.json")  # the hub code, copied on save for trust_remote_code users
+
+
+class ModelConfig(SimpleNamespace):
+    """``config.json`` as attributes; ``to_dict`` gives it back unchanged (peft reads ``model.config`` so)."""
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def family_of(config: ModelConfig) -> str:
+    model_type = str(getattr(config, "model_type", "")).lower()
+    if model_type not in FAMILIES:
+        raise ValueError(f"config.json model_type={model_type or None!r} has no network in dipod; supported "
+                         f"families: {sorted(FAMILIES)} (and Hugging Face masked LMs through transformers)")
+    return model_type
+
+
+class CheckpointNetwork(Network):
+    """A LLaDA / Dream network whose parameters are its own; built on the meta device, then assigned."""
+
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: ModelConfig, source: Path | None = None):
+        family = FAMILIES[family_of(config)]
+        spec, size = family.spec(config), family.sizes(config)
+        d, hd, mlp = size["d_model"], spec.head_dim, size["mlp_hidden"]
+
+        def linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
+            return nn.Linear(n_in, n_out, bias=bias)
+
+        with torch.device("meta"):
+            layers = [Layer(spec, attn_norm=NormWeight(torch.empty(d)),
+                            q_proj=linear(d, spec.n_heads * hd, size["qkv_bias"]),
+                            k_proj=linear(d, spec.n_kv_heads * hd, size["qkv_bias"]),
+                            v_proj=linear(d, spec.n_kv_heads * hd, size["qkv_bias"]),
+                            o_proj=linear(spec.n_heads * hd, d, size["other_bias"]),
+                            mlp_norm=NormWeight(torch.empty(d)),
+                            gate_proj=linear(d, mlp, size["other_bias"]), up_proj=linear(d, mlp, size["other_bias"]),
+                            down_proj=linear(mlp, d, size["other_bias"]))
+                      for _ in range(spec.n_layers)]
+            head = None if spec.tied_head else linear(d, size["vocab"], False)
+            super().__init__(spec, nn.Embedding(size["vocab"], d), layers, NormWeight(torch.empty(d)), head)
+        self.config, self.source = config, source
+        self.hub_names = _hub_names(family.paths(spec), self)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.head  # None when tied: the embedding matrix is then the head
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each layer in backward (torch.utils.checkpoint, non-reentrant)."""
+        self.activation_checkpointing = True
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        """config.json, model.safetensors (hub names) and the source snapshot's code files."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {self.hub_names[name]: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n")
+        if self.source is not None:
+            for pattern in CODE_FILES:
+                for file in self.source.glob(pattern):
+                    shutil.copy2(file, out / file.name)
+
+
+def _hub_names(paths: dict, network: Network) -> dict[str, str]:
+    """{our parameter name: the hub checkpoint's tensor name} for every parameter of ``network``."""
+    prefixes = {"embed": paths["embed"], "final_norm": paths["final_norm"]}
+    if paths["head"] is not None:
+        prefixes["head"] = paths["head"]
+    for i, layer in enumerate(paths["layers"]):
+        prefixes.update({f"layers.{i}.{part}": layer[part] for part in LAYER_PARTS})
+    names = {}
+    for name, _ in network.named_parameters():
+        module, leaf = name.rsplit(".", 1)
+        names[name] = f"{prefixes[module]}.{leaf}"
+    return names
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
+    for file in files:
+        if not (model_dir / file).is_file():
+            raise FileNotFoundError(f"{model_dir / file} is missing; the model is read from the snapshot's "
+                                    "safetensors (download the whole repository again)")
+    return [model_dir / f for f in files]
+
+
+def check_tensor_shapes(expected: dict[str, tuple], found: dict[str, tuple], where: str) -> None:
+    """Every expected tensor present with its shape, nothing else: or a ValueError naming the tensors."""
+    found = {n: s for n, s in found.items() if not n.endswith(IGNORED_SUFFIXES)}
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = [f"{n} has shape {list(found[n])}, config.json implies {list(expected[n])}"
+             for n in sorted(set(expected) & set(found)) if tuple(found[n]) != tuple(expected[n])]
+    problems = ([f"missing tensor {n}" for n in missing[:5]] + [f"unexpected tensor {n}" for n in extra[:5]]
+                + wrong[:5])
+    if problems:
+        counts = f"({len(missing)} missing, {len(extra)} unexpected, {len(wrong)} mis-shaped)"
+        raise ValueError(f"{where}: the weights do not fit the network its config.json describes {counts}: "
+                         + "; ".join(problems) + ". Check that config.json and the safetensors belong together")
+
+
+def load_checkpoint_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> CheckpointNetwork:
+    """Our network with the snapshot's weights (checked by name and shape before any is read)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    config = ModelConfig(**json.loads((model_dir / "config.json").read_text()))
+    model = CheckpointNetwork(config, source=model_dir)
+    files = checkpoint_files(model_dir)
+    found = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            found.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    expected = {model.hub_names[name]: tuple(p.shape) for name, p in model.named_parameters()}
+    check_tensor_shapes(expected, found, str(model_dir))
+    ours = {hub: name for name, hub in model.hub_names.items()}
+    state = {}
+    for file in files:
+        state.update({ours[n]: t.to(dtype) for n, t in load_file(str(file)).items() if n in ours})
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
