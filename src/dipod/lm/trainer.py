@@ -33,6 +33,7 @@ from dipod.advantages import group_relative_advantages
 from dipod.checkpoint import (capture_rng_state, copy_weights, latest_checkpoint, load_checkpoint,
                               restore_rng_state, save_checkpoint)
 from dipod.config import ConfigError, config_to_dict, parse_config, save_config
+from dipod.lm.engines import ENGINE_STATE
 from dipod.lm.monitors import CollapseWatch, group_reward_stats, log_completions, rollout_confidence
 from dipod.lm.proxies import completion_mask
 from dipod.lm.train_config import TrainConfig
@@ -119,14 +120,13 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        from accelerate import Accelerator
+        from accelerate import PartialState
 
         from dipod.lm import train_engine as engine
+        from dipod.lm.engines import Engine
 
         self.cfg = cfg
-        self.accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps)
-        acc = self.accelerator
-        self.world, self.rank = acc.num_processes, acc.process_index
+        self.world = PartialState().num_processes
         total = cfg.prompts_per_step * cfg.num_generations
         if total % self.world or (total // self.world) % cfg.gradient_accumulation_steps:
             raise ConfigError(
@@ -134,6 +134,10 @@ class Trainer:
                 f"process(es) x gradient_accumulation_steps={cfg.gradient_accumulation_steps}; change one of them")
         self.n_local = total // self.world
         self.micro = self.n_local // cfg.gradient_accumulation_steps
+        # DDP / DeepSpeed / FSDP differences (micro-batch size, clipping, checkpoints): dipod.lm.engines
+        self.runtime = Engine(cfg, self.micro)
+        self.accelerator = acc = self.runtime.accelerator
+        self.rank = acc.process_index
         self.engine = engine
         self.task = engine.get_task(cfg.task)
         self.train_examples = self.task.load(cfg.train_split, path=cfg.train_data)
@@ -143,7 +147,7 @@ class Trainer:
         self.reward_names, self.reward_fns, self.reward_weights = engine.reward_table(self.task, cfg.reward_weights)
         self.shots_prefix = self._few_shot_prefix()
 
-        self.lm = engine.load_policy(cfg, device=acc.device)
+        self.lm = engine.load_policy(cfg.with_changes(dtype=self.runtime.weights_dtype), device=acc.device)
         self.ref_lm = engine.load_reference(cfg, device=acc.device) if cfg.kl_beta_value() > 0 else None
         params = [p for p in self.lm.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -276,7 +280,7 @@ class Trainer:
         first_pass: list = []
         skipped = 0
         for iteration in range(cfg.num_iterations):
-            finite = True
+            finite, backwards = True, 0
             r = iteration if rounds > 1 else 0
             for m, rows in enumerate(micro_rows):
                 with acc.accumulate(self.model):
@@ -290,6 +294,7 @@ class Trainer:
                     if not finite:
                         continue
                     acc.backward(loss)
+                    backwards += 1
                     if iteration == 0:
                         first_pass.append(_detached(new))
                     for key, value in {"loss": float(loss.detach()), **info}.items():
@@ -297,10 +302,16 @@ class Trainer:
                         counts[key] = counts.get(key, 0) + 1
             grad_norm = math.nan
             if finite:
-                params = [p for p in self.model.parameters() if p.requires_grad]
-                norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                grad_norm = float(norm) if norm is not None else math.nan
+                norm = self.runtime.clip_grad_norm(self.model, cfg.max_grad_norm)
+                grad_norm = norm if norm is not None else math.nan
                 finite = norm is None or math.isfinite(grad_norm)
+            if self.runtime.steps_in_backward and not finite and backwards:
+                # DeepSpeed already holds (or has applied) this update's earlier micro-batch gradients:
+                # it cannot be skipped cleanly, so stop before anything non-finite is saved.
+                raise TrainingDiverged(
+                    f"step {step}: non-finite loss or gradient in update {iteration + 1} under DeepSpeed after "
+                    f"earlier micro-batches were accumulated; the last checkpoint is untouched. Lower "
+                    f"--learning_rate or --max_grad_norm, then --resume latest")
             if finite:
                 self.optimizer.step()
                 self.scheduler.step()
@@ -432,12 +443,23 @@ class Trainer:
         return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
     def save(self, step: int) -> None:
-        acc = self.accelerator
+        """``checkpoint-STEP``: weights + optimizer (DDP: from the main process; DeepSpeed / FSDP: each
+        rank's shard through the engine's own save), schedule, RNG and skip streak, sealed atomically."""
+        acc, runtime, out = self.accelerator, self.runtime, Path(self.cfg.output_dir)
+        shards = runtime.staging_dir(out, step) if runtime.shards_state else None
+        if shards is not None:
+            runtime.save_shards(shards)
+            acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "rng": capture_rng_state(), "nonfinite_streak": self.nonfinite_streak}
-            save_checkpoint(Path(self.cfg.output_dir), step, self.trainable_weights(), state,
-                            {"config": _yaml_safe(config_to_dict(self.cfg))}, keep_last=self.cfg.keep_checkpoints)
+            state = {"scheduler": self.scheduler.state_dict(), "rng": capture_rng_state(),
+                     "nonfinite_streak": self.nonfinite_streak}
+            weights = {}
+            if shards is None:
+                state["optimizer"] = self.optimizer.state_dict()
+                weights = self.trainable_weights()
+            save_checkpoint(out, step, weights, state, {"config": _yaml_safe(config_to_dict(self.cfg)),
+                                                        "engine": runtime.kind},
+                            keep_last=self.cfg.keep_checkpoints, extra_dirs={ENGINE_STATE: shards} if shards else None)
         acc.wait_for_everyone()
 
     def restore(self) -> None:
@@ -450,9 +472,16 @@ class Trainer:
         else:
             path = Path(cfg.resume)
         weights, state, meta = load_checkpoint(path)
-        copy_weights(self.accelerator.unwrap_model(self.model), weights, path,
-                     "resume with the same --model and LoRA settings", required=set(self.trainable_weights()))
-        self.optimizer.load_state_dict(state["optimizer"])
+        written_by = meta.get("engine", "ddp")
+        if (written_by in ("deepspeed", "fsdp") or self.runtime.shards_state) and written_by != self.runtime.kind:
+            raise ValueError(f"checkpoint {path} was written under {written_by}, this run is {self.runtime.kind}; "
+                             f"resume under the same engine (accelerate config) that wrote it")
+        if self.runtime.shards_state:
+            self.runtime.load_shards(path / ENGINE_STATE)
+        else:
+            copy_weights(self.accelerator.unwrap_model(self.model), weights, path,
+                         "resume with the same --model and LoRA settings", required=set(self.trainable_weights()))
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"])
         self.nonfinite_streak = int(state["nonfinite_streak"])

@@ -1,0 +1,156 @@
+"""The engine seam: what differs between one process, DDP, DeepSpeed ZeRO-2/3 and FSDP.
+
+The trainer talks to ``accelerate`` only; the four things that are not the same under every engine
+live here and nowhere else:
+
+- **building the Accelerator** from OUR flags: the micro-batch size, gradient accumulation and
+  clipping are the trainer config's. An accelerate / DeepSpeed yaml that sets one of them to another
+  value is a ``ConfigError`` naming both values (never a silent override either way).
+- **weights dtype**: full fine-tuning keeps float32 master weights (bf16 AdamW rounds most small
+  updates away) and computes in the configured dtype through mixed precision; DeepSpeed keeps its
+  own float32 master copy, so the model loads in the compute dtype there. LoRA trains float32
+  adapters (peft) beside base weights in ``dtype``.
+- **clipping and the gradient norm**: DDP / one process clip here; DeepSpeed clips inside its
+  engine step (``gradient_clipping`` = our ``max_grad_norm``) and reports the norm; FSDP2 clips
+  its sharded gradients with the global norm.
+- **checkpoints**: DDP / one process write the trainable weights and the optimizer from the main
+  process (every rank holds all of it); DeepSpeed and FSDP write their own sharded state on EVERY
+  rank (``Accelerator.save_state``) into a staging folder that the main process then moves into
+  the atomic ``checkpoint-STEP`` folder (dipod.checkpoint). A shared filesystem is assumed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from dipod.config import ConfigError
+
+ENGINE_KINDS = ("single", "ddp", "deepspeed", "fsdp")
+ENGINE_STATE = "engine"  # the sub-folder of checkpoint-STEP with a sharded engine's own state
+_MIXED = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
+
+
+def detect_engine() -> str:
+    """The engine of this process, from the environment ``accelerate launch`` sets."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
+
+
+def load_dtype(lora_r: int, dtype: str, kind: str) -> str:
+    """The dtype the policy's weights are loaded in (module docstring: master weights)."""
+    if lora_r == 0 and dtype != "float32" and kind != "deepspeed":
+        return "float32"
+    return dtype
+
+
+def _require_same(what: str, ours, source: str, theirs) -> None:
+    if theirs in (None, "auto", "none", "None"):
+        return
+    if float(theirs) != float(ours):
+        raise ConfigError(f"{what}: the trainer's flag says {ours} but {source} says {theirs}; the trainer's flags "
+                          f"decide, so remove it from {source} (or set it to 'auto'), or pass the same value")
+
+
+class Engine:
+    """One process's engine: its Accelerator plus the per-engine rules of the module docstring."""
+
+    def __init__(self, cfg, micro_batch: int):
+        from accelerate import Accelerator, PartialState
+        from accelerate.utils import GradientAccumulationPlugin
+
+        self.kind = detect_engine()
+        world = PartialState().num_processes
+        accumulation = cfg.gradient_accumulation_steps
+        _require_same("gradient_accumulation_steps", accumulation, "the accelerate launch config",
+                      os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS"))
+        mixed = self._mixed_precision(cfg)
+        kwargs = {}
+        if self.kind == "deepspeed":
+            kwargs["deepspeed_plugin"] = self._deepspeed_plugin(cfg, micro_batch, world)
+        self.accelerator = Accelerator(
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation),
+            mixed_precision=mixed, **kwargs)
+        self.weights_dtype = load_dtype(cfg.lora_r, cfg.dtype, self.kind)
+
+    def _mixed_precision(self, cfg) -> str | None:
+        """Mixed precision = the config's dtype when weights are held in float32 (full fine-tuning under
+        DDP / FSDP); a launch config asking for another precision is an error naming both."""
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        wanted = _MIXED[cfg.dtype]
+        if launched not in ("no", wanted):
+            raise ConfigError(f"precision: the trainer's --dtype is {cfg.dtype} but the accelerate launch config "
+                              f"says mixed_precision: {launched}; make them agree ({wanted} for --dtype {cfg.dtype})")
+        if self.kind == "deepspeed" and launched != wanted:
+            raise ConfigError(f"precision: the trainer's --dtype is {cfg.dtype} but the DeepSpeed launch config says "
+                              f"mixed_precision: {launched}; set mixed_precision: {wanted} in it (DeepSpeed casts "
+                              f"the model to its own precision)")
+        if load_dtype(cfg.lora_r, cfg.dtype, self.kind) != cfg.dtype or launched == wanted:
+            return wanted
+        return None
+
+    @staticmethod
+    def _deepspeed_plugin(cfg, micro_batch: int, world: int):
+        """DeepSpeed's plugin with OUR micro-batch size, accumulation and clipping filled in."""
+        from accelerate.utils import DeepSpeedPlugin
+
+        plugin = DeepSpeedPlugin()
+        ds = plugin.deepspeed_config
+        source = "the DeepSpeed config"
+        _require_same("gradient_accumulation_steps", cfg.gradient_accumulation_steps, source,
+                      ds.get("gradient_accumulation_steps"))
+        _require_same("max_grad_norm (DeepSpeed gradient_clipping)", cfg.max_grad_norm, source,
+                      ds.get("gradient_clipping"))
+        _require_same("micro-batch size (prompts_per_step x num_generations / processes / accumulation)",
+                      micro_batch, source, ds.get("train_micro_batch_size_per_gpu"))
+        ds.update({"train_micro_batch_size_per_gpu": micro_batch,
+                   "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                   "train_batch_size": micro_batch * cfg.gradient_accumulation_steps * world,
+                   "gradient_clipping": cfg.max_grad_norm})
+        plugin.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+        plugin.gradient_clipping = cfg.max_grad_norm
+        return plugin
+
+    # ------------------------------------------------------------------ update
+    @property
+    def steps_in_backward(self) -> bool:
+        """DeepSpeed takes the optimizer step inside the last micro-batch's backward."""
+        return self.kind == "deepspeed"
+
+    def clip_grad_norm(self, model: torch.nn.Module, max_grad_norm: float) -> float | None:
+        """Clip to ``max_grad_norm`` (0: no clipping) and return the global gradient norm before clipping
+        (None where the engine reports none)."""
+        acc = self.accelerator
+        if self.kind == "deepspeed":  # already clipped inside the engine step, with our max_grad_norm
+            norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm)
+        else:
+            params = [p for p in model.parameters() if p.requires_grad]
+            norm = acc.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        return None if norm is None else float(norm)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def shards_state(self) -> bool:
+        """True when every rank holds only part of the training state (it must save on every rank)."""
+        return self.kind in ("deepspeed", "fsdp")
+
+    def staging_dir(self, output_dir: Path, step: int) -> Path:
+        """Where every rank writes its shard before the main process seals ``checkpoint-STEP``."""
+        return Path(output_dir) / f".checkpoint-{step}.{ENGINE_STATE}"
+
+    def save_shards(self, folder: Path) -> None:
+        """Every rank: the engine's own (sharded) model + optimizer state into ``folder``."""
+        kwargs = {"exclude_frozen_parameters": True} if self.kind == "deepspeed" else {}
+        self.accelerator.save_state(str(folder), **kwargs)
+
+    def load_shards(self, folder: Path) -> None:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"checkpoint {folder.parent} has no {ENGINE_STATE}/ folder of {self.kind} state; "
+                                    f"resume it under the engine that wrote it")
+        kwargs = {"load_module_strict": False} if self.kind == "deepspeed" else {}
+        self.accelerator.load_state(str(folder), **kwargs)
