@@ -60,23 +60,20 @@ def _require_same(what: str, ours, source: str, theirs) -> None:
 class Engine:
     """One process's engine: its Accelerator plus the per-engine rules of the module docstring."""
 
-    def __init__(self, cfg, micro_batch: int):
-        from accelerate import Accelerator, PartialState
+    def __init__(self, cfg):
+        from accelerate import Accelerator
         from accelerate.utils import GradientAccumulationPlugin
 
-        self.kind = detect_engine()
-        world = PartialState().num_processes
+        self.kind, self.cfg = detect_engine(), cfg
         accumulation = cfg.gradient_accumulation_steps
         _require_same("gradient_accumulation_steps", accumulation, "the accelerate launch config",
                       os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS"))
-        mixed = self._mixed_precision(cfg)
-        kwargs = {}
-        if self.kind == "deepspeed":
-            kwargs["deepspeed_plugin"] = self._deepspeed_plugin(cfg, micro_batch, world)
         self.accelerator = Accelerator(
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation),
-            mixed_precision=mixed, **kwargs)
+            mixed_precision=self._mixed_precision(cfg))
         self.weights_dtype = load_dtype(cfg.lora_r, cfg.dtype, self.kind)
+        if self.kind == "deepspeed":
+            _count_deepspeed_cpu_processes(self.accelerator)
 
     def _mixed_precision(self, cfg) -> str | None:
         """Mixed precision = the config's dtype when weights are held in float32 (full fine-tuning under
@@ -94,13 +91,13 @@ class Engine:
             return wanted
         return None
 
-    @staticmethod
-    def _deepspeed_plugin(cfg, micro_batch: int, world: int):
-        """DeepSpeed's plugin with OUR micro-batch size, accumulation and clipping filled in."""
-        from accelerate.utils import DeepSpeedPlugin
-
-        plugin = DeepSpeedPlugin()
-        ds = plugin.deepspeed_config
+    def set_micro_batch(self, micro_batch: int) -> None:
+        """The rows of one forward/backward on one process; DeepSpeed needs it in its config before
+        ``prepare`` (no dataloader is prepared to infer it), with our accumulation and clipping."""
+        if self.kind != "deepspeed":
+            return
+        cfg, world = self.cfg, self.accelerator.num_processes
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
         source = "the DeepSpeed config"
         _require_same("gradient_accumulation_steps", cfg.gradient_accumulation_steps, source,
                       ds.get("gradient_accumulation_steps"))
@@ -112,9 +109,6 @@ class Engine:
                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
                    "train_batch_size": micro_batch * cfg.gradient_accumulation_steps * world,
                    "gradient_clipping": cfg.max_grad_norm})
-        plugin.gradient_accumulation_steps = cfg.gradient_accumulation_steps
-        plugin.gradient_clipping = cfg.max_grad_norm
-        return plugin
 
     # ------------------------------------------------------------------ update
     @property
@@ -154,3 +148,17 @@ class Engine:
                                     f"resume it under the engine that wrote it")
         kwargs = {"load_module_strict": False} if self.kind == "deepspeed" else {}
         self.accelerator.load_state(str(folder), **kwargs)
+
+
+def _count_deepspeed_cpu_processes(accelerator) -> None:
+    """On a host without an accelerator device (DS_ACCELERATOR=cpu, the tests), accelerate starts
+    DeepSpeed's process group but records one process of rank 0 in every process; take the count
+    and the ranks from the process group DeepSpeed started."""
+    import torch.distributed as dist
+
+    from accelerate.state import PartialState
+
+    if dist.is_initialized() and dist.get_world_size() != accelerator.num_processes:
+        PartialState._shared_state.update(num_processes=dist.get_world_size(), process_index=dist.get_rank(),
+                                          local_process_index=int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        accelerator.state.__dict__.update(PartialState._shared_state)

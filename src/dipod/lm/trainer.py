@@ -120,13 +120,14 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        from accelerate import PartialState
-
         from dipod.lm import train_engine as engine
         from dipod.lm.engines import Engine
 
         self.cfg = cfg
-        self.world = PartialState().num_processes
+        # DDP / DeepSpeed / FSDP differences (micro-batch size, clipping, checkpoints): dipod.lm.engines
+        self.runtime = Engine(cfg)
+        self.accelerator = acc = self.runtime.accelerator
+        self.world, self.rank = acc.num_processes, acc.process_index
         total = cfg.prompts_per_step * cfg.num_generations
         if total % self.world or (total // self.world) % cfg.gradient_accumulation_steps:
             raise ConfigError(
@@ -134,10 +135,7 @@ class Trainer:
                 f"process(es) x gradient_accumulation_steps={cfg.gradient_accumulation_steps}; change one of them")
         self.n_local = total // self.world
         self.micro = self.n_local // cfg.gradient_accumulation_steps
-        # DDP / DeepSpeed / FSDP differences (micro-batch size, clipping, checkpoints): dipod.lm.engines
-        self.runtime = Engine(cfg, self.micro)
-        self.accelerator = acc = self.runtime.accelerator
-        self.rank = acc.process_index
+        self.runtime.set_micro_batch(self.micro)
         self.engine = engine
         self.task = engine.get_task(cfg.task)
         self.train_examples = self.task.load(cfg.train_split, path=cfg.train_data)
