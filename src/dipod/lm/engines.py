@@ -21,6 +21,7 @@ live here and nowhere else:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -109,6 +110,23 @@ class Engine:
                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
                    "train_batch_size": micro_batch * cfg.gradient_accumulation_steps * world,
                    "gradient_clipping": cfg.max_grad_norm})
+
+    @contextlib.contextmanager
+    def whole_model_loading(self):
+        """Load a model whole, not partitioned: under ZeRO-3, transformers partitions every model it
+        loads (zero.Init) for the engine to own; a frozen model no engine wraps (the reference) must
+        not be."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is None or plugin.zero_stage != 3:
+            yield
+            return
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            plugin.set_deepspeed_weakref()
 
     # ------------------------------------------------------------------ update
     @property

@@ -243,7 +243,8 @@ def load_masked_lm(
             "or a hub id reachable from this machine (download it first when offline)") from err
 
     embeddings = model.get_input_embeddings()
-    vocab_size = embeddings.weight.shape[0] if embeddings is not None else None
+    # (DeepSpeed ZeRO-3 loads partitioned weights: their full shape is ds_shape)
+    vocab_size = getattr(embeddings.weight, "ds_shape", embeddings.weight.shape)[0] if embeddings is not None else None
     mask_id = _resolve_mask_id(name, tokenizer, config, mask_token_id, vocab_size)
     eos_id = _special_id(tokenizer, config, "eos_token_id")
     if eos_id is None:

@@ -314,7 +314,10 @@ def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSetting
     forward = forward if forward is not None else block_forward(lm, settings.kv_cache)
 
     step = 0
-    with eval_mode(lm.model), torch.inference_mode():
+    # DeepSpeed ZeRO-3 gathers (and keeps the small) partitioned weights during the forward: gathered
+    # under inference_mode they could never take part in a backward again, so no_grad there.
+    partitioned = any(hasattr(p, "ds_id") for p in lm.model.parameters())
+    with eval_mode(lm.model), (torch.no_grad() if partitioned else torch.inference_mode()):
         for start, end in settings.blocks():
             lo, hi = prompt_len + start, prompt_len + end
             count = settings.count_rule(end - start)

@@ -146,7 +146,10 @@ class Trainer:
         self.shots_prefix = self._few_shot_prefix()
 
         self.lm = engine.load_policy(cfg.with_changes(dtype=self.runtime.weights_dtype), device=acc.device)
-        self.ref_lm = engine.load_reference(cfg, device=acc.device) if cfg.kl_beta_value() > 0 else None
+        self.ref_lm = None
+        if cfg.kl_beta_value() > 0:
+            with self.runtime.whole_model_loading():
+                self.ref_lm = engine.load_reference(cfg, device=acc.device)
         params = [p for p in self.lm.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.weight_decay)
