@@ -75,6 +75,8 @@ class Engine:
         self.weights_dtype = load_dtype(cfg.lora_r, cfg.dtype, self.kind)
         if self.kind == "deepspeed":
             _count_deepspeed_cpu_processes(self.accelerator)
+        if self.kind == "fsdp":
+            _fsdp_on_cpu_processes(self.accelerator)
 
     def _mixed_precision(self, cfg) -> str | None:
         """Mixed precision = the config's dtype when weights are held in float32 (full fine-tuning under
@@ -180,3 +182,19 @@ def _count_deepspeed_cpu_processes(accelerator) -> None:
         PartialState._shared_state.update(num_processes=dist.get_world_size(), process_index=dist.get_rank(),
                                           local_process_index=int(os.environ.get("LOCAL_RANK", dist.get_rank())))
         accelerator.state.__dict__.update(PartialState._shared_state)
+
+
+def _fsdp_on_cpu_processes(accelerator) -> None:
+    """accelerate turns an FSDP launch on CPU processes (ACCELERATE_USE_CPU=1, the tests) into plain
+    gloo DDP; FSDP2's fully_shard runs on gloo, so select it as a GPU launch would."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()
+        if accelerator.state.mixed_precision != "no":
+            plugin.set_mixed_precision(accelerator.state.mixed_precision)
+        # (both shared states: a later AcceleratorState() copies the process state over its own)
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
