@@ -58,6 +58,23 @@ def _require_same(what: str, ours, source: str, theirs) -> None:
                           f"decide, so remove it from {source} (or set it to 'auto'), or pass the same value")
 
 
+def deepspeed_batch_settings(ds_config: dict, cfg, micro_batch: int, world: int) -> dict:
+    """The DeepSpeed config entries our flags decide; one the config already sets to another value
+    (not 'auto') is a ConfigError naming both."""
+    source = "the DeepSpeed config"
+    _require_same("gradient_accumulation_steps", cfg.gradient_accumulation_steps, source,
+                  ds_config.get("gradient_accumulation_steps"))
+    _require_same("max_grad_norm (DeepSpeed gradient_clipping)", cfg.max_grad_norm, source,
+                  ds_config.get("gradient_clipping"))
+    _require_same("micro-batch size (prompts_per_step x num_generations / processes / accumulation)",
+                  micro_batch, source, ds_config.get("train_micro_batch_size_per_gpu"))
+    _require_same("train_batch_size (micro-batch x accumulation x processes)",
+                  micro_batch * cfg.gradient_accumulation_steps * world, source, ds_config.get("train_batch_size"))
+    return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "train_batch_size": micro_batch * cfg.gradient_accumulation_steps * world,
+            "gradient_clipping": cfg.max_grad_norm}
+
+
 class Engine:
     """One process's engine: its Accelerator plus the per-engine rules of the module docstring."""
 
@@ -99,19 +116,8 @@ class Engine:
         ``prepare`` (no dataloader is prepared to infer it), with our accumulation and clipping."""
         if self.kind != "deepspeed":
             return
-        cfg, world = self.cfg, self.accelerator.num_processes
         ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
-        source = "the DeepSpeed config"
-        _require_same("gradient_accumulation_steps", cfg.gradient_accumulation_steps, source,
-                      ds.get("gradient_accumulation_steps"))
-        _require_same("max_grad_norm (DeepSpeed gradient_clipping)", cfg.max_grad_norm, source,
-                      ds.get("gradient_clipping"))
-        _require_same("micro-batch size (prompts_per_step x num_generations / processes / accumulation)",
-                      micro_batch, source, ds.get("train_micro_batch_size_per_gpu"))
-        ds.update({"train_micro_batch_size_per_gpu": micro_batch,
-                   "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                   "train_batch_size": micro_batch * cfg.gradient_accumulation_steps * world,
-                   "gradient_clipping": cfg.max_grad_norm})
+        ds.update(deepspeed_batch_settings(ds, self.cfg, micro_batch, self.accelerator.num_processes))
 
     @contextlib.contextmanager
     def whole_model_loading(self):
