@@ -136,6 +136,13 @@ class Engine:
         finally:
             plugin.set_deepspeed_weakref()
 
+    @property
+    def planner_engine(self) -> str:
+        """This engine's name in dipod.lm.memory."""
+        if self.kind == "deepspeed":
+            return "zero3" if self.accelerator.state.deepspeed_plugin.zero_stage == 3 else "zero2"
+        return "fsdp" if self.kind == "fsdp" else "ddp"
+
     # ------------------------------------------------------------------ update
     @property
     def steps_in_backward(self) -> bool:

@@ -174,6 +174,20 @@ def fixes(cfg: TrainConfig, result: dict, budget_gib: float, num_gpus: int, engi
     return found + ["more GPUs (--num_gpus) or --engine zero3"]
 
 
+def memory_warning(cfg: TrainConfig, num_gpus: int, engine: str, budget_gib: float) -> str | None:
+    """The warning the trainer prints before any compute when the plan exceeds ``budget_gib`` (None
+    when it fits, or when the model's shape is unknown here)."""
+    try:
+        result = plan(cfg, num_gpus, engine)
+    except FileNotFoundError:
+        return None
+    if result["peak_gib_per_gpu"] <= budget_gib:
+        return None
+    return (f"dipod lm memory plans {result['peak_gib_per_gpu']:.1f} GiB per GPU for this run ({engine}, {num_gpus} "
+            f"GPU(s); rollout {result['rollout_peak_gib']:.1f}, update {result['update_peak_gib']:.1f}) but a GPU "
+            f"has {budget_gib:.1f} GiB; try " + ", ".join(fixes(cfg, result, budget_gib, num_gpus, engine)))
+
+
 def render(result: dict) -> str:
     lines = [f"{result['model']} on {result['num_gpus']} GPU(s), {result['engine']}: {result['params'] / 1e9:.3f}e9 "
              f"parameters, micro-batch {result['micro_batch']} completions = {result['tokens_per_micro_batch']} tokens "

@@ -136,6 +136,7 @@ class Trainer:
         self.n_local = total // self.world
         self.micro = self.n_local // cfg.gradient_accumulation_steps
         self.runtime.set_micro_batch(self.micro)
+        self._warn_if_over_memory()
         self.engine = engine
         self.task = engine.get_task(cfg.task)
         self.train_examples = self.task.load(cfg.train_split, path=cfg.train_data)
@@ -163,6 +164,17 @@ class Trainer:
         self.nonfinite_streak = 0
         self.start_step = 0
         self.collapse_watch = CollapseWatch(cfg.collapse_warn_fraction)
+
+    def _warn_if_over_memory(self) -> None:
+        """Before any model is loaded: the memory plan against the GPU (--gpu_memory_gib, else the device's)."""
+        from dipod.lm.memory import memory_warning
+
+        budget = self.cfg.gpu_memory_gib
+        if budget is None and torch.cuda.is_available():
+            budget = torch.cuda.get_device_properties(self.accelerator.device).total_memory / 2 ** 30
+        warning = memory_warning(self.cfg, self.world, self.runtime.planner_engine, budget) if budget else None
+        if warning:
+            self.accelerator.print(f"WARNING {warning}")
 
     # ------------------------------------------------------------------ data
     def _few_shot_prefix(self) -> str:
