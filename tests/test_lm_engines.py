@@ -25,6 +25,16 @@ TINY_LLADA = ROOT.parent / "shared" / "models" / "tiny-llada"
 TIMING = {"step_time", "generation_time", "update_time", "tokens_per_s"}
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state: a test that picked bf16 mixed precision must not
+    hand it to the next one."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def config(**changes) -> TrainConfig:
     values = dict(model="tiny", task="sudoku4", prompt_style="compact", prompts_per_step=2, num_generations=4,
                   gradient_accumulation_steps=2, max_grad_norm=0.2)
@@ -154,3 +164,32 @@ def test_resume_under_each_engine_equals_an_uninterrupted_run(engine, lora_r, tm
     meta = json.loads((tmp_path / "resumed" / "checkpoint-3" / "meta.json").read_text())
     assert meta["engine"] == {"ddp": "ddp", "zero2": "deepspeed", "zero3": "deepspeed", "fsdp": "fsdp"}[engine]
     assert (tmp_path / "resumed" / "checkpoint-3" / "engine").is_dir() == (engine != "ddp")
+
+
+def test_lora_kl_reference_is_the_policy_with_adapters_disabled(tmp_path):
+    """No second copy of the weights under LoRA: the reference proxies equal those of a freshly loaded
+    initial model, even once the adapters have moved the policy away from it."""
+    from dipod.lm import train_engine
+    from dipod.lm.model import build_tiny_model
+    from dipod.lm.trainer import Trainer
+
+    torch.set_num_threads(1)
+    model = build_tiny_model(tmp_path / "model", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                             max_positions=128)
+    cfg = config(model=str(model), lora_r=4, lora_alpha=8.0, lora_dropout=0.0, dtype="float32", gen_length=8,
+                 block_length=8, diffusion_steps=2, estimator="fpo", kl_beta=0.04, num_draws=2, masking="random",
+                 output_dir=str(tmp_path / "run"), tensorboard=False, progress_bar=False)
+    trainer = Trainer(cfg)
+    assert trainer.ref_lm is None
+    with torch.no_grad():
+        for name, p in trainer.lm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)  # the adapters now change the policy
+    ids, attn = trainer.encode(trainer.step_examples(1)[:4])
+    batch = {"prompt_ids": ids, "prompt_attn": attn, "completion_ids": torch.randint(4, 20, (4, 8))}
+    rows = slice(0, 4)
+    with torch.no_grad():
+        ours = trainer._reference_proxies(batch, rows, seed=7).elbo_n
+        fresh = trainer._proxies(train_engine.load_reference(cfg, device="cpu"), batch, rows, seed=7).elbo_n
+        policy = trainer._proxies(trainer.frozen_view, batch, rows, seed=7).elbo_n
+    assert torch.allclose(ours, fresh, atol=1e-5) and not torch.allclose(policy, fresh, atol=1e-3)

@@ -129,7 +129,7 @@ def plan(cfg: TrainConfig, num_gpus: int, engine: str = "zero2") -> dict:
         train_state = {"ddp": 12 * P, "zero2": (w + 12) * P / N, "zero3": (w + 12) * P / N,
                        "fsdp": 12 * P / N}[engine]
     gathered_layer = (shape.params - shape.vocab * shape.d * 2) / shape.layers * w if sharded else 0
-    reference = P * base_w if cfg.kl_beta_value() > 0 else 0
+    reference = P * base_w if cfg.kl_beta_value() > 0 and cfg.lora_r == 0 else 0  # LoRA: adapters disabled
     world_rows = cfg.prompts_per_step * cfg.num_generations
     n_local = world_rows // N
     micro = max(1, n_local // cfg.gradient_accumulation_steps)

@@ -147,8 +147,10 @@ class Trainer:
         self.shots_prefix = self._few_shot_prefix()
 
         self.lm = engine.load_policy(cfg.with_changes(dtype=self.runtime.weights_dtype), device=acc.device)
+        # The KL reference is the initial policy: under LoRA that is the policy with its adapters
+        # disabled (no second copy of the weights); full fine-tuning needs a frozen copy.
         self.ref_lm = None
-        if cfg.kl_beta_value() > 0:
+        if cfg.kl_beta_value() > 0 and cfg.lora_r == 0:
             with self.runtime.whole_model_loading():
                 self.ref_lm = engine.load_reference(cfg, device=acc.device)
         params = [p for p in self.lm.model.parameters() if p.requires_grad]
@@ -262,6 +264,14 @@ class Trainer:
                                            batch["completion_ids"][rows], self.proxy_settings, seed,
                                            meanfield=get_estimator(self.cfg.estimator).needs_meanfield)
 
+    def _reference_proxies(self, batch: dict, rows: slice, seed: int):
+        if self.ref_lm is not None:
+            return self._proxies(self.ref_lm, batch, rows, seed)
+        from dipod.lm.model import eval_mode
+
+        with self.frozen_view.model.disable_adapter(), eval_mode(self.frozen_view.model):
+            return self._proxies(self.frozen_view, batch, rows, seed)
+
     def _all_finite(self, tensors: list[Tensor]) -> bool:
         """True when every tensor is finite on EVERY process (all skip together, or none does)."""
         bad = torch.tensor([0.0 if all(bool(torch.isfinite(t).all()) for t in tensors) else 1.0],
@@ -285,8 +295,8 @@ class Trainer:
                 for m, rows in enumerate(micro_rows):
                     if need_old:
                         old[r][m] = self._proxies(self.frozen_view, batch, rows, seeds[r][m])
-                    if self.ref_lm is not None:
-                        ref[r][m] = getattr(self._proxies(self.ref_lm, batch, rows, seeds[r][m]),
+                    if cfg.kl_beta_value() > 0:
+                        ref[r][m] = getattr(self._reference_proxies(batch, rows, seeds[r][m]),
                                             estimator.reference_proxy)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
