@@ -420,7 +420,7 @@ class Trainer:
         adv_n, all_rewards_nf = self.advantages(rewards_nf, step)
         # the policy the rollouts came from, before this step's updates
         sharpness = rollout_confidence(self.frozen_view, prompt_ids, prompt_attn,
-                                       completion_mask(completion_ids, self.lm.eos_id))
+                                       completion_mask(completion_ids, self.lm.eos_id), cfg.generation_batch_size)
         generated = time.perf_counter()
         batch = {"prompt_ids": prompt_ids, "prompt_attn": prompt_attn, "completion_ids": completion_ids,
                  "adv_n": adv_n.to(acc.device)}
