@@ -193,3 +193,29 @@ def test_lora_kl_reference_is_the_policy_with_adapters_disabled(tmp_path):
         fresh = trainer._proxies(train_engine.load_reference(cfg, device="cpu"), batch, rows, seed=7).elbo_n
         policy = trainer._proxies(trainer.frozen_view, batch, rows, seed=7).elbo_n
     assert torch.allclose(ours, fresh, atol=1e-5) and not torch.allclose(policy, fresh, atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TINY_LLADA.is_dir(), reason="needs the tiny-llada snapshot in ../shared/models")
+def test_two_machine_ranks_on_one_host_train_as_one_machine_with_two_processes(tmp_path):
+    """`--num_machines 2 --machine_rank 0/1` on localhost (one process each) == one machine with 2
+    processes, bit for bit: the multi-node launch changes who starts the processes, not the run."""
+    launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    port = str(_free_port())
+    nodes = [subprocess.Popen([launcher, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
+                               "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+                               "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
+                               str(WORKER), str(tmp_path / "nodes"), str(TINY_LLADA), "3", "4", "0"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    logs = [node.communicate(timeout=900)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), logs[0][-2000:] + logs[1][-2000:]
+    _launch("ddp", tmp_path / "one", 4, stop_after=0)
+
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "one" / "final_weights.safetensors"))
+    b = load_file(str(tmp_path / "nodes" / "final_weights.safetensors"))
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -139,8 +139,11 @@ class Trainer:
         self._warn_if_over_memory()
         self.engine = engine
         self.task = engine.get_task(cfg.task)
-        self.train_examples = self.task.load(cfg.train_split, path=cfg.train_data)
-        self.eval_examples = self.task.load(cfg.eval_split, path=cfg.eval_data, limit=cfg.eval_examples)
+        # The main process of each machine downloads / prepares a hub dataset first; the others then read
+        # its cache (a shared filesystem, or one cache per machine: docs/lm_scale.md).
+        with acc.local_main_process_first():
+            self.train_examples = self.task.load(cfg.train_split, path=cfg.train_data)
+            self.eval_examples = self.task.load(cfg.eval_split, path=cfg.eval_data, limit=cfg.eval_examples)
         if not self.train_examples:
             raise ValueError(f"task {cfg.task}: the training split is empty (train_data={cfg.train_data})")
         self.reward_names, self.reward_fns, self.reward_weights = engine.reward_table(self.task, cfg.reward_weights)
