@@ -28,10 +28,10 @@ seen: dict[str, torch.Tensor] = {}
 original = trainer.advantages
 
 
-def recording(rewards_nf):
-    adv_n, all_rewards_nf = original(rewards_nf)
-    step = len(seen) // 3
-    seen[f"adv_{step}"], seen[f"all_rewards_{step}"], seen[f"local_rewards_{step}"] = adv_n, all_rewards_nf, rewards_nf
+def recording(rewards_nf, step):
+    adv_n, all_rewards_nf = original(rewards_nf, step)
+    index = len(seen) // 3  # 0-based
+    seen[f"adv_{index}"], seen[f"all_rewards_{index}"], seen[f"local_rewards_{index}"] = adv_n, all_rewards_nf, rewards_nf
     return adv_n, all_rewards_nf
 
 

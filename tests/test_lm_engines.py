@@ -177,7 +177,7 @@ def test_lora_kl_reference_is_the_policy_with_adapters_disabled(tmp_path):
     model = build_tiny_model(tmp_path / "model", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                              max_positions=128)
     cfg = config(model=str(model), lora_r=4, lora_alpha=8.0, lora_dropout=0.0, dtype="float32", gen_length=8,
-                 block_length=8, diffusion_steps=2, estimator="fpo", kl_beta=0.04, num_draws=2, masking="random",
+                 block_length=8, diffusion_steps=2, estimator="fpo", kl_beta=0.04, num_draws=2, masking="unbiased_random",
                  output_dir=str(tmp_path / "run"), tensorboard=False, progress_bar=False)
     trainer = Trainer(cfg)
     assert trainer.ref_lm is None
