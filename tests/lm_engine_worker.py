@@ -20,7 +20,7 @@ out, model, max_steps, lora_r, stop_after = sys.argv[1], sys.argv[2], int(sys.ar
 cfg = TrainConfig(model=model, trust_remote_code=True, task="sudoku4", prompt_style="compact", lora_r=lora_r,
                   lora_alpha=16.0, lora_dropout=0.0, dtype="float32", prompts_per_step=2, num_generations=4,
                   gradient_accumulation_steps=2, gen_length=16, block_length=16, diffusion_steps=4, num_iterations=2,
-                  estimator="fpo", num_draws=2, masking="random", learning_rate=3e-3, max_grad_norm=0.5,
+                  estimator="fpo", num_draws=2, masking="unbiased_random", learning_rate=3e-3, max_grad_norm=0.5,
                   lr_scheduler="cosine", warmup_steps=1, max_steps=max_steps, save_steps=1, eval_steps=0,
                   eval_examples=2, gap_monitor_steps=0, tensorboard=False, progress_bar=False,
                   save_final_model=False, output_dir=out, resume="latest" if "--resume" in sys.argv else None)
