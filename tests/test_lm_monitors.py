@@ -46,6 +46,7 @@ def test_rollout_confidence_closed_forms():
     out = rollout_confidence(lm, prompt, torch.ones_like(prompt), live)
     assert out["rollout_entropy"] == pytest.approx(1.5 * math.log(2.0), rel=1e-7)  # 2 x 1/4 ln 4 + 1/2 ln 2 (ln 2 in float32)
     assert out["rollout_confidence"] == pytest.approx(0.5, rel=1e-7)
+    assert rollout_confidence(lm, prompt, torch.ones_like(prompt), live, chunk=1) == pytest.approx(out)  # chunked
     # a policy sure of one token: entropy 0, confidence 1
     sure = rollout_confidence(_FixedLogits(torch.tensor([0.0, 80.0, 0.0, 0.0]), 3), prompt, torch.ones_like(prompt),
                               live)

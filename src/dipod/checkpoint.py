@@ -60,8 +60,11 @@ def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generat
 
 
 def save_checkpoint(output_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
-                    meta: dict[str, Any], keep_last: int = 2) -> Path:
-    """Write ``checkpoint-STEP`` atomically and prune all but the newest ``keep_last``."""
+                    meta: dict[str, Any], keep_last: int = 2, extra_dirs: dict[str, Path] | None = None) -> Path:
+    """Write ``checkpoint-STEP`` atomically and prune all but the newest ``keep_last``.
+
+    ``extra_dirs`` (name -> folder already written, e.g. every rank's engine shards) are moved into the
+    checkpoint before it is sealed, so they appear together with it or not at all."""
     bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise NonFiniteCheckpointError(f"refusing to write a checkpoint at step {step}: non-finite weights in {bad[:5]}")
@@ -74,6 +77,8 @@ def save_checkpoint(output_dir: Path, step: int, weights: dict[str, torch.Tensor
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
         torch.save(state, tmp / STATE)
+        for name, folder in (extra_dirs or {}).items():
+            Path(folder).rename(tmp / name)
         atomic_write_json(tmp / META, {"step": step, **meta})
         if final.exists():
             old = output_dir / f".checkpoint-{step}.old"

@@ -18,6 +18,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("lm", "sft"): ("dipod.lm.sft", "masked-diffusion supervised training (LLaDA loss); makes tiny reference policies"),
     ("lm", "eval"): ("dipod.lm.evaluate", "accuracy and mean reward of a model on a task (greedy by default)"),
     ("lm", "generate"): ("dipod.lm.generate", "print a model's completions on a task's prompts"),
+    ("lm", "memory"): ("dipod.lm.memory", "per-GPU peak memory of a train config (--num_gpus, --engine) before any GPU"),
     ("lm", "eval-sweep"): ("dipod.lm.eval_sweep", "the paper's evaluation of every checkpoint of a run (lengths 128/256/512, chosen on validation)"),
     ("plot",): ("dipod.plot", "overlay the metrics (reward, accuracy, gap) of run folders in one PNG"),
     ("demo",): ("dipod.demo", "main job: tiny sudoku4 policy post-trained with SPG(mix)+DiPOD, before/after table + plot"),

@@ -236,7 +236,8 @@ def load_masked_lm(
                                                            trust_remote_code, load_in_4bit, device)
 
     embeddings = model.get_input_embeddings()
-    vocab_size = embeddings.weight.shape[0] if embeddings is not None else None
+    # (DeepSpeed ZeRO-3 loads partitioned weights: their full shape is ds_shape)
+    vocab_size = getattr(embeddings.weight, "ds_shape", embeddings.weight.shape)[0] if embeddings is not None else None
     # Uniform-noise models have no mask token; -1 matches no token id.
     mask_id = -1 if family.noise == "uniform" else _resolve_mask_id(name, tokenizer, config, mask_token_id, vocab_size)
     eos_id = _special_id(tokenizer, config, "eos_token_id")

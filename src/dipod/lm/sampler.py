@@ -326,7 +326,7 @@ def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSetting
     forward = forward if forward is not None else block_forward(lm, settings.kv_cache)
 
     step = 0
-    with eval_mode(lm.model), torch.inference_mode():
+    with eval_mode(lm.model), (torch.no_grad() if _sharded(lm.model) else torch.inference_mode()):
         for start, end in settings.blocks():
             lo, hi = prompt_len + start, prompt_len + end
             count = settings.count_rule(end - start)
@@ -348,6 +348,15 @@ def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSetting
     if settings.fill_after_eos:
         completion_bg = fill_after_first_eos(completion_bg, lm.eos_id)
     return Decoded(completion_bg=completion_bg, order_bg=order_bg, forward_passes=step)
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    """Weights sharded by DeepSpeed ZeRO-3 (``ds_id``) or FSDP2 (DTensor). Their engine gathers them in
+    the forward into buffers it reuses; gathered under inference_mode those could never take part in
+    a backward again, so such a model samples under no_grad."""
+    from torch.distributed.tensor import DTensor
+
+    return any(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in model.parameters())
 
 
 def generate(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSettings,

@@ -51,6 +51,9 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
     lora_dropout: float = option("LoRA dropout", default=0.05)
     lora_target_modules: list[str] | None = option("LoRA target module names (None: the loader's default)", default=None)
     gradient_checkpointing: bool = option("recompute activations in backward to save memory", default=False)
+    gpu_memory_gib: float | None = option("memory of one GPU; a run whose `dipod lm memory` plan exceeds it warns "
+                                          "before any compute, naming the settings that fit (None: the device's)",
+                                          default=None)
     # --- task and data ---
     task: str = option("task name (dipod.lm.tasks.get_task): sudoku4, countdown, gsm8k, math500, ...", default="gsm8k")
     train_data: str | None = option("training data file or hub dataset id (None: the task's default)", default=None)

@@ -33,6 +33,7 @@ from dipod.advantages import group_relative_advantages
 from dipod.checkpoint import (capture_rng_state, copy_weights, latest_checkpoint, latest_intact_checkpoint,
                               load_checkpoint, restore_rng_state, save_checkpoint)
 from dipod.config import ConfigError, config_to_dict, parse_config, save_config
+from dipod.lm.engines import ENGINE_STATE
 from dipod.lm.monitors import CollapseWatch, group_reward_stats, log_completions, rollout_confidence
 from dipod.lm.proxies import completion_mask
 from dipod.lm.train_config import TrainConfig
@@ -116,13 +117,13 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        from accelerate import Accelerator
-
         from dipod.lm import train_engine as engine
+        from dipod.lm.engines import Engine
 
         self.cfg = cfg
-        self.accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps)
-        acc = self.accelerator
+        # DDP / DeepSpeed / FSDP differences (micro-batch size, clipping, checkpoints): dipod.lm.engines
+        self.runtime = Engine(cfg)
+        self.accelerator = acc = self.runtime.accelerator
         self.world, self.rank = acc.num_processes, acc.process_index
         total = cfg.prompts_per_step * cfg.num_generations
         if total % self.world or (total // self.world) % cfg.gradient_accumulation_steps:
@@ -131,10 +132,15 @@ class Trainer:
                 f"process(es) x gradient_accumulation_steps={cfg.gradient_accumulation_steps}; change one of them")
         self.n_local = total // self.world
         self.micro = self.n_local // cfg.gradient_accumulation_steps
+        self.runtime.set_micro_batch(self.micro)
+        self._warn_if_over_memory()
         self.engine = engine
         self.task = engine.get_task(cfg.task)
-        self.train_examples = self.task.load(cfg.train_split, path=cfg.train_data)
-        self.eval_examples = self.task.load(cfg.eval_split, path=cfg.eval_data, limit=cfg.eval_examples)
+        # The main process of each machine downloads / prepares a hub dataset first; the others then read
+        # its cache (a shared filesystem, or one cache per machine: docs/lm_scale.md).
+        with acc.local_main_process_first():
+            self.train_examples = self.task.load(cfg.train_split, path=cfg.train_data)
+            self.eval_examples = self.task.load(cfg.eval_split, path=cfg.eval_data, limit=cfg.eval_examples)
         if not self.train_examples:
             raise ValueError(f"task {cfg.task}: the training split is empty (train_data={cfg.train_data})")
         self.reward_names, self.reward_fns, self.reward_weights = engine.reward_table(self.task, cfg.reward_weights)
@@ -145,8 +151,13 @@ class Trainer:
         acc.wait_for_everyone()
 
         torch.manual_seed(derive_seed(cfg.seed, _INIT))  # peft draws the LoRA adapters' initial values here
-        self.lm = engine.load_policy(cfg, device=acc.device)
-        self.ref_lm = engine.load_reference(cfg, device=acc.device) if cfg.kl_beta_value() > 0 else None
+        self.lm = engine.load_policy(cfg.with_changes(dtype=self.runtime.weights_dtype), device=acc.device)
+        # The KL reference is the initial policy: under LoRA that is the policy with its adapters
+        # disabled (no second copy of the weights); full fine-tuning needs a frozen copy.
+        self.ref_lm = None
+        if cfg.kl_beta_value() > 0 and cfg.lora_r == 0:
+            with self.runtime.whole_model_loading():
+                self.ref_lm = engine.load_reference(cfg, device=acc.device)
         params = [p for p in self.lm.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.weight_decay)
@@ -160,6 +171,17 @@ class Trainer:
         self.nonfinite_streak = 0
         self.start_step = 0
         self.collapse_watch = CollapseWatch(cfg.collapse_warn_fraction)
+
+    def _warn_if_over_memory(self) -> None:
+        """Before any model is loaded: the memory plan against the GPU (--gpu_memory_gib, else the device's)."""
+        from dipod.lm.memory import memory_warning
+
+        budget = self.cfg.gpu_memory_gib
+        if budget is None and torch.cuda.is_available():
+            budget = torch.cuda.get_device_properties(self.accelerator.device).total_memory / 2 ** 30
+        warning = memory_warning(self.cfg, self.world, self.runtime.planner_engine, budget) if budget else None
+        if warning:
+            self.accelerator.print(f"WARNING {warning}")
 
     # ------------------------------------------------------------------ data
     def _few_shot_prefix(self) -> str:
@@ -247,6 +269,14 @@ class Trainer:
                                            batch["completion_ids"][rows], self.proxy_settings, seed,
                                            meanfield=get_estimator(self.cfg.estimator).needs_meanfield)
 
+    def _reference_proxies(self, batch: dict, rows: slice, seed: int):
+        if self.ref_lm is not None:
+            return self._proxies(self.ref_lm, batch, rows, seed)
+        from dipod.lm.model import eval_mode
+
+        with self.frozen_view.model.disable_adapter(), eval_mode(self.frozen_view.model):
+            return self._proxies(self.frozen_view, batch, rows, seed)
+
     def _all_finite(self, tensors: list[Tensor]) -> bool:
         """True when every tensor is finite on EVERY process (all skip together, or none does)."""
         bad = torch.tensor([0.0 if all(bool(torch.isfinite(t).all()) for t in tensors) else 1.0],
@@ -270,15 +300,15 @@ class Trainer:
                 for m, rows in enumerate(micro_rows):
                     if need_old:
                         old[r][m] = self._proxies(self.frozen_view, batch, rows, seeds[r][m])
-                    if self.ref_lm is not None:
-                        ref[r][m] = getattr(self._proxies(self.ref_lm, batch, rows, seeds[r][m]),
+                    if cfg.kl_beta_value() > 0:
+                        ref[r][m] = getattr(self._reference_proxies(batch, rows, seeds[r][m]),
                                             estimator.reference_proxy)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         first_pass: list = []
         skipped = 0
         for iteration in range(cfg.num_iterations):
-            finite = True
+            finite, backwards = True, 0
             r = iteration if rounds > 1 else 0
             for m, rows in enumerate(micro_rows):
                 with acc.accumulate(self.model):
@@ -292,6 +322,7 @@ class Trainer:
                     if not finite:
                         continue
                     acc.backward(loss)
+                    backwards += 1
                     if iteration == 0:
                         first_pass.append(_detached(new))
                     for key, value in {"loss": float(loss.detach()), **info}.items():
@@ -299,10 +330,16 @@ class Trainer:
                         counts[key] = counts.get(key, 0) + 1
             grad_norm = math.nan
             if finite:
-                params = [p for p in self.model.parameters() if p.requires_grad]
-                norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                grad_norm = float(norm) if norm is not None else math.nan
+                norm = self.runtime.clip_grad_norm(self.model, cfg.max_grad_norm)
+                grad_norm = norm if norm is not None else math.nan
                 finite = norm is None or math.isfinite(grad_norm)
+            if self.runtime.steps_in_backward and not finite and backwards:
+                # DeepSpeed already holds (or has applied) this update's earlier micro-batch gradients:
+                # it cannot be skipped cleanly, so stop before anything non-finite is saved.
+                raise TrainingDiverged(
+                    f"step {step}: non-finite loss or gradient in update {iteration + 1} under DeepSpeed after "
+                    f"earlier micro-batches were accumulated; the last checkpoint is untouched. Lower "
+                    f"--learning_rate or --max_grad_norm, then --resume latest")
             if finite:
                 self.optimizer.step()
                 self.scheduler.step()
@@ -388,7 +425,7 @@ class Trainer:
         adv_n, all_rewards_nf = self.advantages(rewards_nf, step)
         # the policy the rollouts came from, before this step's updates
         sharpness = rollout_confidence(self.frozen_view, prompt_ids, prompt_attn,
-                                       completion_mask(completion_ids, self.lm.eos_id))
+                                       completion_mask(completion_ids, self.lm.eos_id), cfg.generation_batch_size)
         generated = time.perf_counter()
         batch = {"prompt_ids": prompt_ids, "prompt_attn": prompt_attn, "completion_ids": completion_ids,
                  "adv_n": adv_n.to(acc.device)}
@@ -434,12 +471,23 @@ class Trainer:
         return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
     def save(self, step: int) -> None:
-        acc = self.accelerator
+        """``checkpoint-STEP``: weights + optimizer (DDP: from the main process; DeepSpeed / FSDP: each
+        rank's shard through the engine's own save), schedule, RNG and skip streak, sealed atomically."""
+        acc, runtime, out = self.accelerator, self.runtime, Path(self.cfg.output_dir)
+        shards = runtime.staging_dir(out, step) if runtime.shards_state else None
+        if shards is not None:
+            runtime.save_shards(shards)
+            acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "rng": capture_rng_state(), "nonfinite_streak": self.nonfinite_streak}
-            save_checkpoint(Path(self.cfg.output_dir), step, self.trainable_weights(), state,
-                            {"config": _yaml_safe(config_to_dict(self.cfg))}, keep_last=self.cfg.keep_checkpoints)
+            state = {"scheduler": self.scheduler.state_dict(), "rng": capture_rng_state(),
+                     "nonfinite_streak": self.nonfinite_streak}
+            weights = {}
+            if shards is None:
+                state["optimizer"] = self.optimizer.state_dict()
+                weights = self.trainable_weights()
+            save_checkpoint(out, step, weights, state, {"config": _yaml_safe(config_to_dict(self.cfg)),
+                                                        "engine": runtime.kind},
+                            keep_last=self.cfg.keep_checkpoints, extra_dirs={ENGINE_STATE: shards} if shards else None)
         acc.wait_for_everyone()
 
     def restore(self) -> None:
@@ -453,9 +501,16 @@ class Trainer:
         else:
             path = Path(cfg.resume)
             weights, state, meta = load_checkpoint(path)
-        copy_weights(self.accelerator.unwrap_model(self.model), weights, path,
-                     "resume with the same --model and LoRA settings", required=set(self.trainable_weights()))
-        self.optimizer.load_state_dict(state["optimizer"])
+        written_by = meta.get("engine", "ddp")
+        if (written_by in ("deepspeed", "fsdp") or self.runtime.shards_state) and written_by != self.runtime.kind:
+            raise ValueError(f"checkpoint {path} was written under {written_by}, this run is {self.runtime.kind}; "
+                             f"resume under the same engine (accelerate config) that wrote it")
+        if self.runtime.shards_state:
+            self.runtime.load_shards(path / ENGINE_STATE)
+        else:
+            copy_weights(self.accelerator.unwrap_model(self.model), weights, path,
+                         "resume with the same --model and LoRA settings", required=set(self.trainable_weights()))
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"])
         self.nonfinite_streak = int(state["nonfinite_streak"])

@@ -1,0 +1,233 @@
+"""`dipod lm memory`: per-GPU peak memory of a `dipod lm train` config, before any GPU is touched.
+
+It reads the same TrainConfig the trainer reads (``--config FILE`` plus flags), so a plan and a run
+cannot disagree about what is loaded. Two phases peak separately:
+
+- **rollout**: weights (+ the reference model, when its KL term is on), the sampler's logits for
+  ``generation_batch_size`` rows, and the confidence monitor's float64 softmax over the vocabulary.
+- **update**: weights + gradients + AdamW state per engine (below), the activations of one
+  micro-batch (``micro`` completions x ``num_draws`` masked copies x prompt+completion tokens) with
+  or without whole-layer checkpointing, and its logits.
+
+Bytes per parameter (P base parameters, N GPUs, w = bytes of ``dtype``): LoRA keeps the base in
+``dtype`` on every GPU (ZeRO-3 / FSDP: 1/N of it) and float32 adapters + grads + AdamW (16 bytes per
+adapter parameter). Full fine-tuning: DDP float32 master + grads + AdamW = 16 P; ZeRO-2 w P
+weights + (w + 12) P / N (gradients, float32 master and AdamW sharded); ZeRO-3 (w + w + 12) P / N;
+FSDP2 (4 + 4 + 8) P / N float32 master, grads and AdamW, plus one gathered decoder block in ``dtype``.
+
+Activations per token and decoder layer, in elements of ``dtype`` (a LLaMA-style block: d model
+width, f MLP width), from the tensors autograd keeps for backward, measured with
+``torch.autograd.graph.saved_tensors_hooks`` on LLaDA's hub code (tests/test_lm_memory.py):
+full fine-tuning 10 d + 4 f, LoRA 8 d + 3 f + r per target; with checkpointing only each layer's input (d) stays, plus one layer's
+activations while it is recomputed. Logits: ``dtype`` + float32 over the whole sequence, plus the
+float32 log-softmax over the completion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from dipod.config import parse_config
+from dipod.lm.train_config import TrainConfig
+
+GIB = 2 ** 30
+ENGINES = ("ddp", "zero2", "zero3", "fsdp")
+# Saved-for-backward elements per token and decoder layer (d model width, f MLP width): full fine-
+# tuning keeps the inputs of every linear too (weight gradients), LoRA only the adapters' inputs and
+# outputs (r per target). Measured on LLaDA's hub code with saved_tensors_hooks (tests/test_lm_memory.py).
+ACT_FULL = (10, 4)  # 10 d + 4 f
+ACT_LORA = (8, 3)  # 8 d + 3 f + r per LoRA target
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The published checkpoints this project trains, for planning without a download.
+KNOWN_SHAPES = {
+    "GSAI-ML/LLaDA-8B-Instruct": dict(d=4096, layers=32, f=12288, vocab=126464, tied=False),
+    "GSAI-ML/LLaDA-8B-Base": dict(d=4096, layers=32, f=12288, vocab=126464, tied=False),
+    "GSAI-ML/LLaDA-1.5": dict(d=4096, layers=32, f=12288, vocab=126464, tied=False),
+    "Dream-org/Dream-v0-Instruct-7B": dict(d=3584, layers=28, f=18944, vocab=152064, tied=False, kv=512),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    d: int  # model width
+    layers: int
+    f: int  # MLP width
+    vocab: int
+    tied: bool = False
+    kv: int | None = None  # key/value width (grouped-query attention); None = d
+
+    @property
+    def params(self) -> int:
+        kv = self.kv or self.d
+        per_layer = 2 * self.d * self.d + 2 * self.d * kv + 3 * self.d * self.f + 2 * self.d
+        return self.layers * per_layer + self.vocab * self.d * (1 if self.tied else 2) + self.d
+
+    def lora_params(self, r: int, targets: tuple[str, ...]) -> int:
+        kv = self.kv or self.d
+        widths = {"q_proj": (self.d, self.d), "k_proj": (self.d, kv), "v_proj": (self.d, kv), "attn_out": (self.d, self.d),
+                  "o_proj": (self.d, self.d), "ff_proj": (self.d, self.f), "gate_proj": (self.d, self.f),
+                  "up_proj": (self.d, self.f), "ff_out": (self.f, self.d), "down_proj": (self.f, self.d)}
+        return self.layers * sum(r * (a + b) for name, (a, b) in widths.items() if name in targets)
+
+
+def model_shape(name: str) -> Shape:
+    """The shape from a local ``config.json`` (LLaDA or Hugging Face keys) or the known-checkpoint table."""
+    path = Path(name) / "config.json"
+    if path.is_file():
+        c = json.loads(path.read_text())
+        if "d_model" in c:  # LLaDA's own config
+            return Shape(d=c["d_model"], layers=c["n_layers"], f=c.get("mlp_hidden_size") or c["mlp_ratio"] * c["d_model"],
+                         vocab=c.get("embedding_size") or c["vocab_size"], tied=bool(c.get("weight_tying")),
+                         kv=c["d_model"] // c["n_heads"] * (c.get("n_kv_heads") or c["n_heads"]))
+        heads = c["num_attention_heads"]
+        return Shape(d=c["hidden_size"], layers=c["num_hidden_layers"], f=c["intermediate_size"], vocab=c["vocab_size"],
+                     tied=bool(c.get("tie_word_embeddings")),
+                     kv=c["hidden_size"] // heads * c.get("num_key_value_heads", heads))
+    if name in KNOWN_SHAPES:
+        return Shape(**KNOWN_SHAPES[name])
+    raise FileNotFoundError(f"model {name!r}: no local config.json and not one of {sorted(KNOWN_SHAPES)}; pass a "
+                            f"local model folder")
+
+
+def layer_elements_per_token(shape: Shape, lora_r: int = 0, lora_targets: int = 0) -> int:
+    """Elements one decoder layer keeps for backward per token (no checkpointing)."""
+    a, b = ACT_LORA if lora_r > 0 else ACT_FULL
+    return a * shape.d + b * shape.f + (lora_r * lora_targets if lora_r > 0 else 0)
+
+
+def activation_bytes_per_token(shape: Shape, elem: int, checkpointing: bool, lora_r: int = 0,
+                               lora_targets: int = 0) -> int:
+    """Bytes kept for backward per token of one forward (all layers). With whole-layer checkpointing
+    each layer keeps its input (d) and one layer at a time is recomputed in full."""
+    per_layer = layer_elements_per_token(shape, lora_r, lora_targets) * elem
+    if checkpointing:
+        return shape.layers * shape.d * elem + per_layer
+    return shape.layers * per_layer
+
+
+def plan(cfg: TrainConfig, num_gpus: int, engine: str = "zero2") -> dict:
+    """Per-GPU bytes of each term, per phase, and the peak (module docstring)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}; choose one of {ENGINES}")
+    from dipod.lm.families import FAMILIES
+
+    shape, w = model_shape(cfg.model), _BYTES[cfg.dtype]
+    family = FAMILIES[cfg.model_family or ("dream" if "dream" in cfg.model.lower() else "llada")]
+    P, N = shape.params, num_gpus
+    sharded = engine in ("zero3", "fsdp")
+    base_w = 0.5 if cfg.load_in_4bit else w
+    targets = tuple(cfg.lora_target_modules or family.lora_targets) if cfg.lora_r > 0 else ()
+    if cfg.lora_r > 0:
+        lora = shape.lora_params(cfg.lora_r, targets)
+        weights = P * base_w / (N if sharded else 1)
+        train_state = 16 * lora / (N if engine != "ddp" else 1)
+    else:
+        weights = {"ddp": 4 * P, "zero2": w * P, "zero3": w * P / N, "fsdp": 4 * P / N}[engine]
+        train_state = {"ddp": 12 * P, "zero2": (w + 12) * P / N, "zero3": (w + 12) * P / N,
+                       "fsdp": 12 * P / N}[engine]
+    gathered_layer = (shape.params - shape.vocab * shape.d * 2) / shape.layers * w if sharded else 0
+    reference = P * base_w if cfg.kl_beta_value() > 0 and cfg.lora_r == 0 else 0  # LoRA: adapters disabled
+    world_rows = cfg.prompts_per_step * cfg.num_generations
+    n_local = world_rows // N
+    micro = max(1, n_local // cfg.gradient_accumulation_steps)
+    prompt, gen = cfg.max_prompt_length, cfg.gen_length
+    tokens = micro * cfg.num_draws_value() * (prompt + gen)
+    activations = tokens * activation_bytes_per_token(shape, w, cfg.gradient_checkpointing, cfg.lora_r, len(targets))
+    logits = tokens * shape.vocab * (w + 4) + micro * cfg.num_draws_value() * gen * shape.vocab * 4
+    gen_rows = cfg.generation_batch_size or n_local
+    sampler_logits = gen_rows * (prompt + gen) * shape.vocab * (w + 4)
+    monitor = gen_rows * gen * shape.vocab * (4 + 8 + 8)  # float32 logits, float64 log-softmax and probs
+    common = {"weights": weights, "optimizer_and_gradients": train_state, "reference_model": reference,
+              "gathered_layer": gathered_layer}
+    rollout = {**common, "sampler_logits": sampler_logits, "monitor": monitor}
+    update = {**common, "activations": activations, "logits": logits}
+    peak = max(sum(rollout.values()), sum(update.values()))
+    return {"model": cfg.model, "engine": engine, "num_gpus": N, "params": P, "micro_batch": micro,
+            "tokens_per_micro_batch": tokens, "gradient_checkpointing": cfg.gradient_checkpointing,
+            "rollout_gib": {k: v / GIB for k, v in rollout.items()},
+            "update_gib": {k: v / GIB for k, v in update.items()},
+            "rollout_peak_gib": sum(rollout.values()) / GIB, "update_peak_gib": sum(update.values()) / GIB,
+            "peak_gib_per_gpu": peak / GIB}
+
+
+def fixes(cfg: TrainConfig, result: dict, budget_gib: float, num_gpus: int, engine: str) -> list[str]:
+    """Settings that bring the plan under ``budget_gib``, each checked by re-planning."""
+    candidates = [("--gradient_checkpointing true", dict(gradient_checkpointing=True)),
+                  (f"--generation_batch_size {max(1, (cfg.generation_batch_size or 8) // 2)}",
+                   dict(generation_batch_size=max(1, (cfg.generation_batch_size or 8) // 2))),
+                  (f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps * 2}",
+                   dict(gradient_accumulation_steps=cfg.gradient_accumulation_steps * 2))]
+    found, changes = [], {}
+    for flag, change in candidates:
+        changes.update(change)
+        try:
+            trial = plan(dataclasses.replace(cfg, **changes), num_gpus, engine)
+        except ValueError:
+            continue
+        if trial["peak_gib_per_gpu"] < result["peak_gib_per_gpu"]:
+            found.append(flag)
+        if trial["peak_gib_per_gpu"] <= budget_gib:
+            return found
+    return found + ["more GPUs (--num_gpus) or --engine zero3"]
+
+
+def memory_warning(cfg: TrainConfig, num_gpus: int, engine: str, budget_gib: float) -> str | None:
+    """The warning the trainer prints before any compute when the plan exceeds ``budget_gib`` (None
+    when it fits, or when the model's shape is unknown here)."""
+    try:
+        result = plan(cfg, num_gpus, engine)
+    except FileNotFoundError:
+        return None
+    if result["peak_gib_per_gpu"] <= budget_gib:
+        return None
+    return (f"dipod lm memory plans {result['peak_gib_per_gpu']:.1f} GiB per GPU for this run ({engine}, {num_gpus} "
+            f"GPU(s); rollout {result['rollout_peak_gib']:.1f}, update {result['update_peak_gib']:.1f}) but a GPU "
+            f"has {budget_gib:.1f} GiB; try " + ", ".join(fixes(cfg, result, budget_gib, num_gpus, engine)))
+
+
+def render(result: dict) -> str:
+    lines = [f"{result['model']} on {result['num_gpus']} GPU(s), {result['engine']}: {result['params'] / 1e9:.3f}e9 "
+             f"parameters, micro-batch {result['micro_batch']} completions = {result['tokens_per_micro_batch']} tokens "
+             f"per forward (gradient_checkpointing {result['gradient_checkpointing']})"]
+    for phase in ("rollout", "update"):
+        terms = ", ".join(f"{k} {v:.1f}" for k, v in result[f"{phase}_gib"].items() if v)
+        lines.append(f"  {phase:<8} {result[f'{phase}_peak_gib']:6.1f} GiB per GPU  ({terms})")
+    lines.append(f"  peak     {result['peak_gib_per_gpu']:6.1f} GiB per GPU")
+    return "\n".join(lines)
+
+
+def main(argv: list[str], prog: str = "dipod lm memory") -> int:
+    own = {"--num_gpus": "8", "--gpu_memory_gib": "80", "--engine": "zero2"}
+    rest, json_out = [], "--json" in argv
+    args = [a for a in argv if a != "--json"]
+    i = 0
+    while i < len(args):
+        if args[i] in own and i + 1 < len(args):
+            own[args[i]] = args[i + 1]
+            i += 2
+        else:
+            rest.append(args[i])
+            i += 1
+    cfg = parse_config(TrainConfig, rest, prog, description="Per-GPU peak memory of a `dipod lm train` config "
+                       "(own flags: --num_gpus N, --gpu_memory_gib G, --engine ddp|zero2|zero3|fsdp, --json)")
+    num_gpus, budget, engine = int(own["--num_gpus"]), float(own["--gpu_memory_gib"]), own["--engine"]
+    result = plan(cfg, num_gpus, engine)
+    result["gpu_memory_gib"] = budget
+    result["fits"] = result["peak_gib_per_gpu"] <= budget
+    if not result["fits"]:
+        result["fixes"] = fixes(cfg, result, budget, num_gpus, engine)
+    if json_out:
+        print(json.dumps(result, indent=1))
+    else:
+        print(render(result))
+        if not result["fits"]:
+            print(f"WARNING: plans {result['peak_gib_per_gpu']:.1f} GiB per GPU > {budget:g} GiB; try "
+                  + ", ".join(result["fixes"]), file=sys.stderr)
+    return 0 if result["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
