@@ -12,6 +12,7 @@ import torch
 from dipod.config import parse_config
 from dipod.lm.memory import Shape, activation_bytes_per_token, main, model_shape, plan
 from dipod.lm.train_config import TrainConfig
+from hub_snapshots import needs_hub_code
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LLADA = ROOT.parent / "shared" / "models" / "tiny-llada"
@@ -49,6 +50,9 @@ def saved_bytes(d: int, f: int, layers: int, tokens: int, lora_r: int, checkpoin
     return sum(kept.values())
 
 
+# The coefficients were read off LLaDA's hub code, which loads on transformers 4.56-4.57 only; the
+# default install trains our own LLaDA network (same logits), not yet measured here (docs/lm_scale.md).
+@needs_hub_code
 @pytest.mark.skipif(not TINY_LLADA.is_dir(), reason="needs the tiny-llada snapshot in ../shared/models")
 @pytest.mark.parametrize("lora_r,checkpointing", [(0, False), (8, False), (0, True), (8, True)])
 def test_per_token_activation_bytes_match_what_autograd_keeps(lora_r, checkpointing):
