@@ -86,6 +86,12 @@ class Engine:
         accumulation = cfg.gradient_accumulation_steps
         _require_same("gradient_accumulation_steps", accumulation, "the accelerate launch config",
                       os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS"))
+        if self.kind not in ("deepspeed", "fsdp"):
+            # A second run in the same process (tests, notebooks) may ask for another precision; the
+            # process-wide state accelerate keeps would refuse it. Launched engines own their state.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(True)
         self.accelerator = Accelerator(
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation),
             mixed_precision=self._mixed_precision(cfg))
