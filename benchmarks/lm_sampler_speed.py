@@ -37,9 +37,9 @@ class ForwardTimer:
     def __getattr__(self, name):
         return getattr(self.lm, name)
 
-    def logits(self, ids, attn):
+    def logits(self, ids, attn, first=0):
         start = time.perf_counter()
-        out = self.lm.logits(ids, attn)
+        out = self.lm.logits(ids, attn, first)
         self.seconds += time.perf_counter() - start
         return out
 

@@ -135,6 +135,28 @@ def test_dream_logits_are_realigned_so_position_i_predicts_token_i(dream):
     assert torch.equal(ours[:, 0], raw[:, 0].float())
 
 
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_logits_from_a_position_equal_the_full_logits_there_in_bfloat16(family):
+    """``first`` (the completion's start) computes the vocabulary head and its float32 copy at those
+    positions only, with the same numbers as slicing the full logits (Dream's shift included)."""
+    lm = load(family, dtype="bfloat16")
+    ids, attn = left_padded(lm, TEXTS)
+    full = lm.logits(ids, attn)
+    seen = []  # the rows of hidden states the head is applied to
+    real = lm.model.head_logits
+    lm.model.head_logits = lambda hidden: seen.append(hidden.shape[1]) or real(hidden)
+    try:
+        for first in (1, 4, ids.shape[1] - 2):
+            part = lm.logits(ids, attn, first=first)
+            assert part.dtype == torch.float32 and part.shape[1] == ids.shape[1] - first
+            assert torch.equal(part, full[:, first:])
+    finally:
+        del lm.model.head_logits
+    shift = 1 if family == "dream" else 0
+    assert seen == [ids.shape[1] - first + shift for first in (1, 4, ids.shape[1] - 2)]
+
+
 def test_dream_padding_is_masked_and_positions_restart(dream):
     ids, attn = left_padded(dream, TEXTS)
     batch = dream.logits(ids, attn)  # a 2-D long mask would crash Dream's SDPA attention

@@ -34,8 +34,8 @@ class _FixedLogits:
     def __post_init__(self):
         self.model = torch.nn.Linear(1, 1)
 
-    def logits(self, ids, attn):
-        return self.row.expand(ids.shape[0], ids.shape[1], -1).clone()
+    def logits(self, ids, attn, first=0):
+        return self.row.expand(ids.shape[0], ids.shape[1] - first, -1).clone()
 
 
 def test_rollout_confidence_closed_forms():

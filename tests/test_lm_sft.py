@@ -36,9 +36,9 @@ class FakeLogits:
         self.table_btv = table_tv.expand(batch, *table_tv.shape)
         self.seen_ids = None
 
-    def __call__(self, ids, attn):
+    def __call__(self, ids, attn, first):
         self.seen_ids = ids.clone()
-        return self.table_btv.clone()
+        return self.table_btv[:, first:].clone()
 
 
 def test_sft_loss_matches_hand_computation():

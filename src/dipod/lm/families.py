@@ -74,34 +74,41 @@ class ModelFamily:
         """Name of the transformers Auto class that builds the model."""
         return "AutoModel"
 
-    def forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
-        """Raw logits ``[B, T, V]`` (model dtype) for ``ids`` with 0/1 mask ``attn`` (0 = padding)."""
+    def forward(self, model: nn.Module, ids: Tensor, attn: Tensor, first: int = 0) -> Tensor:
+        """Raw outputs ``[B, T - first, V]`` at positions ``first ..`` for ``ids`` with 0/1 mask ``attn``
+        (0 = padding). Our network computes its head at those positions only; hub code computes all."""
         if is_checkpoint_network(model):
-            return self.native_forward(model, ids, attn)
+            return self.native_forward(model, ids, attn, first)
         if self.attention == "none":
-            return without_padding(lambda x: _logits_of(model(input_ids=x, **self.forward_kwargs)), ids, attn)
-        if self.attention == "4d_bool":
-            if bool(attn.all()):
-                return _logits_of(model(input_ids=ids, **self.forward_kwargs))
+            out = without_padding(lambda x: _logits_of(model(input_ids=x, **self.forward_kwargs)), ids, attn)
+        elif self.attention == "4d_bool" and bool(attn.all()):
+            out = _logits_of(model(input_ids=ids, **self.forward_kwargs))
+        elif self.attention == "4d_bool":
             keep = attn.bool()
             # Position ids count from each row's first real token; padding gets 1 (Dream's tok_idx).
             positions = (attn.long().cumsum(-1) - 1).masked_fill(~keep, 1)
-            return _logits_of(model(input_ids=ids, attention_mask=keep[:, None, None, :], position_ids=positions,
-                                    **self.forward_kwargs))
-        return _logits_of(model(input_ids=ids, attention_mask=attn, **self.forward_kwargs))
+            out = _logits_of(model(input_ids=ids, attention_mask=keep[:, None, None, :], position_ids=positions,
+                                   **self.forward_kwargs))
+        else:
+            out = _logits_of(model(input_ids=ids, attention_mask=attn, **self.forward_kwargs))
+        return out[:, first:]
 
-    def native_forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
+    def native_forward(self, model: nn.Module, ids: Tensor, attn: Tensor, first: int) -> Tensor:
         """Our network (dipod.lm.networks): padding keys masked, positions absolute."""
-        return model(ids, attn)
+        return model(ids, attn, first=first)
 
-    def logits(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
-        """Logits ``[B, T, V]`` with ``[:, i]`` predicting token i, whatever the family's convention."""
+    def logits(self, model: nn.Module, ids: Tensor, attn: Tensor, first: int = 0) -> Tensor:
+        """float32 logits ``[B, T - first, V]``, ``[:, i]`` predicting token ``first + i`` whatever the
+        family's convention. Only these positions are cast to float32 (at 8B the vocabulary is 126k:
+        float32 logits over a prompt the loss never reads cost GiBs)."""
+        if not self.shifted_logits:
+            return self.forward(model, ids, attn, first).float()
+        # The model's output at i predicts token i + 1. Position 0 has no prediction; it gets
+        # position 0's output, as Dream's own sampler does (it is a prompt token, never scored).
+        if first > 0:
+            return self.forward(model, ids, attn, first - 1)[:, :-1].float()
         logits = self.forward(model, ids, attn)
-        if self.shifted_logits:
-            # The model's output at i predicts token i + 1. Position 0 has no prediction; it gets
-            # position 0's output, as Dream's own sampler does (it is a prompt token, never scored).
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits
+        return torch.cat([logits[:, :1], logits[:, :-1]], dim=1).float()
 
     def enable_activation_checkpointing(self, model: nn.Module) -> None:
         """Recompute activations in backward (Hugging Face gradient checkpointing, non-reentrant)."""
@@ -172,9 +179,9 @@ class LLaDA(ModelFamily):
     def matches(self, config: Mapping[str, Any]) -> bool:
         return config.get("model_type") == "llada"
 
-    def native_forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
-        logits = model(ids, attn)
-        return logits if bool(attn.all()) else logits.masked_fill(~attn.bool()[..., None], 0.0)
+    def native_forward(self, model: nn.Module, ids: Tensor, attn: Tensor, first: int) -> Tensor:
+        logits = model(ids, attn, first=first)
+        return logits if bool(attn.all()) else logits.masked_fill(~attn[:, first:].bool()[..., None], 0.0)
 
     def enable_activation_checkpointing(self, model: nn.Module) -> None:
         if is_checkpoint_network(model):
@@ -211,12 +218,12 @@ class Dream(ModelFamily):
     def matches(self, config: Mapping[str, Any]) -> bool:
         return str(config.get("model_type", "")).lower() == "dream"
 
-    def native_forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
+    def native_forward(self, model: nn.Module, ids: Tensor, attn: Tensor, first: int) -> Tensor:
         if bool(attn.all()):
-            return model(ids, attn)
+            return model(ids, attn, first=first)
         # Dream's own positions (count from the first real token, padding at 1): padding rows then
         # equal the hub code's too, not only the real ones.
-        return model(ids, attn, (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 1))
+        return model(ids, attn, (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 1), first=first)
 
     @contextlib.contextmanager
     def saving(self, model: nn.Module) -> Iterator[None]:
@@ -266,7 +273,7 @@ class DiffusionGemma(ModelFamily):
     def auto_class(self) -> str:
         return "DiffusionGemmaForBlockDiffusion"
 
-    def forward(self, model: nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
+    def forward(self, model: nn.Module, ids: Tensor, attn: Tensor, first: int = 0) -> Tensor:
         raise ValueError("DiffusionGemma has no masked forward over the full sequence (it denoises a canvas "
                          "after its encoder); decode and score it through dipod.lm.diffusion_gemma")
 

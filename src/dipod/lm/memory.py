@@ -17,10 +17,13 @@ FSDP2 (4 + 4 + 8) P / N float32 master, grads and AdamW, plus one gathered decod
 
 Activations per token and decoder layer, in elements of ``dtype`` (a LLaMA-style block: d model
 width, f MLP width), from the tensors autograd keeps for backward, measured with
-``torch.autograd.graph.saved_tensors_hooks`` on LLaDA's hub code (tests/test_lm_memory.py):
-full fine-tuning 10 d + 4 f, LoRA 8 d + 3 f + r per target; with checkpointing only each layer's input (d) stays, plus one layer's
-activations while it is recomputed. Logits: ``dtype`` + float32 over the whole sequence, plus the
-float32 log-softmax over the completion.
+``torch.autograd.graph.saved_tensors_hooks`` on our LLaDA network (tests/test_lm_memory.py; LLaDA's
+hub code keeps the same): full fine-tuning 10 d + 4 f, LoRA 8 d + 3 f + r per target (plus n_heads + 2
+per token, under 0.1 % at 8B, left out); with checkpointing only each layer's input (d) stays, plus one
+layer's activations while it is recomputed. Logits: our network applies the vocabulary head at the
+positions the caller reads only (``MaskedDiffusionLM.logits(first=)``: the completion), in ``dtype``
+plus its float32 copy, plus the float32 log-softmax. (The legacy hub code, ``--trust_remote_code``,
+computes them over the prompt too: add prompt / completion of the logits term.)
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ GIB = 2 ** 30
 ENGINES = ("ddp", "zero2", "zero3", "fsdp")
 # Saved-for-backward elements per token and decoder layer (d model width, f MLP width): full fine-
 # tuning keeps the inputs of every linear too (weight gradients), LoRA only the adapters' inputs and
-# outputs (r per target). Measured on LLaDA's hub code with saved_tensors_hooks (tests/test_lm_memory.py).
+# outputs (r per target). Measured on our LLaDA network with saved_tensors_hooks (tests/test_lm_memory.py).
 ACT_FULL = (10, 4)  # 10 d + 4 f
 ACT_LORA = (8, 3)  # 8 d + 3 f + r per LoRA target
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -136,9 +139,9 @@ def plan(cfg: TrainConfig, num_gpus: int, engine: str = "zero2") -> dict:
     prompt, gen = cfg.max_prompt_length, cfg.gen_length
     tokens = micro * cfg.num_draws_value() * (prompt + gen)
     activations = tokens * activation_bytes_per_token(shape, w, cfg.gradient_checkpointing, cfg.lora_r, len(targets))
-    logits = tokens * shape.vocab * (w + 4) + micro * cfg.num_draws_value() * gen * shape.vocab * 4
+    logits = micro * cfg.num_draws_value() * gen * shape.vocab * (w + 4 + 4)
     gen_rows = cfg.generation_batch_size or n_local
-    sampler_logits = gen_rows * (prompt + gen) * shape.vocab * (w + 4)
+    sampler_logits = gen_rows * gen * shape.vocab * (w + 4)  # from the current block to the end
     monitor = gen_rows * gen * shape.vocab * (4 + 8 + 8)  # float32 logits, float64 log-softmax and probs
     common = {"weights": weights, "optimizer_and_gradients": train_state, "reference_model": reference,
               "gathered_layer": gathered_layer}

@@ -107,13 +107,14 @@ class MaskedDiffusionLM:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def logits(self, ids: Tensor, attn: Tensor) -> Tensor:
-        """float32 logits ``[B, T, V]`` for ``ids`` with 0/1 mask ``attn``; ``[:, i]`` predicts token i.
+    def logits(self, ids: Tensor, attn: Tensor, first: int = 0) -> Tensor:
+        """float32 logits ``[B, T - first, V]`` for ``ids`` with 0/1 mask ``attn``; ``[:, i]`` predicts
+        token ``first + i``. Callers that read the completion only pass its start as ``first``.
 
         The family decides how the model is called (dipod.lm.families), so a shifted model is
         shifted for every caller; rows are independent of the rest of the batch.
         """
-        return self.family.logits(self.model, ids, attn).float()
+        return self.family.logits(self.model, ids, attn, first)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
         """Write model + tokenizer to ``out_dir`` atomically (LoRA adapters are merged into a copy)."""

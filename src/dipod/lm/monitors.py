@@ -59,7 +59,7 @@ def rollout_confidence(lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_m
         ids = torch.cat([prompt_ids[rows], masked], dim=1)
         attn = torch.cat([prompt_attn[rows].long(), torch.ones_like(masked)], dim=1)
         with eval_mode(lm.model):
-            logits = lm.logits(ids, attn)[:, prompt_ids.shape[1]:]
+            logits = lm.logits(ids, attn, first=prompt_ids.shape[1])
         logits[..., lm.mask_id] = float("-inf")  # the sampler never proposes the mask token
         logp = torch.log_softmax(logits.double(), dim=-1)
         probs = logp.exp()

@@ -235,7 +235,7 @@ def token_log_probs(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tens
     chunk = rows if max_tokens_per_forward is None else max(1, max_tokens_per_forward // seq_len)
     out = []
     for start in range(0, rows, chunk):
-        logits_rlv = lm.logits(ids_rt[start:start + chunk], attn_rt[start:start + chunk])[:, prompt_len:]
+        logits_rlv = lm.logits(ids_rt[start:start + chunk], attn_rt[start:start + chunk], first=prompt_len)
         target = targets_rl[start:start + chunk, :, None]
         out.append((logits_rlv.gather(-1, target) - logits_rlv.logsumexp(-1, keepdim=True)).squeeze(-1))
     return torch.cat(out, dim=0)

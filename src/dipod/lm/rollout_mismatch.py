@@ -44,7 +44,7 @@ def reveal_confidence(lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_bg
     total_b = torch.zeros(completion_bg.shape[0], dtype=torch.float64, device=completion_bg.device)
     for step in range(int(order_bg.max()) + 1):
         state_bg = completion_bg.masked_fill(order_bg >= step, lm.mask_id)
-        logits_bgv = lm.logits(torch.cat([prompt_ids, state_bg], dim=1), attn_bt)[:, prompt_len:].double()
+        logits_bgv = lm.logits(torch.cat([prompt_ids, state_bg], dim=1), attn_bt, first=prompt_len).double()
         logits_bgv[..., lm.mask_id] = float("-inf")
         prob_bg = torch.softmax(logits_bgv, dim=-1).gather(-1, completion_bg.unsqueeze(-1)).squeeze(-1)
         total_b += (prob_bg * (order_bg == step)).sum(dim=1)

@@ -225,7 +225,7 @@ def full_forward(lm) -> BlockForward:
     """The default block forward: the whole sequence through the model, logits of ``lo:hi`` kept."""
 
     def forward(x_bt: Tensor, attn_bt: Tensor, lo: int, hi: int, new_block: bool) -> Tensor:
-        return lm.logits(x_bt, attn_bt)[:, lo:hi]
+        return lm.logits(x_bt, attn_bt, first=lo)[:, :hi - lo]
     return forward
 
 

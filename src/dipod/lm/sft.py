@@ -39,7 +39,7 @@ from dipod.lm.sampler import DecodingOptions, SamplerSettings
 from dipod.run_folder import prepare_run_folder
 from dipod.runlog import MetricsLogger, TrainingDiverged, atomic_write_json
 
-LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LogitsFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 RESULT_FILE = "sft_result.json"
 MODEL_DIR = "model"
 # stage codes for derive_seed: independent random streams per purpose
@@ -63,13 +63,13 @@ def sft_loss(logits_fn: LogitsFn, prompt_ids: torch.Tensor, prompt_attn: torch.T
              mask_id: int) -> tuple[torch.Tensor, dict[str, float]]:
     """LLaDA's SFT loss for one batch with the given masks; returns ``(loss, stats)``.
 
-    ``logits_fn(ids, attn)`` returns float32 logits ``[B, P+G, V]`` (``MaskedDiffusionLM.logits``).
+    ``logits_fn(ids, attn, first)`` returns float32 logits ``[B, P+G-first, V]`` (``MaskedDiffusionLM.logits``).
     """
     prompt_len, gen_length = prompt_ids.shape[1], completion_ids.shape[1]
     noisy_bg = completion_ids.masked_fill(mask_bg, mask_id)
     ids = torch.cat([prompt_ids, noisy_bg], dim=1)
     attn = torch.cat([prompt_attn, torch.ones_like(completion_ids)], dim=1)
-    logits_bgv = logits_fn(ids, attn)[:, prompt_len:].float()
+    logits_bgv = logits_fn(ids, attn, prompt_len)
     nll_bg = F.cross_entropy(logits_bgv.transpose(1, 2), completion_ids, reduction="none")
     masked_bg = mask_bg.float()
     loss = ((nll_bg * masked_bg).sum(dim=1) / p_mask_b / gen_length).mean()

@@ -180,5 +180,8 @@ class Network(nn.Module):
     def new_cache(self) -> list[LayerKV]:
         return [LayerKV() for _ in self.layers]
 
-    def forward(self, ids_bt: Tensor, attn_bt: Tensor | None = None, positions_bt: Tensor | None = None) -> Tensor:
-        return self.head_logits(self.hidden(ids_bt, 0, key_padding_mask(attn_bt), positions_bq=positions_bt))
+    def forward(self, ids_bt: Tensor, attn_bt: Tensor | None = None, positions_bt: Tensor | None = None,
+                first: int = 0) -> Tensor:
+        """Logits at positions ``first ..`` only: the head (vocabulary-wide) runs where they are read."""
+        hidden = self.hidden(ids_bt, 0, key_padding_mask(attn_bt), positions_bq=positions_bt)
+        return self.head_logits(hidden[:, first:])
