@@ -86,6 +86,19 @@ def test_a_save_killed_by_sigkill_keeps_the_previous_checkpoint_and_the_next_sav
     assert _entries(tmp_path) == ["checkpoint-1", "checkpoint-3"]  # the killed save's temp dir is gone
 
 
+def test_a_save_moves_in_its_own_staged_shards_and_clears_only_other_debris(tmp_path):
+    """Engines that shard their state (DeepSpeed, FSDP) stage every rank's shards in a hidden
+    ``.checkpoint-STEP.engine`` folder; the debris sweep must not delete the folder being moved in."""
+    staged = tmp_path / ".checkpoint-2.engine"
+    (staged / "pytorch_model").mkdir(parents=True)
+    (staged / "pytorch_model" / "shard_rank0.pt").write_bytes(b"rank 0")
+    stale = tmp_path / ".checkpoint-1.engine"  # a killed save's shards
+    stale.mkdir()
+    final = save_checkpoint(tmp_path, 2, {}, {"opt": 2}, {"config": {}}, extra_dirs={"engine": staged})
+    assert (final / "engine" / "pytorch_model" / "shard_rank0.pt").read_bytes() == b"rank 0"
+    assert _entries(tmp_path) == ["checkpoint-2"]
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])

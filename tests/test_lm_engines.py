@@ -164,6 +164,26 @@ def test_resume_under_each_engine_equals_an_uninterrupted_run(engine, lora_r, tm
     meta = json.loads((tmp_path / "resumed" / "checkpoint-3" / "meta.json").read_text())
     assert meta["engine"] == {"ddp": "ddp", "zero2": "deepspeed", "zero3": "deepspeed", "fsdp": "fsdp"}[engine]
     assert (tmp_path / "resumed" / "checkpoint-3" / "engine").is_dir() == (engine != "ddp")
+    _final_model_is_the_trained_policy(tmp_path / "straight", lora_r)
+
+
+def _final_model_is_the_trained_policy(run: Path, lora_r: int) -> None:
+    """final_model/ (LoRA merged; under ZeRO-3 / FSDP gathered from the shards) has the logits of the
+    initial model carrying the trained weights gathered by the worker."""
+    from safetensors.torch import load_file
+
+    from dipod.lm.model import LoraSettings, load_masked_lm
+
+    lora = LoraSettings(r=lora_r, alpha=16.0, dropout=0.0) if lora_r else None
+    policy = load_masked_lm(str(TINY_LLADA), lora=lora)
+    missing, unexpected = policy.model.load_state_dict(load_file(str(run / "final_weights.safetensors")), strict=False)
+    assert not unexpected and not [k for k in missing if "lora_" in k or not lora_r], (missing, unexpected)
+    saved = load_masked_lm(str(run / "final_model"))
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(saved.logits(ids, attn), policy.logits(ids, attn), rtol=0, atol=1e-5)
+        assert (saved.logits(ids, attn) - load_masked_lm(str(TINY_LLADA)).logits(ids, attn)).abs().max() > 1e-4
 
 
 def test_lora_kl_reference_is_the_policy_with_adapters_disabled(tmp_path):

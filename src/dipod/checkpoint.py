@@ -71,8 +71,10 @@ def save_checkpoint(output_dir: Path, step: int, weights: dict[str, torch.Tensor
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
-    for debris in output_dir.glob(".checkpoint-*"):  # temp dirs of a save that was killed
-        shutil.rmtree(debris, ignore_errors=True)
+    moving_in = {Path(folder).resolve() for folder in (extra_dirs or {}).values()}
+    for debris in output_dir.glob(".checkpoint-*"):  # temp dirs of a save that was killed (not this save's own)
+        if debris.resolve() not in moving_in:
+            shutil.rmtree(debris, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))

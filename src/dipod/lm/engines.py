@@ -17,12 +17,15 @@ live here and nowhere else:
   process (every rank holds all of it); DeepSpeed and FSDP write their own sharded state on EVERY
   rank (``Accelerator.save_state``) into a staging folder that the main process then moves into
   the atomic ``checkpoint-STEP`` folder (dipod.checkpoint). A shared filesystem is assumed.
+  ``final_model/`` under ZeRO-3 / FSDP: every rank joins the gather, the main process loads the whole
+  state into a CPU copy of the policy and saves that (LoRA merged), as under the other engines.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -177,9 +180,26 @@ class Engine:
         return Path(output_dir) / f".checkpoint-{step}.{ENGINE_STATE}"
 
     def save_shards(self, folder: Path) -> None:
-        """Every rank: the engine's own (sharded) model + optimizer state into ``folder``."""
+        """Every rank: the engine's own (sharded) model + optimizer state into ``folder`` (emptied first: a
+        killed save of the same step may have left part of its shards there)."""
+        if self.accelerator.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         kwargs = {"exclude_frozen_parameters": True} if self.kind == "deepspeed" else {}
         self.accelerator.save_state(str(folder), **kwargs)
+
+    def gathered_state_dict(self, model: torch.nn.Module) -> dict | None:
+        """EVERY rank must call this (a collective under ZeRO-3 / FSDP): the whole model's state dict on the
+        main process, gathered from the shards (ZeRO-3: 16-bit, needs ``zero3_save_16bit_model: true``).
+        None where the main process's model is already whole (one process, DDP, ZeRO-2)."""
+        if not self.shards_weights:
+            return None
+        return self.accelerator.get_state_dict(model)
+
+    @property
+    def shards_weights(self) -> bool:
+        """True when no rank holds the whole model (ZeRO-3, FSDP): saving it means gathering first."""
+        return self.kind == "fsdp" or self.planner_engine == "zero3"
 
     def load_shards(self, folder: Path) -> None:
         if not folder.is_dir():

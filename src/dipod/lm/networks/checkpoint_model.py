@@ -54,6 +54,7 @@ class CheckpointNetwork(Network):
     """A LLaDA / Dream network whose parameters are its own; built on the meta device, then assigned."""
 
     supports_gradient_checkpointing = True
+    _no_split_modules = ["Layer"]  # FSDP's transformer-based auto wrap shards per decoder layer
 
     def __init__(self, config: ModelConfig, source: Path | None = None):
         family = FAMILIES[family_of(config)]
