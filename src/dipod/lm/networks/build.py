@@ -14,19 +14,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from torch import Tensor, nn
+from torch import nn
 
 from dipod.lm.networks.transformer import Layer, Network, NetworkSpec
 
 LAYER_PARTS = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj")
-
-
-class NormWeight(nn.Module):
-    """Holds an RMSNorm weight (the network applies the norm itself)."""
-
-    def __init__(self, weight: Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(weight)
 
 
 def assemble(spec: NetworkSpec, paths: dict, module_at: Callable[[str, str], nn.Module]) -> Network:

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from dipod.lm.networks import dream, llada
-from dipod.lm.networks.build import LAYER_PARTS, NormWeight
-from dipod.lm.networks.transformer import Layer, Network
+from dipod.lm.networks.build import LAYER_PARTS
+from dipod.lm.networks.transformer import Layer, Network, NormWeight
 
 FAMILIES = {"llada": llada, "dream": dream}  # config.json model_type (lower case) -> spec / sizes / paths
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters write; recomputed, never read

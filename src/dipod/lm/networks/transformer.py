@@ -49,6 +49,26 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * xf.to(x.dtype)
 
 
+class NormWeight(nn.Module):
+    """An RMSNorm weight of our own network; calling it applies ``rms_norm``."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: Tensor, eps: float) -> Tensor:
+        return rms_norm(x, self.weight, eps)
+
+
+def apply_norm(norm: nn.Module, x: Tensor, eps: float) -> Tensor:
+    """``rms_norm`` with ``norm``'s weight. Ours is called as a module, so that hooks on it run (FSDP2
+    gathers a sharded weight in the module's pre-forward hook: reading ``.weight`` directly would see
+    the shard); a hub model's own norm module (the legacy shared path) lends its weight only."""
+    if isinstance(norm, NormWeight):
+        return norm(x, eps)
+    return rms_norm(x, norm.weight, eps)
+
+
 def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """float32 ``(cos, sin)`` of shape ``[Q, head_dim]`` for integer ``positions [Q]``."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
@@ -107,7 +127,7 @@ class Layer(nn.Module):
                 kv: LayerKV | None) -> Tensor:
         spec = self.spec
         batch, length, _ = x.shape
-        h = rms_norm(x, self.attn_norm.weight, spec.norm_eps)
+        h = apply_norm(self.attn_norm, x, spec.norm_eps)
         q = self.q_proj(h).view(batch, length, spec.n_heads, spec.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(batch, length, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(batch, length, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
@@ -120,7 +140,7 @@ class Layer(nn.Module):
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         x = x + self.o_proj(att.transpose(1, 2).reshape(batch, length, spec.n_heads * spec.head_dim))
-        h = rms_norm(x, self.mlp_norm.weight, spec.norm_eps)
+        h = apply_norm(self.mlp_norm, x, spec.norm_eps)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
@@ -168,7 +188,7 @@ class Network(nn.Module):
                 x = checkpoint(layer, x, cos, sin, key_mask, start, kv, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, key_mask, start, kv)
-        return rms_norm(x, self.final_norm.weight, self.spec.norm_eps)
+        return apply_norm(self.final_norm, x, self.spec.norm_eps)
 
     def head_logits(self, hidden: Tensor) -> Tensor:
         """float32 logits of final hidden states (computed in the model dtype, as the hub does)."""
