@@ -30,10 +30,9 @@ import torch
 from torch import Tensor
 
 from dipod.advantages import group_relative_advantages
-from dipod.checkpoint import (capture_rng_state, copy_weights, latest_checkpoint, latest_intact_checkpoint,
-                              load_checkpoint, restore_rng_state, save_checkpoint)
+from dipod.checkpoint import latest_checkpoint
 from dipod.config import ConfigError, config_to_dict, parse_config, save_config
-from dipod.lm.engines import ENGINE_STATE
+from dipod.lm import train_checkpoints
 from dipod.lm.monitors import CollapseWatch, group_reward_stats, log_completions, rollout_confidence
 from dipod.lm.proxies import completion_mask
 from dipod.lm.train_config import TrainConfig
@@ -465,71 +464,6 @@ class Trainer:
             metrics["gap_lower_bound"] = float(np.mean(gather_object(gaps)))
         return metrics
 
-    # ------------------------------------------------------------------ checkpoints
-    def trainable_weights(self) -> dict[str, Tensor]:
-        model = self.accelerator.unwrap_model(self.model)
-        return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-    def save(self, step: int) -> None:
-        """``checkpoint-STEP``: weights + optimizer (DDP: from the main process; DeepSpeed / FSDP: each
-        rank's shard through the engine's own save), schedule, RNG and skip streak, sealed atomically."""
-        acc, runtime, out = self.accelerator, self.runtime, Path(self.cfg.output_dir)
-        shards = runtime.staging_dir(out, step) if runtime.shards_state else None
-        if shards is not None:
-            runtime.save_shards(shards)
-            acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = {"scheduler": self.scheduler.state_dict(), "rng": capture_rng_state(),
-                     "nonfinite_streak": self.nonfinite_streak}
-            weights = {}
-            if shards is None:
-                state["optimizer"] = self.optimizer.state_dict()
-                weights = self.trainable_weights()
-            save_checkpoint(out, step, weights, state, {"config": _yaml_safe(config_to_dict(self.cfg)),
-                                                        "engine": runtime.kind},
-                            keep_last=self.cfg.keep_checkpoints, extra_dirs={ENGINE_STATE: shards} if shards else None)
-        acc.wait_for_everyone()
-
-    def restore(self) -> None:
-        cfg = self.cfg
-        if cfg.resume in ("latest", "true", "auto"):
-            found = latest_intact_checkpoint(Path(cfg.output_dir))  # a corrupt newest one is named and skipped
-            if found is None:
-                self.accelerator.print(f"--resume {cfg.resume}: no checkpoint in {cfg.output_dir}; starting from step 0")
-                return
-            path, (weights, state, meta) = found
-        else:
-            path = Path(cfg.resume)
-            weights, state, meta = load_checkpoint(path)
-        written_by = meta.get("engine", "ddp")
-        if (written_by in ("deepspeed", "fsdp") or self.runtime.shards_state) and written_by != self.runtime.kind:
-            raise ValueError(f"checkpoint {path} was written under {written_by}, this run is {self.runtime.kind}; "
-                             f"resume under the same engine (accelerate config) that wrote it")
-        if self.runtime.shards_state:
-            self.runtime.load_shards(path / ENGINE_STATE)
-        else:
-            copy_weights(self.accelerator.unwrap_model(self.model), weights, path,
-                         "resume with the same --model and LoRA settings", required=set(self.trainable_weights()))
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
-        self.nonfinite_streak = int(state["nonfinite_streak"])
-        self.start_step = int(meta["step"])
-
-    def save_final_model(self, folder: Path) -> None:
-        """``final_model/``, a checkpoint ``--model`` loads (LoRA merged into a copy). Under ZeRO-3 / FSDP no
-        rank holds the whole model: every rank joins the gather and the main process saves a CPU copy
-        of the policy holding the gathered weights (8B: ~16 GB of host memory in bf16)."""
-        state = self.runtime.gathered_state_dict(self.model)
-        if not self.accelerator.is_main_process:
-            return
-        view = self.frozen_view
-        if state is not None:
-            with self.runtime.whole_model_loading():
-                view = self.engine.load_policy(self.cfg.with_changes(dtype=self.runtime.weights_dtype), device="cpu")
-            view.model.load_state_dict(state, strict=True)
-        view.save_pretrained(folder)
-
     def _diverged_message(self, step: int) -> str:
         """What happened and advice that fits this run's settings."""
         cfg = self.cfg
@@ -552,7 +486,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         out = Path(cfg.output_dir)
         if cfg.resume:
-            self.restore()
+            train_checkpoints.restore(self)
         resumed = self.start_step > 0  # (--resume with no checkpoint yet starts afresh)
         logger = None
         if acc.is_main_process:
@@ -589,10 +523,10 @@ class Trainer:
                 if self.nonfinite_streak >= cfg.max_nonfinite_updates:
                     raise TrainingDiverged(self._diverged_message(step))
                 if last or (cfg.save_steps and step % cfg.save_steps == 0):
-                    self.save(step)
+                    train_checkpoints.save(self, step)
             bar.close()
             if cfg.save_final_model:
-                self.save_final_model(out / "final_model")
+                train_checkpoints.save_final_model(self, out / "final_model")
             acc.wait_for_everyone()
         finally:
             if logger is not None:
@@ -604,10 +538,6 @@ def _detached(proxies):
     return dataclasses.replace(proxies, **{f.name: getattr(proxies, f.name).detach()
                                            for f in dataclasses.fields(proxies)
                                            if isinstance(getattr(proxies, f.name), Tensor)})
-
-
-def _yaml_safe(values: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
 
 
 def train(cfg: TrainConfig) -> TrainResult:
