@@ -186,8 +186,8 @@ def plot(runs: dict[str, list[dict]], task: str, overrides: dict, path: Path) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="Mjlab-Velocity-Flat-Unitree-Go1")
-    parser.add_argument("--num_envs", type=int, default=8)
-    parser.add_argument("--iterations", type=int, default=40, help="runner iterations per run (same for every method)")
+    parser.add_argument("--num_envs", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=30, help="runner iterations per run (same for every method)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated subset of: " + ", ".join(METHOD_NAMES))
     parser.add_argument("--fpo_set", default=json.dumps(CPU_FPO), help="JSON algorithm overrides for every FPO++ run")
