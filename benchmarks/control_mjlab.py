@@ -16,8 +16,8 @@ mean reward per step, the mean episode return and length (rsl-rl's ``Train/mean_
 ``Train/mean_episode_length``: last 100 finished episodes) and the on-policy CFM loss before
 each update (``cfm_loss_before``, the bound-tightness monitor: lower = tighter ELBO), against
 runner iterations and against wall seconds (collection + update, self-distillation included).
-The table has first- and last-quarter means, the return at the wall time every run reached, and
-the cost. Needs ``pip install -e ".[mjlab]"``; runs on the CPU (``CUDA_VISIBLE_DEVICES=`` is set
+The table has first- and last-quarter means, the return at the wall time every FPO++ run reached,
+and the cost. Needs ``pip install -e ".[mjlab]"``; runs on the CPU (``CUDA_VISIBLE_DEVICES=`` is set
 here) unless ``--device cuda:0``.
 """
 
@@ -137,6 +137,8 @@ def summary_table(runs: dict[str, list[dict]], iterations: int, common_wall_s: f
          lambda r: float(at_wall_time(r, "episode_return", np.array([common_wall_s]))[0])),
         ("cfm_loss_first", "CFM loss, iteration 0", 3, lambda r: curve(r, "cfm_loss_before")[0]),
         ("cfm_loss_before", "CFM loss, last quarter", 3, lambda r: np.nanmean(curve(r, "cfm_loss_before")[last])),
+        ("rl_s_per_iteration", "s / iteration (RL only)", 1,
+         lambda r: (curve(r, "wall_s")[-1] - np.nansum(curve(r, "distill_time_s"))) / len(r["records"])),
         ("wall_s", "wall s / run", 0, lambda r: r["wall_s"]),
         ("distill_s", "of which distillation s", 0, lambda r: np.nansum(curve(r, "distill_time_s"))),
     ]
@@ -211,14 +213,15 @@ def main() -> int:
     start = time.time()
     build_s = run_all(args, methods, seeds, fpo_set, root)
     runs = {m: [json.loads((root / slug(m) / f"seed{s}.json").read_text()) for s in seeds] for m in methods}
-    common_wall_s = min(float(curve(r, "wall_s")[-1]) for seed_runs in runs.values() for r in seed_runs)
+    overrides = method_overrides(args)
+    flows = [m for m in methods if overrides[m] is not None] or methods  # PPO's cheaper runs end long before
+    common_wall_s = min(float(curve(r, "wall_s")[-1]) for m in flows for r in runs[m])
     lines, table = summary_table(runs, args.iterations, common_wall_s)
     header = [f"{args.task}, {args.num_envs} environments, {args.iterations} runner iterations per run, seeds "
               f"{args.seeds}; {args.device} (MuJoCo Warp), {args.workers} runs at a time, one torch thread each; "
               f"this invocation {(time.time() - start) / 60:.0f} min (building an environment: {build_s:.0f} s). "
               "Quarter means over iterations, mean ± 95% CI half-width (Student t over seeds).", "",
               command_line("control_mjlab.py"), ""]
-    overrides = method_overrides(args)
     keys = (*CURVES, "wall_s", "collect_s", "learn_s", "distill_time_s")
     write_results(Path(args.results_dir), args.name, header + lines,
                   {"fpo_set": fpo_set, "methods": {m: overrides[m] for m in methods}, "common_wall_s": common_wall_s,
