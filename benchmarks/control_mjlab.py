@@ -210,7 +210,6 @@ def main() -> int:
     unknown = sorted(set(methods) - set(METHOD_NAMES))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHOD_NAMES)}")
-    start = time.time()
     build_s = run_all(args, methods, seeds, fpo_set, root)
     runs = {m: [json.loads((root / slug(m) / f"seed{s}.json").read_text()) for s in seeds] for m in methods}
     overrides = method_overrides(args)
@@ -219,7 +218,8 @@ def main() -> int:
     lines, table = summary_table(runs, args.iterations, common_wall_s)
     header = [f"{args.task}, {args.num_envs} environments, {args.iterations} runner iterations per run, seeds "
               f"{args.seeds}; {args.device} (MuJoCo Warp), {args.workers} runs at a time, one torch thread each; "
-              f"this invocation {(time.time() - start) / 60:.0f} min (building an environment: {build_s:.0f} s). "
+              f"the runs took {sum(r['wall_s'] for rs in runs.values() for r in rs) / 60:.0f} min in total"
+              + (f" (building an environment: {build_s:.0f} s). " if build_s else ". ") +
               "Quarter means over iterations, mean ± 95% CI half-width (Student t over seeds).", "",
               command_line("control_mjlab.py"), ""]
     keys = (*CURVES, "wall_s", "collect_s", "learn_s", "distill_time_s")
