@@ -15,9 +15,10 @@ Reported per method (mean and 95% Student-t interval over seeds): per-iteration 
 mean reward per step, the mean episode return and length (rsl-rl's ``Train/mean_reward`` and
 ``Train/mean_episode_length``: last 100 finished episodes) and the on-policy CFM loss before
 each update (``cfm_loss_before``, the bound-tightness monitor: lower = tighter ELBO), against
-runner iterations and against wall seconds (collection + update, self-distillation included).
-The table has first- and last-quarter means, the return at the wall time every FPO++ run reached,
-and the cost. Needs ``pip install -e ".[mjlab]"``; runs on the CPU (``CUDA_VISIBLE_DEVICES=`` is set
+runner iterations, against environment steps simulated (RL + self-distillation) and against wall
+seconds (collection + update, self-distillation included). The table has first- and last-quarter
+means and the cost, with self-distillation also counted in RL iterations of the same run (a ratio
+that a changing machine load moves less than seconds). Needs ``pip install -e ".[mjlab]"``; runs on the CPU (``CUDA_VISIBLE_DEVICES=`` is set
 here) unless ``--device cuda:0``.
 """
 
@@ -78,6 +79,7 @@ def run_one(job: tuple) -> tuple[str, int, float]:
     runner = make_runner(env, task, cfg, seed, Path(out).parent / f"log_seed{seed}", device)
     records = learn_recorded(runner, iterations)
     atomic_write_json(Path(out), {"task": task, "method": method, "seed": seed, "num_envs": num_envs,
+                                  "num_steps_per_env": cfg["num_steps_per_env"],
                                   "wall_s": time.perf_counter() - run_start, "algorithm": cfg["algorithm"],
                                   "records": [dataclasses.asdict(r) for r in records]})
     return method, seed, build_s
@@ -102,20 +104,29 @@ def run_all(args: argparse.Namespace, methods: list[str], seeds: list[int], fpo_
 
 def curve(run: dict, key: str) -> np.ndarray:
     """Per-iteration values of a record field or of a loss (NaN where an iteration has none); ``wall_s``: seconds
-    since the run started (collection + update of every iteration so far, self-distillation included)."""
+    since the run started (collection + update of every iteration so far, self-distillation included);
+    ``sim_steps``: environment steps simulated so far (RL rollouts + self-distillation stages)."""
     if key == "wall_s":
         return np.cumsum([r["collect_s"] + r["learn_s"] for r in run["records"]])
+    if key == "sim_steps":
+        rl = run["num_envs"] * run["num_steps_per_env"]
+        return np.cumsum([rl + r["losses"].get("distill_env_steps", 0.0) for r in run["records"]])
     return np.asarray([r[key] if key in r else r["losses"].get(key, np.nan) for r in run["records"]], float)
 
 
-def at_wall_time(run: dict, key: str, grid: np.ndarray) -> np.ndarray:
-    """``key`` against wall seconds, linearly interpolated on ``grid`` (NaN outside the run's finite values)."""
-    wall, values = curve(run, "wall_s"), curve(run, key)
+def against(run: dict, key: str, axis: str, grid: np.ndarray) -> np.ndarray:
+    """``key`` against ``axis`` (``wall_s`` or ``sim_steps``), linearly interpolated on ``grid`` (NaN outside the
+    run's finite values)."""
+    x, values = curve(run, axis), curve(run, key)
     finite = ~np.isnan(values)
     if not finite.any():
         return np.full(grid.shape, np.nan)
-    out = np.interp(grid, wall[finite], values[finite])
-    return np.where((grid < wall[finite][0]) | (grid > wall[-1]), np.nan, out)
+    out = np.interp(grid, x[finite], values[finite])
+    return np.where((grid < x[finite][0]) | (grid > x[-1]), np.nan, out)
+
+
+def rl_seconds_per_iteration(run: dict) -> float:
+    return (curve(run, "wall_s")[-1] - np.nansum(curve(run, "distill_time_s"))) / len(run["records"])
 
 
 def cell(values: list[float], digits: int) -> tuple[dict, str]:
@@ -124,7 +135,7 @@ def cell(values: list[float], digits: int) -> tuple[dict, str]:
     return {"mean": mean, "ci95": half, "per_seed": list(values)}, text
 
 
-def summary_table(runs: dict[str, list[dict]], iterations: int, common_wall_s: float) -> tuple[list[str], dict]:
+def summary_table(runs: dict[str, list[dict]], iterations: int) -> tuple[list[str], dict]:
     quarter = max(iterations // 4, 1)
     first, last = slice(0, quarter), slice(iterations - quarter, iterations)
     columns = [  # (name, header, digits, per-run value)
@@ -132,15 +143,15 @@ def summary_table(runs: dict[str, list[dict]], iterations: int, common_wall_s: f
         ("episode_return", "episode return, last quarter", 2, lambda r: np.nanmean(curve(r, "episode_return")[last])),
         ("episode_length_first", "episode length, first quarter", 0, lambda r: np.nanmean(curve(r, "episode_length")[first])),
         ("episode_length", "episode length, last quarter", 0, lambda r: np.nanmean(curve(r, "episode_length")[last])),
+        ("step_reward_first", "reward / step, first quarter", 4, lambda r: np.nanmean(curve(r, "step_reward")[first])),
         ("step_reward", "reward / step, last quarter", 4, lambda r: np.nanmean(curve(r, "step_reward")[last])),
-        ("return_at_common_wall", f"episode return at {common_wall_s:.0f} s", 2,
-         lambda r: float(at_wall_time(r, "episode_return", np.array([common_wall_s]))[0])),
         ("cfm_loss_first", "CFM loss, iteration 0", 3, lambda r: curve(r, "cfm_loss_before")[0]),
         ("cfm_loss_before", "CFM loss, last quarter", 3, lambda r: np.nanmean(curve(r, "cfm_loss_before")[last])),
-        ("rl_s_per_iteration", "s / iteration (RL only)", 1,
-         lambda r: (curve(r, "wall_s")[-1] - np.nansum(curve(r, "distill_time_s"))) / len(r["records"])),
+        ("rl_s_per_iteration", "s / iteration (RL only)", 1, rl_seconds_per_iteration),
         ("wall_s", "wall s / run", 0, lambda r: r["wall_s"]),
         ("distill_s", "of which distillation s", 0, lambda r: np.nansum(curve(r, "distill_time_s"))),
+        ("distill_in_iterations", "distillation in RL iterations of the same run", 1,
+         lambda r: np.nansum(curve(r, "distill_time_s")) / rl_seconds_per_iteration(r)),
     ]
     lines = ["| method | " + " | ".join(c[1] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     table: dict = {}
@@ -162,25 +173,27 @@ def plot(runs: dict[str, list[dict]], task: str, overrides: dict, path: Path) ->
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(18, 8))
-    longest = max(r["wall_s"] for seed_runs in runs.values() for r in seed_runs)
-    grid = np.linspace(0.0, longest, 200)
-    panels = [(axes[0, 0], "episode_return", "episode return (last 100 episodes)", False),
-              (axes[0, 1], "episode_length", "episode length (last 100 episodes)", False),
-              (axes[0, 2], "cfm_loss_before", "on-policy CFM loss before the update (lower = tighter)", False),
-              (axes[1, 0], "episode_return", "episode return", True),
-              (axes[1, 1], "episode_length", "episode length", True),
-              (axes[1, 2], "step_reward", "mean reward per step", True)]
-    for ax, key, title, by_wall in panels:
+    grids = {axis: np.linspace(0.0, max(float(curve(r, axis)[-1]) for rs in runs.values() for r in rs), 200)
+             for axis in ("sim_steps", "wall_s")}
+    labels = {None: "runner iteration", "sim_steps": "environment steps simulated (RL + self-distillation)",
+              "wall_s": "wall seconds (self-distillation included; the machine's load varied)"}
+    panels = [(axes[0, 0], "episode_return", "episode return (last 100 episodes)", None),
+              (axes[0, 1], "episode_length", "episode length (last 100 episodes)", None),
+              (axes[0, 2], "cfm_loss_before", "on-policy CFM loss before the update (lower = tighter)", None),
+              (axes[1, 0], "episode_return", "episode return", "sim_steps"),
+              (axes[1, 1], "step_reward", "mean reward per step", "sim_steps"),
+              (axes[1, 2], "episode_return", "episode return", "wall_s")]
+    for ax, key, title, axis in panels:
         for method, seed_runs in runs.items():
             if key == "cfm_loss_before" and overrides.get(method) is None:
                 continue
-            if by_wall:
-                band(ax, grid, np.stack([at_wall_time(r, key, grid) for r in seed_runs]), method)
-            else:
+            if axis is None:
                 stack = np.stack([curve(r, key) for r in seed_runs])
                 band(ax, np.arange(stack.shape[1]), stack, method)
+            else:
+                band(ax, grids[axis], np.stack([against(r, key, axis, grids[axis]) for r in seed_runs]), method)
         ax.set_title(f"{task}: {title}", fontsize=8)
-        ax.set_xlabel("wall seconds (self-distillation included)" if by_wall else "runner iteration")
+        ax.set_xlabel(labels[axis], fontsize=8)
     axes[0, 0].legend(fontsize=8)
     save_figure(fig, path, dpi=100)
 
@@ -213,18 +226,16 @@ def main() -> int:
     build_s = run_all(args, methods, seeds, fpo_set, root)
     runs = {m: [json.loads((root / slug(m) / f"seed{s}.json").read_text()) for s in seeds] for m in methods}
     overrides = method_overrides(args)
-    flows = [m for m in methods if overrides[m] is not None] or methods  # PPO's cheaper runs end long before
-    common_wall_s = min(float(curve(r, "wall_s")[-1]) for m in flows for r in runs[m])
-    lines, table = summary_table(runs, args.iterations, common_wall_s)
+    lines, table = summary_table(runs, args.iterations)
     header = [f"{args.task}, {args.num_envs} environments, {args.iterations} runner iterations per run, seeds "
               f"{args.seeds}; {args.device} (MuJoCo Warp), {args.workers} runs at a time, one torch thread each; "
               f"the runs took {sum(r['wall_s'] for rs in runs.values() for r in rs) / 60:.0f} min in total"
               + (f" (building an environment: {build_s:.0f} s). " if build_s else ". ") +
               "Quarter means over iterations, mean ± 95% CI half-width (Student t over seeds).", "",
               command_line("control_mjlab.py"), ""]
-    keys = (*CURVES, "wall_s", "collect_s", "learn_s", "distill_time_s")
+    keys = (*CURVES, "wall_s", "sim_steps", "collect_s", "learn_s", "distill_time_s")
     write_results(Path(args.results_dir), args.name, header + lines,
-                  {"fpo_set": fpo_set, "methods": {m: overrides[m] for m in methods}, "common_wall_s": common_wall_s,
+                  {"fpo_set": fpo_set, "methods": {m: overrides[m] for m in methods},
                    "table": table, "curves": {m: {k: [curve(r, k).tolist() for r in rs] for k in keys}
                                               for m, rs in runs.items()}})
     plot(runs, args.task, overrides, Path(args.results_dir) / f"{args.name}.png")
