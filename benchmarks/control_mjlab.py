@@ -5,7 +5,8 @@ for every method (self-distillation steps are extra, as in the released code; th
 the wall time). FPO++ uses configs/control/rsl_rl_locomotion.yaml with the released quadruped
 values (16 epochs, 16 draws) unless --fpo_set changes them; PPO is the task's own registered
 rsl-rl config. ``--workers`` processes (one torch thread each) share the runs; each builds one
-environment and re-seeds and resets it before every run. Each (method, seed) writes
+environment and re-seeds and resets it before every run (some simulator state still carries from
+one run to the next: docs/results/control_mjlab.md). Each (method, seed) writes
 ``<output_dir>/<method>/seed<k>.json`` as it finishes; re-running the command skips finished runs.
 
     nice -n 10 python benchmarks/control_mjlab.py                  # the preset of docs/results/control_mjlab.md
@@ -52,7 +53,7 @@ def method_overrides(args: argparse.Namespace) -> dict[str, dict | None]:
             "PPO": None}
 
 
-_ENV: dict = {}  # per worker process: the one environment it reuses, and how long building it took
+_ENV: dict = {}  # per worker process: the one environment it reuses
 
 
 def run_one(job: tuple) -> tuple[str, int, float]:
