@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_report import band, ci95, command_line, save_figure, slug, write_results
 from dipod.checkpoint import latest_checkpoint
-from dipod.runlog import atomic_write_json, atomic_write_text, read_metrics
+from dipod.runlog import read_metrics
 
 PPO = ["--policy", "gaussian", "--clip_eps", "0.2", "--value_clip", "0.2", "--knn_entropy_coef", "0", "--ema_decay", "0"]
 VARIANTS: dict[str, list[str]] = {
@@ -48,10 +49,6 @@ PRESETS = {
     "full": dict(envs="InvertedPendulum-v5", seeds="0,1,2,3,4", total_steps=24_576),
     "quick": dict(envs="InvertedPendulum-v5", seeds="0,1", total_steps=4_096),
 }
-
-
-def slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
 
 
 def run_dir(root: Path, env: str, variant: str, seed: int) -> Path:
@@ -76,20 +73,6 @@ def train_one(root: Path, env: str, variant: str, seed: int, total_steps: int, e
     subprocess.check_call([sys.executable, "-m", "dipod.cli", "control", "eval", "--checkpoint", str(out),
                            "--episodes", "10", "--num_envs", "5"], stdout=subprocess.DEVNULL, env=one_thread)
     return out
-
-
-# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (beyond: the normal 1.96 is within 8%).
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-
-
-def ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% Student-t confidence interval over seeds."""
-    arr = np.asarray(values, float)
-    if arr.size < 2:
-        return float(arr.mean()), float("nan")
-    quantile = T975[arr.size - 2] if arr.size - 1 <= len(T975) else 1.96
-    half = quantile * arr.std(ddof=1) / np.sqrt(arr.size)
-    return float(arr.mean()), float(half)
 
 
 def summarise(out: Path, total_steps: int) -> dict[str, float]:
@@ -129,15 +112,11 @@ def plot(root: Path, envs: list[str], variants: list[str], seeds: list[int], tot
                 if key == "cfm_loss_before" and variant == "Gaussian PPO":
                     continue
                 curves = np.stack([curve(run_dir(root, env, variant, s), key, grid) for s in seeds])
-                mean, std = curves.mean(0), curves.std(0)
-                ax.plot(grid, mean, label=variant)
-                ax.fill_between(grid, mean - std, mean + std, alpha=0.12)
+                band(ax, grid, curves, variant, spread="std")
             ax.set_title(f"{env}: {title} ({len(seeds)} seeds, mean ± std)", fontsize=9)
             ax.set_xlabel("RL environment steps")
         row[0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> int:
@@ -189,12 +168,9 @@ def main() -> int:
     header = [f"{total_steps} RL environment steps per run, seeds {','.join(map(str, seeds))}, {args.workers} runs at a "
               f"time on a shared 2-core CPU, one torch thread each; training loops {loop_total / 60:.0f} min in total, "
               f"this invocation {(time.time() - start) / 60:.0f} min. Mean ± 95% CI half-width (Student t over seeds).", "",
-              "Command: `python benchmarks/control_dipod.py " + shlex.join(sys.argv[1:]) + "`", ""]
-    results = Path(args.results_dir)
-    atomic_write_text(results / f"{name}_table.md", "\n".join(header + lines) + "\n")
-    atomic_write_json(results / f"{name}.json", {"command": sys.argv, "total_steps": total_steps, "table": table})
-    plot(root, envs, variants, seeds, total_steps, results / f"{name}.png")
-    print("\n".join(header + lines))
+              command_line("control_dipod.py"), ""]
+    write_results(Path(args.results_dir), name, header + lines, {"total_steps": total_steps, "table": table})
+    plot(root, envs, variants, seeds, total_steps, Path(args.results_dir) / f"{name}.png")
     return 0
 
 
