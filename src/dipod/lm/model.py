@@ -398,6 +398,14 @@ def build_tiny_tokenizer(max_length: int = 256):
         padding_side="left")
 
 
+GLOBAL_ATTENTION_EVERY = 3  # ModernBERT's default; what transformers 4.57 applied to our tiny models
+
+
+def modernbert_layer_types(num_layers: int, global_every: int) -> list[str]:
+    """transformers 5's ``layer_types`` for the layer pattern 4.x derives from ``global_attn_every_n_layers``."""
+    return ["sliding_attention" if i % global_every else "full_attention" for i in range(num_layers)]
+
+
 def build_tiny_model(
     out_dir: str | os.PathLike,
     *,
@@ -410,8 +418,12 @@ def build_tiny_model(
 ) -> Path:
     """Create a tiny bidirectional ModernBERT masked LM + character tokenizer and save both to ``out_dir``.
 
-    Defaults (about 0.7 M parameters) train quickly on a 2-core CPU. Every layer uses full
-    (global) attention; positions are rotary, so there is no learned position table.
+    Defaults (about 0.7 M parameters) train quickly on a 2-core CPU. Positions are rotary (no learned
+    position table). ModernBERT's layer pattern: every third layer (0, 3, ...) global attention with
+    rope theta 160k, the others local (a 128-token band, theta 10k). config.json states it twice, as
+    ``global_attn_every_n_layers`` (what transformers 4.x reads) and ``layer_types`` (5.x): when the
+    two disagree, the versions compute different models from one file (the shipped reference
+    policies were trained under 4.57 with this pattern).
     """
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
@@ -425,7 +437,8 @@ def build_tiny_model(
     config = ModernBertConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=max_positions,
-        layer_types=["full_attention"] * num_layers, pad_token_id=tokenizer.pad_token_id,
+        global_attn_every_n_layers=GLOBAL_ATTENTION_EVERY,
+        layer_types=modernbert_layer_types(num_layers, GLOBAL_ATTENTION_EVERY), pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, cls_token_id=None, sep_token_id=None,
         tie_word_embeddings=True)
     with torch.random.fork_rng(devices=[]):
