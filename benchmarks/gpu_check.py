@@ -50,7 +50,8 @@ def build_lm(shape: str, device: str, dtype: torch.dtype):
     config = json.loads((SNAPSHOT / "config.json").read_text())
     if shape == "8b":
         config.update(LLADA_8B)
-    model = CheckpointNetwork(ModelConfig(**config)).to_empty(device=device).to(dtype)
+    # dtype first, on the meta device: at 8B, allocating float32 and then casting would hold 32 GB + 16 GB
+    model = CheckpointNetwork(ModelConfig(**config)).to(dtype).to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -240,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = "gpu_check" if args.shape == "8b" else "gpu_check_tiny"
     (args.results_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     command = "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (args.results_dir / f"{stem}.md").write_text(markdown(result, command.strip()))
-    print(markdown(result, command.strip()))
+    page = markdown(result, command.strip())
+    (args.results_dir / f"{stem}.md").write_text(page)
+    print(page)
     return 0
 
 
