@@ -10,3 +10,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def hub_models(tmp_path_factory):
+    """{"llada": folder, "dream": folder}: tiny hub-layout checkpoints the suite builds itself, once per
+    session (tests/hub_layout.py), so every family is tested without ../shared beside the checkout."""
+    from hub_layout import build_hub_layout
+
+    root = tmp_path_factory.mktemp("hub_models")
+    return {family: build_hub_layout(family, root / f"tiny-{family}") for family in ("llada", "dream")}

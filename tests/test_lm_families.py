@@ -1,7 +1,8 @@
-"""dipod.lm.families on the hub-shaped LLaDA and Dream snapshots (tiny random weights).
+"""dipod.lm.families on tiny hub-layout LLaDA and Dream checkpoints (random weights).
 
-The default path loads them into our own network; tests marked ``needs_hub_code`` pin the legacy
-path (their own remote code, transformers 4.56-4.57). Pins: family detection and clear errors
+The default path loads the suite's own checkpoints (``hub_models``, tests/hub_layout.py) into our own
+network; tests marked ``needs_hub_code`` pin the legacy path on ../shared/models' snapshots (their own
+remote code, transformers 4.56-4.57). Pins: family detection and clear errors
 before any compute; Dream's shifted logits and padding; LLaDA rows independent of the batch
 (logits, greedy decoding, proxies); save and reload; activation checkpointing (same gradients,
 lower peak memory); mask id sanity; LoRA targets.
@@ -25,24 +26,27 @@ from dipod.lm.model import LoraSettings, build_tiny_model, load_masked_lm  # noq
 
 from hub_snapshots import SNAPSHOTS, hub_code_loads, needs_hub_code, needs_snapshots  # noqa: E402
 
-pytestmark = [needs_snapshots, pytest.mark.filterwarnings("ignore")]
+pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def load(family: str, **kwargs):
-    return load_masked_lm(SNAPSHOTS[family], **kwargs)
+@pytest.fixture(scope="module")
+def load(hub_models):
+    """``load(family, **kwargs)``: the suite's tiny checkpoint of ``family`` through the default path."""
+    return lambda family, **kwargs: load_masked_lm(hub_models[family], **kwargs)
 
 
 def load_hub(family: str, **kwargs):
+    """../shared/models' snapshot run by its own hub code (the legacy path)."""
     return load_masked_lm(SNAPSHOTS[family], trust_remote_code=True, **kwargs)
 
 
 @pytest.fixture(scope="module")
-def llada():
+def llada(load):
     return load("llada")
 
 
 @pytest.fixture(scope="module")
-def dream():
+def dream(load):
     return load("dream")
 
 
@@ -97,25 +101,28 @@ def test_unknown_family_and_remote_code_off_fail_before_loading(tmp_path):
 
 
 @pytest.mark.skipif(hub_code_loads(), reason="transformers 4.56-4.57 runs the hub code: no error to check")
-def test_hub_code_on_transformers_5_names_the_versions_and_the_default_path():
+def test_hub_code_on_transformers_5_names_the_versions_and_the_default_path(hub_models):
     with pytest.raises(ValueError, match=r"transformers 4.56-4.57 only \(installed: 5.*Drop --trust_remote_code"):
-        load_hub("llada")
+        load_masked_lm(hub_models["llada"], trust_remote_code=True)
 
 
 @pytest.mark.parametrize("family,missing,hub_code", [
     ("llada", "modeling_llada.py", True), ("dream", "generation_utils.py", True),
     ("dream", "model.safetensors", False), ("llada", "tokenizer.json", False)])
-def test_an_incomplete_snapshot_names_the_missing_file(tmp_path, family, missing, hub_code):
+def test_an_incomplete_snapshot_names_the_missing_file(tmp_path, hub_models, family, missing, hub_code):
     if hub_code and not hub_code_loads():
         pytest.skip("the hub code's files matter only where the hub code loads (transformers 4.56-4.57)")
+    if hub_code and not SNAPSHOTS[family].is_dir():
+        pytest.skip("a missing hub code file needs ../shared/models' snapshot, which carries the hub code")
     copy = tmp_path / family
-    shutil.copytree(SNAPSHOTS[family], copy, ignore=shutil.ignore_patterns(missing, "tokenizer_config.json")
+    source = SNAPSHOTS[family] if hub_code else hub_models[family]
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns(missing, "tokenizer_config.json")
                     if missing == "tokenizer.json" else shutil.ignore_patterns(missing))
     with pytest.raises(FileNotFoundError, match=rf"no .*{missing.split('.')[0]}.*download the whole repository"):
         load_masked_lm(copy, trust_remote_code=hub_code)
 
 
-def test_mask_token_id_must_agree_with_the_model(llada):
+def test_mask_token_id_must_agree_with_the_model(load):
     assert load("llada", mask_token_id=120).mask_id == 120
     # LLaDA's tokenizer has no mask token: the id comes from config.json, and a wrong flag is an error.
     with pytest.raises(ValueError, match=r"--mask_token_id=126336 disagrees with the model's mask token id 120 "
@@ -137,7 +144,7 @@ def test_dream_logits_are_realigned_so_position_i_predicts_token_i(dream):
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
-def test_logits_from_a_position_equal_the_full_logits_there_in_bfloat16(family):
+def test_logits_from_a_position_equal_the_full_logits_there_in_bfloat16(load, family):
     """``first`` (the completion's start) computes the vocabulary head and its float32 copy at those
     positions only, with the same numbers as slicing the full logits (Dream's shift included)."""
     lm = load(family, dtype="bfloat16")
@@ -178,6 +185,7 @@ def test_llada_rows_do_not_depend_on_the_batch(llada):
         assert not batch[i, :-alone.shape[0]].any()  # padding positions: zeros, never read
 
 
+@needs_snapshots
 @needs_hub_code
 def test_llada_hub_code_rows_do_not_depend_on_the_batch():
     llada = load_hub("llada")
@@ -236,17 +244,22 @@ def test_greedy_decoding_and_proxies_do_not_depend_on_the_batch(family, llada, d
 
 # ------------------------------------------------------------------------------ saving, LoRA, checkpointing
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
-def test_save_and_reload_give_the_same_logits(family, tmp_path):
-    lm = load(family, lora=LoraSettings(r=2, alpha=4, dropout=0.0))
+def saved_with_moved_adapters(path, out):
+    """The model at ``path`` with LoRA adapters moved off zero (so the merge matters), saved to ``out``."""
+    lm = load_masked_lm(path, lora=LoraSettings(r=2, alpha=4, dropout=0.0))
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # move the adapters off zero so the merge matters
+    with torch.no_grad():
         for name, p in lm.model.named_parameters():
             if "lora_B" in name:
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return lm, lm.save_pretrained(out)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_save_and_reload_give_the_same_logits(load, hub_models, family, tmp_path):
+    lm, out = saved_with_moved_adapters(hub_models[family], tmp_path / "saved")
     ids, attn = left_padded(lm, TEXTS)
     before = lm.logits(ids, attn)
-    out = lm.save_pretrained(tmp_path / "saved")
     again = load_masked_lm(out)
     assert again.family is lm.family and (again.mask_id, again.eos_id, again.eot_id) == (lm.mask_id, lm.eos_id,
                                                                                           lm.eot_id)
@@ -254,10 +267,16 @@ def test_save_and_reload_give_the_same_logits(family, tmp_path):
     torch.testing.assert_close(again.logits(ids, attn), before, rtol=0, atol=1e-4)
     assert (before - load(family).logits(ids, attn)).abs().max() > 1e-3  # the adapters were saved
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
-    if not hub_code_loads():
-        return
-    # The saved folder is a hub snapshot: the hub code loads it and computes the same logits.
-    hub = load_masked_lm(out, trust_remote_code=True)
+
+
+@needs_snapshots
+@needs_hub_code
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_a_saved_snapshot_runs_on_its_hub_code_with_the_same_logits(family, tmp_path):
+    """Saving keeps the source snapshot's hub code: that code loads the saved folder and computes our logits."""
+    lm, out = saved_with_moved_adapters(SNAPSHOTS[family], tmp_path / "saved")
+    ids, attn = left_padded(lm, TEXTS)
+    hub, again = (load_masked_lm(out, trust_remote_code=remote) for remote in (True, False))
     torch.testing.assert_close(hub.logits(ids, attn), again.logits(ids, attn), rtol=0, atol=1e-5)
 
 
@@ -266,7 +285,7 @@ OUR_BLOCK_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("targets", [None, "all-linear"])
-def test_default_lora_targets_cover_every_block_linear_but_not_the_head(family, targets):
+def test_default_lora_targets_cover_every_block_linear_but_not_the_head(load, family, targets):
     lm = load(family, lora=LoraSettings(r=2, target_modules=targets))
     adapted = {n.split(".lora_A")[0] for n, _ in lm.model.named_parameters() if ".lora_A." in n}
     assert {n.rsplit(".", 1)[-1] for n in adapted} == OUR_BLOCK_LINEARS  # our module names, both families
@@ -274,7 +293,7 @@ def test_default_lora_targets_cover_every_block_linear_but_not_the_head(family, 
     assert not any(n.endswith("head") for n in adapted)
 
 
-def test_lora_targets_take_llada_hub_names_and_unknown_ones_name_the_real_layers():
+def test_lora_targets_take_llada_hub_names_and_unknown_ones_name_the_real_layers(load):
     lm = load("llada", lora=LoraSettings(r=2, target_modules="q_proj,attn_out,ff_proj"))  # hub-code names
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in lm.model.named_parameters() if ".lora_A." in n}
     assert adapted == {"q_proj", "o_proj", "gate_proj"}
@@ -282,6 +301,7 @@ def test_lora_targets_take_llada_hub_names_and_unknown_ones_name_the_real_layers
         load("llada", lora=LoraSettings(r=2, target_modules="q_proj,wq"))
 
 
+@needs_snapshots
 @needs_hub_code
 def test_hub_code_lora_targets_name_the_hub_layers():
     lm = load_hub("llada", lora=LoraSettings(r=2))
@@ -294,9 +314,9 @@ def test_hub_code_lora_targets_name_the_hub_layers():
         load_hub("llada", lora=LoraSettings(r=2, target_modules="q_proj,o_proj"))
 
 
-def peak_bytes_and_grads(family: str, checkpointing: bool, batch: int = 2, length: int = 128):
+def peak_bytes_and_grads(path, checkpointing: bool, batch: int = 2, length: int = 128):
     """Peak CPU bytes allocated during one forward + backward (profiler memory events) and the gradients."""
-    lm = load(family, gradient_checkpointing=checkpointing)
+    lm = load_masked_lm(path, gradient_checkpointing=checkpointing)
     lm.model.train()
     ids = torch.randint(0, 90, (batch, length), generator=torch.Generator().manual_seed(0))
     attn = torch.ones_like(ids)
@@ -313,9 +333,9 @@ def peak_bytes_and_grads(family: str, checkpointing: bool, batch: int = 2, lengt
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
-def test_activation_checkpointing_keeps_gradients_and_lowers_peak_memory(family):
-    plain_peak, plain = peak_bytes_and_grads(family, False)
-    ckpt_peak, ckpt = peak_bytes_and_grads(family, True)
+def test_activation_checkpointing_keeps_gradients_and_lowers_peak_memory(hub_models, family):
+    plain_peak, plain = peak_bytes_and_grads(hub_models[family], False)
+    ckpt_peak, ckpt = peak_bytes_and_grads(hub_models[family], True)
     for name, grad in plain.items():
         assert torch.equal(ckpt[name], grad), name
     print(f"{family}: peak {plain_peak / 2**20:.2f} MiB -> {ckpt_peak / 2**20:.2f} MiB with checkpointing")
