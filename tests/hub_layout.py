@@ -66,7 +66,7 @@ CONFIGS = {
         "rope_full_precision": True, "alibi": False, "alibi_bias_max": 8.0, "flash_attention": False,
         "input_emb_norm": False, "scale_logits": False, "weight_tying": False, "attention_dropout": 0.0,
         "embedding_dropout": 0.0, "residual_dropout": 0.0, "init_device": "meta", "init_fn": "mitchell",
-        "init_std": 0.02, "init_cutoff_factor": None, "precision": "amp_bf16", "use_cache": False,
+        "init_std": 0.02, "init_cutoff_factor": None, "precision": "amp_bf16", "dtype": "float32",
         "mask_token_id": MASK_ID, "eos_token_id": 98, "pad_token_id": 98,
     },
     "dream": {
@@ -75,7 +75,7 @@ CONFIGS = {
         "max_position_embeddings": 1024, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
         "rope_scaling": None, "use_sliding_window": False, "sliding_window": None, "max_window_layers": LAYERS,
         "tie_word_embeddings": False, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": False,
-        "torch_dtype": "float32", "mask_token_id": MASK_ID, "bos_token_id": 100, "eos_token_id": 97, "pad_token_id": 97,
+        "dtype": "float32", "mask_token_id": MASK_ID, "bos_token_id": 100, "eos_token_id": 97, "pad_token_id": 97,
     },
 }
 GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
