@@ -1,7 +1,8 @@
 """Our LLaDA / Dream networks against the hub code of the ../shared/models snapshots, and the block KV cache.
 
-Tests marked ``needs_hub_code`` run the hub code itself (transformers 4.56-4.57); on transformers 5
-the recorded hub logits pin the same parity (tests/test_lm_checkpoint_model.py).
+Tests marked ``needs_hub_code`` run the hub code itself (transformers 4.56-4.57) on ../shared's
+snapshots; on transformers 5 the recorded hub logits pin the same parity (tests/test_lm_checkpoint_model.py).
+The cache and decoding tests run on the suite's own hub-layout checkpoints (``hub_models``).
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from dipod.lm.networks.transformer import Network
 
 from hub_snapshots import MODELS, needs_hub_code  # noqa: E402
 
-SNAPSHOTS = ("tiny-llada", "tiny-dream")
+SNAPSHOTS = ("tiny-llada", "tiny-dream")  # ../shared/models, for the hub code
+FAMILIES = ("llada", "dream")  # the suite's own checkpoints (hub_models)
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=2e-2)}
 
 
 def _snapshot(name: str) -> Path:
     path = MODELS / name
     if not (path / "model.safetensors").is_file():
-        pytest.skip(f"snapshot {path} is absent")
+        pytest.skip(f"the hub code's snapshot {path} is absent")
     return path
 
 
@@ -138,9 +140,9 @@ def _padded_sequence(mask_id: int = 120):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
-@pytest.mark.parametrize("name", SNAPSHOTS)
-def test_cached_forward_is_exact_at_the_first_step_and_while_nothing_changed(name, mode, dtype):
-    net = load_network(_snapshot(name), dtype)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_forward_is_exact_at_the_first_step_and_while_nothing_changed(hub_models, family, mode, dtype):
+    net = load_network(hub_models[family], dtype)
     ids, attn, lo, hi = _padded_sequence()
     forward = BlockCachedForward(net, mode)
     with torch.no_grad():
@@ -150,12 +152,12 @@ def test_cached_forward_is_exact_at_the_first_step_and_while_nothing_changed(nam
         torch.testing.assert_close(forward(ids, attn, lo, hi, new_block=False), expected, **TOL[dtype])
 
 
-@pytest.mark.parametrize("name", SNAPSHOTS)
-def test_cache_staleness_is_exactly_what_fast_dllm_describes(name):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_staleness_is_exactly_what_fast_dllm_describes(hub_models, family):
     """After tokens of the block are revealed, a one-layer network's keys/values of the unchanged
     prefix (and, for dual, the unchanged suffix) are still exact, so both caches equal the full
     forward there; with two layers they go stale (they saw the old block) and differ."""
-    full = load_network(_snapshot(name))
+    full = load_network(hub_models[family])
     one_layer = Network(full.spec, full.embed, list(full.layers[:1]), full.final_norm, full.head)
     ids, attn, lo, hi = _padded_sequence()
     revealed = ids.clone()
@@ -173,8 +175,8 @@ def test_cache_staleness_is_exactly_what_fast_dllm_describes(name):
                     assert (cached - expected).abs().max() > 1e-4
 
 
-def test_prefix_cache_recomputes_the_suffix_dual_does_not():
-    net = load_network(_snapshot("tiny-llada"))
+def test_prefix_cache_recomputes_the_suffix_dual_does_not(hub_models):
+    net = load_network(hub_models["llada"])
     one_layer = Network(net.spec, net.embed, list(net.layers[:1]), net.final_norm, net.head)
     ids, attn, lo, hi = _padded_sequence()
     changed = ids.clone()
@@ -190,8 +192,8 @@ def test_prefix_cache_recomputes_the_suffix_dual_does_not():
     assert (results["dual"] - expected).abs().max() > 1e-4
 
 
-def test_bad_use_is_a_clear_error():
-    net = load_network(_snapshot("tiny-dream"))
+def test_bad_use_is_a_clear_error(hub_models):
+    net = load_network(hub_models["dream"])
     ids, attn, lo, hi = _padded_sequence()
     with pytest.raises(ValueError, match="choose one of"):
         BlockCachedForward(net, "suffix")
@@ -205,17 +207,12 @@ def test_bad_use_is_a_clear_error():
         make_cached_forward(gpt2, "prefix")
 
 
-def _snapshot_lm(name: str):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoding_with_cache_and_threshold_through_the_sampler(hub_models, family):
     from dipod.lm.model import load_masked_lm
-
-    return load_masked_lm(_snapshot(name))
-
-
-@pytest.mark.parametrize("name", SNAPSHOTS)
-def test_decoding_with_cache_and_threshold_through_the_sampler(name):
     from dipod.lm.sampler import SamplerSettings, decode
 
-    lm = _snapshot_lm(name)
+    lm = load_masked_lm(hub_models[family])
     prompts, prompt_attn = _left_padded([_ids(1, n, seed=n)[0] for n in (7, 4, 6)], pad_id=lm.pad_id)
     base = dict(gen_length=16, block_length=8, steps=8)
     for mode in ("prefix", "dual"):
@@ -242,13 +239,14 @@ def test_decoding_with_cache_and_threshold_through_the_sampler(name):
             assert torch.equal(alone.completion_bg[0], counted.completion_bg[i]), (mode, i, width)
 
 
-def test_reveal_confidence_is_the_samplers_own_score_when_decoding_exactly():
+def test_reveal_confidence_is_the_samplers_own_score_when_decoding_exactly(hub_models):
     """Greedy, uncached: the replayed probability of each revealed token is the low-confidence score the
     sampler ranked it by (recorded from the sampler's own forward calls)."""
+    from dipod.lm.model import load_masked_lm
     from dipod.lm.rollout_mismatch import reveal_confidence
     from dipod.lm.sampler import SamplerSettings, decode, full_forward
 
-    lm = _snapshot_lm("tiny-llada")
+    lm = load_masked_lm(hub_models["llada"])
     prompts, prompt_attn = _left_padded([_ids(1, n, seed=n)[0] for n in (5, 8)], pad_id=lm.pad_id)
     settings = SamplerSettings(gen_length=8, block_length=4, steps=4, fill_after_eos=False)
     records, inner = [], full_forward(lm)
@@ -272,12 +270,13 @@ def test_reveal_confidence_is_the_samplers_own_score_when_decoding_exactly():
     assert (got > 0).all() and (got < 1).all()
 
 
-def test_rollout_mismatch_of_fast_against_reference_decoding():
+def test_rollout_mismatch_of_fast_against_reference_decoding(hub_models):
+    from dipod.lm.model import load_masked_lm
     from dipod.lm.proxies import ProxySettings
     from dipod.lm.rollout_mismatch import reference_settings, rollout_mismatch
     from dipod.lm.sampler import SamplerSettings
 
-    lm = _snapshot_lm("tiny-llada")
+    lm = load_masked_lm(hub_models["llada"])
     prompts, prompt_attn = _left_padded([_ids(1, n, seed=n)[0] for n in (5, 8, 6)], pad_id=lm.pad_id)
     fast = SamplerSettings(gen_length=16, block_length=8, steps=16, confidence_threshold=0.05, kv_cache="dual",
                            temperature=1.0)
@@ -295,11 +294,11 @@ def test_rollout_mismatch_of_fast_against_reference_decoding():
     assert diff == rollout_mismatch(lm, prompts, prompt_attn, fast, reference, score, proxy, seed=3)  # seeded
 
 
-def test_rl_run_with_fast_rollouts_logs_the_mismatch(tmp_path):
+def test_rl_run_with_fast_rollouts_logs_the_mismatch(hub_models, tmp_path):
     from dipod.lm.train_config import TrainConfig
     from dipod.lm.trainer import train
 
-    cfg = TrainConfig(model=str(_snapshot("tiny-llada")), task="sudoku4", prompt_style="compact",
+    cfg = TrainConfig(model=str(hub_models["llada"]), task="sudoku4", prompt_style="compact",
                       lora_r=0, dtype="float32", prompts_per_step=2, num_generations=2, gradient_accumulation_steps=1,
                       gen_length=16, block_length=8, diffusion_steps=8, num_iterations=1, max_steps=1, save_steps=0,
                       eval_steps=0, eval_examples=2, gap_monitor_steps=0, num_draws=2, masking="random", dipod_unscored_eos=True,

@@ -1,8 +1,9 @@
-"""`dipod lm train / eval / generate / sft` end to end on the hub-shaped LLaDA and Dream snapshots.
+"""`dipod lm train / eval / generate / sft` end to end on tiny hub-layout LLaDA and Dream checkpoints.
 
-The snapshots are tiny (vocab 128, d_model 64, 2 layers, random weights), so these pin that every
-path RUNS on the real architectures as the hub ships them, loaded into our own network (the legacy
-hub-code path once, where transformers 4.56-4.57 can run it) (every estimator, LoRA on and off,
+The checkpoints are the suite's own (``hub_models``, tests/hub_layout.py: vocab 128, d_model 64, 2
+layers, random weights), so these pin that every path RUNS on the real architectures in the hub's
+layout, loaded into our own network (the legacy hub-code path once, on ../shared/models' snapshots,
+where transformers 4.56-4.57 can run it) (every estimator, LoRA on and off,
 float32 and bfloat16, the LLaDA-1.5 and Dream configs), not accuracy. The default run covers every
 estimator per family with LoRA and dtype alternating; the full matrix is marked slow.
 """
@@ -19,17 +20,14 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hub_snapshots import needs_hub_code  # noqa: E402
+from hub_snapshots import SNAPSHOTS, needs_hub_code, needs_snapshots  # noqa: E402
 
 from dipod.runlog import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT.parent / "shared" / "models"
-SNAPSHOTS = {"llada": MODELS / "tiny-llada", "dream": MODELS / "tiny-dream"}
 GSM8K = ROOT / "tests" / "fixtures" / "gsm8k_tiny.jsonl"
-pytestmark = [pytest.mark.skipif(not all(p.is_dir() for p in SNAPSHOTS.values()),
-                                 reason="../shared/models snapshots are absent"),
-              pytest.mark.filterwarnings("ignore")]
+FAMILIES = ("llada", "dream")
+pytestmark = pytest.mark.filterwarnings("ignore")
 
 ESTIMATORS = ("d1", "fpo", "fpo++", "spg")
 # Tiny lengths: a 1-prompt x 2-rollout step with 8 completion tokens in 2 blocks.
@@ -58,12 +56,12 @@ def _default(family: str, estimator: str, lora: str, dtype: str) -> bool:
 
 
 MATRIX = [pytest.param(f, e, lr, dt, marks=() if _default(f, e, lr, dt) else pytest.mark.slow)
-          for f, e, lr, dt in itertools.product(SNAPSHOTS, ESTIMATORS, ("0", "4"), ("float32", "bfloat16"))]
+          for f, e, lr, dt in itertools.product(FAMILIES, ESTIMATORS, ("0", "4"), ("float32", "bfloat16"))]
 
 
 @pytest.mark.parametrize("family,estimator,lora_r,dtype", MATRIX)
-def test_train_runs_one_step(family, estimator, lora_r, dtype, tmp_path):
-    flags = ["--model", str(SNAPSHOTS[family]), "--task", "sudoku4",
+def test_train_runs_one_step(hub_models, family, estimator, lora_r, dtype, tmp_path):
+    flags = ["--model", str(hub_models[family]), "--task", "sudoku4",
              "--prompt_style", "chat", "--estimator", estimator, "--lora_r", lora_r, "--dtype", dtype,
              "--gradient_checkpointing", "true", "--save_final_model", "true"]
     if estimator == "d1":
@@ -75,8 +73,9 @@ def test_train_runs_one_step(family, estimator, lora_r, dtype, tmp_path):
     assert saved.family.name == family and saved.mask_id == 120
 
 
+@needs_snapshots
 @needs_hub_code
-@pytest.mark.parametrize("family", list(SNAPSHOTS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_the_legacy_hub_code_path_trains_and_saves(family, tmp_path):
     """--trust_remote_code true runs the hub code (transformers 4.56-4.57); its saved model loads in ours."""
     from dipod.lm.model import load_masked_lm
@@ -91,8 +90,8 @@ def test_the_legacy_hub_code_path_trains_and_saves(family, tmp_path):
 
 @pytest.mark.parametrize("config,family", [("llada15_gsm8k_spg_dipod.yaml", "llada"),
                                            ("dream_gsm8k_spg_dipod.yaml", "dream")])
-def test_model_configs_run_one_step_through_the_snapshots(config, family, tmp_path):
-    """Every setting of the file but the model (its snapshot), lengths and data scale."""
+def test_model_configs_run_one_step_through_the_snapshots(hub_models, config, family, tmp_path):
+    """Every setting of the file but the model (its tiny checkpoint), lengths and data scale."""
     from dipod.config import parse_config
     from dipod.lm.train_config import TrainConfig
 
@@ -100,17 +99,17 @@ def test_model_configs_run_one_step_through_the_snapshots(config, family, tmp_pa
     cfg = parse_config(TrainConfig, ["--config", str(path)], "t")
     assert not cfg.trust_remote_code and cfg.mask_token_id is None and cfg.gradient_checkpointing
     assert {"GSAI-ML/LLaDA-1.5": "llada", "Dream-org/Dream-v0-Instruct-7B": "dream"}[cfg.model] == family
-    flags = ["--config", str(path), "--model", str(SNAPSHOTS[family]), "--lora_r", "4", "--generation_batch_size", "2",
+    flags = ["--config", str(path), "--model", str(hub_models[family]), "--lora_r", "4", "--generation_batch_size", "2",
              "--train_data", str(GSM8K), "--eval_data", str(GSM8K), "--save_final_model", "false"]
     train_one_step(flags, tmp_path)
 
 
-@pytest.mark.parametrize("family", list(SNAPSHOTS))
-def test_eval_and_generate_run_on_the_snapshot(family, tmp_path, capsys):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eval_and_generate_run_on_the_snapshot(hub_models, family, tmp_path, capsys):
     from dipod.lm.evaluate import main as eval_main
     from dipod.lm.generate import main as generate_main
 
-    common = ["--model", str(SNAPSHOTS[family]), "--task", "sudoku4",
+    common = ["--model", str(hub_models[family]), "--task", "sudoku4",
               "--prompt_style", "chat", "--gen_length", "8", "--block_length", "4", "--steps", "4",
               "--max_prompt_length", "48"]
     assert eval_main([*common, "--limit", "3", "--batch_size", "2", "--dtype", "bfloat16",
@@ -122,19 +121,19 @@ def test_eval_and_generate_run_on_the_snapshot(family, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("family,dtype", [("llada", "float32"), ("dream", "bfloat16")])
-def test_sft_trains_and_saves_a_reloadable_model(family, dtype, tmp_path):
+def test_sft_trains_and_saves_a_reloadable_model(hub_models, family, dtype, tmp_path):
     from dipod.lm.model import load_masked_lm
     from dipod.lm.sft import main as sft_main
 
     out = tmp_path / "sft"
-    assert sft_main(["--model", str(SNAPSHOTS[family]), "--task", "sudoku4",
+    assert sft_main(["--model", str(hub_models[family]), "--task", "sudoku4",
                      "--prompt_style", "chat", "--train_examples", "4", "--eval_examples", "1", "--eval_every", "0",
                      "--gen_length", "16", "--block_length", "8", "--steps", "4", "--max_prompt_length", "48",
                      "--max_steps", "2", "--batch_size", "2", "--learning_rate", "1e-2", "--warmup_steps", "0",
                      "--dtype", dtype, "--progress_bar", "false", "--output_dir", str(out)]) == 0
     result = json.loads((out / "sft_result.json").read_text())
     trained = load_masked_lm(result["model_dir"], dtype=dtype)
-    start = load_masked_lm(SNAPSHOTS[family], dtype=dtype)
+    start = load_masked_lm(hub_models[family], dtype=dtype)
     assert trained.family is start.family
     moved = [name for name, p in trained.model.named_parameters()
              if not torch.equal(p, dict(start.model.named_parameters())[name])]
