@@ -3,6 +3,10 @@
     python benchmarks/gpu_check.py                      # H200 / any CUDA GPU: LLaDA-8B shape, random bf16 weights
     python benchmarks/gpu_check.py --shape tiny --device cpu   # the same code path at the tiny snapshot's shape
 
+Both start from a tiny LLaDA snapshot's config.json (``--snapshot``, default ../shared/models/tiny-llada;
+any LLaDA folder in the hub's layout will do, e.g. the test suite's own, tests/hub_layout.py): the 8B
+shape overrides its sizes and token ids with LLaDA-8B-Instruct's.
+
 What it measures, with the settings of a paper config (default: FPO gsm8k + DiPOD, LoRA r 128 on q/k/v/up,
 whole-layer checkpointing, 4 masked draws), on one prompt group (num_generations rows of a random prompt):
 
@@ -41,13 +45,13 @@ PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1}  # de
 GIB = 2 ** 30
 
 
-def build_lm(shape: str, device: str, dtype: torch.dtype):
+def build_lm(shape: str, device: str, dtype: torch.dtype, snapshot: Path):
     """A MaskedDiffusionLM of our LLaDA network at ``shape`` with random weights (no checkpoint read)."""
     from dipod.lm.families import FAMILIES
     from dipod.lm.model import MaskedDiffusionLM
     from dipod.lm.networks.checkpoint_model import CheckpointNetwork, ModelConfig
 
-    config = json.loads((SNAPSHOT / "config.json").read_text())
+    config = json.loads((snapshot / "config.json").read_text())
     if shape == "8b":
         config.update(LLADA_8B)
     # dtype first, on the meta device: at 8B, allocating float32 and then casting would hold 32 GB + 16 GB
@@ -120,7 +124,7 @@ def lora_update(lm, cfg, prompt_ids, prompt_attn, completion, device: str) -> di
             "adapter_params": sum(p.numel() for p in adapters)}
 
 
-def check_config(config_path: Path, shape: str, gen_length: int | None, steps: int | None):
+def check_config(config_path: Path, shape: str, gen_length: int | None, steps: int | None, snapshot: Path):
     """The paper config with the micro-batch = one prompt group on one process (the planner's micro too)."""
     from dipod.config import parse_config
     from dipod.lm.train_config import TrainConfig
@@ -129,7 +133,7 @@ def check_config(config_path: Path, shape: str, gen_length: int | None, steps: i
     changes = dict(prompts_per_step=1, gradient_accumulation_steps=1, generation_batch_size=cfg.num_generations,
                    kl_beta=0.0)
     if shape == "tiny":
-        changes.update(model=str(SNAPSHOT), lora_r=4, lora_alpha=8.0, max_prompt_length=24, gen_length=16,
+        changes.update(model=str(snapshot), lora_r=4, lora_alpha=8.0, max_prompt_length=24, gen_length=16,
                        block_length=8, diffusion_steps=4)
     if gen_length:
         changes.update(gen_length=gen_length, block_length=min(cfg.block_length, gen_length))
@@ -165,9 +169,9 @@ def run(args) -> dict:
     from dipod.lm.sampler import SamplerSettings
 
     device = args.device
-    cfg = check_config(args.config, args.shape, args.gen_length, args.steps)
+    cfg = check_config(args.config, args.shape, args.gen_length, args.steps, args.snapshot)
     torch.manual_seed(0)
-    lm = build_lm(args.shape, device, getattr(torch, args.dtype))
+    lm = build_lm(args.shape, device, getattr(torch, args.dtype), args.snapshot)
     rows, prompt_len = cfg.num_generations, cfg.max_prompt_length
     vocab = lm.model.get_input_embeddings().weight.shape[0]
     prompt = torch.randint(0, min(vocab, lm.mask_id), (1, prompt_len), generator=torch.Generator().manual_seed(0))
@@ -231,11 +235,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="the base weights' dtype (the paper configs': bfloat16)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: by name)")
     parser.add_argument("--results_dir", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--snapshot", type=Path, default=SNAPSHOT,
+                        help="a tiny LLaDA folder in the hub's layout whose config.json the check starts from")
     args = parser.parse_args(argv)
     if args.shape == "8b" and not args.device.startswith("cuda"):
         parser.error("--shape 8b needs a CUDA device (16 GB of bf16 weights); on a CPU use --shape tiny")
-    if not SNAPSHOT.is_dir():
-        parser.error(f"the tiny-llada snapshot (the config this check starts from) is not at {SNAPSHOT}")
+    if not (args.snapshot / "config.json").is_file():
+        parser.error(f"no LLaDA config.json (the config this check starts from) in {args.snapshot}; pass --snapshot "
+                     "DIR, a LLaDA folder in the hub's layout")
     result = run(args)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     stem = "gpu_check" if args.shape == "8b" else "gpu_check_tiny"

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py (the scale path's one-GPU check) at the tiny snapshot's shape on the CPU:
-the same code path the 8B run takes, its FLOP count against the closed form, a real update."""
+the same code path the 8B run takes, its FLOP count against the closed form, a real update. It starts
+from the suite's own tiny LLaDA checkpoint (``hub_models``)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import gpu_check  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not gpu_check.SNAPSHOT.is_dir(), reason="needs the tiny-llada snapshot in ../shared/models")
 
-
-def test_the_gpu_check_runs_at_the_tiny_shape_on_cpu(tmp_path):
+def test_the_gpu_check_runs_at_the_tiny_shape_on_cpu(hub_models, tmp_path):
     torch.set_num_threads(1)
-    assert gpu_check.main(["--shape", "tiny", "--device", "cpu", "--results_dir", str(tmp_path)]) == 0
+    assert gpu_check.main(["--shape", "tiny", "--device", "cpu", "--results_dir", str(tmp_path),
+                           "--snapshot", str(hub_models["llada"])]) == 0
     result = json.loads((tmp_path / "gpu_check_tiny.json").read_text())
-    config = json.loads((gpu_check.SNAPSHOT / "config.json").read_text())
+    config = json.loads((hub_models["llada"] / "config.json").read_text())
     d, f, layers, vocab = config["d_model"], config["mlp_hidden_size"], config["n_layers"], config["embedding_size"]
     # q, k, v, o (d x d each) + gate, up, down (d x f each) per layer, and the untied head
     assert result["matmul_params"] == layers * (4 * d * d + 3 * d * f) + vocab * d
@@ -46,3 +46,10 @@ def test_the_8b_shape_is_refused_on_a_cpu_before_any_weight_is_made(capsys):
     with pytest.raises(SystemExit) as stop:
         gpu_check.main(["--shape", "8b", "--device", "cpu"])
     assert stop.value.code == 2 and "--shape tiny" in capsys.readouterr().err
+
+
+def test_a_missing_snapshot_is_named_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(["--shape", "tiny", "--device", "cpu", "--snapshot", str(tmp_path)])
+    assert stop.value.code == 2 and f"no LLaDA config.json (the config this check starts from) in {tmp_path}" in \
+        capsys.readouterr().err

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -652,18 +651,18 @@ def test_family_sampler_defaults_fill_only_what_the_user_left_unset():
 
 # --- the real architectures: parity with the models' own decoders ------------------------------------------
 
-SNAPSHOTS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+def load_snapshot(hub_models: dict, family: str, hub_code: bool = False) -> MaskedDiffusionLM:
+    """The suite's tiny ``family`` checkpoint in our network, or (``hub_code``) ../shared/models' snapshot run
+    by its own code: the legacy path, transformers 4.56-4.57."""
+    if not hub_code:
+        return load_masked_lm(str(hub_models[family]))
+    from hub_snapshots import SNAPSHOTS, hub_code_loads
 
-
-def load_snapshot(name: str, hub_code: bool = False) -> MaskedDiffusionLM:
-    """The snapshot in our network, or (``hub_code``) run by its own code: the legacy path, transformers 4.56-4.57."""
-    from hub_snapshots import hub_code_loads
-
-    if not (SNAPSHOTS / name).is_dir():
-        pytest.skip(f"../shared/models/{name} is absent")
-    if hub_code and not hub_code_loads():
+    if not SNAPSHOTS[family].is_dir():
+        pytest.skip(f"{SNAPSHOTS[family]} (the hub code's snapshot) is absent")
+    if not hub_code_loads():
         pytest.skip("the hub code of LLaDA / Dream loads on transformers 4.56-4.57 only")
-    return load_masked_lm(str(SNAPSHOTS / name), trust_remote_code=hub_code)
+    return load_masked_lm(str(SNAPSHOTS[family]), trust_remote_code=True)
 
 
 def llada_reference_generate(model, prompt_ids, mask_id, gen_length, block_length, steps, temperature=0.0,
@@ -697,8 +696,8 @@ def llada_reference_generate(model, prompt_ids, mask_id, gen_length, block_lengt
 
 
 @pytest.mark.parametrize("hub_code", [False, True], ids=["our_network", "hub_code"])
-def test_llada_greedy_equals_the_reference_decoder(hub_code):
-    lm = load_snapshot("tiny-llada", hub_code)
+def test_llada_greedy_equals_the_reference_decoder(hub_models, hub_code):
+    lm = load_snapshot(hub_models, "llada", hub_code)
     ids = torch.randint(0, 90, (3, 6), generator=torch.Generator().manual_seed(0))
     attn = torch.ones_like(ids)
     settings = SamplerSettings(gen_length=16, block_length=8, steps=8, fill_after_eos=False)
@@ -710,10 +709,10 @@ def test_llada_greedy_equals_the_reference_decoder(hub_code):
 
 
 @pytest.mark.parametrize("temperature", [0.3, 1.0])
-def test_llada_sampling_at_temperature_equals_the_reference_decoder_on_the_hub_code(temperature):
+def test_llada_sampling_at_temperature_equals_the_reference_decoder_on_the_hub_code(hub_models, temperature):
     # RL rollouts run at T = 0.3..1: there the sampled token is often not the argmax, and low_confidence
     # must score the sampled token's untempered probability, as LLaDA's decoder does.
-    lm = load_snapshot("tiny-llada")
+    lm = load_snapshot(hub_models, "llada")
     ids = torch.randint(0, 90, (4, 6), generator=torch.Generator().manual_seed(1))
     settings = SamplerSettings(gen_length=16, block_length=8, steps=8, temperature=temperature, fill_after_eos=False)
     with torch.no_grad():
@@ -729,9 +728,9 @@ def test_llada_sampling_at_temperature_equals_the_reference_decoder_on_the_hub_c
     ("maskgit_plus", None, None), ("topk_margin", None, None), ("entropy", None, None),
     ("maskgit_plus", None, 50), ("topk_margin", 0.5, 20), ("entropy", 0.95, None),
 ])
-def test_dream_greedy_equals_diffusion_generate(alg, top_p, top_k):
+def test_dream_greedy_equals_diffusion_generate(hub_models, alg, top_p, top_k):
     """Dream's own sampler (its hub code's ``diffusion_generate``) against ours on the same hub model."""
-    lm = load_snapshot("tiny-dream", hub_code=True)
+    lm = load_snapshot(hub_models, "dream", hub_code=True)
     prompt_len, gen_length, steps = 7, 32, 16
     ids = torch.randint(0, 90, (3, prompt_len), generator=torch.Generator().manual_seed(0))
     attn = torch.ones_like(ids)
