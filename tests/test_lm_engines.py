@@ -21,7 +21,6 @@ from dipod.lm.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("lm_engine_worker.py")
-TINY_LLADA = ROOT.parent / "shared" / "models" / "tiny-llada"
 TIMING = {"step_time", "generation_time", "update_time", "tokens_per_s"}
 
 
@@ -125,32 +124,32 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(engine: str, out: Path, lora_r: int, stop_after: int, resume: bool = False) -> None:
+def _launch(llada: Path, engine: str, out: Path, lora_r: int, stop_after: int, resume: bool = False) -> None:
     launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     config_file, extra = ENGINES[engine]
     env = {**os.environ, **extra, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [launcher, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / config_file),
            "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
-           str(WORKER), str(out), str(TINY_LLADA), "3", str(lora_r), str(stop_after), *(["--resume"] if resume else [])]
+           str(WORKER), str(out), str(llada), "3", str(lora_r), str(stop_after), *(["--resume"] if resume else [])]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TINY_LLADA.is_dir(), reason="needs the tiny-llada snapshot in ../shared/models")
 @pytest.mark.parametrize("lora_r", [4, 0], ids=["lora", "full"])
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_resume_under_each_engine_equals_an_uninterrupted_run(engine, lora_r, tmp_path):
+def test_resume_under_each_engine_equals_an_uninterrupted_run(hub_models, engine, lora_r, tmp_path):
     """1 step + resume for 2 == 3 steps, exactly: on CPU every operation and every collective is
     deterministic for a fixed process count, and the checkpoint holds the whole state (weights and
     optimizer through the engine's own save, schedule, RNG), so the tolerance is zero."""
     if engine.startswith("zero"):
         pytest.importorskip("deepspeed")
-    _launch(engine, tmp_path / "straight", lora_r, stop_after=0)
-    _launch(engine, tmp_path / "resumed", lora_r, stop_after=1)
+    llada = hub_models["llada"]
+    _launch(llada, engine, tmp_path / "straight", lora_r, stop_after=0)
+    _launch(llada, engine, tmp_path / "resumed", lora_r, stop_after=1)
     assert [p.name for p in sorted((tmp_path / "resumed").glob("checkpoint-*"))] == ["checkpoint-1"]
-    _launch(engine, tmp_path / "resumed", lora_r, stop_after=0, resume=True)
+    _launch(llada, engine, tmp_path / "resumed", lora_r, stop_after=0, resume=True)
 
     from safetensors.torch import load_file
 
@@ -164,10 +163,10 @@ def test_resume_under_each_engine_equals_an_uninterrupted_run(engine, lora_r, tm
     meta = json.loads((tmp_path / "resumed" / "checkpoint-3" / "meta.json").read_text())
     assert meta["engine"] == {"ddp": "ddp", "zero2": "deepspeed", "zero3": "deepspeed", "fsdp": "fsdp"}[engine]
     assert (tmp_path / "resumed" / "checkpoint-3" / "engine").is_dir() == (engine != "ddp")
-    _final_model_is_the_trained_policy(tmp_path / "straight", lora_r)
+    _final_model_is_the_trained_policy(llada, tmp_path / "straight", lora_r)
 
 
-def _final_model_is_the_trained_policy(run: Path, lora_r: int) -> None:
+def _final_model_is_the_trained_policy(llada: Path, run: Path, lora_r: int) -> None:
     """final_model/ (LoRA merged; under ZeRO-3 / FSDP gathered from the shards) has the logits of the
     initial model carrying the trained weights gathered by the worker."""
     from safetensors.torch import load_file
@@ -175,7 +174,7 @@ def _final_model_is_the_trained_policy(run: Path, lora_r: int) -> None:
     from dipod.lm.model import LoraSettings, load_masked_lm
 
     lora = LoraSettings(r=lora_r, alpha=16.0, dropout=0.0) if lora_r else None
-    policy = load_masked_lm(str(TINY_LLADA), lora=lora)
+    policy = load_masked_lm(str(llada), lora=lora)
     missing, unexpected = policy.model.load_state_dict(load_file(str(run / "final_weights.safetensors")), strict=False)
     assert not unexpected and not [k for k in missing if "lora_" in k or not lora_r], (missing, unexpected)
     saved = load_masked_lm(str(run / "final_model"))
@@ -183,7 +182,7 @@ def _final_model_is_the_trained_policy(run: Path, lora_r: int) -> None:
     attn = torch.ones_like(ids)
     with torch.no_grad():
         torch.testing.assert_close(saved.logits(ids, attn), policy.logits(ids, attn), rtol=0, atol=1e-5)
-        assert (saved.logits(ids, attn) - load_masked_lm(str(TINY_LLADA)).logits(ids, attn)).abs().max() > 1e-4
+        assert (saved.logits(ids, attn) - load_masked_lm(str(llada)).logits(ids, attn)).abs().max() > 1e-4
 
 
 def test_lora_kl_reference_is_the_policy_with_adapters_disabled(tmp_path):
@@ -216,8 +215,7 @@ def test_lora_kl_reference_is_the_policy_with_adapters_disabled(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TINY_LLADA.is_dir(), reason="needs the tiny-llada snapshot in ../shared/models")
-def test_two_machine_ranks_on_one_host_train_as_one_machine_with_two_processes(tmp_path):
+def test_two_machine_ranks_on_one_host_train_as_one_machine_with_two_processes(hub_models, tmp_path):
     """`--num_machines 2 --machine_rank 0/1` on localhost (one process each) == one machine with 2
     processes, bit for bit: the multi-node launch changes who starts the processes, not the run."""
     launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
@@ -227,12 +225,12 @@ def test_two_machine_ranks_on_one_host_train_as_one_machine_with_two_processes(t
     nodes = [subprocess.Popen([launcher, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
                                "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
                                "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
-                               str(WORKER), str(tmp_path / "nodes"), str(TINY_LLADA), "3", "4", "0"],
+                               str(WORKER), str(tmp_path / "nodes"), str(hub_models["llada"]), "3", "4", "0"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in (0, 1)]
     logs = [node.communicate(timeout=900)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), logs[0][-2000:] + logs[1][-2000:]
-    _launch("ddp", tmp_path / "one", 4, stop_after=0)
+    _launch(hub_models["llada"], "ddp", tmp_path / "one", 4, stop_after=0)
 
     from safetensors.torch import load_file
 

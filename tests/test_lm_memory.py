@@ -14,20 +14,19 @@ from dipod.lm.memory import Shape, activation_bytes_per_token, main, model_shape
 from dipod.lm.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_LLADA = ROOT.parent / "shared" / "models" / "tiny-llada"
 PAPER = sorted((ROOT / "configs" / "lm" / "paper").glob("*.yaml"))
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj")
 
 
-def saved_bytes(d: int, f: int, layers: int, tokens: int, lora_r: int, checkpointing: bool) -> int:
+def saved_bytes(llada: Path, d: int, f: int, layers: int, tokens: int, lora_r: int, checkpointing: bool) -> int:
     """Bytes of the distinct non-parameter storages autograd saves in one forward of our LLaDA network
-    (the default path for LLaDA checkpoints), float32, at the tiny snapshot's config with d / f / layers
-    changed."""
+    (the default path for LLaDA checkpoints), float32, at the tiny checkpoint ``llada``'s config with
+    d / f / layers changed."""
     from dipod.lm.families import FAMILIES
     from dipod.lm.model import LoraSettings, apply_lora
     from dipod.lm.networks.checkpoint_model import CheckpointNetwork, ModelConfig
 
-    config = json.loads((TINY_LLADA / "config.json").read_text())
+    config = json.loads((llada / "config.json").read_text())
     config.update(d_model=d, mlp_hidden_size=f, n_layers=layers)
     model = CheckpointNetwork(ModelConfig(**config)).to_empty(device="cpu")
     generator = torch.Generator().manual_seed(0)
@@ -53,16 +52,15 @@ def saved_bytes(d: int, f: int, layers: int, tokens: int, lora_r: int, checkpoin
     return sum(kept.values())
 
 
-@pytest.mark.skipif(not TINY_LLADA.is_dir(), reason="needs the tiny-llada snapshot in ../shared/models")
 @pytest.mark.parametrize("lora_r,checkpointing", [(0, False), (8, False), (0, True), (8, True)])
-def test_per_token_activation_bytes_match_what_autograd_keeps(lora_r, checkpointing):
+def test_per_token_activation_bytes_match_what_autograd_keeps(hub_models, lora_r, checkpointing):
     """One more decoder layer adds the planner's per-layer bytes per token (a shape the coefficients
     were not read from: d 96, f 352). Measured: exactly the planner's figure + (n_heads + 2) elements
     (attention's log-sum-exp per head, the two RMS norms' scale), 0.3 % here, < 0.1 % at 8B."""
     torch.set_num_threads(1)
     d, f, tokens = 96, 352, 48
-    per_layer = (saved_bytes(d, f, 3, tokens, lora_r, checkpointing)
-                 - saved_bytes(d, f, 2, tokens, lora_r, checkpointing)) / tokens
+    per_layer = (saved_bytes(hub_models["llada"], d, f, 3, tokens, lora_r, checkpointing)
+                 - saved_bytes(hub_models["llada"], d, f, 2, tokens, lora_r, checkpointing)) / tokens
     shape = Shape(d=d, layers=1, f=f, vocab=128)
     one, two = (activation_bytes_per_token(dataclass_layers(shape, n), 4, checkpointing, lora_r, len(TARGETS))
                 for n in (1, 2))
