@@ -3,7 +3,7 @@
 Examples are ``{"problem": ..., "answer": "\\frac{1}{2}"}``; `answer` is the dataset's `answer`
 field, or the last ``\\boxed{...}`` of its `solution` field. Data comes from a local
 .json/.jsonl/.parquet file or a hub dataset id such as ``HuggingFaceH4/MATH-500``; the `test`
-split with no file reads ``math500_test.jsonl`` from the shared data folder (offline).
+split with no file reads the packaged ``math500_test.jsonl`` (offline).
 
 Answer (see `answer_format`): the last non-empty ``\\boxed{...}`` before EOS, else the answer
 region, else the whole text. Correctness: equal after removing spacing and ``\\left``/``\\right``
@@ -21,10 +21,10 @@ import threading
 from .answer_format import CHAT_FORMAT, answer_region, before_eos, boxed_or_region, last_boxed
 from .base import RewardFn, Task, check_limit, guarded, register_task
 from .d1_prompts import math_prompt
-from .data_files import read_records, require_fields, shared_file
+from .data_files import data_file, read_records, require_fields
 
 BOXED = "\\boxed"
-TEST_FILE = "math500_test.jsonl"  # in the shared data folder: the 500 problems and answers
+TEST_FILE = "math500_test.jsonl"  # shipped in dipod/lm/data: the 500 problems and answers
 _MAX_ANSWER_CHARS = 300  # MATH answers are short; sympy on long untrusted text is a time sink
 _VERIFY_TIMEOUT_S = 1  # math-verify's own limit per parse and per comparison (main thread only)
 _MAX_NESTING = 10
@@ -142,7 +142,7 @@ class Math500Task(Task):
     def load(self, split: str, path: str | None = None, limit: int | None = None) -> list[dict]:
         check_limit(limit)
         if path is None and split == "test":
-            path = str(shared_file(TEST_FILE))
+            path = str(data_file(TEST_FILE))
         if path is None:
             raise ValueError(
                 f"math500 split {split!r} has no built-in data (only 'test' is read offline, from {TEST_FILE}): pass a .json/.jsonl/.parquet file with problem and "
