@@ -8,7 +8,6 @@ import itertools
 import json
 import math
 import random
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -505,13 +504,10 @@ def test_reward_fuzzing_never_raises_and_stays_in_unit_interval(name):
     if name == "math500":  # sympy parsing is slow; the hostile strings plus a few random ones suffice
         completions = completions[:40] + completions[-4:]
     for completion in completions:
-        start = time.perf_counter()
         scores = [task.reward(completion, example)]
         scores += [fn(completion, example) for fn, _ in task.reward_functions.values()]
         task.is_correct(completion, example)
         task.extract_answer(completion)
-        elapsed = time.perf_counter() - start
-        assert elapsed < 1.0, (name, repr(completion)[:60], elapsed)
         for score in scores:
             assert isinstance(score, float) and math.isfinite(score) and 0.0 <= score <= 1.0, (score, repr(completion)[:60])
 
