@@ -279,6 +279,8 @@ class DiffusionGemma(ModelFamily):
 
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLaDA(), Dream(), DiffusionGemma(), HFMaskedLM())}
+# the help text of every command's --model_family flag, so a new family shows up in all of them
+FAMILY_HELP = f"model family: {', '.join(FAMILIES)} (None: detected from config.json)"
 
 
 def get_family(name: str) -> ModelFamily:
