@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dipod.lm.model import eval_mode
+from dipod.lm.processes.registry import process_of
 
 # The knobs measured to restore spread in reward groups (docs/lm_rl_diagnosis.md).
 EXPLORATION_HINT = ("raise --temperature (e.g. 1.5-2.0), use --remasking random for rollouts, raise "
@@ -39,36 +39,16 @@ def group_reward_stats(rewards_n: Tensor, group_size: int, max_reward: float, at
             "frac_groups_all_max": float((grouped.min(1).values >= max_reward - atol).double().mean())}
 
 
-@torch.no_grad()
 def rollout_confidence(lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_mask_nl: Tensor,
                        chunk: int | None = None) -> dict[str, float]:
     """Sharpness of the policy where every rollout starts: one forward with the whole completion
     masked (the sampler's first step). Returns the mean over live completion positions of the
     predictive entropy (nats) and of the top token's probability (confidence). A policy that has
     collapsed onto one answer has entropy near 0 and confidence near 1 there. ``chunk`` rows at a
-    time (the generation batch): the float64 softmax over the vocabulary is the largest tensor. A
-    uniform-noise family (DiffusionGemma) starts from random tokens, not a masked canvas: NaN, not measured."""
-    if getattr(getattr(lm, "family", None), "noise", "masking") == "uniform":
-        return {"rollout_entropy": float("nan"), "rollout_confidence": float("nan")}
-    gen_length = completion_mask_nl.shape[1]
-    chunk = chunk or prompt_ids.shape[0]
-    sums = torch.zeros(2, dtype=torch.float64)
-    for start in range(0, prompt_ids.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        masked = torch.full((prompt_ids[rows].shape[0], gen_length), lm.mask_id, dtype=torch.long,
-                            device=prompt_ids.device)
-        ids = torch.cat([prompt_ids[rows], masked], dim=1)
-        attn = torch.cat([prompt_attn[rows].long(), torch.ones_like(masked)], dim=1)
-        with eval_mode(lm.model):
-            logits = lm.logits(ids, attn, first=prompt_ids.shape[1])
-        logits[..., lm.mask_id] = float("-inf")  # the sampler never proposes the mask token
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        probs = logp.exp()
-        entropy_nl = -(probs * logp.masked_fill(probs == 0, 0.0)).sum(-1)
-        weight = completion_mask_nl[rows].double()
-        sums += torch.stack([(entropy_nl * weight).sum(), (probs.max(-1).values * weight).sum()]).cpu()
-    total = completion_mask_nl.double().sum().clamp_min(1.0).cpu()
-    return {"rollout_entropy": float(sums[0] / total), "rollout_confidence": float(sums[1] / total)}
+    time (the generation batch): the float64 softmax over the vocabulary is the largest tensor. The
+    model's diffusion process computes it; a uniform-noise family (DiffusionGemma) starts from random
+    tokens, not a masked canvas: NaN, not measured."""
+    return process_of(lm).rollout_confidence(lm, prompt_ids, prompt_attn, completion_mask_nl, chunk)
 
 
 class CollapseWatch:
