@@ -40,7 +40,7 @@ def test_logits_equal_the_hub_codes_recorded_logits_padding_included(family):
 
 
 def _copy_with(source, tmp_path, edit):
-    """A copy of the checkpoint at ``source`` whose tensors ``edit`` changed (a dict name -> tensor, edited in place)."""
+    """A copy of the checkpoint at ``source`` whose tensors ``edit`` changed (a dict name -> tensor, in place)."""
     from safetensors.torch import load_file, save_file
 
     copy = tmp_path / source.name
@@ -58,7 +58,8 @@ def _copy_with(source, tmp_path, edit):
     (lambda t: t.update({"lm_head.weight": torch.zeros(100, 64)}),
      r"lm_head\.weight has shape \[100, 64\], config\.json implies \[128, 64\]"),
 ])
-def test_weights_that_do_not_fit_name_the_tensor_before_any_is_read(hub_models, tmp_path, monkeypatch, edit, message):
+def test_weights_that_do_not_fit_name_the_tensor_before_any_is_read(hub_models, tmp_path, monkeypatch, edit,
+                                                                     message):
     import safetensors.torch
 
     copy = _copy_with(hub_models["dream"], tmp_path, edit)
