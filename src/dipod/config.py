@@ -156,13 +156,14 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(*flags, dest=f"cfg__{name}", default=None, metavar="VALUE", help=_help_text(field))
 
 
-def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: str = "", base: dict | None = None) -> T:
-    """Build ``cls`` from dataclass defaults, ``base``, an optional ``--config`` YAML file and flags."""
+def read_values(cls: type, argv: list[str] | None, prog: str, description: str = "") -> tuple[dict[str, Any], str]:
+    """``(values, source)``: the fields an optional ``--config`` YAML file and the flags set (flags win),
+    not yet validated, so a caller can put defaults of its own beneath them (``config_from_dict``)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", default=None, help="YAML file of field: value overrides")
     add_config_flags(parser, cls)
     args = parser.parse_args(argv)
-    values: dict[str, Any] = dict(base or {})
+    values: dict[str, Any] = {}
     if args.config:
         file_values = load_yaml_mapping(args.config)
         check_keys(cls, file_values, args.config)
@@ -170,4 +171,10 @@ def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: s
     for key, value in vars(args).items():
         if key.startswith("cfg__") and value is not None:
             values[key[len("cfg__"):]] = value
-    return config_from_dict(cls, values, source=args.config or "command line")
+    return values, args.config or "command line"
+
+
+def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: str = "", base: dict | None = None) -> T:
+    """Build ``cls`` from dataclass defaults, ``base``, an optional ``--config`` YAML file and flags."""
+    values, source = read_values(cls, argv, prog, description)
+    return config_from_dict(cls, {**(base or {}), **values}, source=source)

@@ -116,8 +116,9 @@ class MaskedDiffusionLM:
         """
         return self.family.logits(self.model, ids, attn, first)
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
-        """Write model + tokenizer to ``out_dir`` atomically (LoRA adapters are merged into a copy)."""
+    def save_pretrained(self, out_dir: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+        """Write model + tokenizer (+ ``extra_files``: name -> text, e.g. the decoding recipe) to
+        ``out_dir`` atomically (LoRA adapters are merged into a copy)."""
         out = Path(out_dir)
         model = self.model
         if hasattr(model, "merge_and_unload"):
@@ -128,6 +129,8 @@ class MaskedDiffusionLM:
             with self.family.saving(model):
                 model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
             old = out.with_name(f".{out.name}.old")
             if out.exists():
                 shutil.rmtree(old, ignore_errors=True)

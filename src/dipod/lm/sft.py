@@ -34,6 +34,7 @@ from dipod.checkpoint import capture_rng_state, latest_intact_checkpoint, restor
 from dipod.config import ConfigError, option, parse_config, require, save_config
 from dipod.lm.evaluate import PROMPT_STYLES, evaluate_policy
 from dipod.lm.families import FAMILIES
+from dipod.lm.recipe import RECIPE_FILE, DecodingRecipe
 from dipod.lm.train_config import DTYPES
 from dipod.lm.sampler import DecodingOptions, SamplerSettings
 from dipod.run_folder import prepare_run_folder
@@ -172,6 +173,12 @@ class SFTConfig(DecodingOptions):  # remasking, schedule, confidence_threshold, 
     def sampler_settings(self) -> SamplerSettings:
         return SamplerSettings(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps,
                                temperature=0.0, **self.decoding_options())
+
+
+def sft_recipe(cfg: SFTConfig) -> DecodingRecipe:
+    """The decoding the SFT run evaluated with, recorded in ``model/dipod_recipe.json``."""
+    return DecodingRecipe.of(cfg.sampler_settings(), prompt_style=cfg.prompt_style,
+                             max_prompt_length=cfg.max_prompt_length, task=cfg.task)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -349,7 +356,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     if accuracy is not None and accuracy > cfg.target_accuracy_max:
         warnings.warn(f"held-out accuracy {accuracy:.3f} overshot target_accuracy_max={cfg.target_accuracy_max}; "
                       "lower --learning_rate or --eval_every to stop inside the target range", stacklevel=2)
-    model_dir = lm.save_pretrained(out / MODEL_DIR)
+    model_dir = lm.save_pretrained(out / MODEL_DIR, extra_files={RECIPE_FILE: sft_recipe(cfg).to_json()})
     result = {
         "task": cfg.task, "model_dir": str(model_dir), "final_step": step, "stopped_because": stopped_because,
         "eval_accuracy": accuracy, "eval_reward": last_eval.get("eval/reward"),

@@ -16,6 +16,7 @@ from dipod.checkpoint import (capture_rng_state, copy_weights, latest_intact_che
                               restore_rng_state, save_checkpoint)
 from dipod.config import config_to_dict
 from dipod.lm.engines import ENGINE_STATE
+from dipod.lm.recipe import RECIPE_FILE, DecodingRecipe
 
 
 def trainable_weights(trainer) -> dict[str, Tensor]:
@@ -83,7 +84,14 @@ def save_final_model(trainer, folder: Path) -> None:
         with trainer.runtime.whole_model_loading():
             view = trainer.engine.load_policy(trainer.cfg.with_changes(dtype=trainer.runtime.weights_dtype), device="cpu")
         view.model.load_state_dict(state, strict=True)
-    view.save_pretrained(folder)
+    view.save_pretrained(folder, extra_files={RECIPE_FILE: train_recipe(trainer.cfg).to_json()})
+
+
+def train_recipe(cfg) -> DecodingRecipe:
+    """The decoding of the run's held-out evaluation (greedy, its length / blocks / steps / prompts),
+    recorded in ``final_model/dipod_recipe.json`` so that `dipod lm eval` repeats it by default."""
+    return DecodingRecipe.of(cfg.sampler_settings(0.0), prompt_style=cfg.prompt_style,
+                             max_prompt_length=cfg.max_prompt_length, task=cfg.task)
 
 
 def _yaml_safe(values: dict) -> dict:

@@ -151,6 +151,8 @@ class Trainer:
 
         torch.manual_seed(derive_seed(cfg.seed, _INIT))  # peft draws the LoRA adapters' initial values here
         self.lm = engine.load_policy(cfg.with_changes(dtype=self.runtime.weights_dtype), device=acc.device)
+        if cfg.prompt_style != "compact":
+            engine.check_chat_template(self.lm)  # before any rollout, in one line
         # The KL reference is the initial policy: under LoRA that is the policy with its adapters
         # disabled (no second copy of the weights); full fine-tuning needs a frozen copy.
         self.ref_lm = None
