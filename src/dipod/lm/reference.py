@@ -32,6 +32,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from dipod.checkpoint import RESUME_LATEST
 from dipod.config import config_from_dict, config_to_dict
 from dipod.lm.recipe import RECIPE_FILE
 from dipod.lm.sft import MODEL_DIR, RESULT_FILE, SFTConfig, sft_recipe, train_sft
@@ -113,7 +114,7 @@ def train_reference_stages(task: str, cache_dir: str | os.PathLike | None = None
         if (run_dir / RESULT_FILE).is_file() and (model_dir / "config.json").is_file():
             continue
         # resume: a stage killed part-way continues from its last checkpoint instead of starting over
-        cfg.output_dir, cfg.progress_bar, cfg.resume = str(run_dir), progress_bar, True
+        cfg.output_dir, cfg.progress_bar, cfg.resume = str(run_dir), progress_bar, RESUME_LATEST
         train_sft(cfg)
     return model_dir
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from dipod.checkpoint import (capture_rng_state, copy_weights, latest_intact_checkpoint, load_checkpoint,
-                              restore_rng_state, save_checkpoint)
+from dipod.checkpoint import capture_rng_state, copy_weights, restore_rng_state, resume_checkpoint, save_checkpoint
 from dipod.config import config_to_dict
 from dipod.lm.engines import ENGINE_STATE
 from dipod.lm.recipe import RECIPE_FILE, DecodingRecipe
@@ -47,15 +46,10 @@ def save(trainer, step: int) -> None:
 
 def restore(trainer) -> None:
     cfg = trainer.cfg
-    if cfg.resume in ("latest", "true", "auto"):
-        found = latest_intact_checkpoint(Path(cfg.output_dir))  # a corrupt newest one is named and skipped
-        if found is None:
-            trainer.accelerator.print(f"--resume {cfg.resume}: no checkpoint in {cfg.output_dir}; starting from step 0")
-            return
-        path, (weights, state, meta) = found
-    else:
-        path = Path(cfg.resume)
-        weights, state, meta = load_checkpoint(path)
+    found = resume_checkpoint(Path(cfg.output_dir), cfg.resume)  # None: no checkpoint yet, start from step 0
+    if found is None:
+        return
+    path, (weights, state, meta) = found
     written_by = meta.get("engine", "ddp")
     if (written_by in ("deepspeed", "fsdp") or trainer.runtime.shards_state) and written_by != trainer.runtime.kind:
         raise ValueError(f"checkpoint {path} was written under {written_by}, this run is {trainer.runtime.kind}; "
