@@ -71,6 +71,10 @@ class DecodingRecipe(DecodingOptions):  # remasking, schedule, confidence_thresh
         return json.dumps({**{k: values[k] for k in own}, **values}, indent=2) + "\n"  # its own fields first
 
 
+# what build_tiny_model records: the format its character tokenizer can read, one block of 32 tokens
+TINY_MODEL_RECIPE = DecodingRecipe(prompt_style="compact", gen_length=32, block_length=32, steps=32)
+
+
 def _model_folder(model: str | os.PathLike) -> Path | None:
     from dipod.lm.reference import resolve_model_name
 
