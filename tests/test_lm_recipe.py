@@ -132,7 +132,7 @@ def test_an_sft_model_records_the_decoding_it_was_evaluated_with(tmp_path):
     from dipod.lm.sft import SFTConfig, train_sft
 
     cfg = SFTConfig(task="countdown", tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, tiny_intermediate_size=32,
-                    gen_length=24, block_length=8, steps=12, max_prompt_length=48, max_steps=2, batch_size=4,
+                    gen_length=24, block_length=8, steps=12, max_prompt_length=48, max_steps=2, batch_size=4, train_examples=8,
                     eval_examples=0, progress_bar=False, confidence_threshold=0.9, output_dir=str(tmp_path))
     result = train_sft(cfg)
     recipe = read_recipe(result["model_dir"])
