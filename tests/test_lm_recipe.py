@@ -24,14 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE_FLAGS = ["--gen_length", "16", "--block_length", "16", "--steps", "16", "--prompt_style", "compact"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _eval_json(tmp_path: Path, name: str, *flags: str) -> dict:
     out = tmp_path / f"{name}.json"
     assert dipod(["lm", "eval", *flags, "--json", str(out)]) == 0

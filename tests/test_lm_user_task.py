@@ -11,7 +11,6 @@ import re
 import sys
 
 import pytest
-import torch
 
 from dipod.cli import main as dipod
 from dipod.lm.tasks import get_task
@@ -68,7 +67,6 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_every_command_takes_a_task_named_module_colon_class(user_module, tmp_path, capsys):
-    torch.set_num_threads(1)
     sft = tmp_path / "sft"
     assert dipod(["lm", "sft", "--task", user_module, *TINY, "--gen_length", "4", "--block_length", "4", "--steps",
                   "4", "--max_steps", "3", "--batch_size", "8", "--eval_examples", "3", "--eval_every", "0",
