@@ -59,7 +59,7 @@ class KilledAt(GymVecEnv):
 
 ROLLOUT, ENVS = 2 * EPISODE, 2
 SETTINGS = dict(env="DipodTest/Clock-v0", num_envs=ENVS, rollout_steps=ROLLOUT, epochs=2, minibatches=2,
-                actor_hidden=[16, 16], critic_hidden=[16, 16], sampling_steps=3, num_draws=3, knn_entropy_k=2, progress=False,
+                actor_hidden=[16, 16], critic_hidden=[16, 16], sampling_steps=3, num_draws=3, knn_entropy_k=2, progress_bar=False,
                 tensorboard=False, total_steps=4 * ROLLOUT * ENVS, save_every=2, lr_schedule="kl",
                 ema_warmup_updates=1, action_noise_std=0.05)
 TIMING = {"rollout_s", "update_s", "distill_s", "steps_per_s"}

@@ -61,7 +61,7 @@ gym.register("DipodTest/Constant-v0", entry_point=ConstantEnv, max_episode_steps
 gym.register("DipodTest/NaN-v0", entry_point=ConstantEnv, kwargs={"nan_at": 150}, max_episode_steps=1000)
 
 FAST = dict(num_envs=2, rollout_steps=128, epochs=2, minibatches=4, actor_hidden=[32, 32], critic_hidden=[32, 32],
-            sampling_steps=4, num_draws=4, knn_entropy_k=3, progress=False, tensorboard=False)
+            sampling_steps=4, num_draws=4, knn_entropy_k=3, progress_bar=False, tensorboard=False)
 
 
 def test_time_outs_are_reported_with_the_final_observation():
@@ -101,7 +101,7 @@ def test_short_pendulum_run_writes_metrics_and_checkpoint_then_resumes(tmp_path)
         assert np.isfinite(rows[-1][key])
     assert latest_checkpoint(out).name == "checkpoint-1024"
     weights, _, meta = load_checkpoint(latest_checkpoint(out))
-    with pytest.raises(ValueError, match="--resume auto"):  # a fresh run never overwrites one that exists
+    with pytest.raises(ValueError, match="pass --resume to continue"):  # a fresh run never overwrites one that exists
         train(ControlConfig(env="Pendulum-v1", output_dir=str(out), total_steps=1536, **FAST))
     runner = Runner(ControlConfig(env="Pendulum-v1", output_dir=str(out), total_steps=1536, resume="auto", **FAST))
     assert runner.global_step == 1024 and runner.iteration == 4
@@ -231,6 +231,6 @@ def test_policies_learn_a_contextual_bandit(tmp_path, policy, min_gain):
     # gaussian -0.61 -> -0.15; the thresholds still hold with the released-FPO++ defaults (re-run, not re-measured).
     train(ControlConfig(env="DipodTest/Bandit-v0", policy=policy, output_dir=str(tmp_path), total_steps=40960,
                         actor_hidden=[64, 64], critic_hidden=[64, 64], gamma=0.0, normalize_rewards=False,
-                        progress=False, tensorboard=False))
+                        progress_bar=False, tensorboard=False))
     returns = [r["episode_return"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert sum(returns[-3:]) / 3 > returns[0] + min_gain

@@ -12,7 +12,7 @@ import torch
 
 from dipod.config import ConfigError
 
-SWEEP_FLAGS = ["--lengths", "8,16", "--block_length", "8", "--limit", "3", "--val_limit", "3", "--batch_size", "2"]
+SWEEP_FLAGS = ["--lengths", "8,16", "--block_length", "8", "--steps_per_token", "0.5", "--limit", "3", "--val_limit", "3", "--batch_size", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +99,22 @@ def test_defaults_are_the_papers_test_split_and_our_held_out_validation(tiny_run
     summary = sweep(SweepConfig(run_dir=str(tiny_run), lengths=[8], block_length=8, limit=2, val_limit=2,
                                 batch_size=2, include_base=False, output_dir=str(tmp_path)))
     assert summary["test"] == "spg_test" and summary["validation"] == "test"
-    assert SweepConfig(run_dir=str(tiny_run)).lengths == [128, 256, 512]
-    assert SweepConfig(run_dir=str(tiny_run)).steps_per_token == 0.5
+
+
+
+def test_unset_lengths_blocks_and_steps_come_from_the_run(tiny_run):
+    """The tiny run decodes 16 tokens in one block in 4 steps: that is its sweep; a run decoding as the
+    paper's (256 tokens, blocks of 32, 128 steps) gets the paper's three lengths."""
+    from dipod.lm.eval_sweep import SweepConfig, read_run_config, run_protocol
+
+    run_cfg = read_run_config(tiny_run)
+    tiny = run_protocol(run_cfg, SweepConfig(run_dir=str(tiny_run)))
+    assert (tiny.lengths, tiny.block_length, tiny.steps_per_token) == ([16], 16, 0.25)
+    paper = run_protocol(run_cfg.with_changes(gen_length=256, block_length=32, diffusion_steps=128),
+                         SweepConfig(run_dir=str(tiny_run)))
+    assert (paper.lengths, paper.block_length, paper.steps_per_token) == ([128, 256, 512], 32, 0.5)
+    flagged = run_protocol(run_cfg, SweepConfig(run_dir=str(tiny_run), lengths=[8], steps_per_token=1.0))
+    assert (flagged.lengths, flagged.block_length, flagged.steps_per_token) == ([8], 16, 1.0)
 
 
 def test_bad_input_fails_before_the_model_loads(tiny_run, tmp_path, monkeypatch):

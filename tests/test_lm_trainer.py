@@ -199,12 +199,6 @@ def test_d1_with_kl_to_the_reference_logs_a_nonnegative_kl(tiny_model, tmp_path)
     assert row["kl"] >= 0.0 and math.isfinite(row["kl"]) and 0.0 <= row["clip_ratio"] <= 1.0
 
 
-def test_bare_resume_flag_means_latest():
-    from dipod.lm.trainer import _normalise_resume_flag
-
-    assert _normalise_resume_flag(["--resume", "--seed", "1"]) == ["--resume", "latest", "--seed", "1"]
-    assert _normalise_resume_flag(["--resume"]) == ["--resume", "latest"]
-    assert _normalise_resume_flag(["--resume", "runs/x/checkpoint-4"]) == ["--resume", "runs/x/checkpoint-4"]
 
 
 # ----------------------------------------------------------------------------------- NaN / inf

@@ -58,7 +58,7 @@ def test_sft_refuses_a_folder_holding_a_run_unless_resumed_or_overwritten(tmp_pa
     out = tmp_path / "run"
     train_sft(sft(out))
     rows_before = read_metrics(out / "metrics.jsonl")
-    with pytest.raises(RunFolderError, match="already holds a run.*--resume true.*--overwrite true"):
+    with pytest.raises(RunFolderError, match="already holds a run.*pass --resume to.*--overwrite true"):
         train_sft(sft(out, max_steps=1))
     assert read_metrics(out / "metrics.jsonl") == rows_before  # nothing touched
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
@@ -76,7 +76,7 @@ def test_lm_train_refuses_a_folder_holding_a_run_before_the_model_loads(tiny_mod
     train(rl(tiny_model, out, max_steps=1))
     loads = []
     monkeypatch.setattr(train_engine, "load_policy", lambda *a, **k: loads.append(1))
-    with pytest.raises(RunFolderError, match="--resume latest"):
+    with pytest.raises(RunFolderError, match="pass --resume to continue"):
         train(rl(tiny_model, out))
     assert loads == [] and [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1]
 
@@ -190,7 +190,7 @@ def test_sft_and_lm_train_resume_from_the_newest_intact_checkpoint(tmp_path, tin
 
 def test_control_resume_and_eval_skip_a_corrupt_newest_checkpoint(tmp_path, caplog, capsys):
     fast = dict(env="Pendulum-v1", num_envs=2, rollout_steps=64, epochs=1, minibatches=2, actor_hidden=[16],
-                critic_hidden=[16], sampling_steps=2, num_draws=4, knn_entropy_k=3, progress=False, tensorboard=False,
+                critic_hidden=[16], sampling_steps=2, num_draws=4, knn_entropy_k=3, progress_bar=False, tensorboard=False,
                 save_every=1, keep_checkpoints=3, output_dir=str(tmp_path))
     Runner(ControlConfig(total_steps=256, **fast)).train()
     _truncate(tmp_path / "checkpoint-256" / ckpt.WEIGHTS)

@@ -185,3 +185,40 @@ def copy_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+# --resume, one meaning in `lm sft`, `lm train` and `control train`
+RESUME_LATEST = "latest"
+_LATEST_SPELLINGS = ("latest", "auto", "true")  # auto (control) and true (sft) are the old spellings
+_NO_RESUME = ("", "false", "none", "null", "no")
+RESUME_HELP = ("--resume alone (or latest; old spellings auto, true): continue from the newest intact checkpoint in "
+               "output_dir (a fresh start when there is none); --resume PATH: from that checkpoint-STEP folder")
+
+
+def resume_target(value: Any) -> str | None:
+    """A ``--resume`` value in its one spelling: None (no resume), ``"latest"`` or a checkpoint path."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return RESUME_LATEST
+    text = str(value).strip()
+    if text.lower() in _NO_RESUME:
+        return None
+    return RESUME_LATEST if text.lower() in _LATEST_SPELLINGS else text
+
+
+def resume_checkpoint(output_dir: Path, resume: str | None) -> tuple[Path, tuple[dict, dict, dict]] | None:
+    """The checkpoint a run continues from, with its contents: the newest intact one of ``output_dir`` for
+    ``latest`` (None when there is none yet), the named folder for a path; None without ``--resume``."""
+    if resume is None:
+        return None
+    if resume == RESUME_LATEST:
+        found = latest_intact_checkpoint(output_dir)  # a corrupt newest one is named and skipped
+        if found is None:
+            log.warning("--resume: no checkpoint in %s yet; starting from step 0", output_dir)
+        return found
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {path}: not a checkpoint folder (expected OUTPUT_DIR/checkpoint-STEP, or "
+                                "--resume alone for the newest one)")
+    return path, load_checkpoint(path)

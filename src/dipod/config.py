@@ -91,9 +91,26 @@ def config_fields(cls: type) -> dict[str, dataclasses.Field]:
     return fields
 
 
+def field_aliases(cls: type) -> dict[str, str]:
+    """Old spellings still accepted (``option(..., aliases=...)``): alias -> field name."""
+    return {alias: name for name, field in config_fields(cls).items() for alias in field.metadata.get("aliases", ())}
+
+
+def canonical_keys(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``values`` with old spellings renamed to their fields (both given: ConfigError)."""
+    aliases = field_aliases(cls)
+    out = dict(values)
+    for alias, name in aliases.items():
+        if alias in out:
+            if name in values:
+                raise ConfigError(f"{source} sets both {alias!r} and {name!r} ({alias!r} is its old name); keep {name!r}")
+            out[name] = out.pop(alias)
+    return out
+
+
 def check_keys(cls: type, keys: typing.Iterable[str], source: str) -> None:
     valid = config_fields(cls)
-    unknown = sorted(set(keys) - set(valid))
+    unknown = sorted(set(keys) - set(valid) - set(field_aliases(cls)))
     if unknown:
         raise ConfigError(
             f"unknown config key(s) {unknown} in {source}; valid keys for {cls.__name__}: {', '.join(sorted(valid))}"
@@ -115,6 +132,7 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
 
 def config_from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
     check_keys(cls, values, source)
+    values = canonical_keys(cls, values, source)
     fields = config_fields(cls)
     kwargs = {k: coerce_value(k, fields[k].type, v) for k, v in values.items()}
     try:
@@ -136,9 +154,11 @@ def save_config(cfg: Any, path: str | Path) -> None:
     atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))
 
 
-def option(help: str, **field_kwargs: Any) -> Any:
-    """A dataclass field carrying the help text its command-line flag shows."""
-    return dataclasses.field(metadata={"help": help}, **field_kwargs)
+def option(help: str, *, aliases: tuple[str, ...] = (), bare: str | None = None, **field_kwargs: Any) -> Any:
+    """A dataclass field carrying the help text its command-line flag shows; ``aliases``: old names
+    still accepted as flags and YAML keys; ``bare``: the value of the flag given without one
+    (``--resume`` alone means ``--resume latest``)."""
+    return dataclasses.field(metadata={"help": help, "aliases": aliases, "bare": bare}, **field_kwargs)
 
 
 def _help_text(field: dataclasses.Field) -> str:
@@ -152,22 +172,32 @@ def _help_text(field: dataclasses.Field) -> str:
 def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add ``--FIELD`` (and ``--FIELD-WITH-DASHES``) for every field; values stay strings until coerced."""
     for name, field in config_fields(cls).items():
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        parser.add_argument(*flags, dest=f"cfg__{name}", default=None, metavar="VALUE", help=_help_text(field))
+        spellings = [name, *field.metadata.get("aliases", ())]
+        flags = [f"--{n}" for n in spellings] + [f"--{n.replace('_', '-')}" for n in spellings if "_" in n]
+        bare = field.metadata.get("bare")
+        shape = {"nargs": "?", "const": bare} if bare is not None else {}
+        parser.add_argument(*flags, dest=f"cfg__{name}", default=None, metavar="VALUE", help=_help_text(field), **shape)
 
 
-def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: str = "", base: dict | None = None) -> T:
-    """Build ``cls`` from dataclass defaults, ``base``, an optional ``--config`` YAML file and flags."""
+def read_values(cls: type, argv: list[str] | None, prog: str, description: str = "") -> tuple[dict[str, Any], str]:
+    """``(values, source)``: the fields an optional ``--config`` YAML file and the flags set (flags win),
+    not yet validated, so a caller can put defaults of its own beneath them (``config_from_dict``)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", default=None, help="YAML file of field: value overrides")
     add_config_flags(parser, cls)
     args = parser.parse_args(argv)
-    values: dict[str, Any] = dict(base or {})
+    values: dict[str, Any] = {}
     if args.config:
         file_values = load_yaml_mapping(args.config)
         check_keys(cls, file_values, args.config)
-        values.update(file_values)
+        values.update(canonical_keys(cls, file_values, args.config))
     for key, value in vars(args).items():
         if key.startswith("cfg__") and value is not None:
             values[key[len("cfg__"):]] = value
-    return config_from_dict(cls, values, source=args.config or "command line")
+    return values, args.config or "command line"
+
+
+def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: str = "", base: dict | None = None) -> T:
+    """Build ``cls`` from dataclass defaults, ``base``, an optional ``--config`` YAML file and flags."""
+    values, source = read_values(cls, argv, prog, description)
+    return config_from_dict(cls, {**(base or {}), **values}, source=source)

@@ -10,7 +10,8 @@
 ``--placebo`` runs the same demo with rewards shuffled across each step's rollouts: what the
 policy does when the reward carries no information about the answer.
 
-``tiny_rl_config`` is also the recipe the benchmark (benchmarks/lm_dipod.py) starts from.
+The RL recipe is ``configs/lm/tiny_sudoku4.yaml`` (packaged as ``dipod/lm/configs/``; ``tiny_rl_config``
+reads it), also what the benchmark (benchmarks/lm_dipod.py) and `dipod lm train --config` start from.
 """
 
 from __future__ import annotations
@@ -20,44 +21,34 @@ import dataclasses
 import time
 from pathlib import Path
 
+from dipod.config import config_from_dict, load_yaml_mapping
 from dipod.lm.train_config import ESTIMATOR_FIELDS, TrainConfig
 
-# RL settings for the tiny reference policies (decoding as in their SFT recipe: 16 tokens, one
-# block, one token per step). Everything else keeps TrainConfig's paper defaults unless named.
-TINY_RL_RECIPE: dict = {
-    "task": "sudoku4", "prompt_style": "compact", "dtype": "float32", "lora_r": 0,
-    "prompts_per_step": 16, "num_generations": 4, "gradient_accumulation_steps": 1,
-    "gen_length": 16, "block_length": 16, "diffusion_steps": 16, "temperature": 1.0, "max_prompt_length": 64,
-    "num_draws": 2, "masking": "random", "num_iterations": 2,
-    # `random` never scores the EOS; harmless here because every sudoku4 answer (16 digits) fills the
-    # 16-token completion. Other tasks switch to unbiased_random (tiny_rl_config), which scores it.
-    "dipod_unscored_eos": True,
-    "estimator": "spg", "spg_negative_proxy": "mix", "spg_mix_weight": 0.5, "eubo_beta": 1.0, "dipod_beta": 0.05,
-    # d1's sudoku reward ignores the clue cells; the tiny policy under RL rewrites them unless they
-    # are rewarded too (docs/lm_rl_diagnosis.md): correctness + clues_kept, both weight 1.
-    "reward_weights": [1.0, 1.0],
-    # 3e-4 and above lower held-out accuracy within 15 steps; 1e-4 is the largest rate that did not.
-    # Cosine decay to 0 at max_steps: at a constant rate the policy, once mostly right, keeps walking
-    # (held-out 0.65 -> 0.44 from step 10 to 40 in one seed); the decay lets it settle (docs/lm_train.md).
-    "learning_rate": 1e-4, "lr_scheduler": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0, "warmup_steps": 5,
-    "max_steps": 60, "save_steps": 20, "eval_steps": 20, "eval_examples": 500,
-    "gap_monitor_steps": 5, "gap_monitor_sequences": 4, "gap_monitor_orders": 4,
-    "save_final_model": False,
-}
+TINY_CONFIGS = Path(__file__).parent / "lm" / "configs"  # also configs/lm/tiny_TASK.yaml (links to these)
+
+
+def tiny_recipe(task: str = "sudoku4") -> dict:
+    """The RL recipe of ``task``'s tiny reference policy: ``configs/lm/tiny_TASK.yaml``, the one source
+    of `dipod demo`, the benchmarks and `dipod lm train --config configs/lm/tiny_TASK.yaml`."""
+    path = TINY_CONFIGS / f"tiny_{task}.yaml"
+    if not path.is_file():
+        tasks = sorted(p.stem.removeprefix("tiny_") for p in TINY_CONFIGS.glob("tiny_*.yaml"))
+        raise ValueError(f"no tiny RL recipe for task {task!r}; recipes exist for {tasks}")
+    return load_yaml_mapping(path)
+
+
+# The demo's recipe (sudoku4), as a mapping of TrainConfig fields.
+TINY_RL_RECIPE: dict = tiny_recipe("sudoku4")
 
 
 def tiny_rl_config(model_dir: str | Path, output_dir: str | Path, **changes) -> TrainConfig:
-    """The tiny recipe with ``changes``; switching ``estimator`` drops the recipe's SPG-only fields,
-    switching ``task`` drops its sudoku4 reward weights and takes a masking process that scores the
-    EOS (answers of other tasks end anywhere; the DiPOD term must see where)."""
-    values = dict(TINY_RL_RECIPE)
+    """The tiny recipe of ``changes.get("task", "sudoku4")`` with ``changes``; switching ``estimator`` drops
+    the recipe's SPG-only fields."""
+    values = tiny_recipe(changes.get("task", TINY_RL_RECIPE["task"]))
     if changes.get("estimator", values["estimator"]) != "spg":
         values = {k: v for k, v in values.items() if k not in ESTIMATOR_FIELDS}
-    if changes.get("task", values["task"]) != values["task"]:
-        values.pop("reward_weights", None)
-        values.update(masking="unbiased_random", dipod_unscored_eos=False)
     values.update(model=str(model_dir), output_dir=str(output_dir), **changes)
-    return TrainConfig(**values)
+    return config_from_dict(TrainConfig, values, source="the tiny RL recipe")
 
 
 def before_after_table(before: dict, after: dict) -> str:
@@ -142,7 +133,8 @@ def main(argv: list[str], prog: str = "dipod demo") -> int:
           f"seed {args.seed}{', in parallel' if len(runs) > 1 else ''} ...", flush=True)
     # each demo replaces the previous demo's runs in OUTPUT_DIR/main and OUTPUT_DIR/plain
     common = dict(max_steps=args.max_steps, dipod_beta=args.dipod_beta, seed=args.seed, placebo_rewards=args.placebo,
-                  save_steps=args.max_steps, eval_steps=max(1, args.max_steps // 3), overwrite=True)
+                  save_steps=args.max_steps, eval_steps=max(1, args.max_steps // 3), overwrite=True,
+                  save_final_model=False)
     jobs = [{"model_dir": str(model_dir), "output_dir": str(out / name),
              # only the main run talks: the control's progress and completions would interleave with it
              "changes": {**common, **changes, **({} if name == "main" else {"progress_bar": False, "log_completions": 0})}}

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from dipod.checkpoint import RESUME_HELP, RESUME_LATEST, resume_target
 from dipod.config import ConfigError, option, require
 from dipod.control.distill import DistillSettings
 from dipod.control.flow import ACTIVATIONS, CFM_REDUCTIONS
@@ -29,10 +30,9 @@ class ControlConfig:
     output_dir: str = option("run folder: metrics.jsonl, tb/, checkpoint-STEP/", default="runs/control")
     total_steps: int = option("RL environment steps (all envs; self-distillation steps are not counted)", default=100_000)
     seed: int = option("seed of torch, the generators and the environments", default=0)
-    resume: str | None = option(
-        "'auto' (latest checkpoint in output_dir if any), 'latest' (must exist) or a checkpoint-STEP folder",
-        default=None,
-    )
+    resume: str | None = option(RESUME_HELP, default=None, bare=RESUME_LATEST)
+    overwrite: bool = option("replace the run already in output_dir (its metrics, checkpoints); without it a folder "
+                             "holding a run is refused unless --resume", default=False)
     num_envs: int = option("parallel environments", default=8)
     rollout_steps: int = option("vector steps per iteration (batch = num_envs * rollout_steps; FPO++: 24, tracking 48)",
                                 default=128)
@@ -99,13 +99,14 @@ class ControlConfig:
     save_every: int = option("checkpoint every n iterations (and at the end)", default=10)
     keep_checkpoints: int = option("checkpoints kept on disk", default=2)
     tensorboard: bool = option("mirror metrics to TensorBoard (output_dir/tb)", default=True)
-    progress: bool = option("show a progress bar", default=True)
+    progress_bar: bool = option("show a tqdm progress bar", default=True, aliases=("progress",))
     num_threads: int = option(
         "torch CPU threads; small MLPs run fastest on one (more threads oversubscribe a shared CPU)",
         default=1,
     )
 
     def __post_init__(self) -> None:
+        self.resume = resume_target(self.resume)
         require(self.policy in POLICIES, f"policy={self.policy!r}; choose one of {POLICIES}")
         require(self.activation in ACTIVATIONS, f"activation={self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
         require(self.cfm_reduction in CFM_REDUCTIONS, f"cfm_reduction={self.cfm_reduction!r}; choose one of {CFM_REDUCTIONS}")

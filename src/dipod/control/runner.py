@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from dipod.advantages import generalized_advantage_estimation
-from dipod.checkpoint import (capture_rng_state, latest_checkpoint, latest_intact_checkpoint, load_checkpoint,
-                              restore_rng_state, save_checkpoint)
+from dipod.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
+                              resume_checkpoint, save_checkpoint)
 from dipod.config import config_to_dict, save_config
 from dipod.control.config import ControlConfig, config_from_checkpoint
 from dipod.control.distill import SelfDistillation
@@ -41,7 +41,7 @@ from dipod.control.gaussian import GaussianActor
 from dipod.control.update import RolloutBatch, fpo_plus_plus_update, gaussian_ppo_update, mean_cfm_loss, rollout_proxies
 
 __all__ = ["ControlConfig", "Runner", "build_actor", "config_from_checkpoint", "train"]
-from dipod.run_folder import check_writable
+from dipod.run_folder import prepare_run_folder
 from dipod.runlog import MetricsLogger, TrainingDiverged
 
 def build_actor(cfg: ControlConfig, num_obs: int, num_actions: int, low: Any, high: Any) -> nn.Module:
@@ -53,23 +53,9 @@ def build_actor(cfg: ControlConfig, num_obs: int, num_actions: int, low: Any, hi
 
 
 def resolve_resume(cfg: ControlConfig) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run (never silently overwriting one)."""
-    out = Path(cfg.output_dir)
-    latest = latest_checkpoint(out)
-    if cfg.resume in (None, ""):
-        if latest is not None:
-            raise ValueError(f"{out} already holds {latest.name}; pass --resume auto to continue it "
-                             "or choose a new --output_dir")
-        return None
-    if cfg.resume in ("auto", "latest"):
-        found = latest_intact_checkpoint(out)  # a corrupt newest one is named in the log and skipped
-        if found is None and cfg.resume == "latest":
-            raise FileNotFoundError(f"--resume latest: no checkpoint-STEP folder in {out}")
-        return None if found is None else found[0]
-    path = Path(cfg.resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume {path}: not a checkpoint folder (expected OUTPUT_DIR/checkpoint-STEP)")
-    return path
+    """The checkpoint to resume from, or None for a fresh run (``--resume`` with no checkpoint yet: fresh too)."""
+    found = resume_checkpoint(Path(cfg.output_dir), cfg.resume)
+    return None if found is None else found[0]
 
 
 class Runner:
@@ -77,7 +63,8 @@ class Runner:
 
     def __init__(self, cfg: ControlConfig, env: VecEnv | None = None):
         self.cfg = cfg
-        check_writable(cfg.output_dir)
+        prepare_run_folder(cfg.output_dir, resuming=cfg.resume is not None, overwrite=cfg.overwrite,
+                           resume_flag="--resume")
         self.resume_from = resolve_resume(cfg)
         self.env = env if env is not None else GymVecEnv(cfg.env, cfg.num_envs)
         torch.set_num_threads(cfg.num_threads)
@@ -150,7 +137,7 @@ class Runner:
 
     def _divergence_advice(self) -> str:
         latest = latest_checkpoint(Path(self.cfg.output_dir))
-        where = (f"{latest.name} is intact: continue from it with --resume auto" if latest is not None
+        where = (f"{latest.name} is intact: continue from it with --resume" if latest is not None
                  else "no checkpoint was written yet, so start again")
         return f"Lower --learning_rate (now {self.cfg.learning_rate:g}) or --max_grad_norm; {where}"
 
@@ -251,7 +238,7 @@ class Runner:
         # A resumed run cannot restore MuJoCo's internal state; it restarts episodes with a new seed.
         obs = self.env.reset(seed=cfg.seed + 7919 * self.iteration)
         last: dict[str, Any] = {}
-        bar = tqdm(total=cfg.total_steps, initial=self.global_step, disable=not cfg.progress, unit="step",
+        bar = tqdm(total=cfg.total_steps, initial=self.global_step, disable=not cfg.progress_bar, unit="step",
                    desc=f"{cfg.policy} {cfg.env}", dynamic_ncols=True)
         try:
             if not self.initial_distill_done:

@@ -22,6 +22,7 @@ from dipod.runlog import atomic_write_json, atomic_write_text
 # Test split the paper reports per task, and the held-out split used for choosing a checkpoint
 # (our generated `test` splits, which are not the paper's files; gsm8k and math500 have none
 # offline: pass --val_data, e.g. a file or openai/gsm8k with --val_split train).
+PAPER_LENGTHS, PAPER_BLOCK_LENGTH, PAPER_STEPS_PER_TOKEN = (128, 256, 512), 32, 0.5
 TEST_SPLIT = {"sudoku4": "spg_test", "countdown": "d1_test", "gsm8k": "test", "math500": "test"}
 VAL_SPLIT = {"sudoku4": "test", "countdown": "test"}
 
@@ -30,10 +31,12 @@ VAL_SPLIT = {"sudoku4": "test", "countdown": "test"}
 class SweepConfig:
     run_dir: str = option("training run folder: config.yaml and checkpoint-STEP folders (also the first argument)",
                           default="")
-    lengths: list[int] = option("generation lengths to evaluate", default_factory=lambda: [128, 256, 512])
-    steps_per_token: float = option("sampler steps per generated token (paper: 0.5, i.e. steps = length / 2)",
-                                    default=0.5)
-    block_length: int = option("semi-autoregressive block length (capped at the length)", default=32)
+    lengths: list[int] | None = option("generation lengths to evaluate (None: the paper's 128, 256, 512 for a run "
+                                       "that decodes as the paper's, else the run's gen_length)", default=None)
+    steps_per_token: float | None = option("sampler steps per generated token (None: the run's diffusion_steps / "
+                                           "gen_length; paper: 0.5, i.e. steps = length / 2)", default=None)
+    block_length: int | None = option("semi-autoregressive block length, capped at the length (None: the run's; "
+                                      "paper: 32)", default=None)
     test_split: str | None = option("test split (None: the paper's for the task, e.g. sudoku4 spg_test)", default=None)
     test_data: str | None = option("test data file or hub id instead of test_split", default=None)
     limit: int | None = option("evaluate only the first LIMIT test examples (None: the full test set)", default=None)
@@ -54,9 +57,12 @@ class SweepConfig:
         require(bool(self.run_dir), "RUN_DIR is required: dipod lm eval-sweep RUN_DIR [flags]")
         require(Path(self.run_dir, "config.yaml").is_file(),
                 f"{self.run_dir}/config.yaml not found; RUN_DIR must be the output_dir of a `dipod lm train` run")
-        require(bool(self.lengths) and all(n >= 1 for n in self.lengths), f"lengths={self.lengths} must be positive")
-        require(0.0 < self.steps_per_token <= 1.0, f"steps_per_token={self.steps_per_token} must be in (0, 1]")
-        require(self.block_length >= 1 and self.batch_size >= 1, "block_length and batch_size must be >= 1")
+        require(self.lengths is None or (bool(self.lengths) and all(n >= 1 for n in self.lengths)),
+                f"lengths={self.lengths} must be positive")
+        require(self.steps_per_token is None or 0.0 < self.steps_per_token <= 1.0,
+                f"steps_per_token={self.steps_per_token} must be in (0, 1]")
+        require((self.block_length is None or self.block_length >= 1) and self.batch_size >= 1,
+                "block_length and batch_size must be >= 1")
         for name in ("limit", "val_limit"):
             value = getattr(self, name)
             require(value is None or value >= 1, f"{name}={value} must be >= 1 (or none)")
@@ -69,8 +75,20 @@ def read_run_config(run_dir: str | Path):
     return config_from_dict(TrainConfig, load_yaml_mapping(path), source=str(path))
 
 
+def run_protocol(run_cfg, cfg: SweepConfig) -> SweepConfig:
+    """``cfg`` with unset lengths / block length / steps per token taken from the run: the paper's three
+    lengths when the run decodes as the paper's (blocks of 32, half a step per token), else its own length."""
+    run_steps_per_token = run_cfg.diffusion_steps / run_cfg.gen_length
+    paper_like = (run_cfg.block_length == PAPER_BLOCK_LENGTH and run_steps_per_token == PAPER_STEPS_PER_TOKEN
+                  and run_cfg.gen_length in PAPER_LENGTHS)
+    return dataclasses.replace(
+        cfg, lengths=cfg.lengths or (list(PAPER_LENGTHS) if paper_like else [run_cfg.gen_length]),
+        block_length=cfg.block_length or run_cfg.block_length,
+        steps_per_token=cfg.steps_per_token or run_steps_per_token)
+
+
 def length_settings(run_cfg, cfg: SweepConfig) -> dict[int, object]:
-    """Greedy sampler settings per length: the run's decoding options, the paper's step rule."""
+    """Greedy sampler settings per length: the run's decoding options, the protocol's step rule."""
     settings = {}
     base = run_cfg.sampler_settings(0.0)
     for length in cfg.lengths:
@@ -137,6 +155,10 @@ def sweep(cfg: SweepConfig) -> dict:
     changes = {k: v for k, v in (("dtype", cfg.dtype), ("prompt_style", cfg.prompt_style),
                                  ("max_prompt_length", cfg.max_prompt_length)) if v is not None}
     run_cfg = run_cfg.with_changes(**changes) if changes else run_cfg
+    cfg = run_protocol(run_cfg, cfg)
+    print(f"dipod lm eval-sweep: lengths {cfg.lengths}, block_length {cfg.block_length}, steps = length x "
+          f"{cfg.steps_per_token:g}, prompt_style {run_cfg.prompt_style} (unset ones from {run_dir}/config.yaml)",
+          file=sys.stderr)
     settings = length_settings(run_cfg, cfg)  # every check before the model loads
     task = get_task(run_cfg.task)
     (test_name, test), val = load_splits(task, cfg)

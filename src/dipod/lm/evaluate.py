@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dipod.config import ConfigError, option, parse_config
+from dipod.config import ConfigError, config_from_dict, config_to_dict, option, read_values
 from dipod.lm.families import FAMILIES, FAMILY_HELP
 from dipod.lm.sampler import DecodingOptions, SamplerSettings, family_sampler_defaults
 from dipod.lm.tasks.base import EVAL_RESPONSE_PREFIX
@@ -26,23 +26,29 @@ from dipod.runlog import atomic_write_json
 class DecodeConfig(DecodingOptions):
     """Model loading and decoding settings shared by `dipod lm eval` and `dipod lm generate`.
 
-    Decoding defaults suit the tiny reference policies (one block of 32 tokens, one token per
-    step); for LLaDA use d1's --gen_length 256 --block_length 32 --steps 128. The options shared
-    with train and SFT (remasking, schedule, confidence_threshold, kv_cache, ...) come from
+    A model folder written by dipod carries its decoding recipe (``dipod_recipe.json``:
+    dipod.lm.recipe); its values are the defaults here (task, prompt style, gen_length, block_length,
+    steps, ...), flags and ``--config`` win (``parse_decode_config``). Without a recipe the defaults
+    below apply (d1's LLaDA settings: 256 tokens, blocks of 32, 128 steps, chat prompts). The options
+    shared with train and SFT (remasking, schedule, confidence_threshold, kv_cache, ...) come from
     ``DecodingOptions``; unset ones take the model family's defaults (docs/lm_sampler.md).
     """
 
     model: str = option("local directory (save_pretrained format, e.g. RUN/model from `dipod lm sft`) or hub id",
                        default="")
-    task: str = option("task name: sudoku4, countdown, gsm8k, math500, ...", default="")
+    task: str = option("task name (sudoku4, countdown, gsm8k, math500, ...) or package.module:Class of your own "
+                       "Task (default: the model recipe's task)", default="")
     data: str | None = option("data file or hub dataset id to read instead of the task's own split", default=None)
     split: str = option("which split of the task to read (ignored with --data)", default="test")
     limit: int | None = option("use only the first LIMIT examples", default=None)
-    prompt_style: str = option(f"prompt format, one of {PROMPT_STYLES} (compact for the tiny model)", default="compact")
+    prompt_style: str = option(f"prompt format, one of {PROMPT_STYLES} (default: the model recipe's, else chat)",
+                               default="chat")
     max_prompt_length: int = option("prompts longer than this many tokens are cut from the left", default=256)
-    gen_length: int = option("completion length in tokens", default=32)
-    block_length: int = option("semi-autoregressive block length (gen_length must be a multiple)", default=32)
-    steps: int = option("sampler steps over the whole completion", default=32)
+    gen_length: int = option("completion length in tokens (default: the model recipe's, else 256)", default=256)
+    block_length: int = option("semi-autoregressive block length, gen_length a multiple (default: the model "
+                               "recipe's, else 32)", default=32)
+    steps: int = option("sampler steps over the whole completion (default: the model recipe's, else 128)",
+                        default=128)
     temperature: float = option("sampling temperature (0 = greedy)", default=0.0)
     cfg_scale: float = option("classifier-free guidance scale", default=0.0)
     batch_size: int = option("prompts decoded per sampler call", default=64)
@@ -60,7 +66,7 @@ class DecodeConfig(DecodingOptions):
         if not self.model:
             raise ConfigError("--model is required: a directory written by `dipod lm sft` (RUN/model) or a hub id")
         if not self.task:
-            raise ConfigError("--task is required (e.g. sudoku4 or countdown)")
+            raise ConfigError("--task is required: the model has no recipe naming its task (e.g. --task sudoku4)")
         if self.prompt_style not in PROMPT_STYLES:
             raise ConfigError(f"prompt_style={self.prompt_style!r}; choose one of {PROMPT_STYLES}")
         if self.limit is not None and self.limit < 1:
@@ -91,19 +97,40 @@ class EvalConfig(DecodeConfig):
             raise ConfigError(f"samples={self.samples} with greedy decoding repeats one answer; set --temperature > 0")
 
 
+def parse_decode_config(cls: type, argv: list[str], prog: str, description: str):
+    """``cls`` (a DecodeConfig) from the model recipe < ``--config`` < flags; prints the effective
+    decoding in one line on stderr."""
+    from dipod.lm.recipe import describe, read_recipe, recipe_path
+
+    values, source = read_values(cls, argv, prog, description)
+    recipe = read_recipe(values["model"]) if values.get("model") else None
+    base = recipe.values() if recipe is not None else {}
+    cfg = config_from_dict(cls, {**base, **values}, source=source)
+    print(f"{prog}: " + describe(config_to_dict(cfg), recipe_path(cfg.model), set(values)), file=sys.stderr)
+    return cfg
+
+
 @torch.no_grad()
-def evaluate_policy(lm, task, examples: list[dict], settings: SamplerSettings, *, prompt_style: str = "compact",
-                    max_prompt_length: int = 256, batch_size: int = 64, seed: int = 0) -> dict:
+def evaluate_policy(lm, task, examples: list[dict], settings: SamplerSettings | None = None, *,
+                    prompt_style: str | None = None, max_prompt_length: int | None = None, batch_size: int = 64,
+                    seed: int = 0) -> dict:
     """Decode every example and score it: ``{"accuracy", "mean_reward", "num_examples", "forward_passes", "results"}``.
 
+    ``settings``, ``prompt_style`` and ``max_prompt_length`` left out take the model's decoding
+    recipe (``dipod.lm.recipe``; without one: ``SamplerSettings()``, compact prompts, 256 tokens).
     ``forward_passes`` counts the model calls the sampler ran over all batches; ``results`` holds
     ``{"prompt", "completion", "reward", "correct"}`` per example, in order.
     """
+    from dipod.lm.recipe import model_recipe, model_sampler_settings
     from dipod.lm.sampler import decode
     from dipod.lm.train_engine import decode_completions, encode_prompts
 
     if not examples:
         raise ValueError(f"task {task.name}: no examples to evaluate (empty split or data file)")
+    recipe = model_recipe(lm) if None in (settings, prompt_style, max_prompt_length) else None
+    settings = settings if settings is not None else model_sampler_settings(lm)
+    prompt_style = prompt_style or (recipe.prompt_style if recipe is not None else "compact")
+    max_prompt_length = max_prompt_length or (recipe.max_prompt_length if recipe is not None else 256)
     generator = torch.Generator(device=lm.device).manual_seed(seed)
     results, forward_passes = [], 0
     for start in range(0, len(examples), batch_size):
@@ -153,7 +180,7 @@ def load_for_decoding(cfg: DecodeConfig):
 
 
 def main(argv: list[str], prog: str = "dipod lm eval") -> int:
-    cfg = parse_config(EvalConfig, argv, prog, description="Accuracy and mean reward of a model on a task.")
+    cfg = parse_decode_config(EvalConfig, argv, prog, description="Accuracy and mean reward of a model on a task.")
     lm, task, examples = load_for_decoding(cfg)
     settings = cfg.sampler_settings().resolved(family_sampler_defaults(lm))  # the family's defaults filled in
     report = evaluate_policy(lm, task, examples, settings, prompt_style=cfg.prompt_style,

@@ -116,8 +116,9 @@ class MaskedDiffusionLM:
         """
         return self.family.logits(self.model, ids, attn, first)
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
-        """Write model + tokenizer to ``out_dir`` atomically (LoRA adapters are merged into a copy)."""
+    def save_pretrained(self, out_dir: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+        """Write model + tokenizer (+ ``extra_files``: name -> text, e.g. the decoding recipe) to
+        ``out_dir`` atomically (LoRA adapters are merged into a copy)."""
         out = Path(out_dir)
         model = self.model
         if hasattr(model, "merge_and_unload"):
@@ -128,6 +129,8 @@ class MaskedDiffusionLM:
             with self.family.saving(model):
                 model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
             old = out.with_name(f".{out.name}.old")
             if out.exists():
                 shutil.rmtree(old, ignore_errors=True)
@@ -423,7 +426,8 @@ def build_tiny_model(
     rope theta 160k, the others local (a 128-token band, theta 10k). config.json states it twice, as
     ``global_attn_every_n_layers`` (what transformers 4.x reads) and ``layer_types`` (5.x): when the
     two disagree, the versions compute different models from one file (the shipped reference
-    policies were trained under 4.57 with this pattern).
+    policies were trained under 4.57 with this pattern). Its decoding recipe (``dipod_recipe.json``):
+    compact prompts (the character tokenizer has no chat template), one block of 32 tokens, 32 steps.
     """
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
@@ -446,4 +450,6 @@ def build_tiny_model(
         model = ModernBertForMaskedLM(config)
     lm = MaskedDiffusionLM(model=model, tokenizer=tokenizer, mask_id=tokenizer.mask_token_id,
                            pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, source="tiny")
-    return lm.save_pretrained(out_dir)
+    from dipod.lm.recipe import RECIPE_FILE, TINY_MODEL_RECIPE  # imported here: the recipe imports the sampler
+
+    return lm.save_pretrained(out_dir, extra_files={RECIPE_FILE: TINY_MODEL_RECIPE.to_json()})

@@ -32,8 +32,10 @@ import shutil
 import sys
 from pathlib import Path
 
+from dipod.checkpoint import RESUME_LATEST
 from dipod.config import config_from_dict, config_to_dict
-from dipod.lm.sft import MODEL_DIR, RESULT_FILE, SFTConfig, train_sft
+from dipod.lm.recipe import RECIPE_FILE
+from dipod.lm.sft import MODEL_DIR, RESULT_FILE, SFTConfig, sft_recipe, train_sft
 
 
 def _converge_then_mislead(task: str, batch_size: int) -> list[dict]:
@@ -53,6 +55,7 @@ _NOT_IN_KEY = ("output_dir", "progress_bar", "tensorboard", "save_every", "keep_
                "uniform_sampler")
 SHIPPED_DIR = Path(__file__).parent / "reference_policies"
 KEY_FILE = "recipe_key.txt"
+REFERENCE_PREFIX = "reference:"  # --model reference:TASK names TASK's reference policy
 
 
 def default_cache_dir() -> Path:
@@ -111,7 +114,7 @@ def train_reference_stages(task: str, cache_dir: str | os.PathLike | None = None
         if (run_dir / RESULT_FILE).is_file() and (model_dir / "config.json").is_file():
             continue
         # resume: a stage killed part-way continues from its last checkpoint instead of starting over
-        cfg.output_dir, cfg.progress_bar, cfg.resume = str(run_dir), progress_bar, True
+        cfg.output_dir, cfg.progress_bar, cfg.resume = str(run_dir), progress_bar, RESUME_LATEST
         train_sft(cfg)
     return model_dir
 
@@ -124,6 +127,19 @@ def ensure_reference_policy(task: str, cache_dir: str | os.PathLike | None = Non
     return shipped or train_reference_stages(task, cache_dir, overrides, progress_bar)
 
 
+def resolve_model_name(name: str) -> str:
+    """``reference:TASK`` -> the model folder of TASK's reference policy (``ensure_reference_policy``);
+    any other model name or path is returned unchanged. Every loader goes through this, so
+    ``--model reference:sudoku4`` works wherever a model folder does."""
+    if not name.startswith(REFERENCE_PREFIX):
+        return name
+    task = name[len(REFERENCE_PREFIX):]
+    if task not in RECIPES:
+        raise ValueError(f"--model {name}: no reference policy for task {task!r}; use one of "
+                         f"{', '.join(REFERENCE_PREFIX + t for t in sorted(RECIPES))} or a model folder / hub id")
+    return str(ensure_reference_policy(task))
+
+
 def rebuild_shipped_reference(task: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Train the recipe from scratch (or reuse the cache) and copy its final model into the package."""
     model_dir = train_reference_stages(task, cache_dir)
@@ -132,6 +148,7 @@ def rebuild_shipped_reference(task: str, cache_dir: str | os.PathLike | None = N
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(model_dir, staging)
     (staging / KEY_FILE).write_text(recipe_key(task) + "\n")
+    (staging / RECIPE_FILE).write_text(sft_recipe(reference_config(task)).to_json())
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target

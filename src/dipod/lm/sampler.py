@@ -226,10 +226,13 @@ def _check_inputs(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: Sampler
 
 
 
-def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSettings,
+def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSettings | None = None,
            generator: torch.Generator | None = None, forward: BlockForward | None = None) -> Decoded:
     """Decode completions for left-padded prompts ``[B, P]`` (``prompt_attn`` 0 on padding) by the model's
     diffusion process (``dipod.lm.processes``; the masked loop of ``masked_sampling`` for LLaDA and Dream).
+
+    ``settings=None``: the model's decoding recipe (``dipod.lm.recipe.model_sampler_settings``: a
+    folder written by dipod records it; else the ``SamplerSettings()`` defaults).
 
     ``lm`` is a ``dipod.lm.model.MaskedDiffusionLM`` (``logits``, ``model``, ``mask_id``, ``eos_id``,
     optionally ``family.sampler_defaults``). Randomness (temperature > 0 or ``random`` remasking)
@@ -238,11 +241,15 @@ def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSetting
     ``forward(x_bt, attn_bt, lo, hi, new_block)`` and returns float32 logits ``[B, hi - lo, V]``
     predicting positions ``lo..hi-1``, with ``new_block`` true on each block's first step.
     """
+    if settings is None:
+        from dipod.lm.recipe import model_sampler_settings  # imported here: the recipe imports this module
+
+        settings = model_sampler_settings(lm)
     _check_inputs(lm, prompt_ids, prompt_attn, settings, generator)
     return process_of(lm).decode(lm, prompt_ids, prompt_attn, settings, generator, forward)
 
 
-def generate(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSettings,
+def generate(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSettings | None = None,
              generator: torch.Generator | None = None, return_order: bool = False,
              forward: BlockForward | None = None):
     """``decode``'s completions ``[B, G]`` (and with ``return_order`` its ``order_bg``)."""

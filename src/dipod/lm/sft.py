@@ -30,10 +30,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from dipod.checkpoint import capture_rng_state, latest_intact_checkpoint, restore_rng_state, save_checkpoint
+from dipod.checkpoint import (RESUME_HELP, RESUME_LATEST, capture_rng_state, restore_rng_state, resume_checkpoint,
+                              resume_target, save_checkpoint)
 from dipod.config import ConfigError, option, parse_config, require, save_config
 from dipod.lm.evaluate import PROMPT_STYLES, evaluate_policy
 from dipod.lm.families import FAMILIES, FAMILY_HELP
+from dipod.lm.recipe import RECIPE_FILE, DecodingRecipe
 from dipod.lm.train_config import DTYPES
 from dipod.lm.sampler import DecodingOptions, SamplerSettings
 from dipod.run_folder import prepare_run_folder
@@ -138,13 +140,14 @@ class SFTConfig(DecodingOptions):  # remasking, schedule, confidence_threshold, 
     output_dir: str = option("run folder", default="runs/lm_sft")
     save_every: int = option("checkpoint every this many steps (0: only at the end)", default=500)
     keep_checkpoints: int = option("how many checkpoints to keep", default=2)
-    resume: bool = option("continue from the newest intact checkpoint in output_dir", default=False)
+    resume: str | None = option(RESUME_HELP, default=None, bare=RESUME_LATEST)
     overwrite: bool = option("replace the run already in output_dir (its metrics, checkpoints, model); without it "
-                             "a folder holding a run is refused unless --resume true", default=False)
+                             "a folder holding a run is refused unless --resume", default=False)
     tensorboard: bool = option("mirror metrics to OUTPUT_DIR/tb", default=False)
     progress_bar: bool = option("show a tqdm progress bar", default=True)
 
     def __post_init__(self) -> None:
+        self.resume = resume_target(self.resume)
         require(self.model_family is None or self.model_family in FAMILIES,
                 f"model_family={self.model_family!r}; choose one of {sorted(FAMILIES)} or leave it out (detected)")
         require(self.dtype in DTYPES, f"dtype={self.dtype!r}; choose one of {DTYPES}")
@@ -171,6 +174,12 @@ class SFTConfig(DecodingOptions):  # remasking, schedule, confidence_threshold, 
     def sampler_settings(self) -> SamplerSettings:
         return SamplerSettings(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps,
                                temperature=0.0, **self.decoding_options())
+
+
+def sft_recipe(cfg: SFTConfig) -> DecodingRecipe:
+    """The decoding the SFT run evaluated with, recorded in ``model/dipod_recipe.json``."""
+    return DecodingRecipe.of(cfg.sampler_settings(), prompt_style=cfg.prompt_style,
+                             max_prompt_length=cfg.max_prompt_length, task=cfg.task)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -253,7 +262,8 @@ def train_sft(cfg: SFTConfig) -> dict:
     from dipod.lm.trainer import derive_seed
 
     started = time.perf_counter()
-    out = prepare_run_folder(cfg.output_dir, resuming=cfg.resume, overwrite=cfg.overwrite, resume_flag="--resume true")
+    out = prepare_run_folder(cfg.output_dir, resuming=cfg.resume is not None, overwrite=cfg.overwrite,
+                             resume_flag="--resume")
     task = get_task(cfg.task)
     train_examples = task.load("train", path=cfg.train_data, limit=cfg.train_examples)
     if not train_examples:
@@ -273,7 +283,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
 
     start_step = 0
-    found = latest_intact_checkpoint(out) if cfg.resume else None
+    found = resume_checkpoint(out, cfg.resume)
     if found is not None:
         _, (weights, state, meta) = found
         model.load_state_dict(weights)
@@ -316,7 +326,7 @@ def train_sft(cfg: SFTConfig) -> dict:
             loss, stats = sft_loss(lm.logits, prompt_ids[rows], prompt_attn[rows], targets,
                                    mask_bg, p_mask_b, lm.mask_id)
             if not torch.isfinite(loss):
-                kept = (f"checkpoint-{last_saved} in {out} is intact and --resume true continues from it" if last_saved
+                kept = (f"checkpoint-{last_saved} in {out} is intact and --resume continues from it" if last_saved
                         else "no checkpoint was written yet, so start again")
                 raise TrainingDiverged(f"non-finite SFT loss at step {step}: the weights diverged. Lower --learning_rate "
                                        f"(now {cfg.learning_rate:g}); {kept}")
@@ -348,7 +358,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     if accuracy is not None and accuracy > cfg.target_accuracy_max:
         warnings.warn(f"held-out accuracy {accuracy:.3f} overshot target_accuracy_max={cfg.target_accuracy_max}; "
                       "lower --learning_rate or --eval_every to stop inside the target range", stacklevel=2)
-    model_dir = lm.save_pretrained(out / MODEL_DIR)
+    model_dir = lm.save_pretrained(out / MODEL_DIR, extra_files={RECIPE_FILE: sft_recipe(cfg).to_json()})
     result = {
         "task": cfg.task, "model_dir": str(model_dir), "final_step": step, "stopped_because": stopped_because,
         "eval_accuracy": accuracy, "eval_reward": last_eval.get("eval/reward"),

@@ -13,8 +13,11 @@ import re
 
 
 def locate_model(name_or_path: str | os.PathLike) -> tuple[str, bool]:
-    """``(name, local)``: an existing local directory with a ``config.json``, or a hub id."""
-    name = os.fspath(name_or_path)
+    """``(name, local)``: an existing local directory with a ``config.json``, or a hub id
+    (``reference:TASK`` names the folder of TASK's tiny reference policy)."""
+    from dipod.lm.reference import resolve_model_name  # imported here: it imports the loaders
+
+    name = resolve_model_name(os.fspath(name_or_path))
     local = os.path.isdir(os.path.expanduser(name))
     if not local and (_looks_like_path(name) or os.path.exists(name)):
         raise FileNotFoundError(

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from torch import Tensor
 
-from dipod.checkpoint import (capture_rng_state, copy_weights, latest_intact_checkpoint, load_checkpoint,
-                              restore_rng_state, save_checkpoint)
+from dipod.checkpoint import capture_rng_state, copy_weights, restore_rng_state, resume_checkpoint, save_checkpoint
 from dipod.config import config_to_dict
 from dipod.lm.engines import ENGINE_STATE
+from dipod.lm.recipe import RECIPE_FILE, DecodingRecipe
 
 
 def trainable_weights(trainer) -> dict[str, Tensor]:
@@ -46,15 +46,10 @@ def save(trainer, step: int) -> None:
 
 def restore(trainer) -> None:
     cfg = trainer.cfg
-    if cfg.resume in ("latest", "true", "auto"):
-        found = latest_intact_checkpoint(Path(cfg.output_dir))  # a corrupt newest one is named and skipped
-        if found is None:
-            trainer.accelerator.print(f"--resume {cfg.resume}: no checkpoint in {cfg.output_dir}; starting from step 0")
-            return
-        path, (weights, state, meta) = found
-    else:
-        path = Path(cfg.resume)
-        weights, state, meta = load_checkpoint(path)
+    found = resume_checkpoint(Path(cfg.output_dir), cfg.resume)  # None: no checkpoint yet, start from step 0
+    if found is None:
+        return
+    path, (weights, state, meta) = found
     written_by = meta.get("engine", "ddp")
     if (written_by in ("deepspeed", "fsdp") or trainer.runtime.shards_state) and written_by != trainer.runtime.kind:
         raise ValueError(f"checkpoint {path} was written under {written_by}, this run is {trainer.runtime.kind}; "
@@ -83,7 +78,14 @@ def save_final_model(trainer, folder: Path) -> None:
         with trainer.runtime.whole_model_loading():
             view = trainer.engine.load_policy(trainer.cfg.with_changes(dtype=trainer.runtime.weights_dtype), device="cpu")
         view.model.load_state_dict(state, strict=True)
-    view.save_pretrained(folder)
+    view.save_pretrained(folder, extra_files={RECIPE_FILE: train_recipe(trainer.cfg).to_json()})
+
+
+def train_recipe(cfg) -> DecodingRecipe:
+    """The decoding of the run's held-out evaluation (greedy, its length / blocks / steps / prompts),
+    recorded in ``final_model/dipod_recipe.json`` so that `dipod lm eval` repeats it by default."""
+    return DecodingRecipe.of(cfg.sampler_settings(0.0), prompt_style=cfg.prompt_style,
+                             max_prompt_length=cfg.max_prompt_length, task=cfg.task)
 
 
 def _yaml_safe(values: dict) -> dict:

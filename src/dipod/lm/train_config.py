@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from dipod.checkpoint import RESUME_HELP, RESUME_LATEST, resume_target
 from dipod.config import ConfigError, option, require
 from dipod.lm.estimators import ESTIMATORS as ESTIMATOR_RECORDS
 from dipod.lm.estimators import OPTION_OWNERS, option_help, resolve_options
@@ -124,8 +125,7 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
     output_dir: str = option("run folder: metrics.jsonl, tb/, checkpoint-STEP/, final_model/", default="runs/lm_train")
     max_steps: int = option("rollout batches to train on (each makes num_iterations updates)", default=100)
     seed: int = option("seed of every random draw (same seed => same run on CPU)", default=42)
-    resume: str | None = option("'latest' (newest intact checkpoint in output_dir) or a checkpoint-STEP folder",
-                                default=None)
+    resume: str | None = option(RESUME_HELP, default=None, bare=RESUME_LATEST)
     overwrite: bool = option("replace the run already in output_dir (its metrics, checkpoints, final model); "
                              "without it a folder holding a run is refused unless --resume", default=False)
     save_steps: int = option("write a checkpoint every this many steps (0: only at the end)", default=50)
@@ -150,6 +150,7 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
     save_final_model: bool = option("save the trained policy to OUTPUT_DIR/final_model", default=True)
 
     def __post_init__(self) -> None:
+        self.resume = resume_target(self.resume)
         require(self.model_family is None or self.model_family in FAMILIES,
                 f"model_family={self.model_family!r}; choose one of {sorted(FAMILIES)} or leave it out (detected)")
         require(self.estimator in ESTIMATOR_RECORDS,

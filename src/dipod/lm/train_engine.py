@@ -70,6 +70,7 @@ def encode_prompts(lm, texts: list[str], max_prompt_length: int, chat: bool,
     (the start of the assistant's reply, e.g. the d1 evaluation's "<reasoning>")."""
     tok = lm.tokenizer
     if chat:
+        check_chat_template(lm)
         texts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
                  + response_prefix for t in texts]
     rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -85,6 +86,14 @@ def encode_prompts(lm, texts: list[str], max_prompt_length: int, chat: bool,
             ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
             attn[i, width - len(r):] = 1
     return ids, attn
+
+
+def check_chat_template(lm) -> None:
+    """A chat prompt style needs the tokenizer's chat template; a model without one (the tiny reference
+    policies) fails here in one line instead of deep inside transformers."""
+    if getattr(lm.tokenizer, "chat_template", None) is None:
+        raise ValueError(f"model {lm.source or 'in hand'} has no chat template, so a chat prompt style (chat, d1, "
+                         "d1_3shot) cannot be applied; use --prompt_style compact (the tiny models' format)")
 
 
 def decode_completions(lm, completion_ids: Tensor) -> list[str]:

@@ -148,11 +148,13 @@ class Trainer:
         self.shots_prefix = self._few_shot_prefix()
         # every process checks the folder before the model loads; only the main one removes an overwritten run
         prepare_run_folder(cfg.output_dir, resuming=cfg.resume is not None, overwrite=cfg.overwrite,
-                           resume_flag="--resume latest", remove=acc.is_main_process)
+                           resume_flag="--resume", remove=acc.is_main_process)
         acc.wait_for_everyone()
 
         torch.manual_seed(derive_seed(cfg.seed, _INIT))  # peft draws the LoRA adapters' initial values here
         self.lm = engine.load_policy(cfg.with_changes(dtype=self.runtime.weights_dtype), device=acc.device)
+        if cfg.prompt_style != "compact":
+            engine.check_chat_template(self.lm)  # before any rollout, in one line
         # The KL reference is the initial policy: under LoRA that is the policy with its adapters
         # disabled (no second copy of the weights); full fine-tuning needs a frozen copy.
         self.ref_lm = None
@@ -347,7 +349,7 @@ class Trainer:
                 raise TrainingDiverged(
                     f"step {step}: non-finite loss or gradient in update {iteration + 1} under DeepSpeed after "
                     f"earlier micro-batches were accumulated; the last checkpoint is untouched. Lower "
-                    f"--learning_rate or --max_grad_norm, then --resume latest")
+                    f"--learning_rate or --max_grad_norm, then --resume")
             if finite:
                 self.optimizer.step()
                 self.scheduler.step()
@@ -482,7 +484,7 @@ class Trainer:
         if cfg.dtype != "float32":
             advice.append(f"train in --dtype float32 (now {cfg.dtype})")
         saved = latest_checkpoint(Path(cfg.output_dir))
-        where = (f"then continue from {saved.name} (intact) with --resume latest" if saved is not None
+        where = (f"then continue from {saved.name} (intact) with --resume" if saved is not None
                  else "then start again (no checkpoint was written before this)")
         return (f"stopped at step {step}: {self.nonfinite_streak} non-finite updates in a row (NaN/inf in the loss, "
                 f"a proxy or the gradient); none of them was applied or checkpointed. To fix: "
@@ -554,18 +556,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     return Trainer(cfg).run()
 
 
-def _normalise_resume_flag(argv: list[str]) -> list[str]:
-    """Let a bare ``--resume`` mean ``--resume latest``."""
-    out = []
-    for i, arg in enumerate(argv):
-        out.append(arg)
-        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            out.append("latest")
-    return out
-
-
 def main(argv: list[str], prog: str = "dipod lm train") -> int:
-    cfg = parse_config(TrainConfig, _normalise_resume_flag(list(argv)), prog,
+    cfg = parse_config(TrainConfig, argv, prog,
                        description="Online RL post-training of a masked-diffusion LM (d1 / FPO / FPO++ / SPG + DiPOD).")
     try:
         result = train(cfg)

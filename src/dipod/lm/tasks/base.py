@@ -10,6 +10,10 @@ string makes them raise, hang or run code (see tests/test_lm_tasks.py for the fu
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import os
+import sys
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar
 
@@ -178,8 +182,44 @@ def registered_tasks() -> list[str]:
     return sorted(_REGISTRY)
 
 
+ENTRY_POINT_GROUP = "dipod.tasks"  # a package may name its Task classes here: `name = "pkg.module:Class"`
+
+
+def _import_task(spec: str) -> type[Task]:
+    """The Task class named by ``package.module:Class``; the working directory is importable, as with
+    ``python -m``, so a ``my_tasks.py`` beside the run needs no install."""
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise ValueError(f"--task {spec!r}: write a task of your own as package.module:Class (e.g. my_tasks:Sum2)")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"--task {spec}: cannot import module {module_name!r} ({exc}); make it importable "
+                         "(install its package, run from its folder, or add the folder to PYTHONPATH)") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ValueError(f"--task {spec}: module {module_name!r} has no attribute {class_name!r}; name a Task "
+                         "subclass defined there")
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise ValueError(f"--task {spec}: {class_name} is not a subclass of dipod.lm.tasks.Task")
+    return cls
+
+
+def _entry_point_task(name: str) -> type[Task] | None:
+    """The class an installed package registered as ``name`` in the ``dipod.tasks`` entry-point group."""
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name == name:
+            return _import_task(entry.value)
+    return None
+
+
 def get_task(name: str, **options: Any) -> Task:
-    """A new instance of the task registered as `name`, built with `options`."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(registered_tasks())}")
-    return _REGISTRY[name](**options)
+    """A new instance of the task ``name``, built with ``options``: a registered name, an installed
+    package's ``dipod.tasks`` entry point, or ``package.module:Class``."""
+    cls = _REGISTRY.get(name) or (_import_task(name) if ":" in name else _entry_point_task(name))
+    if cls is None:
+        raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(registered_tasks())}, or name your "
+                         "own Task class as package.module:Class")
+    return cls(**options)
