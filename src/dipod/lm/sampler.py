@@ -12,8 +12,10 @@ LLaDA's even split of a block over its steps, Dream's ``linspace(1, eps, steps +
 with ``confidence_threshold``, every position whose score exceeds the threshold (at least one).
 
 Conventions (see docs/lm_sampler.md):
-- the mask token is never proposed (its logit is set to -inf before proposing and scoring), so no
-  mask is left at the end;
+- the mask token is never proposed (the proposal is the best non-mask token), so no mask is left
+  at the end; with ``mask_in_confidence`` (default) its logit stays in the softmax that scores the
+  proposals, as in LLaDA's ``generate()`` and Dream's ``diffusion_generate``; without it the mask
+  logit is -inf before filtering and scoring (dipod's earlier rule);
 - ties between equal scores go to the leftmost position, so outputs are deterministic at
   temperature 0, and at temperature > 0 with a fixed ``torch.Generator``;
 - classifier-free guidance runs an unconditional pass in the same forward (batch stacked), with
@@ -69,6 +71,10 @@ class DecodingOptions:
         "this, at least one (None: the schedule's fixed counts)", default=None)
     max_reveal_per_step: int | None = option("with confidence_threshold: reveal at most this many per step",
                                              default=None)
+    mask_in_confidence: bool = option(
+        "keep the mask token's logit in the softmax that scores proposals, as LLaDA's generate() and Dream's "
+        "diffusion_generate do (false: set it to -inf first, dipod's earlier rule); the mask token itself is "
+        "never proposed either way", default=True)
     kv_cache: str | None = option(f"block KV cache for decoding, one of {KV_CACHES} (None: full forwards)",
                                   default=None)
     top_k: int | None = option("propose only among the k most likely tokens; scores read the filtered "
@@ -245,7 +251,7 @@ def block_forward(lm, kv_cache: str | None) -> BlockForward:
 
 def _guided_block_logits(forward: BlockForward, mask_id: int, ids_bt: Tensor, attn_bt: Tensor,
                          prompt_attn: Tensor, lo: int, hi: int, cfg_scale: float, new_block: bool) -> Tensor:
-    """Float32 logits ``[B, hi - lo, V]`` of the current block (guided when ``cfg_scale > 0``), mask token at -inf."""
+    """Float32 logits ``[B, hi - lo, V]`` of the current block (guided when ``cfg_scale > 0``), a fresh tensor."""
     if cfg_scale == 0.0:
         logits_blv = forward(ids_bt, attn_bt, lo, hi, new_block).float().clone()
     else:
@@ -255,7 +261,6 @@ def _guided_block_logits(forward: BlockForward, mask_id: int, ids_bt: Tensor, at
         both_blv = forward(torch.cat([ids_bt, uncond_ids_bt]), torch.cat([attn_bt, attn_bt]), lo, hi, new_block)
         cond_blv, uncond_blv = both_blv.float().chunk(2)
         logits_blv = uncond_blv + (cfg_scale + 1.0) * (cond_blv - uncond_blv)
-    logits_blv[..., mask_id] = float("-inf")  # never propose the mask token
     return logits_blv
 
 
@@ -280,15 +285,22 @@ def filter_logits(logits_blv: Tensor, temperature: float, top_k: int | None, top
     return logits_blv
 
 
-def _propose(logits_blv: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """A proposed token per position: the argmax at temperature 0, else a draw from ``softmax(logits / T)``."""
+def _propose(logits_blv: Tensor, mask_id: int, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """A proposed non-mask token per position: the argmax at temperature 0, else a draw from
+    ``softmax(logits / T)`` conditioned on not being the mask token."""
     if temperature == 0.0:
-        return logits_blv.argmax(dim=-1)
+        mask_logit_bl = logits_blv[..., mask_id].clone()
+        logits_blv[..., mask_id] = float("-inf")  # in place and restored: no copy of the [B, L, V] logits
+        tokens_bl = logits_blv.argmax(dim=-1)
+        logits_blv[..., mask_id] = mask_logit_bl
+        return tokens_bl
     # Gumbel-max: argmax(logits / T + G) is a draw from softmax(logits / T); float64 keeps the
     # noise's tails (and so the low-probability tokens) exact enough.
     uniform = torch.rand(logits_blv.shape, generator=generator, dtype=torch.float64, device=logits_blv.device)
     gumbel = -torch.log(-torch.log(uniform.clamp_min_(torch.finfo(torch.float64).tiny)))
-    return (logits_blv.double() / temperature + gumbel).argmax(dim=-1)
+    noisy_blv = logits_blv.double() / temperature + gumbel
+    noisy_blv[..., mask_id] = float("-inf")
+    return noisy_blv.argmax(dim=-1)
 
 
 def fill_after_first_eos(completion_bg: Tensor, eos_id: int) -> Tensor:
@@ -334,8 +346,10 @@ def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSetting
             while (masked_bl := ids_bt[:, lo:hi] == mask_id).any():
                 logits_blv = _guided_block_logits(forward, mask_id, ids_bt, attn_bt, prompt_attn, lo, hi,
                                                   settings.cfg_scale, new_block=block_step == 0)
+                if not settings.mask_in_confidence:
+                    logits_blv[..., mask_id] = float("-inf")
                 logits_blv = filter_logits(logits_blv, settings.temperature, settings.top_k, settings.top_p)
-                tokens_bl = _propose(logits_blv, settings.temperature, generator)
+                tokens_bl = _propose(logits_blv, mask_id, settings.temperature, generator)
                 score_bl = rule.score(logits_blv, tokens_bl, settings.temperature, generator)
                 score_bl = score_bl.masked_fill(~masked_bl, float("-inf"))
                 reveal_bl = top_k_mask(score_bl, count(block_step, masked_bl, score_bl))
