@@ -817,6 +817,7 @@ def test_lm_eval_json_records_forward_passes_and_accuracy(tmp_path):
 
     fixed = run()
     assert fixed["forward_passes"] == 2 * 8  # two batches (4 + 2 prompts), 8 steps each
+    assert fixed["row_forwards"] == (4 + 2) * 8  # every row takes part in every step of a fixed schedule
     assert fixed["sampler"]["schedule"] == "blocks" and fixed["sampler"]["remasking"] == "low_confidence"
     assert fixed["accuracy"] == sum(r["correct"] for r in fixed["results"]) / 6
     one_per_step = run("--confidence_threshold", "1.0")
@@ -824,6 +825,7 @@ def test_lm_eval_json_records_forward_passes_and_accuracy(tmp_path):
     assert one_per_step["sampler"]["confidence_threshold"] == 1.0
     parallel = run("--confidence_threshold", "0.01")
     assert 2 * 2 <= parallel["forward_passes"] < fixed["forward_passes"]  # at least one forward per block
+    assert 6 * 2 <= parallel["row_forwards"] <= 4 * parallel["forward_passes"]  # each row: >= 1 per block
     with pytest.raises(ConfigError, match=r"confidence_threshold=1.5 must lie in \(0, 1\]"):
         evaluate.main(base + ["--confidence_threshold", "1.5"])
 

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from dipod.config import ConfigError, option
+from dipod.lm.active_rows import ActiveRows
 from dipod.lm.model import eval_mode
 from dipod.lm.reveal import (REVEAL_RULES, even_counts, global_counts, reveal_schedule, threshold_counts,
                              top_k_mask)
@@ -132,6 +133,9 @@ class SamplerSettings(DecodingOptions):
     temperature: float = option("Gumbel-max sampling temperature (0 = greedy argmax)", default=0.0)
     cfg_scale: float = option("classifier-free guidance scale (0 = no unconditional pass)", default=0.0)
     fill_after_eos: bool = option("set every position after the first EOS to EOS in the result", default=True)
+    compact_rows: bool = option("run each forward only on the rows with masks left in the block, so a batch "
+                                "costs the sum of its rows' forwards (same outputs; false: every row in every "
+                                "forward of a block)", default=True)
 
     def __post_init__(self) -> None:
         if self.gen_length < 1 or self.block_length < 1 or self.steps < 1:
@@ -200,6 +204,7 @@ class Decoded:
     completion_bg: Tensor  # long [B, G]
     order_bg: Tensor  # long [B, G]: the step, counted from 0 over the whole decode, that revealed each position
     forward_passes: int  # model calls actually run (a guided step's stacked pass counts once)
+    row_forwards: int  # rows summed over those calls: the compute the batch paid
 
 
 def _check_inputs(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSettings,
@@ -232,6 +237,8 @@ def full_forward(lm) -> BlockForward:
 
     def forward(x_bt: Tensor, attn_bt: Tensor, lo: int, hi: int, new_block: bool) -> Tensor:
         return lm.logits(x_bt, attn_bt, first=lo)[:, :hi - lo]
+
+    forward.keep_rows = lambda keep_b: None  # stateless: rows may leave between any two calls
     return forward
 
 
@@ -285,9 +292,10 @@ def filter_logits(logits_blv: Tensor, temperature: float, top_k: int | None, top
     return logits_blv
 
 
-def _propose(logits_blv: Tensor, mask_id: int, temperature: float, generator: torch.Generator | None) -> Tensor:
+def _propose(logits_blv: Tensor, mask_id: int, temperature: float, generator: torch.Generator | None,
+             rows: ActiveRows) -> Tensor:
     """A proposed non-mask token per position: the argmax at temperature 0, else a draw from
-    ``softmax(logits / T)`` conditioned on not being the mask token."""
+    ``softmax(logits / T)`` conditioned on not being the mask token (noise drawn for the whole batch)."""
     if temperature == 0.0:
         mask_logit_bl = logits_blv[..., mask_id].clone()
         logits_blv[..., mask_id] = float("-inf")  # in place and restored: no copy of the [B, L, V] logits
@@ -296,7 +304,7 @@ def _propose(logits_blv: Tensor, mask_id: int, temperature: float, generator: to
         return tokens_bl
     # Gumbel-max: argmax(logits / T + G) is a draw from softmax(logits / T); float64 keeps the
     # noise's tails (and so the low-probability tokens) exact enough.
-    uniform = torch.rand(logits_blv.shape, generator=generator, dtype=torch.float64, device=logits_blv.device)
+    uniform = rows.uniform_rows(logits_blv.shape, generator, logits_blv.device)
     gumbel = -torch.log(-torch.log(uniform.clamp_min_(torch.finfo(torch.float64).tiny)))
     noisy_blv = logits_blv.double() / temperature + gumbel
     noisy_blv[..., mask_id] = float("-inf")
@@ -319,7 +327,9 @@ def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSetting
     comes from ``generator`` (the global RNG when None). ``forward`` replaces the block forward
     (default: ``settings.kv_cache``'s, i.e. the full model when unset): it is called as
     ``forward(x_bt, attn_bt, lo, hi, new_block)`` and returns float32 logits ``[B, hi - lo, V]``
-    predicting positions ``lo..hi-1``, with ``new_block`` true on each block's first step.
+    predicting positions ``lo..hi-1``, with ``new_block`` true on each block's first step. With
+    ``settings.compact_rows`` a forward that has a ``keep_rows(keep_b)`` method is called only on the
+    rows with masks left in the block (``dipod.lm.active_rows``); one without is always given every row.
     """
     _check_inputs(lm, prompt_ids, prompt_attn, settings, generator)
     if getattr(getattr(lm, "family", None), "noise", "masking") == "uniform":
@@ -337,31 +347,37 @@ def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSetting
     order_bg = torch.full((batch, settings.gen_length), -1, dtype=torch.long, device=device)
     forward = forward if forward is not None else block_forward(lm, settings.kv_cache)
 
-    step = 0
+    step = row_forwards = 0
+    # Only a forward that declares keep_rows (ours do) may see the batch shrink within a block.
+    rows = ActiveRows(batch, device, settings.compact_rows and hasattr(forward, "keep_rows"))
     with eval_mode(lm.model), (torch.no_grad() if _sharded(lm.model) else torch.inference_mode()):
         for start, end in settings.blocks():
             lo, hi = prompt_len + start, prompt_len + end
             count = settings.count_rule(end - start)
             block_step = 0
-            while (masked_bl := ids_bt[:, lo:hi] == mask_id).any():
-                logits_blv = _guided_block_logits(forward, mask_id, ids_bt, attn_bt, prompt_attn, lo, hi,
-                                                  settings.cfg_scale, new_block=block_step == 0)
+            rows.start_block()
+            while (masked_al := rows.drop_finished(rows.select(ids_bt)[:, lo:hi] == mask_id, forward)).any():
+                ids_at = rows.select(ids_bt)
+                logits_alv = _guided_block_logits(forward, mask_id, ids_at, rows.select(attn_bt),
+                                                  rows.select(prompt_attn), lo, hi, settings.cfg_scale,
+                                                  new_block=block_step == 0)
                 if not settings.mask_in_confidence:
-                    logits_blv[..., mask_id] = float("-inf")
-                logits_blv = filter_logits(logits_blv, settings.temperature, settings.top_k, settings.top_p)
-                tokens_bl = _propose(logits_blv, mask_id, settings.temperature, generator)
-                score_bl = rule.score(logits_blv, tokens_bl, settings.temperature, generator)
-                score_bl = score_bl.masked_fill(~masked_bl, float("-inf"))
-                reveal_bl = top_k_mask(score_bl, count(block_step, masked_bl, score_bl))
-                ids_bt[:, lo:hi] = torch.where(reveal_bl, tokens_bl, ids_bt[:, lo:hi])
-                order_bg[:, start:end].masked_fill_(reveal_bl, step)
+                    logits_alv[..., mask_id] = float("-inf")
+                logits_alv = filter_logits(logits_alv, settings.temperature, settings.top_k, settings.top_p)
+                tokens_al = _propose(logits_alv, mask_id, settings.temperature, generator, rows)
+                score_al = rule.score(logits_alv, tokens_al, settings.temperature, generator)
+                score_al = score_al.masked_fill(~masked_al, float("-inf"))
+                reveal_al = top_k_mask(score_al, count(block_step, masked_al, score_al))
+                rows.put(ids_bt, lo, hi, torch.where(reveal_al, tokens_al, ids_at[:, lo:hi]))
+                rows.put(order_bg, start, end, rows.select(order_bg)[:, start:end].masked_fill(reveal_al, step))
+                row_forwards += ids_at.shape[0]
                 step += 1
                 block_step += 1
 
     completion_bg = ids_bt[:, prompt_len:]
     if settings.fill_after_eos:
         completion_bg = fill_after_first_eos(completion_bg, lm.eos_id)
-    return Decoded(completion_bg=completion_bg, order_bg=order_bg, forward_passes=step)
+    return Decoded(completion_bg=completion_bg, order_bg=order_bg, forward_passes=step, row_forwards=row_forwards)
 
 
 def _sharded(model: torch.nn.Module) -> bool:
