@@ -11,7 +11,12 @@ What it measures, with the settings of a paper config (default: FPO gsm8k + DiPO
 whole-layer checkpointing, 4 masked draws), on one prompt group (num_generations rows of a random prompt):
 
 1. rollouts of gen_length tokens (the config's blocks and steps, its temperature) with full forwards and
-   with the dual block KV cache: completion tokens per second;
+   with the dual block KV cache, and with threshold decoding (0.9) with every row in every forward, with
+   finished rows compacted out of the forwards, and compacted + the dual cache: completion tokens per
+   second, and beside each the FLOP-count bound (linear-map FLOPs of the row-forwards actually run, at
+   the GPU's peak; attention scores left out), an estimate of what the GPU could reach. On random
+   weights few proposals pass a threshold, so the threshold rows are a worst case (about one token
+   per forward), not what a trained policy decodes;
 2. LoRA updates with checkpointing: the ELBO of every masked draw (dipod.lm.proxies, the trainer's
    code), backward, AdamW step; the second of two is measured: seconds, peak memory against
    `dipod lm memory`'s plan for the same micro-batch on one GPU, and model FLOPs utilisation
@@ -78,15 +83,35 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# name: the rollout's settings beside the config's (threshold decoding: the paper-scale rule of thumb 0.9)
+ROLLOUTS = {"none": {}, "dual": {"kv_cache": "dual"},
+            "threshold_every_row": {"confidence_threshold": 0.9, "compact_rows": False},
+            "threshold_compacted": {"confidence_threshold": 0.9},
+            "threshold_compacted_dual": {"confidence_threshold": 0.9, "kv_cache": "dual"}}
+
+
 def time_rollout(lm, prompt_ids, prompt_attn, settings, device: str) -> dict:
-    from dipod.lm.sampler import generate
+    from dipod.lm.sampler import decode
 
     synchronize(device)
     start = time.perf_counter()
-    completion = generate(lm, prompt_ids, prompt_attn, settings, generator=torch.Generator(device=device).manual_seed(1))
+    out = decode(lm, prompt_ids, prompt_attn, settings, generator=torch.Generator(device=device).manual_seed(1))
     synchronize(device)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens_per_s": completion.numel() / seconds, "completion": completion}
+    return {"seconds": seconds, "tokens_per_s": out.completion_bg.numel() / seconds, "completion": out.completion_bg,
+            "forward_passes": out.forward_passes, "row_forwards": out.row_forwards}
+
+
+def rollout_tflop(matmul: int, rollout: dict, rows: int, prompt_len: int, settings) -> float:
+    """Linear-map FLOPs (2 per parameter and token) of the row-forwards a rollout ran: full forwards see
+    the whole sequence; with the dual cache a block's first forward does, its later ones the block only."""
+    full_tokens = prompt_len + settings.gen_length
+    if settings.kv_cache is None:
+        tokens = rollout["row_forwards"] * full_tokens
+    else:
+        first = rows * len(settings.blocks())
+        tokens = first * full_tokens + (rollout["row_forwards"] - first) * settings.block_length
+    return 2 * matmul * tokens / 1e12
 
 
 def lora_update(lm, cfg, prompt_ids, prompt_attn, completion, device: str) -> dict:
@@ -176,20 +201,23 @@ def run(args) -> dict:
     vocab = lm.model.get_input_embeddings().weight.shape[0]
     prompt = torch.randint(0, min(vocab, lm.mask_id), (1, prompt_len), generator=torch.Generator().manual_seed(0))
     prompt_ids, prompt_attn = prompt.expand(rows, -1).to(device), torch.ones(rows, prompt_len, dtype=torch.long, device=device)
-    rollouts = {}
-    for cache in ("none", "dual"):
-        settings = SamplerSettings(gen_length=cfg.gen_length, block_length=cfg.block_length, steps=cfg.diffusion_steps,
-                                   temperature=cfg.temperature, remasking=cfg.remasking,
-                                   kv_cache=None if cache == "none" else cache)
-        rollouts[cache] = time_rollout(lm, prompt_ids, prompt_attn, settings, device)
-    completion = rollouts["dual"].pop("completion")
-    rollouts["none"].pop("completion")
     layer_params, head_params = matmul_params(lm.model)
+    peak = peak_tflops(device, args.peak_tflops)
+    rollouts = {}
+    for name, changes in ROLLOUTS.items():
+        settings = SamplerSettings(gen_length=cfg.gen_length, block_length=cfg.block_length, steps=cfg.diffusion_steps,
+                                   temperature=cfg.temperature, remasking=cfg.remasking, **changes)
+        rollouts[name] = time_rollout(lm, prompt_ids, prompt_attn, settings, device)
+        tflop = rollout_tflop(layer_params + head_params, rollouts[name], rows, prompt_len, settings)
+        rollouts[name].update(tflop=tflop, bound_tokens_per_s=None if peak is None else
+                              rollouts[name]["completion"].numel() / (tflop / peak))
+    completion = rollouts["dual"]["completion"]
+    for rollout in rollouts.values():
+        rollout.pop("completion")
     update = lora_update(lm, cfg, prompt_ids, prompt_attn, completion, device)
     draws = cfg.num_draws_value()
     tokens = rows * draws * (prompt_len + cfg.gen_length)
     flops = 4 * (layer_params * tokens + head_params * rows * draws * cfg.gen_length)
-    peak = peak_tflops(device, args.peak_tflops)
     planned = planned_update_gib(cfg.with_changes(model="GSAI-ML/LLaDA-8B-Instruct") if args.shape == "8b" else cfg)
     return {
         "machine": machine(device), "shape": args.shape, "config": str(args.config), "rows": rows,
@@ -216,12 +244,20 @@ def markdown(result: dict, command: str) -> str:
         f"tokens (blocks of {result['block_length']}, {result['diffusion_steps']} steps), {result['num_draws']} masked "
         f"draws per row in the update, LoRA r {result['lora_r']}, whole-layer checkpointing; config {result['config']}.", "",
         "| measurement | value |", "|---|---|",
-        f"| rollout, full forwards | {r['none']['tokens_per_s']:.1f} completion tokens/s ({r['none']['seconds']:.2f} s) |",
-        f"| rollout, dual KV cache | {r['dual']['tokens_per_s']:.1f} completion tokens/s ({r['dual']['seconds']:.2f} s); "
-        f"{result['dual_cache_speedup']:.2f} x |",
+        *[f"| rollout, {ROLLOUT_LABELS[name]} | {x['tokens_per_s']:.1f} completion tokens/s ({x['seconds']:.2f} s; "
+          f"{x['forward_passes']} forwards, {x['row_forwards']} row-forwards, {x['tflop']:.3g} TFLOP); "
+          + ("FLOP-count bound not computed (no GPU peak)" if x["bound_tokens_per_s"] is None else
+             f"FLOP-count bound {x['bound_tokens_per_s']:.0f} tokens/s (estimate)") + " |" for name, x in r.items()],
+        f"| dual KV cache speed-up | {result['dual_cache_speedup']:.2f} x |",
         f"| LoRA update ({u['tokens']} tokens) | {u['seconds']:.2f} s, {u['tflop']:.1f} TFLOP, MFU {mfu} |",
         f"| update peak memory | {peak}{ratio}; `dipod lm memory` plans {result['planned_update_gib']:.1f} GiB |", "",
     ])
+
+
+ROLLOUT_LABELS = {"none": "full forwards", "dual": "dual KV cache",
+                  "threshold_every_row": "threshold 0.9, every row in every forward",
+                  "threshold_compacted": "threshold 0.9, finished rows compacted",
+                  "threshold_compacted_dual": "threshold 0.9, compacted + dual KV cache"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,17 @@ def test_the_gpu_check_runs_at_the_tiny_shape_on_cpu(hub_models, tmp_path):
     assert result["update"]["tokens"] == tokens
     expected_tflop = 4 * (layers * (4 * d * d + 3 * d * f) * tokens + vocab * d * rows * draws * gen) / 1e12
     assert result["update"]["tflop"] == pytest.approx(expected_tflop, rel=1e-12)
-    for cache in ("none", "dual"):
-        assert result["rollout"][cache]["tokens_per_s"] > 0
+    rollout = result["rollout"]
+    for name in ("none", "dual", "threshold_every_row", "threshold_compacted", "threshold_compacted_dual"):
+        assert rollout[name]["tokens_per_s"] > 0 and rollout[name]["bound_tokens_per_s"] is None  # no GPU peak
+    steps = result["diffusion_steps"]
+    assert rollout["none"]["row_forwards"] == rows * rollout["none"]["forward_passes"] == rows * steps
+    # full forwards: 2 FLOPs per linear-map parameter and token, the whole sequence per row-forward
+    assert rollout["none"]["tflop"] == pytest.approx(2 * result["matmul_params"] * rows * steps * (prompt + gen) / 1e12,
+                                                     rel=1e-12)
+    every, compacted = rollout["threshold_every_row"], rollout["threshold_compacted"]
+    assert every["forward_passes"] == compacted["forward_passes"]  # same decoding, fewer rows per forward
+    assert every["row_forwards"] == rows * every["forward_passes"] >= compacted["row_forwards"]
     update = result["update"]
     assert update["adapter_dtype"] == "torch.float32" and result["dtype"] == "bfloat16"
     assert update["largest_adapter_change"] > 0 and update["loss"] > 0  # a real step on a finite ELBO loss

@@ -544,9 +544,9 @@ def test_kv_cache_asks_dipod_lm_networks_for_the_forward(monkeypatch):
 # --- threshold parallel decoding -----------------------------------------------------------------------
 
 def test_threshold_reveals_every_confident_position_and_at_least_one():
-    # 7 proposable tokens (the mask is excluded): a peak a gives probability e^a / (e^a + 6):
-    # 1 -> .31, 3 -> .77, 0.5 -> .22, 5 -> .96
-    model = FixedLogits(peaked_logits([1.0, 3.0, 0.5, 5.0, 1.0, 3.0], [3, 4, 5, 6, 7, 3]))
+    # The confidence softmax spans all 8 tokens (the mask's logit 0 included): a peak a gives
+    # probability e^a / (e^a + 7): 1 -> .28, 3 -> .74, 0.5 -> .19, 5 -> .955, 0.9 -> .26, 2.9 -> .72
+    model = FixedLogits(peaked_logits([1.0, 3.0, 0.5, 5.0, 0.9, 2.9], [3, 4, 5, 6, 7, 3]))
     counting = CallCounter(model)
     lm = toy_lm(counting)
     ids, attn = random_prompts(2, 3)
@@ -589,11 +589,10 @@ def test_threshold_steps_match_the_rule_on_the_models_own_logits(remasking):
     out = decode(lm, ids, attn, settings, forward=recording_forward)
     assert out.forward_passes == len(seen)
     for step, (x_bl, logits_blv, start) in enumerate(seen):
-        logits_blv = logits_blv.clone()  # out of inference mode
-        logits_blv[..., MASK] = float("-inf")
-        probs_blv = torch.softmax(logits_blv.double(), dim=-1)
-        top2 = probs_blv.topk(2, dim=-1).values
-        score_bl = top2[..., 0] - top2[..., 1] if remasking == "topk_margin" else top2[..., 0]
+        probs_blv = torch.softmax(logits_blv.double(), dim=-1)  # the mask token's logit included
+        top2_bl2 = probs_blv.topk(2, dim=-1).values
+        best_non_mask_bl = probs_blv.clone().index_fill_(-1, torch.tensor([MASK]), -1.0).max(dim=-1).values
+        score_bl = top2_bl2[..., 0] - top2_bl2[..., 1] if remasking == "topk_margin" else best_non_mask_bl
         masked_bl = x_bl == MASK
         score_bl = score_bl.masked_fill(~masked_bl, float("-inf"))
         expected_bl = (score_bl > threshold) | (top_k_mask(score_bl, 1) & masked_bl)
@@ -665,59 +664,100 @@ def load_snapshot(hub_models: dict, family: str, hub_code: bool = False) -> Mask
     return load_masked_lm(str(SNAPSHOTS[family]), trust_remote_code=True)
 
 
-def llada_reference_generate(model, prompt_ids, mask_id, gen_length, block_length, steps, temperature=0.0,
-                             generator=None):
-    """LLaDA's published decoder written out plainly (the hub model called as LLaDA's generate() calls it:
-    no attention mask; equal-length prompts), the mask token's logit set to -inf as ours. At temperature
-    > 0 the proposal is LLaDA's Gumbel trick, ``argmax exp(logits) / (-log u)^T`` with ``u`` uniform in
-    float64, its ``u`` drawn for the current block from ``generator`` as our sampler draws it; the
-    confidence is LLaDA's: the UNtempered probability of the token just proposed, whatever T.
+def llada_generate_oracle(model, prompt_ids, mask_id, gen_length, block_length, steps, temperature=0.0,
+                          generator=None, mask_in_confidence=True, propose_mask=True):
+    """LLaDA's ``generate()`` (ML-GSAI/LLaDA, generate.py) written out from its description, for one batch
+    of equal-length prompts, calling ``model(x)`` as it does (LLaDA's hub code ignores ``attention_mask``).
+
+    Per block, each of ``steps / num_blocks`` steps reveals the block's masks split evenly (remainder to
+    the first steps). A step proposes ``argmax`` of the logits over the WHOLE vocabulary (at T > 0 of the
+    Gumbel-perturbed logits ``exp(logits) / (-log u)^T``, ``u`` uniform in float64) and scores it with
+    ``softmax(logits)`` in the logits' own dtype, untempered, the mask token's logit included; the
+    ``k`` best masked positions of the block take their proposals. One adaptation: ``u`` is drawn for the
+    current block only, from ``generator``, as our sampler draws it (generate() draws it for the whole
+    sequence from the global RNG), so sampled runs can be compared draw for draw.
+    ``mask_in_confidence=False`` sets the mask logit to -inf first (dipod's earlier rule);
+    ``propose_mask=False`` takes the proposal among the other tokens (dipod's sampler never proposes the
+    mask: generate() may, and a position "revealed" as the mask token stays masked).
     ``model(x)`` returns logits (our network) or an output with ``.logits`` (the hub code)."""
     x = torch.cat([prompt_ids, torch.full((prompt_ids.shape[0], gen_length), mask_id)], dim=1)
     per_block = steps // (gen_length // block_length)
     for lo in range(prompt_ids.shape[1], x.shape[1], block_length):
         hi = lo + block_length
+        base, extra = divmod(block_length, per_block)
         for step in range(per_block):
-            k = block_length // per_block + (1 if step < block_length % per_block else 0)
             out = model(x)
-            logits = getattr(out, "logits", out).float()
-            logits[..., mask_id] = float("-inf")
-            logits = logits[:, lo:hi].double()
+            logits = getattr(out, "logits", out)[:, lo:hi].clone()
+            if not mask_in_confidence:
+                logits[..., mask_id] = float("-inf")
+            proposal_logits = logits.double() if temperature > 0 else logits.clone()
+            if not propose_mask:
+                proposal_logits[..., mask_id] = float("-inf")
             if temperature > 0:
                 u = torch.rand(logits.shape, generator=generator, dtype=torch.float64)
-                x0 = (logits.exp() / (-torch.log(u)) ** temperature).argmax(dim=-1)
+                x0 = (proposal_logits.exp() / (-torch.log(u)) ** temperature).argmax(dim=-1)
             else:
-                x0 = logits.argmax(dim=-1)
+                x0 = proposal_logits.argmax(dim=-1)
             confidence = torch.softmax(logits, dim=-1).gather(-1, x0[..., None])[..., 0]
-            confidence[x[:, lo:hi] != mask_id] = float("-inf")
-            chosen = torch.topk(confidence, k, dim=1).indices
+            confidence = confidence.masked_fill(x[:, lo:hi] != mask_id, float("-inf"))
+            chosen = torch.topk(confidence, base + (step < extra), dim=1).indices
             x[:, lo:hi] = x[:, lo:hi].scatter(1, chosen, x0.gather(1, chosen))
     return x[:, prompt_ids.shape[1]:]
 
 
+def left_padded_prompts(lm, batch: int, max_len: int, seed: int):
+    """Random prompts of lengths 2..max_len, left-padded with the model's pad token."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, max_len + 1, (batch,), generator=g)
+    lengths[0] = max_len  # one unpadded row
+    attn = (torch.arange(max_len)[None, :] >= (max_len - lengths)[:, None]).long()
+    ids = torch.randint(0, 90, (batch, max_len), generator=g).masked_fill(attn == 0, lm.pad_id)
+    return ids, attn
+
+
 @pytest.mark.parametrize("hub_code", [False, True], ids=["our_network", "hub_code"])
-def test_llada_greedy_equals_the_reference_decoder(hub_models, hub_code):
+@pytest.mark.parametrize("block_length, steps", [(4, 8), (8, 8), (16, 16)])
+def test_llada_greedy_padded_batch_equals_generate_row_by_row(hub_models, hub_code, block_length, steps):
+    # generate() decodes one prompt, or a batch of equal length (its model attends to padding), so the
+    # reference for a padded batch is each row alone, without its padding: ours must give that in one batch.
     lm = load_snapshot(hub_models, "llada", hub_code)
-    ids = torch.randint(0, 90, (3, 6), generator=torch.Generator().manual_seed(0))
-    attn = torch.ones_like(ids)
-    settings = SamplerSettings(gen_length=16, block_length=8, steps=8, fill_after_eos=False)
-    with torch.no_grad():
-        expected = llada_reference_generate(lm.model, ids, lm.mask_id, 16, 8, 8)
+    ids, attn = left_padded_prompts(lm, 4, 7, seed=block_length)
+    settings = SamplerSettings(gen_length=16, block_length=block_length, steps=steps, fill_after_eos=False)
     out = decode(lm, ids, attn, settings)
-    assert out.forward_passes == 8
-    assert torch.equal(out.completion_bg, expected)
+    assert out.forward_passes == steps
+    with torch.no_grad():
+        for row in range(ids.shape[0]):
+            prompt = ids[row:row + 1, attn[row] == 1]
+            expected = llada_generate_oracle(lm.model, prompt, lm.mask_id, 16, block_length, steps)
+            assert torch.equal(out.completion_bg[row:row + 1], expected), row
+
+
+def test_llada_the_earlier_confidence_rule_is_a_named_option(hub_models):
+    # mask_in_confidence=False (the mask logit at -inf before the confidence softmax) equals generate()
+    # so modified, and on this snapshot differs from generate() proper: the option changes decoding.
+    lm = load_snapshot(hub_models, "llada")
+    ids = torch.randint(0, 90, (8, 6), generator=torch.Generator().manual_seed(1))
+    settings = SamplerSettings(gen_length=32, block_length=32, steps=32, fill_after_eos=False)
+    earlier = decode(lm, ids, torch.ones_like(ids), dataclasses.replace(settings, mask_in_confidence=False))
+    with torch.no_grad():
+        expected = llada_generate_oracle(lm.model, ids, lm.mask_id, 32, 32, 32, mask_in_confidence=False)
+        proper = llada_generate_oracle(lm.model, ids, lm.mask_id, 32, 32, 32)
+    assert torch.equal(earlier.completion_bg, expected)
+    assert torch.equal(decode(lm, ids, torch.ones_like(ids), settings).completion_bg, proper)
+    assert not torch.equal(expected, proper)
 
 
 @pytest.mark.parametrize("temperature", [0.3, 1.0])
 def test_llada_sampling_at_temperature_equals_the_reference_decoder_on_the_hub_code(hub_models, temperature):
     # RL rollouts run at T = 0.3..1: there the sampled token is often not the argmax, and low_confidence
-    # must score the sampled token's untempered probability, as LLaDA's decoder does.
+    # must score the sampled token's untempered probability, as LLaDA's decoder does. At T > 0 generate()
+    # may draw the mask token itself (probability ~1/V on these random weights); ours draws among the others.
     lm = load_snapshot(hub_models, "llada")
     ids = torch.randint(0, 90, (4, 6), generator=torch.Generator().manual_seed(1))
     settings = SamplerSettings(gen_length=16, block_length=8, steps=8, temperature=temperature, fill_after_eos=False)
     with torch.no_grad():
-        expected = llada_reference_generate(lm.model, ids, lm.mask_id, 16, 8, 8, temperature,
-                                            torch.Generator().manual_seed(7))
+        expected = llada_generate_oracle(lm.model, ids, lm.mask_id, 16, 8, 8, temperature,
+                                         torch.Generator().manual_seed(7), propose_mask=False)
     out = decode(lm, ids, torch.ones_like(ids), settings, generator=torch.Generator().manual_seed(7))
     assert torch.equal(out.completion_bg, expected)
     greedy = decode(lm, ids, torch.ones_like(ids), dataclasses.replace(settings, temperature=0.0))
@@ -728,7 +768,8 @@ def test_llada_sampling_at_temperature_equals_the_reference_decoder_on_the_hub_c
     ("maskgit_plus", None, None), ("topk_margin", None, None), ("entropy", None, None),
     ("maskgit_plus", None, 50), ("topk_margin", 0.5, 20), ("entropy", 0.95, None),
 ])
-def test_dream_greedy_equals_diffusion_generate(hub_models, alg, top_p, top_k):
+@pytest.mark.parametrize("mask_in_confidence", [True, False], ids=["default", "mask_excluded"])
+def test_dream_greedy_equals_diffusion_generate(hub_models, alg, top_p, top_k, mask_in_confidence):
     """Dream's own sampler (its hub code's ``diffusion_generate``) against ours on the same hub model."""
     lm = load_snapshot(hub_models, "dream", hub_code=True)
     prompt_len, gen_length, steps = 7, 32, 16
@@ -738,18 +779,20 @@ def test_dream_greedy_equals_diffusion_generate(hub_models, alg, top_p, top_k):
     attn[1, :1] = 0
     ids = ids.masked_fill(attn == 0, lm.pad_id)
 
-    def no_mask_token(step, x, logits):  # Dream's logits hook, giving its sampler our convention
+    def no_mask_token(step, x, logits):  # Dream's logits hook, giving its sampler our earlier rule
         logits = logits.clone()
         logits[..., lm.mask_id] = float("-inf")
         return logits
 
     # top_p / top_k are passed explicitly: Dream's generation config otherwise fills in top_k=50.
+    hook = {} if mask_in_confidence else {"generation_logits_hook_func": no_mask_token}
     expected = lm.model.diffusion_generate(ids, attention_mask=attn, max_new_tokens=gen_length, steps=steps,
                                            temperature=0.0, top_p=top_p, top_k=top_k, alg=alg,
-                                           mask_token_id=lm.mask_id, generation_logits_hook_func=no_mask_token)
+                                           mask_token_id=lm.mask_id, **hook)
     # The family's defaults give Dream's global schedule; only the confidence rule is chosen here.
     out = decode(lm, ids, attn, SamplerSettings(gen_length=gen_length, steps=steps, remasking=alg, top_p=top_p,
-                                                top_k=top_k, fill_after_eos=False))
+                                                top_k=top_k, fill_after_eos=False,
+                                                mask_in_confidence=mask_in_confidence))
     assert out.forward_passes == steps
     assert torch.equal(out.completion_bg, expected[:, prompt_len:])
 
@@ -773,6 +816,7 @@ def test_lm_eval_json_records_forward_passes_and_accuracy(tmp_path):
 
     fixed = run()
     assert fixed["forward_passes"] == 2 * 8  # two batches (4 + 2 prompts), 8 steps each
+    assert fixed["row_forwards"] == (4 + 2) * 8  # every row takes part in every step of a fixed schedule
     assert fixed["sampler"]["schedule"] == "blocks" and fixed["sampler"]["remasking"] == "low_confidence"
     assert fixed["accuracy"] == sum(r["correct"] for r in fixed["results"]) / 6
     one_per_step = run("--confidence_threshold", "1.0")
@@ -780,6 +824,7 @@ def test_lm_eval_json_records_forward_passes_and_accuracy(tmp_path):
     assert one_per_step["sampler"]["confidence_threshold"] == 1.0
     parallel = run("--confidence_threshold", "0.01")
     assert 2 * 2 <= parallel["forward_passes"] < fixed["forward_passes"]  # at least one forward per block
+    assert 6 * 2 <= parallel["row_forwards"] <= 4 * parallel["forward_passes"]  # each row: >= 1 per block
     with pytest.raises(ConfigError, match=r"confidence_threshold=1.5 must lie in \(0, 1\]"):
         evaluate.main(base + ["--confidence_threshold", "1.5"])
 

@@ -94,7 +94,7 @@ def decode_ancestral(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings, gene
     alphas = uniform_noise.linear_alphas(settings.steps)
     device = prompt_ids.device
     completion = torch.empty((prompt_ids.shape[0], settings.gen_length), dtype=torch.long, device=device)
-    passes = 0
+    passes = row_forwards = 0
 
     def denoise(logits_ncv: Tensor) -> Tensor:
         if settings.temperature == 0:
@@ -115,8 +115,10 @@ def decode_ancestral(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings, gene
                     x = draw(uniform_noise.reverse(p0, x, alphas, t) if t > 1 else p0)
                 seq = torch.cat([seq, x], dim=1)
                 passes += settings.steps
+                row_forwards += settings.steps * len(rows)
             completion[rows] = seq[:, len(cols):]
-    return Decoded(completion_bg=completion, order_bg=torch.zeros_like(completion), forward_passes=passes)
+    return Decoded(completion_bg=completion, order_bg=torch.zeros_like(completion), forward_passes=passes,
+                   row_forwards=row_forwards)
 
 
 def decode_own(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings, generator: torch.Generator | None = None):
@@ -132,7 +134,7 @@ def decode_own(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings, generator:
     t_min = max(settings.temperature, 1e-4)
     completion = torch.full((prompt_ids.shape[0], settings.gen_length), lm.pad_id, dtype=torch.long,
                             device=prompt_ids.device)
-    passes = 0
+    passes = row_forwards = 0
     with eval_mode(model), torch.inference_mode(), torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
@@ -144,9 +146,11 @@ def decode_own(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings, generator:
             completion[rows, :new.shape[1]] = new
             # tokens_per_forward = generated tokens / decoder passes, per row: the most passes any row took
             per_forward = out.tokens_per_forward.float().clamp_min(1e-9)
-            passes += int(torch.ceil(new.shape[1] / per_forward).max())
+            group_passes = int(torch.ceil(new.shape[1] / per_forward).max())
+            passes += group_passes
+            row_forwards += group_passes * len(rows)
     order = torch.zeros_like(completion)  # the sampler reveals no fixed order: every position may change
-    return Decoded(completion_bg=completion, order_bg=order, forward_passes=passes)
+    return Decoded(completion_bg=completion, order_bg=order, forward_passes=passes, row_forwards=row_forwards)
 
 
 def block_elbo_terms(model, prefix_ids: Tensor, block_x0: Tensor, draws: int, alphas: Tensor,

@@ -114,11 +114,13 @@ def parse_decode_config(cls: type, argv: list[str], prog: str, description: str)
 def evaluate_policy(lm, task, examples: list[dict], settings: SamplerSettings | None = None, *,
                     prompt_style: str | None = None, max_prompt_length: int | None = None, batch_size: int = 64,
                     seed: int = 0) -> dict:
-    """Decode every example and score it: ``{"accuracy", "mean_reward", "num_examples", "forward_passes", "results"}``.
+    """Decode every example and score it: ``{"accuracy", "mean_reward", "num_examples", "forward_passes",
+    "row_forwards", "results"}``.
 
     ``settings``, ``prompt_style`` and ``max_prompt_length`` left out take the model's decoding
     recipe (``dipod.lm.recipe``; without one: ``SamplerSettings()``, compact prompts, 256 tokens).
-    ``forward_passes`` counts the model calls the sampler ran over all batches; ``results`` holds
+    ``forward_passes`` counts the model calls the sampler ran over all batches, ``row_forwards`` the rows
+    summed over those calls (the compute paid: finished rows leave the forwards); ``results`` holds
     ``{"prompt", "completion", "reward", "correct"}`` per example, in order.
     """
     from dipod.lm.recipe import model_recipe, model_sampler_settings
@@ -132,7 +134,7 @@ def evaluate_policy(lm, task, examples: list[dict], settings: SamplerSettings | 
     prompt_style = prompt_style or (recipe.prompt_style if recipe is not None else "compact")
     max_prompt_length = max_prompt_length or (recipe.max_prompt_length if recipe is not None else 256)
     generator = torch.Generator(device=lm.device).manual_seed(seed)
-    results, forward_passes = [], 0
+    results, forward_passes, row_forwards = [], 0, 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         prompts = [task.prompt(ex, prompt_style) for ex in chunk]
@@ -140,12 +142,14 @@ def evaluate_policy(lm, task, examples: list[dict], settings: SamplerSettings | 
                                   response_prefix=EVAL_RESPONSE_PREFIX.get(prompt_style, ""))
         decoded = decode(lm, ids.to(lm.device), attn.to(lm.device), settings, generator=generator)
         forward_passes += decoded.forward_passes
+        row_forwards += decoded.row_forwards
         for prompt, text, ex in zip(prompts, decode_completions(lm, decoded.completion_bg), chunk):
             results.append({"prompt": prompt, "completion": text, "reward": float(task.reward(text, ex)),
                             "correct": bool(task.is_correct(text, ex))})
     return {"accuracy": sum(r["correct"] for r in results) / len(results),
             "mean_reward": sum(r["reward"] for r in results) / len(results),
-            "num_examples": len(results), "forward_passes": forward_passes, "results": results}
+            "num_examples": len(results), "forward_passes": forward_passes, "row_forwards": row_forwards,
+            "results": results}
 
 
 def pass_at_k(lm, task, examples: list[dict], settings: SamplerSettings, samples: int, **decode_kwargs) -> dict:
@@ -188,7 +192,7 @@ def main(argv: list[str], prog: str = "dipod lm eval") -> int:
     source = cfg.data or f"split {cfg.split}"
     print(f"{task.name} ({source}, {report['num_examples']} examples): "
           f"accuracy {report['accuracy']:.4f}  mean reward {report['mean_reward']:.4f}  "
-          f"forward passes {report['forward_passes']}")
+          f"forward passes {report['forward_passes']}  row forwards {report['row_forwards']}")
     if cfg.samples > 1:
         report["sampling"] = pass_at_k(lm, task, examples, settings, cfg.samples, prompt_style=cfg.prompt_style,
                                        max_prompt_length=cfg.max_prompt_length, batch_size=cfg.batch_size,

@@ -51,8 +51,9 @@ RECIPES: dict[str, list[dict]] = {"sudoku4": _converge_then_mislead("sudoku4", 6
                                   "countdown": _converge_then_mislead("countdown", 128)}
 # A later stage's `model` is replaced by the stage before's folder; the chained key covers that dependency.
 # `uniform_sampler` is read only by uniform-noise families (DiffusionGemma); the recipes train masked models.
+# `mask_in_confidence` only changes how SFT's held-out evaluation decodes, never the weights.
 _NOT_IN_KEY = ("output_dir", "progress_bar", "tensorboard", "save_every", "keep_checkpoints", "resume", "overwrite",
-               "uniform_sampler")
+               "uniform_sampler", "mask_in_confidence")
 SHIPPED_DIR = Path(__file__).parent / "reference_policies"
 KEY_FILE = "recipe_key.txt"
 REFERENCE_PREFIX = "reference:"  # --model reference:TASK names TASK's reference policy

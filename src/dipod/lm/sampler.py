@@ -12,8 +12,11 @@ LLaDA's even split of a block over its steps, Dream's ``linspace(1, eps, steps +
 with ``confidence_threshold``, every position whose score exceeds the threshold (at least one).
 
 Conventions (see docs/lm_sampler.md):
-- the mask token is never proposed (its logit is set to -inf before proposing and scoring), so no
-  mask is left at the end;
+- the mask token is never proposed (the proposal is the best non-mask token), so no mask is left
+  at the end; with ``mask_in_confidence`` (default) its logit stays in the softmax that scores the
+  proposals, as in LLaDA's ``generate()`` and Dream's ``diffusion_generate``; without it the mask
+  logit is -inf before filtering and scoring (dipod's earlier rule);
+- with ``compact_rows`` (default) finished rows leave the forwards (``dipod.lm.active_rows``);
 - ties between equal scores go to the leftmost position, so outputs are deterministic at
   temperature 0, and at temperature > 0 with a fixed ``torch.Generator``;
 - classifier-free guidance runs an unconditional pass in the same forward (batch stacked), with
@@ -68,6 +71,10 @@ class DecodingOptions:
         "this, at least one (None: the schedule's fixed counts)", default=None)
     max_reveal_per_step: int | None = option("with confidence_threshold: reveal at most this many per step",
                                              default=None)
+    mask_in_confidence: bool = option(
+        "keep the mask token's logit in the softmax that scores proposals, as LLaDA's generate() and Dream's "
+        "diffusion_generate do (false: set it to -inf first, dipod's earlier rule); the mask token itself is "
+        "never proposed either way", default=True)
     kv_cache: str | None = option(f"block KV cache for decoding, one of {KV_CACHES} (None: full forwards)",
                                   default=None)
     top_k: int | None = option("propose only among the k most likely tokens; scores read the filtered "
@@ -125,6 +132,9 @@ class SamplerSettings(DecodingOptions):
     temperature: float = option("Gumbel-max sampling temperature (0 = greedy argmax)", default=0.0)
     cfg_scale: float = option("classifier-free guidance scale (0 = no unconditional pass)", default=0.0)
     fill_after_eos: bool = option("set every position after the first EOS to EOS in the result", default=True)
+    compact_rows: bool = option("run each forward only on the rows with masks left in the block, so a batch "
+                                "costs the sum of its rows' forwards (same outputs; false: every row in every "
+                                "forward of a block)", default=True)
 
     def __post_init__(self) -> None:
         if self.gen_length < 1 or self.block_length < 1 or self.steps < 1:
@@ -239,7 +249,9 @@ def decode(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings: SamplerSetting
     comes from ``generator`` (the global RNG when None). ``forward`` replaces the block forward
     (default: ``settings.kv_cache``'s, i.e. the full model when unset): it is called as
     ``forward(x_bt, attn_bt, lo, hi, new_block)`` and returns float32 logits ``[B, hi - lo, V]``
-    predicting positions ``lo..hi-1``, with ``new_block`` true on each block's first step.
+    predicting positions ``lo..hi-1``, with ``new_block`` true on each block's first step. With
+    ``settings.compact_rows`` a forward that has a ``keep_rows(keep_b)`` method is called only on the
+    rows with masks left in the block (``dipod.lm.active_rows``); one without is always given every row.
     """
     if settings is None:
         from dipod.lm.recipe import model_sampler_settings  # imported here: the recipe imports this module

@@ -10,6 +10,8 @@ re-aligned for shifted families such as Dream).
   prompt's and finished blocks' keys/values as cached at the block's first step.
 - ``dual`` recomputes only the block's tokens; the suffix (the still-masked blocks after it) is
   also read from the cache.
+- ``keep_rows(keep_b)`` drops the entries of rows that finished the block, so the sampler's later
+  steps run on the remaining rows only (``dipod.lm.active_rows``).
 
 What is approximate (both modes): cached keys/values are those of the block's first step, so they
 do not see the tokens revealed since. Fast-dLLM measures this to cost little accuracy, since a
@@ -52,3 +54,13 @@ class BlockCachedForward:
             q_lo, q_hi = lo - shift, (x_bt.shape[1] if self.mode == "prefix" else hi)
             hidden = self.network.hidden(x_bt[:, q_lo:q_hi], q_lo, key_mask, self._cache)[:, :hi - lo]
         return self.network.head_logits(hidden)
+
+    def keep_rows(self, keep_b: torch.Tensor) -> None:
+        """Drop the cache entries of the rows not marked in ``keep_b``: the sampler's next calls pass only the
+        kept rows (``dipod.lm.active_rows``)."""
+        if self._cache is None:
+            raise RuntimeError("keep_rows before any block was cached; call with new_block=True first")
+        for layer_kv in self._cache:
+            layer_kv.keep_rows(keep_b)
+        shape, lo, hi = self._block
+        self._block = ((int(keep_b.sum()), *shape[1:]), lo, hi)

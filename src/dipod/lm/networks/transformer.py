@@ -111,6 +111,11 @@ class LayerKV:
             self.v[:, :, start:start + v.shape[2]] = v
         return self.k, self.v
 
+    def keep_rows(self, keep_b: Tensor) -> None:
+        """Keep only the batch rows marked in the boolean ``keep_b`` (the sampler's finished rows leave)."""
+        if self.k is not None:
+            self.k, self.v = self.k[keep_b], self.v[keep_b]
+
 
 class Layer(nn.Module):
     """One transformer layer. Its submodules may be the hub model's own (shared, not copied)."""

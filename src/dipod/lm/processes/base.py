@@ -29,6 +29,7 @@ class Decoded:
     completion_bg: Tensor  # long [B, G]
     order_bg: Tensor  # long [B, G]: the step, counted from 0 over the whole decode, that revealed each position
     forward_passes: int  # model calls actually run (a guided step's stacked pass counts once)
+    row_forwards: int  # rows summed over those calls: the compute the batch paid
 
 
 @dataclass

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from dipod.config import ConfigError
+from dipod.lm.active_rows import ActiveRows
 from dipod.lm.model import eval_mode
 from dipod.lm.processes.base import BlockForward, Decoded
 from dipod.lm.reveal import REVEAL_RULES, top_k_mask
@@ -24,6 +25,8 @@ def full_forward(lm) -> BlockForward:
 
     def forward(x_bt: Tensor, attn_bt: Tensor, lo: int, hi: int, new_block: bool) -> Tensor:
         return lm.logits(x_bt, attn_bt, first=lo)[:, :hi - lo]
+
+    forward.keep_rows = lambda keep_b: None  # stateless: rows may leave between any two calls
     return forward
 
 
@@ -43,7 +46,7 @@ def block_forward(lm, kv_cache: str | None) -> BlockForward:
 
 def _guided_block_logits(forward: BlockForward, mask_id: int, ids_bt: Tensor, attn_bt: Tensor,
                          prompt_attn: Tensor, lo: int, hi: int, cfg_scale: float, new_block: bool) -> Tensor:
-    """Float32 logits ``[B, hi - lo, V]`` of the current block (guided when ``cfg_scale > 0``), mask token at -inf."""
+    """Float32 logits ``[B, hi - lo, V]`` of the current block (guided when ``cfg_scale > 0``), a fresh tensor."""
     if cfg_scale == 0.0:
         logits_blv = forward(ids_bt, attn_bt, lo, hi, new_block).float().clone()
     else:
@@ -53,7 +56,6 @@ def _guided_block_logits(forward: BlockForward, mask_id: int, ids_bt: Tensor, at
         both_blv = forward(torch.cat([ids_bt, uncond_ids_bt]), torch.cat([attn_bt, attn_bt]), lo, hi, new_block)
         cond_blv, uncond_blv = both_blv.float().chunk(2)
         logits_blv = uncond_blv + (cfg_scale + 1.0) * (cond_blv - uncond_blv)
-    logits_blv[..., mask_id] = float("-inf")  # never propose the mask token
     return logits_blv
 
 
@@ -78,15 +80,23 @@ def filter_logits(logits_blv: Tensor, temperature: float, top_k: int | None, top
     return logits_blv
 
 
-def _propose(logits_blv: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """A proposed token per position: the argmax at temperature 0, else a draw from ``softmax(logits / T)``."""
+def _propose(logits_blv: Tensor, mask_id: int, temperature: float, generator: torch.Generator | None,
+             rows: ActiveRows) -> Tensor:
+    """A proposed non-mask token per position: the argmax at temperature 0, else a draw from
+    ``softmax(logits / T)`` conditioned on not being the mask token (noise drawn for the whole batch)."""
     if temperature == 0.0:
-        return logits_blv.argmax(dim=-1)
+        mask_logit_bl = logits_blv[..., mask_id].clone()
+        logits_blv[..., mask_id] = float("-inf")  # in place and restored: no copy of the [B, L, V] logits
+        tokens_bl = logits_blv.argmax(dim=-1)
+        logits_blv[..., mask_id] = mask_logit_bl
+        return tokens_bl
     # Gumbel-max: argmax(logits / T + G) is a draw from softmax(logits / T); float64 keeps the
     # noise's tails (and so the low-probability tokens) exact enough.
-    uniform = torch.rand(logits_blv.shape, generator=generator, dtype=torch.float64, device=logits_blv.device)
+    uniform = rows.uniform_rows(logits_blv.shape, generator, logits_blv.device)
     gumbel = -torch.log(-torch.log(uniform.clamp_min_(torch.finfo(torch.float64).tiny)))
-    return (logits_blv.double() / temperature + gumbel).argmax(dim=-1)
+    noisy_blv = logits_blv.double() / temperature + gumbel
+    noisy_blv[..., mask_id] = float("-inf")
+    return noisy_blv.argmax(dim=-1)
 
 
 def fill_after_first_eos(completion_bg: Tensor, eos_id: int) -> Tensor:
@@ -111,29 +121,37 @@ def decode_masked(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings,
     order_bg = torch.full((batch, settings.gen_length), -1, dtype=torch.long, device=device)
     forward = forward if forward is not None else block_forward(lm, settings.kv_cache)
 
-    step = 0
+    step = row_forwards = 0
+    # Only a forward that declares keep_rows (ours do) may see the batch shrink within a block.
+    rows = ActiveRows(batch, device, settings.compact_rows and hasattr(forward, "keep_rows"))
     with eval_mode(lm.model), (torch.no_grad() if _sharded(lm.model) else torch.inference_mode()):
         for start, end in settings.blocks():
             lo, hi = prompt_len + start, prompt_len + end
             count = settings.count_rule(end - start)
             block_step = 0
-            while (masked_bl := ids_bt[:, lo:hi] == mask_id).any():
-                logits_blv = _guided_block_logits(forward, mask_id, ids_bt, attn_bt, prompt_attn, lo, hi,
-                                                  settings.cfg_scale, new_block=block_step == 0)
-                logits_blv = filter_logits(logits_blv, settings.temperature, settings.top_k, settings.top_p)
-                tokens_bl = _propose(logits_blv, settings.temperature, generator)
-                score_bl = rule.score(logits_blv, tokens_bl, settings.temperature, generator)
-                score_bl = score_bl.masked_fill(~masked_bl, float("-inf"))
-                reveal_bl = top_k_mask(score_bl, count(block_step, masked_bl, score_bl))
-                ids_bt[:, lo:hi] = torch.where(reveal_bl, tokens_bl, ids_bt[:, lo:hi])
-                order_bg[:, start:end].masked_fill_(reveal_bl, step)
+            rows.start_block()
+            while (masked_al := rows.drop_finished(rows.select(ids_bt)[:, lo:hi] == mask_id, forward)).any():
+                ids_at = rows.select(ids_bt)
+                logits_alv = _guided_block_logits(forward, mask_id, ids_at, rows.select(attn_bt),
+                                                  rows.select(prompt_attn), lo, hi, settings.cfg_scale,
+                                                  new_block=block_step == 0)
+                if not settings.mask_in_confidence:
+                    logits_alv[..., mask_id] = float("-inf")
+                logits_alv = filter_logits(logits_alv, settings.temperature, settings.top_k, settings.top_p)
+                tokens_al = _propose(logits_alv, mask_id, settings.temperature, generator, rows)
+                score_al = rule.score(logits_alv, tokens_al, settings.temperature, generator)
+                score_al = score_al.masked_fill(~masked_al, float("-inf"))
+                reveal_al = top_k_mask(score_al, count(block_step, masked_al, score_al))
+                rows.put(ids_bt, lo, hi, torch.where(reveal_al, tokens_al, ids_at[:, lo:hi]))
+                rows.put(order_bg, start, end, rows.select(order_bg)[:, start:end].masked_fill(reveal_al, step))
+                row_forwards += ids_at.shape[0]
                 step += 1
                 block_step += 1
 
     completion_bg = ids_bt[:, prompt_len:]
     if settings.fill_after_eos:
         completion_bg = fill_after_first_eos(completion_bg, lm.eos_id)
-    return Decoded(completion_bg=completion_bg, order_bg=order_bg, forward_passes=step)
+    return Decoded(completion_bg=completion_bg, order_bg=order_bg, forward_passes=step, row_forwards=row_forwards)
 
 
 def _sharded(model: torch.nn.Module) -> bool:
