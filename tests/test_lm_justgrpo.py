@@ -5,6 +5,7 @@ one-forward-per-token loop (values and gradients), and its wiring into TrainConf
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -264,3 +265,45 @@ def test_a_training_step_decodes_left_to_right_and_scores_the_exact_likelihood(t
     assert found.elbo_n is None  # no bound computed without DiPOD
     torch.testing.assert_close(found.left_to_right_logp_nl.detach(), exact)
     assert metrics["clip_ratio"] == 0.0 and "frac_valid_samples" in metrics and "elbo" not in metrics
+
+# ---------------------------------------------------------------- the paper configuration and its memory plan
+
+PAPER = Path(__file__).resolve().parents[1] / "configs" / "lm" / "paper" / "justgrpo"
+# LeapLabTHU/JustGRPO train.py TrainConfig, its README launch (8 processes, --grad_accum 8) and grpo.py
+RELEASED = dict(model="GSAI-ML/LLaDA-8B-Instruct", dtype="bfloat16", lora_r=0, gradient_checkpointing=True,
+                prompts_per_step=64, num_generations=16, gradient_accumulation_steps=8, gen_length=256,
+                block_length=32, diffusion_steps=256, temperature=1.0, scale_rewards=True, estimator="justgrpo",
+                clip_eps=0.2, num_iterations=1, dipod_beta=0.0, learning_rate=5e-6, weight_decay=0.0,
+                adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0 / 8, lr_scheduler="constant", warmup_steps=0,
+                max_steps=125, seed=1234)
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "math500"])
+def test_paper_config_carries_the_released_values_and_fits_80_gib(task):
+    from dipod.config import parse_config
+    from dipod.lm.memory import plan
+
+    cfg = parse_config(TrainConfig, ["--config", str(PAPER / f"justgrpo_{task}.yaml")], "test")
+    assert {k: getattr(cfg, k) for k in RELEASED} == RELEASED and cfg.task == task
+    assert cfg.reward_weights[0] == 1.0 and not any(cfg.reward_weights[1:])  # correctness only
+    # one prompt's group of 16 per micro-batch on each of 8 processes, as the release's accumulation step
+    assert cfg.prompts_per_step * cfg.num_generations // 8 // cfg.gradient_accumulation_steps == 16
+    result = plan(cfg, num_gpus=8, engine="fsdp")
+    assert 15 < result["peak_gib_per_gpu"] <= 80, result
+
+
+def test_memory_plan_counts_one_checkpointed_chunk_of_prefix_states():
+    from dipod.lm.memory import activation_bytes_per_token, left_to_right_chunk_rows, model_shape, plan
+
+    cfg = TrainConfig(model="GSAI-ML/LLaDA-8B-Instruct", estimator="justgrpo", dipod_beta=0.0, temperature=1.0,
+                      lora_r=0, gradient_checkpointing=True, max_prompt_length=256, gen_length=256,
+                      max_tokens_per_forward=8192)
+    seq, shape = 512, model_shape(cfg.model)
+    small, large = (plan(dataclasses.replace(cfg, prompts_per_step=p), 8, "fsdp") for p in (16, 64))
+    assert left_to_right_chunk_rows(cfg, small["micro_batch"]) == 16  # 8192 tokens / 512 per state
+    expected = 16 * seq * activation_bytes_per_token(shape, 2, True) / 2 ** 30
+    assert small["update_gib"]["activations"] == pytest.approx(expected)
+    # a bigger micro-batch makes more chunks, not bigger ones
+    assert large["micro_batch"] > small["micro_batch"] and large["update_gib"]["activations"] == small["update_gib"]["activations"]
+    unchunked = plan(dataclasses.replace(cfg, max_tokens_per_forward=None), 8, "fsdp")
+    assert unchunked["update_gib"]["activations"] == pytest.approx(expected * small["micro_batch"] * 256 / 16)
