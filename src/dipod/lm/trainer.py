@@ -570,7 +570,7 @@ def _normalise_resume_flag(argv: list[str]) -> list[str]:
 
 def main(argv: list[str], prog: str = "dipod lm train") -> int:
     cfg = parse_config(TrainConfig, _normalise_resume_flag(list(argv)), prog,
-                       description="Online RL post-training of a masked-diffusion LM (d1 / FPO / FPO++ / SPG + DiPOD).")
+                       description="Online RL post-training of a masked-diffusion LM (d1 / FPO / FPO++ / SPG / JustGRPO + DiPOD).")
     try:
         result = train(cfg)
     except TrainingDiverged as exc:
