@@ -245,9 +245,15 @@ def test_a_training_step_decodes_left_to_right_and_scores_the_exact_likelihood(t
                       prompts_per_step=2, num_generations=2, gradient_accumulation_steps=1, gen_length=8,
                       block_length=4, diffusion_steps=4, num_iterations=1, max_steps=1, estimator="justgrpo",
                       dipod_beta=0.0, temperature=1.0, max_tokens_per_forward=64, eval_examples=1,
-                      gap_monitor_steps=0, tensorboard=False, progress_bar=False, save_final_model=False,
-                      output_dir=str(tmp_path / "run"))
+                      gap_monitor_steps=0, rollout_mismatch_steps=1, tensorboard=False, progress_bar=False,
+                      save_final_model=False, output_dir=str(tmp_path / "run"))
     trainer = Trainer(cfg)
+    compared = []
+    from dipod.lm import rollout_mismatch
+
+    real_mismatch = rollout_mismatch.rollout_mismatch
+    monkeypatch.setattr(rollout_mismatch, "rollout_mismatch", lambda lm, i, a, fast, reference, *rest:
+                        compared.append((fast, reference)) or real_mismatch(lm, i, a, fast, reference, *rest))
     decoded, scored = [], []
     real_generate, real_proxies = train_engine.generate, train_engine.compute_proxies
     monkeypatch.setattr(trainer.engine, "generate", lambda lm, i, a, s, generator: decoded.append(s) or
@@ -261,6 +267,10 @@ def test_a_training_step_decodes_left_to_right_and_scores_the_exact_likelihood(t
     monkeypatch.setattr(trainer.engine, "compute_proxies", spy)
     metrics = trainer.step(1)
     assert [(s.block_length, s.steps) for s in decoded] == [(1, 8)]
+    # the monitor compares the parallel decoder it is evaluated with against its left-to-right rollouts
+    (fast, reference), = compared
+    assert (fast.block_length, fast.steps, reference.block_length, reference.steps) == (4, 4, 1, 8)
+    assert "mismatch/same_tokens" in metrics
     (found, exact), = scored
     assert found.elbo_n is None  # no bound computed without DiPOD
     torch.testing.assert_close(found.left_to_right_logp_nl.detach(), exact)
