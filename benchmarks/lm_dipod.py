@@ -1,7 +1,7 @@
-"""DiPOD against d1, FPO and SPG on the tiny reference policies (sudoku4, countdown), same budget each.
+"""DiPOD against d1, FPO, SPG and JustGRPO on the tiny reference policies (sudoku4, countdown), same budget each.
 
-    python benchmarks/lm_dipod.py --quick                  # sudoku4, 6 methods x 3 seeds, 20 RL steps
-    python benchmarks/lm_dipod.py                          # sudoku4 + countdown, 6 methods x 5 seeds, 60 steps
+    python benchmarks/lm_dipod.py --quick                  # sudoku4, 7 methods x 3 seeds, 20 RL steps
+    python benchmarks/lm_dipod.py                          # sudoku4 + countdown, 7 methods x 5 seeds, 60 steps
     python benchmarks/lm_dipod.py --sweep [--quick]        # learning rate x DiPOD beta: learns / collapses / freezes
 
 Every (task, method, seed) is one `dipod lm train` run in its own process (one torch thread each,
@@ -30,9 +30,15 @@ METHODS: dict[str, dict] = {
     "fpo+dipod": {"estimator": "fpo"},
     "spg_mix": {"estimator": "spg", "dipod_beta": 0.0},
     "spg_mix+dipod": {"estimator": "spg"},
+    # JustGRPO as released: left-to-right rollouts, exact left-to-right likelihood, one update per batch,
+    # (r - mean) / (std + 1e-4) advantages (docs/lm_justgrpo.md)
+    "justgrpo": {"estimator": "justgrpo", "dipod_beta": 0.0, "num_iterations": 1, "scale_rewards": True},
     # the control: SPG(mix)+DiPOD with the step's rewards shuffled across its rollouts (no information)
     "placebo": {"estimator": "spg", "placebo_rewards": True},
+    # not in the default set: JustGRPO with the DiPOD term on the any-order ELBO of its rollouts
+    "justgrpo+dipod": {"estimator": "justgrpo", "num_iterations": 1, "scale_rewards": True},
 }
+DEFAULT_METHODS = ("d1", "fpo", "fpo+dipod", "spg_mix", "spg_mix+dipod", "justgrpo", "placebo")
 # Test-split sizes are the tasks' full test splits (500 each); eval_examples=None means all of them.
 PRESETS = {
     "quick": {"max_steps": 20, "eval_steps": 10, "gap_monitor_steps": 5, "seeds": "0,1,2", "tasks": "sudoku4"},
@@ -261,7 +267,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sweep_lrs", default=",".join(f"{x:g}" for x in SWEEP["learning_rates"]), help="--sweep: rates")
     parser.add_argument("--sweep_betas", default=",".join(f"{x:g}" for x in SWEEP["betas"]), help="--sweep: DiPOD betas")
     parser.add_argument("--tasks", default=None, help="comma list (default: the preset's)")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list from {list(METHODS)}")
     parser.add_argument("--seeds", default=None, help="comma list (default: the preset's, 0-4)")
     parser.add_argument("--beta", type=float, default=None, help="DiPOD beta of the +dipod methods (default: the recipe's)")
     parser.add_argument("--max_steps", type=int, default=None, help="override the preset's RL steps")

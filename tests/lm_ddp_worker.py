@@ -1,9 +1,12 @@
 """One process of the 2-process `accelerate launch` smoke test (tests/test_lm_trainer_ddp.py).
 
 Trains the tiny model for a few steps with groups that span the two processes, then writes this
-process's parameters and, per step, the advantages it used and the rewards it gathered.
+process's parameters and, per step, the advantages it used and the rewards it gathered. An optional
+third argument, a JSON object, changes TrainConfig fields (e.g. another estimator).
 """
 
+import dataclasses
+import json
 import sys
 
 import torch
@@ -20,6 +23,7 @@ cfg = TrainConfig(model=model, task="sudoku4", prompt_style="compact", lora_r=0,
                   estimator="fpo", learning_rate=1e-3, max_steps=2, save_steps=2, eval_steps=0, eval_examples=3,
                   gap_monitor_steps=2, gap_monitor_sequences=1, gap_monitor_orders=2, tensorboard=False,
                   progress_bar=False, save_final_model=False, output_dir=out)
+cfg = dataclasses.replace(cfg, **(json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}))
 trainer = Trainer(cfg)
 # The untrained model scores 0 on sudoku; a reward that varies with the text makes the advantages non-trivial.
 trainer.reward_names, trainer.reward_fns = ["length_mod_5"], [lambda text, example: (len(text) % 5) / 4.0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -27,7 +28,13 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="accelerate's launcher is not installed")
-def test_two_cpu_processes_end_with_identical_parameters(tmp_path):
+@pytest.mark.parametrize("changes", [
+    {},
+    # JustGRPO + DiPOD: checkpointed left-to-right chunks recomputed in backward under DDP, bounds beside them
+    pytest.param({"estimator": "justgrpo", "temperature": 1.0, "num_iterations": 1, "gen_length": 8, "block_length": 8,
+                  "max_tokens_per_forward": 200}, marks=pytest.mark.slow, id="justgrpo"),
+], ids=lambda c: c.get("estimator", "fpo"))
+def test_two_cpu_processes_end_with_identical_parameters(tmp_path, changes):
     from dipod.lm.model import build_tiny_model, load_masked_lm
 
     model = build_tiny_model(tmp_path / "model", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
@@ -38,7 +45,7 @@ def test_two_cpu_processes_end_with_identical_parameters(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(WORKER), str(tmp_path / "run"),
-           str(model)]
+           str(model), json.dumps(changes)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -192,6 +192,28 @@ def spg_loss(
     return loss, info
 
 
+def justgrpo_loss(logp_nl: Tensor, logp_old_nl: Tensor, adv_n: Tensor, eps: float = 0.2) -> tuple[Tensor, Diagnostics]:
+    """JustGRPO: token-level PPO clipping on the EXACT left-to-right log-probs of every completion token.
+
+    ``loss = -1/(L n_valid) sum_{n,l} min(r_nl A_n, clip(r_nl, 1-eps, 1+eps) A_n)`` with
+    ``r_nl = exp(logp_nl - logp_old_nl)``, ``L`` the completion length (every position is scored,
+    the EOS padding after an answer too, as the release does) and ``n_valid`` the number of rows
+    with a non-zero advantage (at least 1): the mean over rows divided by the share of rows that
+    carry a signal (LeapLabTHU/JustGRPO grpo.py ``logprob_loss``, ``scale = 1 / gen_length /
+    valid_samples``). On-policy (``logp_old = logp.detach()``, the release's one update) the ratio
+    is 1 and the gradient is ``-A_n grad logp_nl / (L n_valid)``. Shapes: logp [N, L], adv [N].
+    """
+    logp_nl = _as_float(logp_nl)
+    ratio = torch.exp(logp_nl - _as_float(logp_old_nl).detach())
+    adv = _as_float(adv_n).detach()
+    per_token, clipped = ppo_clip_objective(ratio, adv[:, None], eps, eps)
+    valid = (adv != 0).sum().clamp_min(1).to(logp_nl.dtype)
+    loss = -per_token.sum() / (logp_nl.shape[1] * valid)
+    info = _ratio_diagnostics(ratio, clipped)
+    info["frac_valid_samples"] = float((adv != 0).float().mean())
+    return loss, info
+
+
 def dipod_term(elbo: Tensor, beta: float, lengths_n: Tensor | None = None) -> Tensor:
     """The DiPOD tightening term (Eq. 7): ``-beta * mean ELBO`` over the same rollout batch.
 

@@ -7,6 +7,11 @@ adapter onto a function of ``dipod.objectives``). ``TrainConfig`` derives its pe
 from these records, and the trainer resolves its loss here once by name, so adding an estimator is
 one function in objectives.py and one record below.
 
+Two kinds of likelihood: the bounds of ``dipod.lm.proxies`` (ELBO / EUBO / mean-field, Monte-Carlo
+masked copies, the estimators DiPOD tightens) and the exact left-to-right likelihood of
+``dipod.lm.left_to_right`` (``left_to_right=True``: JustGRPO; its rollouts are decoded left to right
+too, the policy whose likelihood it reads).
+
 Shape names as in ``dipod.lm.proxies``: ``N`` sequences, ``K`` draws, ``L`` completion tokens.
 """
 
@@ -17,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
-from dipod.objectives import SPG_NEGATIVE_PROXIES, d1_loss, fpo_loss, fpo_plus_plus_loss, spg_loss
+from dipod.objectives import SPG_NEGATIVE_PROXIES, d1_loss, fpo_loss, fpo_plus_plus_loss, justgrpo_loss, spg_loss
 
 # How the DiPOD term -beta * ELBO is averaged over the batch:
 #   per_token    -beta * sum_n ELBO_n / sum_n L_n   (SPG's released form; beta scales a per-token ELBO)
@@ -69,6 +74,8 @@ class Estimator:
     needs_meanfield: bool  # the proxies must include d1's mean-field copy
     reference_proxy: str | None  # Proxies field of the reference model that kl_beta compares
     options: dict[str, Option] = field(default_factory=dict)
+    # reads the exact left-to-right log-probs, and its rollouts are decoded left to right (one token per step)
+    left_to_right: bool = False
 
 
 def _d1(new, old, adv_n, ref, o):
@@ -91,6 +98,10 @@ def _spg_uses_eubo(o: Mapping[str, Any]) -> bool:
 def _spg(new, old, adv_n, ref, o):
     return spg_loss(adv_n, new.elbo_n, new.eubo_n if _spg_uses_eubo(o) else None,
                     negative_proxy=o["spg_negative_proxy"], mix_weight=o["spg_mix_weight"], lengths_n=new.lengths_n)
+
+
+def _justgrpo(new, old, adv_n, ref, o):
+    return justgrpo_loss(new.left_to_right_logp_nl, old.left_to_right_logp_nl, adv_n, eps=o["clip_eps"])
 
 
 ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
@@ -118,6 +129,10 @@ ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
                        "eubo_beta": Option(1.5, _positive, "must be > 0", applies=_spg_uses_eubo,
                                            unused_when="spg_negative_proxy='elbo' reads no EUBO"),
                        "dipod_normalisation": _dipod_normalisation("per_token")}),
+    Estimator("justgrpo", "JustGRPO: left-to-right rollouts, token-level PPO clip on the exact left-to-right "
+              "log-probs, no KL", _justgrpo, reads=lambda o: ("left_to_right_logp_nl",), needs_old=True,
+              needs_meanfield=False, reference_proxy=None, left_to_right=True,
+              options={"clip_eps": _clip_eps(0.2), "dipod_normalisation": _dipod_normalisation("per_token")}),
 )}
 
 # option name -> the estimators that have it (every other estimator must leave it unset)

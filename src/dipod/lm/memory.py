@@ -7,7 +7,12 @@ cannot disagree about what is loaded. Two phases peak separately:
   ``generation_batch_size`` rows, and the confidence monitor's float64 softmax over the vocabulary.
 - **update**: weights + gradients + AdamW state per engine (below), the activations of one
   micro-batch (``micro`` completions x ``num_draws`` masked copies x prompt+completion tokens) with
-  or without whole-layer checkpointing, and its logits.
+  or without whole-layer checkpointing, and its logits. An exact left-to-right estimator (JustGRPO)
+  adds one chunk of its ``micro x gen_length`` prefix states (``max_tokens_per_forward // (prompt +
+  completion)`` rows, all of them when unset): the chunks are checkpointed, so one chunk's
+  activations live at a time, and its logits from the chunk's first position read (at most the whole
+  completion, ``dtype`` + float32) plus the float32 tempered and log-softmaxed row at that position;
+  its masked copies count only when DiPOD's term reads the ELBO.
 
 Bytes per parameter (P base parameters, N GPUs, w = bytes of ``dtype``): LoRA keeps the base in
 ``dtype`` on every GPU (ZeRO-3 / FSDP: 1/N of it) and float32 adapters + grads + AdamW (16 bytes per
@@ -35,6 +40,7 @@ from pathlib import Path
 
 from dipod.config import parse_config
 from dipod.lm.train_config import TrainConfig
+from dipod.lm.trainer import needs_bounds
 
 GIB = 2 ** 30
 ENGINES = ("ddp", "zero2", "zero3", "fsdp")
@@ -111,6 +117,15 @@ def activation_bytes_per_token(shape: Shape, elem: int, checkpointing: bool, lor
     return shape.layers * per_layer
 
 
+def left_to_right_chunk_rows(cfg: TrainConfig, micro: int) -> int:
+    """Rows of one chunk of the exact left-to-right likelihood (dipod.lm.left_to_right): a micro-batch's
+    ``micro x gen_length`` states, at most ``max_tokens_per_forward // (prompt + completion)`` at a time."""
+    rows = micro * cfg.gen_length
+    if cfg.max_tokens_per_forward is None:
+        return rows
+    return min(rows, max(1, cfg.max_tokens_per_forward // (cfg.max_prompt_length + cfg.gen_length)))
+
+
 def plan(cfg: TrainConfig, num_gpus: int, engine: str = "zero2") -> dict:
     """Per-GPU bytes of each term, per phase, and the peak (module docstring)."""
     if engine not in ENGINES:
@@ -137,9 +152,16 @@ def plan(cfg: TrainConfig, num_gpus: int, engine: str = "zero2") -> dict:
     n_local = world_rows // N
     micro = max(1, n_local // cfg.gradient_accumulation_steps)
     prompt, gen = cfg.max_prompt_length, cfg.gen_length
-    tokens = micro * cfg.num_draws_value() * (prompt + gen)
-    activations = tokens * activation_bytes_per_token(shape, w, cfg.gradient_checkpointing, cfg.lora_r, len(targets))
-    logits = micro * cfg.num_draws_value() * gen * shape.vocab * (w + 4 + 4)
+    per_token = activation_bytes_per_token(shape, w, cfg.gradient_checkpointing, cfg.lora_r, len(targets))
+    bound_rows = micro * cfg.num_draws_value() if needs_bounds(cfg) else 0
+    tokens = bound_rows * (prompt + gen)
+    activations = tokens * per_token
+    logits = bound_rows * gen * shape.vocab * (w + 4 + 4)
+    if cfg.left_to_right():
+        rows = left_to_right_chunk_rows(cfg, micro)
+        tokens += rows * (prompt + gen)
+        activations += rows * (prompt + gen) * per_token
+        logits += rows * shape.vocab * (gen * (w + 4) + 4 + 4)
     gen_rows = cfg.generation_batch_size or n_local
     sampler_logits = gen_rows * gen * shape.vocab * (w + 4)  # from the current block to the end
     monitor = gen_rows * gen * shape.vocab * (4 + 8 + 8)  # float32 logits, float64 log-softmax and probs
@@ -158,7 +180,16 @@ def plan(cfg: TrainConfig, num_gpus: int, engine: str = "zero2") -> dict:
 
 def fixes(cfg: TrainConfig, result: dict, budget_gib: float, num_gpus: int, engine: str) -> list[str]:
     """Settings that bring the plan under ``budget_gib``, each checked by re-planning."""
-    candidates = [("--gradient_checkpointing true", dict(gradient_checkpointing=True)),
+    candidates = [("--gradient_checkpointing true", dict(gradient_checkpointing=True))]
+    if cfg.left_to_right():  # the largest left-to-right chunk (halving its rows) that fits
+        seq, rows = cfg.max_prompt_length + cfg.gen_length, left_to_right_chunk_rows(cfg, result["micro_batch"])
+        while rows > 1:
+            rows //= 2
+            trial = dataclasses.replace(cfg, gradient_checkpointing=True, max_tokens_per_forward=rows * seq)
+            if plan(trial, num_gpus, engine)["peak_gib_per_gpu"] <= budget_gib:
+                break
+        candidates.append((f"--max_tokens_per_forward {rows * seq}", dict(max_tokens_per_forward=rows * seq)))
+    candidates += [
                   (f"--generation_batch_size {max(1, (cfg.generation_batch_size or 8) // 2)}",
                    dict(generation_batch_size=max(1, (cfg.generation_batch_size or 8) // 2))),
                   (f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps * 2}",

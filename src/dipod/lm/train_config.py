@@ -72,9 +72,12 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
     num_generations: int = option("completions per prompt (the GRPO group size), >= 2", default=6)
     generation_batch_size: int | None = option("completions generated per sampler call (lower it on OOM)", default=None)
     gen_length: int = option("completion length in tokens", default=256)
-    block_length: int = option("semi-autoregressive block length; gen_length must be a multiple", default=32)
-    diffusion_steps: int = option("sampler steps over the whole completion (a multiple of the block count)", default=128)
-    temperature: float = option("rollout sampling temperature (0 = greedy)", default=0.9)
+    block_length: int = option("semi-autoregressive block length; gen_length must be a multiple (justgrpo: of the "
+                               "evaluation decoder only, its rollouts decode one token per step)", default=32)
+    diffusion_steps: int = option("sampler steps over the whole completion (a multiple of the block count; justgrpo: "
+                                  "evaluation only)", default=128)
+    temperature: float = option("rollout sampling temperature (0 = greedy; justgrpo: > 0, its likelihood is read "
+                                "at this temperature)", default=0.9)
     cfg_scale: float = option("classifier-free guidance scale of the sampler", default=0.0)
     scale_rewards: bool = option("divide group-centred advantages by the group's reward std", default=False)
     placebo_rewards: bool = option(
@@ -163,6 +166,9 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
                                         "completions per prompt")
         # the sampler's own checks: gen_length a multiple of block_length, steps a multiple of the block count
         self.sampler_settings(self.temperature)
+        require(not self.left_to_right() or self.temperature > 0,
+                f"estimator={self.estimator} scores the likelihood of its sampled rollouts, which temperature="
+                f"{self.temperature} (greedy) does not define; use --temperature 1.0 (the release's)")
         require(self.dtype in DTYPES, f"dtype={self.dtype!r}; choose one of {DTYPES}")
         if self.load_in_4bit:
             _check_4bit()
@@ -231,6 +237,19 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
 
         return SamplerSettings(gen_length=self.gen_length, block_length=self.block_length, steps=self.diffusion_steps,
                                temperature=temperature, cfg_scale=self.cfg_scale, **self.decoding_options())
+
+    def left_to_right(self) -> bool:
+        """The estimator reads the exact left-to-right likelihood, so its rollouts decode left to right."""
+        return ESTIMATOR_RECORDS[self.estimator].left_to_right
+
+    def rollout_settings(self):
+        """Decoding settings of the rollouts: the config's at ``temperature`` or, for a left-to-right estimator
+        (JustGRPO), one token per step left to right; held-out evaluation always decodes with the config's."""
+        if self.left_to_right():
+            from dipod.lm.left_to_right import left_to_right_settings
+
+            return left_to_right_settings(self.gen_length, self.temperature)
+        return self.sampler_settings(self.temperature)
 
     def with_changes(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

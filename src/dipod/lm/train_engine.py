@@ -25,10 +25,18 @@ def get_task(name: str):
 
 
 def compute_proxies(lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor, settings, seed: int,
-                    meanfield: bool = False):
+                    meanfield: bool = False, bounds: bool = True, left_to_right_temperature: float | None = None):
+    """The bounds of dipod.lm.proxies (when ``bounds``) and, with ``left_to_right_temperature``, the exact
+    left-to-right log-probs at that temperature (dipod.lm.left_to_right)."""
     from dipod.lm.proxies import compute_proxies as _compute
 
-    return _compute(lm, prompt_ids, prompt_attn, completion_ids, settings, seed, meanfield=meanfield)
+    found = _compute(lm, prompt_ids, prompt_attn, completion_ids, settings, seed, meanfield=meanfield) if bounds else None
+    if left_to_right_temperature is None:
+        return found
+    from dipod.lm.left_to_right import left_to_right_proxies
+
+    return left_to_right_proxies(lm, prompt_ids, prompt_attn, completion_ids, left_to_right_temperature,
+                                 settings.max_tokens_per_forward, found)
 
 
 def gap_lower_bound(lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor, settings, num_orders: int,

@@ -99,6 +99,11 @@ def proxy_fields(cfg: TrainConfig) -> tuple[str, ...]:
     return fields
 
 
+def needs_bounds(cfg: TrainConfig) -> bool:
+    """Whether the loss reads any bound (ELBO, EUBO, mean-field: the masked copies of dipod.lm.proxies)."""
+    return any(name != "left_to_right_logp_nl" for name in proxy_fields(cfg))
+
+
 def proxies_used(cfg: TrainConfig, proxies) -> list[Tensor]:
     """The proxy tensors this configuration's loss reads (checked for NaN/inf before backward)."""
     return [getattr(proxies, name) for name in proxy_fields(cfg)]
@@ -225,9 +230,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ rollouts
     @torch.no_grad()
-    def generate(self, prompt_ids: Tensor, prompt_attn: Tensor, temperature: float, seed: int) -> Tensor:
+    def generate(self, prompt_ids: Tensor, prompt_attn: Tensor, temperature: float, seed: int,
+                 settings=None) -> Tensor:
+        """Completions decoded with ``settings`` (None: the config's decoder at ``temperature``)."""
         cfg = self.cfg
-        settings = cfg.sampler_settings(temperature)
+        settings = settings or cfg.sampler_settings(temperature)
         generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
         chunk = cfg.generation_batch_size or prompt_ids.shape[0]
         try:
@@ -240,13 +247,16 @@ class Trainer:
         return torch.cat(outs, dim=0)
 
     def rollout_mismatch(self, prompt_ids: Tensor, prompt_attn: Tensor, examples: list[dict], step: int) -> dict:
-        """``mismatch/*``: this step's prompts decoded by the rollout sampler and by the reference one."""
+        """``mismatch/*``: this step's prompts decoded by the rollout sampler and by the reference one. For a
+        left-to-right estimator (JustGRPO) the reference is its left-to-right rollout sampler and the fast one
+        the parallel decoder it is evaluated with (at the rollout temperature)."""
         from dipod.lm.rollout_mismatch import reference_settings, rollout_mismatch
 
         def total_reward(completion_ids: Tensor) -> Tensor:
             return self.score(self.engine.decode_completions(self.lm, completion_ids), examples)[0] @ self.reward_weights
         fast = self.cfg.sampler_settings(self.cfg.temperature)
-        found = rollout_mismatch(self.frozen_view, prompt_ids, prompt_attn, fast, reference_settings(fast), total_reward,
+        reference = self.cfg.rollout_settings() if self.cfg.left_to_right() else reference_settings(fast)
+        found = rollout_mismatch(self.frozen_view, prompt_ids, prompt_attn, fast, reference, total_reward,
                                  self.proxy_settings, derive_seed(self.cfg.seed, _MONITOR, step, self.rank, 2))
         return {f"mismatch/{key}": value for key, value in found.items()}
 
@@ -275,9 +285,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ update
     def _proxies(self, view, batch: dict, rows: slice, seed: int):
+        cfg = self.cfg
         return self.engine.compute_proxies(view, batch["prompt_ids"][rows], batch["prompt_attn"][rows],
                                            batch["completion_ids"][rows], self.proxy_settings, seed,
-                                           meanfield=get_estimator(self.cfg.estimator).needs_meanfield)
+                                           meanfield=get_estimator(cfg.estimator).needs_meanfield,
+                                           bounds=needs_bounds(cfg),
+                                           left_to_right_temperature=cfg.temperature if cfg.left_to_right() else None)
 
     def _reference_proxies(self, batch: dict, rows: slice, seed: int):
         if self.ref_lm is not None:
@@ -428,7 +441,7 @@ class Trainer:
         examples = self.step_examples(step)
         prompt_ids, prompt_attn = self.encode(examples)
         completion_ids = self.generate(prompt_ids, prompt_attn, cfg.temperature,
-                                       derive_seed(cfg.seed, _GENERATE, step, self.rank))
+                                       derive_seed(cfg.seed, _GENERATE, step, self.rank), cfg.rollout_settings())
         texts = self.engine.decode_completions(self.lm, completion_ids)
         rewards_nf, correct_n = self.score(texts, examples)
         adv_n, all_rewards_nf = self.advantages(rewards_nf, step)
@@ -558,7 +571,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def main(argv: list[str], prog: str = "dipod lm train") -> int:
     cfg = parse_config(TrainConfig, argv, prog,
-                       description="Online RL post-training of a masked-diffusion LM (d1 / FPO / FPO++ / SPG + DiPOD).")
+                       description="Online RL post-training of a masked-diffusion LM (d1 / FPO / FPO++ / SPG / JustGRPO + DiPOD).")
     try:
         result = train(cfg)
     except TrainingDiverged as exc:

@@ -34,15 +34,17 @@ class Decoded:
 
 @dataclass
 class Proxies:
-    """float32 likelihood proxies of a batch (``meanfield_logp_nl`` only when asked)."""
+    """float32 likelihood proxies of a batch (``meanfield_logp_nl`` only when asked). The bounds are None
+    only in the proxies of an exact-likelihood estimator run without them (dipod.lm.left_to_right)."""
 
-    elbo_nk: Tensor  # [B, K]
-    elbo_n: Tensor  # [B]
-    elbo_per_token_n: Tensor  # [B]
-    eubo_n: Tensor  # [B]
+    elbo_nk: Tensor | None  # [B, K]
+    elbo_n: Tensor | None  # [B]
+    elbo_per_token_n: Tensor | None  # [B]
+    eubo_n: Tensor | None  # [B]
     completion_mask_nl: Tensor  # [B, G], 1.0 on the live tokens of the process
     lengths_n: Tensor  # [B], number of live tokens L_n
     meanfield_logp_nl: Tensor | None = None  # [B, G]
+    left_to_right_logp_nl: Tensor | None = None  # [B, G]: exact left-to-right log-probs (JustGRPO)
 
 
 class DiffusionProcess(ABC):
