@@ -241,6 +241,32 @@ class Dream(ModelFamily):
             model.generation_config = original
 
 
+class SDAR(ModelFamily):
+    """SDAR / TraDo (dense; hub code ``modeling_sdar.py``, a Qwen3 network): block diffusion with block-causal
+    attention (``block_size`` in ``config.json``, 4), unshifted logits, mask id in ``config.json``.
+
+    Loaded into our network only: its hub code needs transformers 4.52-4.53 and flash-attn. Our network
+    counts blocks and positions from each row's first real token, so a left-padded row computes as it
+    would alone. Decoded and scored by the block-causal process (``dipod.lm.processes.block_causal``).
+    """
+
+    name = "sdar"
+    needs_remote_code = True
+    native = True
+    process = "block_causal"
+    end_of_turn_token = "<|im_end|>"
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    sampler_defaults = MappingProxyType({"schedule": "blocks", "remasking": "low_confidence"})
+
+    def matches(self, config: Mapping[str, Any]) -> bool:
+        return str(config.get("model_type", "")).lower() == "sdar"
+
+    def native_forward(self, model: nn.Module, ids: Tensor, attn: Tensor, first: int) -> Tensor:
+        from dipod.lm.networks.transformer import row_positions
+
+        return model(ids, attn, row_positions(attn), first=first)
+
+
 class _GenerationConfigWriter:
     """Stands in for a generation config during save_pretrained: writes its JSON, no validation."""
 
@@ -280,7 +306,7 @@ class DiffusionGemma(ModelFamily):
                          "after its encoder); decode and score it through dipod.lm.diffusion_gemma")
 
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLaDA(), Dream(), DiffusionGemma(), HFMaskedLM())}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLaDA(), Dream(), SDAR(), DiffusionGemma(), HFMaskedLM())}
 
 
 def get_family(name: str) -> ModelFamily:

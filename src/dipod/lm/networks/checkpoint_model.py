@@ -1,4 +1,4 @@
-"""LLaDA and Dream checkpoints as OUR network with its own parameters: no hub code, any transformers version.
+"""LLaDA, Dream and SDAR checkpoints as OUR network with its own parameters: no hub code, any transformers version.
 
 ``load_checkpoint_model(model_dir, dtype)`` reads a hub snapshot's ``config.json`` and safetensors
 (one file or a sharded index) into a ``CheckpointNetwork``. The family's ``spec`` and ``sizes``
@@ -11,7 +11,8 @@ hub's names and, when the source snapshot had them, its own code files, so a sav
 again here and, for users of the hub code, with ``trust_remote_code=True`` on transformers 4.56-4.57.
 
 Module names are ours and the same for every family (LoRA targets name them): ``embed``,
-``layers.N.{attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_norm, gate_proj, up_proj, down_proj}``,
+``layers.N.{attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_norm, gate_proj, up_proj, down_proj}`` (and
+``q_norm``, ``k_norm`` for SDAR),
 ``final_norm`` and ``head`` (absent when the head is tied to ``embed``).
 """
 
@@ -26,11 +27,10 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from dipod.lm.networks import dream, llada
-from dipod.lm.networks.build import LAYER_PARTS
+from dipod.lm.networks import dream, llada, sdar
 from dipod.lm.networks.transformer import Layer, Network, NormWeight
 
-FAMILIES = {"llada": llada, "dream": dream}  # config.json model_type (lower case) -> spec / sizes / paths
+FAMILIES = {"llada": llada, "dream": dream, "sdar": sdar}  # config.json model_type (lower case) -> spec / sizes / paths
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters write; recomputed, never read
 CODE_FILES = ("*.py", "generation_config.json")  # the hub code, copied on save for trust_remote_code users
 
@@ -51,7 +51,7 @@ def family_of(config: ModelConfig) -> str:
 
 
 class CheckpointNetwork(Network):
-    """A LLaDA / Dream network whose parameters are its own; built on the meta device, then assigned."""
+    """A LLaDA / Dream / SDAR network whose parameters are its own; built on the meta device, then assigned."""
 
     supports_gradient_checkpointing = True
     _no_split_modules = ["Layer"]  # FSDP's transformer-based auto wrap shards per decoder layer
@@ -72,7 +72,9 @@ class CheckpointNetwork(Network):
                             o_proj=linear(spec.n_heads * hd, d, size["other_bias"]),
                             mlp_norm=NormWeight(torch.empty(d)),
                             gate_proj=linear(d, mlp, size["other_bias"]), up_proj=linear(d, mlp, size["other_bias"]),
-                            down_proj=linear(mlp, d, size["other_bias"]))
+                            down_proj=linear(mlp, d, size["other_bias"]),
+                            q_norm=NormWeight(torch.empty(hd)) if spec.qk_norm else None,
+                            k_norm=NormWeight(torch.empty(hd)) if spec.qk_norm else None)
                       for _ in range(spec.n_layers)]
             head = None if spec.tied_head else linear(d, size["vocab"], False)
             super().__init__(spec, nn.Embedding(size["vocab"], d), layers, NormWeight(torch.empty(d)), head)
@@ -110,7 +112,7 @@ def _hub_names(paths: dict, network: Network) -> dict[str, str]:
     if paths["head"] is not None:
         prefixes["head"] = paths["head"]
     for i, layer in enumerate(paths["layers"]):
-        prefixes.update({f"layers.{i}.{part}": layer[part] for part in LAYER_PARTS})
+        prefixes.update({f"layers.{i}.{part}": path for part, path in layer.items()})
     names = {}
     for name, _ in network.named_parameters():
         module, leaf = name.rsplit(".", 1)

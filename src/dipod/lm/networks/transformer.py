@@ -41,6 +41,10 @@ class NetworkSpec:
     tied_head: bool = False  # the output head is the input embedding matrix
     embed_scale: float = 1.0
     logit_scale: float = 1.0
+    qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3: SDAR)
+    # Block-causal attention (SDAR): query i sees key j iff block(j) <= block(i), blocks of this many
+    # positions counted from each row's first real token. None: bidirectional (LLaDA, Dream).
+    block_size: int | None = None
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -117,11 +121,12 @@ class Layer(nn.Module):
 
     def __init__(self, spec: NetworkSpec, attn_norm: nn.Module, q_proj: nn.Module, k_proj: nn.Module,
                  v_proj: nn.Module, o_proj: nn.Module, mlp_norm: nn.Module, gate_proj: nn.Module, up_proj: nn.Module,
-                 down_proj: nn.Module):
+                 down_proj: nn.Module, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None):
         super().__init__()
         self.spec = spec
         self.attn_norm, self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn_norm, q_proj, k_proj, v_proj, o_proj
         self.mlp_norm, self.gate_proj, self.up_proj, self.down_proj = mlp_norm, gate_proj, up_proj, down_proj
+        self.q_norm, self.k_norm = q_norm, k_norm
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None, start: int,
                 kv: LayerKV | None) -> Tensor:
@@ -131,6 +136,8 @@ class Layer(nn.Module):
         q = self.q_proj(h).view(batch, length, spec.n_heads, spec.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(batch, length, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(batch, length, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
+        if spec.qk_norm:
+            q, k = apply_norm(self.q_norm, q, spec.norm_eps), apply_norm(self.k_norm, k, spec.norm_eps)
         q = apply_rope(q, cos, sin, spec.rope_in_float32)
         k = apply_rope(k, cos, sin, spec.rope_in_float32)
         if kv is not None:
@@ -142,6 +149,20 @@ class Layer(nn.Module):
         x = x + self.o_proj(att.transpose(1, 2).reshape(batch, length, spec.n_heads * spec.head_dim))
         h = apply_norm(self.mlp_norm, x, spec.norm_eps)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def row_positions(attn_bt: Tensor) -> Tensor:
+    """Each token's position counted from its row's first real token (padding at 0): ``[B, T]``."""
+    return (attn_bt.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def block_causal_mask(attn_bt: Tensor, block_size: int, q_lo: int = 0, q_hi: int | None = None) -> Tensor:
+    """Boolean ``[B, 1, Q, T]`` (True = attend) for queries ``q_lo .. q_hi - 1``: real keys in the same or an
+    earlier block, blocks of ``block_size`` counted from each row's first real token (so a left-padded
+    row attends as it would alone). A padding query sits in block 0: it sees the row's first block."""
+    block_bt = row_positions(attn_bt) // block_size
+    block_bq = block_bt[:, q_lo:q_hi]
+    return ((block_bt[:, None, :] <= block_bq[:, :, None]) & (attn_bt != 0)[:, None, :])[:, None]
 
 
 def key_padding_mask(attn_bt: Tensor | None) -> Tensor | None:
@@ -200,8 +221,16 @@ class Network(nn.Module):
     def new_cache(self) -> list[LayerKV]:
         return [LayerKV() for _ in self.layers]
 
+    def attention_mask(self, attn_bt: Tensor | None, length: int) -> Tensor | None:
+        """The mask of a full pass: key padding (bidirectional), or block-causal (``spec.block_size``)."""
+        if self.spec.block_size is None:
+            return key_padding_mask(attn_bt)
+        if attn_bt is None:
+            attn_bt = torch.ones(1, length, dtype=torch.long, device=self.embed.weight.device)
+        return block_causal_mask(attn_bt, self.spec.block_size)
+
     def forward(self, ids_bt: Tensor, attn_bt: Tensor | None = None, positions_bt: Tensor | None = None,
                 first: int = 0) -> Tensor:
         """Logits at positions ``first ..`` only: the head (vocabulary-wide) runs where they are read."""
-        hidden = self.hidden(ids_bt, 0, key_padding_mask(attn_bt), positions_bq=positions_bt)
+        hidden = self.hidden(ids_bt, 0, self.attention_mask(attn_bt, ids_bt.shape[1]), positions_bq=positions_bt)
         return self.head_logits(hidden[:, first:])

@@ -97,15 +97,19 @@ def fill_after_first_eos(completion_bg: Tensor, eos_id: int) -> Tensor:
 
 
 def decode_masked(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings,
-                  generator: torch.Generator | None = None, forward: BlockForward | None = None) -> Decoded:
+                  generator: torch.Generator | None = None, forward: BlockForward | None = None,
+                  canvas_bg: Tensor | None = None) -> Decoded:
     """The masked processes' decoding loop behind ``dipod.lm.sampler.decode`` (arguments as there; inputs
-    already checked). ``forward`` defaults to ``block_forward(lm, settings.kv_cache)``."""
+    already checked). ``forward`` defaults to ``block_forward(lm, settings.kv_cache)``. ``canvas_bg``
+    (default all masks) is the completion to start from: only its mask positions are decoded (the
+    block-causal process puts a prompt's tail there)."""
     settings = settings.resolved(family_sampler_defaults(lm))
     rule = REVEAL_RULES[settings.remasking]
     batch, prompt_len = prompt_ids.shape
     mask_id, device = lm.mask_id, prompt_ids.device
-    ids_bt = torch.cat([prompt_ids, torch.full((batch, settings.gen_length), mask_id, dtype=torch.long,
-                                               device=device)], dim=1)
+    if canvas_bg is None:
+        canvas_bg = torch.full((batch, settings.gen_length), mask_id, dtype=torch.long, device=device)
+    ids_bt = torch.cat([prompt_ids, canvas_bg], dim=1)
     attn_bt = torch.cat([prompt_attn.long(), torch.ones((batch, settings.gen_length), dtype=torch.long,
                                                         device=device)], dim=1)
     order_bg = torch.full((batch, settings.gen_length), -1, dtype=torch.long, device=device)
@@ -124,7 +128,9 @@ def decode_masked(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings,
                 tokens_bl = _propose(logits_blv, settings.temperature, generator)
                 score_bl = rule.score(logits_blv, tokens_bl, settings.temperature, generator)
                 score_bl = score_bl.masked_fill(~masked_bl, float("-inf"))
-                reveal_bl = top_k_mask(score_bl, count(block_step, masked_bl, score_bl))
+                # never more than the masks left (a canvas may start a block with fewer)
+                reveal_bl = top_k_mask(score_bl, torch.minimum(count(block_step, masked_bl, score_bl),
+                                                               masked_bl.sum(1)))
                 ids_bt[:, lo:hi] = torch.where(reveal_bl, tokens_bl, ids_bt[:, lo:hi])
                 order_bg[:, start:end].masked_fill_(reveal_bl, step)
                 step += 1
