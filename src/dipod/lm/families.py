@@ -13,7 +13,8 @@ A family says everything dipod must know about an architecture that its ``config
 * its decoding defaults (``sampler_defaults``).
 
 Families: ``llada`` (LLaDA-8B-Instruct / -Base, LLaDA-1.5: one code base), ``dream``
-(Dream-v0-Instruct-7B / -Base-7B), ``diffusion_gemma`` (transformers' own block-diffusion model
+(Dream-v0-Instruct-7B / -Base-7B), ``sdar`` (SDAR / TraDo dense: block-causal, the ``block_causal``
+process), ``diffusion_gemma`` (transformers' own block-diffusion model
 with uniform noise, ``noise = "uniform"``: dipod.lm.diffusion_gemma) and ``hf_masked_lm`` (any
 ``AutoModelForMaskedLM`` of transformers, e.g. our tiny ModernBERT). LLaDA and Dream load into our
 own network by default (``native``: dipod.lm.networks.checkpoint_model, called by
@@ -307,6 +308,8 @@ class DiffusionGemma(ModelFamily):
 
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLaDA(), Dream(), SDAR(), DiffusionGemma(), HFMaskedLM())}
+# the help text of every command's --model_family flag, so a new family shows up in all of them
+FAMILY_HELP = f"model family: {', '.join(FAMILIES)} (None: detected from config.json)"
 
 
 def get_family(name: str) -> ModelFamily:
@@ -326,7 +329,7 @@ def detect_family(config: Mapping[str, Any], source: str = "") -> ModelFamily:
     raise ValueError(
         f"model {source!r} ({what}) is not a known family; dipod supports {sorted(FAMILIES)} (docs/lm_models.md). "
         "If it is a bidirectional mask predictor called like a Hugging Face masked LM, pass "
-        "--model_family hf_masked_lm; block-diffusion and MoE variants are not supported yet")
+        "--model_family hf_masked_lm")
 
 
 def without_padding(forward: Callable[[Tensor], Tensor], ids: Tensor, attn: Tensor) -> Tensor:
