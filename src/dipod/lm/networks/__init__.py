@@ -1,6 +1,6 @@
-"""Our own implementations of the LLaDA and Dream networks, and the block KV cache built on them.
+"""Our own implementations of the LLaDA, Dream and SDAR networks, and the block KV cache built on them.
 
-LLaDA and Dream load into ``Network`` (``transformer.py``) from their hub checkpoint files
+LLaDA, Dream and SDAR (dense, block-causal) load into ``Network`` (``transformer.py``) from their hub checkpoint files
 (``checkpoint_model.py``); its logits equal the hub code's to float32 rounding (tests/test_lm_networks.py).
 ModernBERT (the tiny CPU model) gets the cache too (``modernbert.py``: our attention, its own other modules).
 
@@ -26,7 +26,9 @@ from dipod.lm.networks.checkpoint_model import FAMILIES, CheckpointNetwork, load
 from dipod.lm.networks.modernbert import ModernBertNetwork
 from dipod.lm.networks.transformer import Network, NetworkSpec
 
-SUPPORTED = (*FAMILIES, "modernbert")  # config.model_type values with a native network
+# config.model_type values with a native network for the Fast-dLLM block cache, which is bidirectional
+# (SDAR is block-causal: its process refuses this cache)
+SUPPORTED = (*(name for name in FAMILIES if name != "sdar"), "modernbert")
 
 __all__ = ["FAMILIES", "MODES", "SUPPORTED", "BlockCachedForward", "CheckpointNetwork", "ModernBertNetwork", "Network",
            "NetworkSpec", "family_of_config", "load_checkpoint_model",
