@@ -23,6 +23,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from block_models import SDAR, needs, padded_batch, transformers_in  # noqa: E402
 from hub_snapshots import MODELS  # noqa: E402
 
 from dipod.config import ConfigError  # noqa: E402
@@ -30,10 +31,8 @@ from dipod.lm.model import load_masked_lm  # noqa: E402
 from dipod.lm.networks.transformer import block_causal_mask, row_positions  # noqa: E402
 from dipod.lm.sampler import SamplerSettings, decode  # noqa: E402
 
-SDAR = MODELS / "tiny-sdar"
 BLOCK = 4
-pytestmark = [pytest.mark.skipif(not (SDAR / "model.safetensors").is_file(), reason=f"{SDAR} is absent"),
-              pytest.mark.filterwarnings("ignore")]
+pytestmark = [needs(SDAR), pytest.mark.filterwarnings("ignore")]
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +40,8 @@ def lm():
     return load_masked_lm(SDAR)
 
 
-def _batch(seed: int = 0, rows: int = 3, width: int = 9, pads=(0, 2, 5)):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 96, (rows, width), generator=g)
-    attn = torch.ones_like(ids)
-    for n, pad in enumerate(pads):
-        attn[n, :pad] = 0
-    return ids.masked_fill(attn == 0, 97), attn
+def _batch(seed: int = 0, width: int = 9, pads=(0, 2, 5)):
+    return padded_batch(seed, width, pads, pad_id=97)
 
 
 def test_loads_into_our_network_with_the_models_ids(lm):
@@ -115,11 +109,8 @@ def test_rl_training_is_refused_until_its_proxies_exist(lm):
 # --- against SDAR's own code (transformers 4.52-4.53 + the flash-attn stand-in) -------------------------------
 
 def _hub_code_runs() -> bool:
-    import transformers
-
-    version = tuple(int(p) for p in transformers.__version__.split(".")[:2])
     stand_in = MODELS / "flash_attn_cpu_stand_in.py"
-    return (4, 52) <= version < (4, 54) and stand_in.is_file() and importlib.util.find_spec("einops") is not None
+    return transformers_in((4, 52), (4, 54)) and stand_in.is_file() and importlib.util.find_spec("einops") is not None
 
 
 needs_hub_code = pytest.mark.skipif(not _hub_code_runs(), reason="SDAR's hub code runs on transformers 4.52-4.53 "

@@ -27,8 +27,8 @@ from dipod.lm.networks.modernbert import ModernBertNetwork
 from dipod.lm.networks.transformer import Network, NetworkSpec
 
 # config.model_type values with a native network for the Fast-dLLM block cache, which is bidirectional
-# (SDAR is block-causal: its process refuses this cache)
-SUPPORTED = (*(name for name in FAMILIES if name != "sdar"), "modernbert")
+# (SDAR and LLaDA2 are block-causal: their process refuses this cache)
+SUPPORTED = (*(name for name in FAMILIES if name not in ("sdar", "llada2_moe")), "modernbert")
 
 __all__ = ["FAMILIES", "MODES", "SUPPORTED", "BlockCachedForward", "CheckpointNetwork", "ModernBertNetwork", "Network",
            "NetworkSpec", "family_of_config", "load_checkpoint_model",
@@ -60,7 +60,7 @@ def native_network(lm) -> Network | ModernBertNetwork:
         return ModernBertNetwork(hub)
     family = FAMILIES[name]
     spec = family.spec(hub.config)
-    return assemble(spec, family.paths(spec), shared_modules(hub))
+    return assemble(spec, family.paths(spec, family.sizes(hub.config)), shared_modules(hub))
 
 
 def load_network(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Network:

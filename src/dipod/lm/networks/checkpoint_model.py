@@ -27,10 +27,11 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from dipod.lm.networks import dream, llada, sdar
+from dipod.lm.networks import dream, llada, llada2, sdar
+from dipod.lm.networks.moe import MoE, GatedMLP, Router
 from dipod.lm.networks.transformer import Layer, Network, NormWeight
 
-FAMILIES = {"llada": llada, "dream": dream, "sdar": sdar}  # config.json model_type (lower case) -> spec / sizes / paths
+FAMILIES = {"llada": llada, "dream": dream, "sdar": sdar, "llada2_moe": llada2}  # config.json model_type (lower case) -> spec / sizes / paths
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters write; recomputed, never read
 CODE_FILES = ("*.py", "generation_config.json")  # the hub code, copied on save for trust_remote_code users
 
@@ -64,22 +65,36 @@ class CheckpointNetwork(Network):
         def linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
             return nn.Linear(n_in, n_out, bias=bias)
 
+        def mlp(width: int) -> dict:
+            return dict(gate_proj=linear(d, width, size["other_bias"]), up_proj=linear(d, width, size["other_bias"]),
+                        down_proj=linear(width, d, size["other_bias"]))
+
+        def attention() -> dict:
+            if size.get("fused_qkv"):
+                return dict(qkv_proj=linear(d, (spec.n_heads + 2 * spec.n_kv_heads) * hd, size["qkv_bias"]))
+            return dict(q_proj=linear(d, spec.n_heads * hd, size["qkv_bias"]),
+                        k_proj=linear(d, spec.n_kv_heads * hd, size["qkv_bias"]),
+                        v_proj=linear(d, spec.n_kv_heads * hd, size["qkv_bias"]))
+
+        def feed_forward(i: int) -> dict:
+            moe = size.get("moe")
+            if moe is None or i < size.get("first_dense", 0):
+                return mlp(size["mlp_hidden"])
+            router = Router(torch.empty(moe.num_experts, d), torch.empty(moe.num_experts), moe)
+            shared = GatedMLP(**mlp(size["shared_hidden"])) if size.get("shared_hidden") else None
+            return dict(moe=MoE(router, [GatedMLP(**mlp(size["moe_hidden"])) for _ in range(moe.num_experts)], shared))
+
         with torch.device("meta"):
-            layers = [Layer(spec, attn_norm=NormWeight(torch.empty(d)),
-                            q_proj=linear(d, spec.n_heads * hd, size["qkv_bias"]),
-                            k_proj=linear(d, spec.n_kv_heads * hd, size["qkv_bias"]),
-                            v_proj=linear(d, spec.n_kv_heads * hd, size["qkv_bias"]),
+            layers = [Layer(spec, attn_norm=NormWeight(torch.empty(d)), **attention(),
                             o_proj=linear(spec.n_heads * hd, d, size["other_bias"]),
-                            mlp_norm=NormWeight(torch.empty(d)),
-                            gate_proj=linear(d, mlp, size["other_bias"]), up_proj=linear(d, mlp, size["other_bias"]),
-                            down_proj=linear(mlp, d, size["other_bias"]),
+                            mlp_norm=NormWeight(torch.empty(d)), **feed_forward(i),
                             q_norm=NormWeight(torch.empty(hd)) if spec.qk_norm else None,
                             k_norm=NormWeight(torch.empty(hd)) if spec.qk_norm else None)
-                      for _ in range(spec.n_layers)]
+                      for i in range(spec.n_layers)]
             head = None if spec.tied_head else linear(d, size["vocab"], False)
             super().__init__(spec, nn.Embedding(size["vocab"], d), layers, NormWeight(torch.empty(d)), head)
         self.config, self.source = config, source
-        self.hub_names = _hub_names(family.paths(spec), self)
+        self.hub_names = _hub_names(family.paths(spec, size), self)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed
@@ -107,14 +122,14 @@ class CheckpointNetwork(Network):
 
 
 def _hub_names(paths: dict, network: Network) -> dict[str, str]:
-    """{our parameter name: the hub checkpoint's tensor name} for every parameter of ``network``."""
+    """{our tensor name: the hub checkpoint's tensor name} for every tensor of ``network``'s state."""
     prefixes = {"embed": paths["embed"], "final_norm": paths["final_norm"]}
     if paths["head"] is not None:
         prefixes["head"] = paths["head"]
     for i, layer in enumerate(paths["layers"]):
         prefixes.update({f"layers.{i}.{part}": path for part, path in layer.items()})
     names = {}
-    for name, _ in network.named_parameters():
+    for name in network.state_dict():  # parameters and persistent buffers (a router's expert_bias)
         module, leaf = name.rsplit(".", 1)
         names[name] = f"{prefixes[module]}.{leaf}"
     return names
@@ -159,7 +174,7 @@ def load_checkpoint_model(model_dir: str | os.PathLike, dtype: torch.dtype = tor
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             found.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
-    expected = {model.hub_names[name]: tuple(p.shape) for name, p in model.named_parameters()}
+    expected = {model.hub_names[name]: tuple(p.shape) for name, p in model.state_dict().items()}
     check_tensor_shapes(expected, found, str(model_dir))
     ours = {hub: name for name, hub in model.hub_names.items()}
     state = {}

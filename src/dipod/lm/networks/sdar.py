@@ -38,9 +38,9 @@ def sizes(config) -> dict:
                 qkv_bias=False, other_bias=False)
 
 
-def paths(spec: NetworkSpec) -> dict:
+def paths(spec: NetworkSpec, size: dict) -> dict:
     """Qwen2's names (Dream's) plus the query/key norms."""
-    out = dream.paths(spec)
+    out = dream.paths(spec, size)
     for i, layer in enumerate(out["layers"]):
         layer.update(q_norm=f"model.layers.{i}.self_attn.q_norm", k_norm=f"model.layers.{i}.self_attn.k_norm")
     return out
