@@ -99,11 +99,15 @@ def test_block_length_other_than_the_models_is_refused(lm):
         decode(lm, ids, attn, SamplerSettings(gen_length=8, block_length=8, steps=8))
 
 
-def test_rl_training_is_refused_until_its_proxies_exist(lm):
+def test_estimators_that_read_mean_field_log_probs_are_refused(lm):
+    from types import SimpleNamespace
+
     from dipod.lm.processes.registry import process_of
 
-    with pytest.raises(ConfigError, match="per-block ELBO"):
-        process_of(lm).check_estimator(None)
+    with pytest.raises(ConfigError, match="mean-field"):
+        process_of(lm).check_estimator(SimpleNamespace(estimator="d1"))
+    for name in ("fpo", "fpo++", "spg"):
+        process_of(lm).check_estimator(SimpleNamespace(estimator=name))
 
 
 # --- against SDAR's own code (transformers 4.52-4.53 + the flash-attn stand-in) -------------------------------

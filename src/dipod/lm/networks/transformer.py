@@ -260,7 +260,10 @@ class Network(nn.Module):
         return block_causal_mask(attn_bt, self.spec.block_size)
 
     def forward(self, ids_bt: Tensor, attn_bt: Tensor | None = None, positions_bt: Tensor | None = None,
-                first: int = 0) -> Tensor:
-        """Logits at positions ``first ..`` only: the head (vocabulary-wide) runs where they are read."""
-        hidden = self.hidden(ids_bt, 0, self.attention_mask(attn_bt, ids_bt.shape[1]), positions_bq=positions_bt)
+                first: int = 0, mask: Tensor | None = None) -> Tensor:
+        """Logits at positions ``first ..`` only: the head (vocabulary-wide) runs where they are read. ``mask``
+        (boolean ``[B, 1, T, T]``, True = attend) replaces the one ``attn_bt`` implies (the block-causal
+        ELBO's clean + noisy copies)."""
+        mask = self.attention_mask(attn_bt, ids_bt.shape[1]) if mask is None else mask
+        hidden = self.hidden(ids_bt, 0, mask, positions_bq=positions_bt)
         return self.head_logits(hidden[:, first:])

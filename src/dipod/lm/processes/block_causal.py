@@ -15,8 +15,8 @@ prompt tokens in it kept and its masks decoded. Later blocks cannot influence ea
 decoding past ``gen_length`` to the end of the last block changes no earlier token (and is what the
 reference sampler does).
 
-Not provided yet: the likelihood proxies (per-block ELBO / EUBO) and so RL training, the drift
-monitor, and an exact prefix KV cache; those raise errors that say so.
+The likelihood proxies are the per-block ELBO (``block_likelihood``). Not provided yet: the drift
+monitor (NaN) and an exact prefix KV cache (``kv_cache`` is refused).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ import torch
 from torch import Tensor
 
 from dipod.config import ConfigError
+from dipod.lm.estimators import ESTIMATORS
 from dipod.lm.processes.base import BlockForward, Decoded, Proxies
+from dipod.lm.processes.block_likelihood import block_proxies
 from dipod.lm.processes.masked import MaskedProcess
 from dipod.lm.processes.masked_sampling import decode_masked, family_sampler_defaults, fill_after_first_eos
 
@@ -95,13 +97,17 @@ class BlockCausalProcess(MaskedProcess):
 
     def proxies(self, lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor, settings, seed: int,
                 *, meanfield: bool = False) -> Proxies:
-        raise ValueError(f"{lm.family.name} is block-causal; its likelihood proxies (the per-block ELBO) are not "
-                         "implemented yet, so it can be decoded and evaluated but not trained with RL")
+        if meanfield:
+            raise ValueError(f"{lm.family.name} is block-causal: d1's mean-field log-probs are not defined for it; use "
+                             "an estimator that reads the ELBO / EUBO (fpo, fpo++, spg)")
+        return block_proxies(lm, prompt_ids, prompt_attn, completion_ids, settings, seed, block_size_of(lm))
 
     def gap_lower_bound(self, lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor, settings,
                         num_orders: int, seed: int) -> Tensor:
+        """Not measured yet (NaN): the monitor's decoding orders are the full-sequence processes'."""
         return torch.full((completion_ids.shape[0],), float("nan"), device=completion_ids.device)
 
     def check_estimator(self, cfg) -> None:
-        raise ConfigError("RL training of block-causal models (SDAR) needs the per-block ELBO, which is not "
-                          "implemented yet; use dipod lm eval / generate for them")
+        if ESTIMATORS[cfg.estimator].needs_meanfield:
+            raise ConfigError(f"estimator {cfg.estimator!r} reads d1's mean-field log-probs, which block-causal models "
+                              "(SDAR, LLaDA2) do not define; use fpo, fpo++ or spg")

@@ -244,10 +244,12 @@ def score_draw(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tensor, c
 def eubo_surrogate(logp_nkl: Tensor, scored_nkl: Tensor, weight_nk: Tensor, beta: float,
                    lengths_n: Tensor) -> Tensor:
     """``(L_n / S_n) (1/beta) sum_l log((1/K) sum_k w_nk scored_nkl p_nkl^beta)`` -> ``[B]``, the sum
-    over the ``S_n`` tokens scored in at least one draw, rescaled to the ``L_n`` live tokens (SPG).
+    over the ``S_n`` tokens scored in at least one draw, rescaled to the ``L_n`` live tokens (SPG). The weight
+    may also be per token, ``[B, K, G]`` (the block-causal ELBO weighs each block by its own mask ratio).
     Computed in log space (logsumexp over draws), so a tiny ``p^beta`` never underflows to 0."""
     draws = logp_nkl.shape[1]
-    log_terms_nkl = torch.where(scored_nkl, weight_nk.log()[..., None] + beta * logp_nkl, -math.inf)
+    log_weight = weight_nk.log() if weight_nk.dim() == 3 else weight_nk.log()[..., None]  # per token or per draw
+    log_terms_nkl = torch.where(scored_nkl, log_weight + beta * logp_nkl, -math.inf)
     seen_nl = scored_nkl.any(1)
     # Rows of all -inf would give NaN gradients through logsumexp; give them a finite dummy instead.
     log_terms_nkl = torch.where(seen_nl[:, None], log_terms_nkl, 0.0)
