@@ -207,3 +207,23 @@ def test_greedy_block_decoding_is_token_identical_to_the_authors_sampler(lm, hub
         theirs = reference_block_generate(hub, ids[n:n + 1, real], lm.mask_id, 8, steps=BLOCK, rule=case["rule"],
                                           threshold=case.get("threshold", 0.85), top_k=case.get("top_k", 0))
         assert torch.equal(ours[n:n + 1], theirs)
+
+
+@pytest.mark.parametrize("estimator,extra,reads", [("fpo", [], ("elbo",)),
+                                                   ("spg", ["--spg_negative_proxy", "mix"], ("elbo", "eubo"))])
+def test_rl_with_dipod_trains_a_block_causal_model(tmp_path, estimator, extra, reads):
+    import math
+
+    from rl_smoke import smoke_flags
+
+    from dipod.lm.trainer import main
+    from dipod.runlog import read_metrics
+
+    flags = smoke_flags(SDAR, tmp_path, estimator, *extra, block_length=BLOCK, diffusion_steps=16)
+    assert main(flags) == 0
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        for key in (*reads, "loss", "grad_norm"):
+            assert math.isfinite(row[key]), (key, row)
+        assert row["grad_norm"] > 0 and row["skipped_updates"] == 0.0
