@@ -15,8 +15,9 @@ prompt tokens in it kept and its masks decoded. Later blocks cannot influence ea
 decoding past ``gen_length`` to the end of the last block changes no earlier token (and is what the
 reference sampler does).
 
-The likelihood proxies are the per-block ELBO (``block_likelihood``). Not provided yet: the drift
-monitor (NaN) and an exact prefix KV cache (``kv_cache`` is refused).
+With ``kv_cache=prefix`` each window reads the finished blocks' keys and values from an exact prefix
+cache (``dipod.lm.networks.block_cache``). The likelihood proxies are the per-block ELBO
+(``block_likelihood``). Not provided yet: the drift monitor (NaN).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from torch import Tensor
 
 from dipod.config import ConfigError
 from dipod.lm.estimators import ESTIMATORS
+from dipod.lm.networks import native_network
+from dipod.lm.networks.block_cache import BlockCausalCachedForward
 from dipod.lm.processes.base import BlockForward, Decoded, Proxies
 from dipod.lm.processes.block_likelihood import block_proxies
 from dipod.lm.processes.masked import MaskedProcess
@@ -80,9 +83,11 @@ class BlockCausalProcess(MaskedProcess):
             raise ConfigError(f"{lm.family.name} decodes one model block at a time: set block_length={block} (its "
                               f"block size) and schedule=blocks (got block_length={settings.block_length}, "
                               f"schedule={settings.schedule})")
-        if settings.kv_cache is not None:
-            raise ConfigError(f"kv_cache={settings.kv_cache!r} is not implemented for block-causal models yet; "
-                              "leave kv_cache unset")
+        if settings.kv_cache == "dual":
+            raise ConfigError("kv_cache='dual' is the bidirectional Fast-dLLM cache; a block-causal model has an exact "
+                              "one: kv_cache=prefix")
+        if forward is None and settings.kv_cache == "prefix":
+            forward = BlockCausalCachedForward(native_network(lm))
         prefix, prefix_attn, canvas, offset_n = aligned_layout(prompt_ids, prompt_attn, block, settings.gen_length,
                                                                lm.mask_id, lm.pad_id)
         inner = dataclasses.replace(settings, gen_length=canvas.shape[1], fill_after_eos=False,
