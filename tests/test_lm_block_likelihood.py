@@ -6,7 +6,9 @@ masked state of each block is scored by a plain block-causal forward (the table)
 - the exact expectation of our estimator over its mask distribution equals the definition
   ``sum_b E_sigma[log p_sigma(x_b | x_<b)]`` (24 orders per block) and is below the exact
   ``sum_b log E_sigma[p_sigma(x_b | x_<b)]``; the Monte Carlo mean of ``compute_proxies`` agrees;
-- with one block holding the whole sequence it is the full-sequence ``unbiased_random`` process.
+- with one block holding the whole sequence it is the full-sequence ``unbiased_random`` process;
+- the drift monitor's order log-probs (blocks in turn) equal the table's for all 576 orders, and its
+  ``IW_K - ELBO_K`` approaches the exact gap.
 """
 
 from __future__ import annotations
@@ -128,3 +130,22 @@ def test_one_block_over_the_whole_sequence_is_the_full_sequence_process(toy, tmp
         full = score_draw(lm, prompt, attn, completion, draw, settings)
     torch.testing.assert_close(ours.elbo_nk, full.elbo_nk, rtol=0, atol=2e-5)
     torch.testing.assert_close(ours.eubo_n, full.eubo_n, rtol=0, atol=2e-5)
+
+
+def test_the_drift_monitor_reveals_blocks_in_turn_and_measures_the_gap(toy):
+    from dipod.lm.proxies import gap_lower_bound, order_log_probs
+
+    lm, prompt, attn, completion, table = toy
+    orders = list(itertools.permutations(range(BLOCK)))
+    joint = list(itertools.product(orders, orders))
+    steps = torch.tensor([[*(o.index(i) for i in range(BLOCK)), *(BLOCK + o2.index(i) for i in range(BLOCK))]
+                          for o, o2 in joint])[None]
+    settings = ProxySettings(masking="block_random", block_length=BLOCK)
+    with torch.no_grad():
+        ours = order_log_probs(lm, prompt, attn, completion, steps, settings=settings)[0]
+    expected = torch.tensor([_order_log_prob(table, 0, o) + _order_log_prob(table, 1, o2) for o, o2 in joint])
+    torch.testing.assert_close(ours, expected, rtol=0, atol=5e-5)
+    exact_gap = (torch.logsumexp(expected.double(), 0) - math.log(len(joint)) - expected.double().mean()).item()
+    with torch.no_grad():
+        gap = gap_lower_bound(lm, prompt, attn, completion, ProxySettings(), num_orders=2000, seed=0).item()
+    assert 0.8 * exact_gap < gap <= exact_gap + 1e-3  # measured 0.615 of 0.635 (IW_2000 is biased low)

@@ -17,7 +17,7 @@ reference sampler does).
 
 With ``kv_cache=prefix`` each window reads the finished blocks' keys and values from an exact prefix
 cache (``dipod.lm.networks.block_cache``). The likelihood proxies are the per-block ELBO
-(``block_likelihood``). Not provided yet: the drift monitor (NaN).
+(``block_likelihood``); the drift monitor reveals the blocks in turn, each in a random order.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from dipod.lm.estimators import ESTIMATORS
 from dipod.lm.networks import native_network
 from dipod.lm.networks.block_cache import BlockCausalCachedForward
 from dipod.lm.processes.base import BlockForward, Decoded, Proxies
-from dipod.lm.processes.block_likelihood import block_proxies
+from dipod.lm.processes.block_likelihood import block_proxies, completion_blocks
 from dipod.lm.processes.masked import MaskedProcess
+from dipod.lm.processes.masked_likelihood import masked_gap_lower_bound
 from dipod.lm.processes.masked_sampling import decode_masked, family_sampler_defaults, fill_after_first_eos
 
 
@@ -109,8 +110,11 @@ class BlockCausalProcess(MaskedProcess):
 
     def gap_lower_bound(self, lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor, settings,
                         num_orders: int, seed: int) -> Tensor:
-        """Not measured yet (NaN): the monitor's decoding orders are the full-sequence processes'."""
-        return torch.full((completion_ids.shape[0],), float("nan"), device=completion_ids.device)
+        """``IW_K - ELBO_K`` over orders that reveal the model's blocks in turn, each in a random order (the
+        live tokens and tail of the per-block ELBO): ``log p_sigma(x) = sum_b log p_sigma(x_b | x_<b)``."""
+        blocks_nl = completion_blocks(prompt_attn, completion_ids.shape[1], block_size_of(lm))
+        return masked_gap_lower_bound(lm, prompt_ids, prompt_attn, completion_ids,
+                                      dataclasses.replace(settings, masking="block_random"), num_orders, seed, blocks_nl)
 
     def check_estimator(self, cfg) -> None:
         if ESTIMATORS[cfg.estimator].needs_meanfield:
