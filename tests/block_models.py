@@ -1,7 +1,10 @@
-"""Shared by the block-diffusion tests (test_lm_sdar.py, test_lm_llada2.py): the snapshots, a skip marker when
-one is absent, whether the installed transformers runs a snapshot's hub code, and padded prompt batches."""
+"""Shared by the block-diffusion tests: the tiny SDAR / LLaDA2 snapshots (``../shared/models``' with their hub
+code when present, else dipod's own ``build_tiny_block_model`` at the same sizes), whether the installed
+transformers runs a snapshot's hub code, and padded prompt batches."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,12 +12,28 @@ import transformers
 
 from hub_snapshots import MODELS
 
-SDAR = MODELS / "tiny-sdar"
-LLADA2 = MODELS / "tiny-llada2-moe"
+HUB = {"sdar": MODELS / "tiny-sdar", "llada2_moe": MODELS / "tiny-llada2-moe"}
 
 
-def needs(snapshot) -> pytest.MarkDecorator:
-    return pytest.mark.skipif(not (snapshot / "model.safetensors").is_file(), reason=f"{snapshot} is absent")
+def has_hub(family: str) -> bool:
+    return (HUB[family] / "model.safetensors").is_file()
+
+
+def tiny_snapshot(family: str, tmp_path_factory) -> Path:
+    """The shared snapshot of ``family`` when present, else a tiny one built here (same sizes, random weights)."""
+    from dipod.lm.networks.tiny_block import build_tiny_block_model
+
+    return HUB[family] if has_hub(family) else build_tiny_block_model(tmp_path_factory.mktemp(family), family)
+
+
+@pytest.fixture(scope="session")
+def sdar_snapshot(tmp_path_factory) -> Path:
+    return tiny_snapshot("sdar", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def llada2_snapshot(tmp_path_factory) -> Path:
+    return tiny_snapshot("llada2_moe", tmp_path_factory)
 
 
 def transformers_in(low: tuple[int, int], high: tuple[int, int]) -> bool:
@@ -23,8 +42,9 @@ def transformers_in(low: tuple[int, int], high: tuple[int, int]) -> bool:
 
 
 def padded_batch(seed: int, width: int, pads: tuple[int, ...], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random prompts ``[len(pads), width]`` (ids below 96: plain characters), row n left-padded by ``pads[n]``."""
-    ids = torch.randint(0, 96, (len(pads), width), generator=torch.Generator().manual_seed(seed))
+    """Random prompts ``[len(pads), width]`` of plain characters (ids 4..95 in both tokenizers: no special token),
+    row n left-padded by ``pads[n]``."""
+    ids = torch.randint(4, 96, (len(pads), width), generator=torch.Generator().manual_seed(seed))
     attn = torch.ones_like(ids)
     for n, pad in enumerate(pads):
         attn[n, :pad] = 0

@@ -1,6 +1,6 @@
 """SDAR (block-causal masked diffusion) in our own network and the block-causal process.
 
-Pins, on ../shared/models/tiny-sdar:
+Pins, on ../shared/models/tiny-sdar (or, where ../shared is absent, dipod's tiny SDAR of the same sizes):
 - on the default install: the snapshot loads into our network (no hub code); attention is block-causal
   (a later block never changes an earlier block's logits, a block sees itself bidirectionally); a
   left-padded row's logits equal the row alone; a batch decodes as its rows one at a time; the prompt's
@@ -23,7 +23,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from block_models import SDAR, needs, padded_batch, transformers_in  # noqa: E402
+from block_models import HUB, has_hub, padded_batch, sdar_snapshot, transformers_in  # noqa: E402, F401
 from hub_snapshots import MODELS  # noqa: E402
 
 from dipod.config import ConfigError  # noqa: E402
@@ -32,27 +32,28 @@ from dipod.lm.networks.transformer import block_causal_mask, row_positions  # no
 from dipod.lm.sampler import SamplerSettings, decode  # noqa: E402
 
 BLOCK = 4
-pytestmark = [needs(SDAR), pytest.mark.filterwarnings("ignore")]
+pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
-def lm():
-    return load_masked_lm(SDAR)
+def lm(sdar_snapshot):
+    return load_masked_lm(sdar_snapshot)
 
 
-def _batch(seed: int = 0, width: int = 9, pads=(0, 2, 5)):
-    return padded_batch(seed, width, pads, pad_id=97)
+def _batch(lm, seed: int = 0, width: int = 9, pads=(0, 2, 5)):
+    return padded_batch(seed, width, pads, pad_id=lm.pad_id)
 
 
 def test_loads_into_our_network_with_the_models_ids(lm):
     from dipod.lm.networks.checkpoint_model import CheckpointNetwork
 
     assert isinstance(lm.model, CheckpointNetwork) and lm.family.name == "sdar"
-    assert (lm.mask_id, lm.eos_id, lm.model.spec.block_size) == (120, 97, BLOCK)
+    assert lm.mask_id == lm.tokenizer.mask_token_id and lm.eos_id == lm.tokenizer.eos_token_id
+    assert lm.model.spec.block_size == BLOCK
 
 
 def test_attention_is_block_causal(lm):
-    ids, attn = _batch(pads=(0, 0, 0))
+    ids, attn = _batch(lm, pads=(0, 0, 0))
     with torch.no_grad():
         base = lm.logits(ids, attn)
         later = ids.clone()
@@ -68,7 +69,7 @@ def test_attention_is_block_causal(lm):
 
 
 def test_a_left_padded_row_computes_as_it_would_alone(lm):
-    ids, attn = _batch()
+    ids, attn = _batch(lm)
     with torch.no_grad():
         batch = lm.logits(ids, attn)
         for n in range(ids.shape[0]):
@@ -79,7 +80,7 @@ def test_a_left_padded_row_computes_as_it_would_alone(lm):
 
 @pytest.mark.parametrize("threshold", [None, 0.03])
 def test_a_batch_decodes_as_its_rows_alone_and_completes_the_prompts_block_first(lm, threshold):
-    ids, attn = _batch(seed=1)
+    ids, attn = _batch(lm, seed=1)
     settings = SamplerSettings(gen_length=8, block_length=BLOCK, steps=8, fill_after_eos=False,
                                confidence_threshold=threshold)
     out = decode(lm, ids, attn, settings)
@@ -94,7 +95,7 @@ def test_a_batch_decodes_as_its_rows_alone_and_completes_the_prompts_block_first
 
 
 def test_block_length_other_than_the_models_is_refused(lm):
-    ids, attn = _batch()
+    ids, attn = _batch(lm)
     with pytest.raises(ConfigError, match="block_length=4"):
         decode(lm, ids, attn, SamplerSettings(gen_length=8, block_length=8, steps=8))
 
@@ -114,11 +115,12 @@ def test_estimators_that_read_mean_field_log_probs_are_refused(lm):
 
 def _hub_code_runs() -> bool:
     stand_in = MODELS / "flash_attn_cpu_stand_in.py"
-    return transformers_in((4, 52), (4, 54)) and stand_in.is_file() and importlib.util.find_spec("einops") is not None
+    return (has_hub("sdar") and transformers_in((4, 52), (4, 54)) and stand_in.is_file()
+            and importlib.util.find_spec("einops") is not None)
 
 
-needs_hub_code = pytest.mark.skipif(not _hub_code_runs(), reason="SDAR's hub code runs on transformers 4.52-4.53 "
-                                    "with einops, triton and ../shared/models/flash_attn_cpu_stand_in.py only")
+needs_hub_code = pytest.mark.skipif(not _hub_code_runs(), reason="SDAR's hub code (../shared/models/tiny-sdar) runs "
+                                    "on transformers 4.52-4.53 with einops, triton and the flash-attn stand-in only")
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +130,12 @@ def hub():
     from transformers import AutoModelForCausalLM
 
     flash_attn_cpu_stand_in.activate()
-    return AutoModelForCausalLM.from_pretrained(SDAR, trust_remote_code=True, torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(HUB["sdar"], trust_remote_code=True, torch_dtype=torch.float32).eval()
 
 
 @needs_hub_code
 def test_logits_equal_the_hub_codes_padding_included(lm, hub):
-    ids, attn = _batch(width=14, pads=(0, 3, 6))
+    ids, attn = _batch(lm, width=14, pads=(0, 3, 6))
     with torch.no_grad():
         theirs = hub(ids, attention_mask=block_causal_mask(attn, BLOCK), position_ids=row_positions(attn)).logits
         ours = lm.logits(ids, attn)
@@ -198,7 +200,7 @@ def reference_block_generate(hub, prompt_1p, mask_id: int, gen_length: int, step
     dict(rule="dynamic", top_k=1, ours={"confidence_threshold": 0.85, "top_k": 1}),
 ])
 def test_greedy_block_decoding_is_token_identical_to_the_authors_sampler(lm, hub, case):
-    ids, attn = _batch(seed=2, width=10, pads=(0, 1, 3))
+    ids, attn = _batch(lm, seed=2, width=10, pads=(0, 1, 3))
     settings = SamplerSettings(gen_length=8, block_length=BLOCK, steps=8, fill_after_eos=False,
                                remasking="low_confidence", **case["ours"])
     ours = decode(lm, ids, attn, settings).completion_bg
@@ -211,7 +213,7 @@ def test_greedy_block_decoding_is_token_identical_to_the_authors_sampler(lm, hub
 
 @pytest.mark.parametrize("estimator,extra,reads", [("fpo", [], ("elbo",)),
                                                    ("spg", ["--spg_negative_proxy", "mix"], ("elbo", "eubo"))])
-def test_rl_with_dipod_trains_a_block_causal_model(tmp_path, estimator, extra, reads):
+def test_rl_with_dipod_trains_a_block_causal_model(sdar_snapshot, tmp_path, estimator, extra, reads):
     import math
 
     from rl_smoke import smoke_flags
@@ -219,7 +221,7 @@ def test_rl_with_dipod_trains_a_block_causal_model(tmp_path, estimator, extra, r
     from dipod.lm.trainer import main
     from dipod.runlog import read_metrics
 
-    flags = smoke_flags(SDAR, tmp_path, estimator, *extra, block_length=BLOCK, diffusion_steps=16)
+    flags = smoke_flags(sdar_snapshot, tmp_path, estimator, *extra, block_length=BLOCK, diffusion_steps=16)
     assert main(flags) == 0
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
