@@ -116,16 +116,12 @@ def test_eval_and_generate_decode_it(snapshot, tmp_path, capsys):
 @pytest.mark.parametrize("estimator,extra", [("fpo", []), ("spg", ["--spg_negative_proxy", "elbo"]),
                                              ("fpo", ["--uniform_sampler", "ancestral"])])
 def test_train_runs_fpo_and_spg_with_dipod(snapshot, tmp_path, estimator, extra):
+    from rl_smoke import smoke_flags
+
     from dipod.lm.trainer import main
     from dipod.runlog import read_metrics
 
-    flags = ["--model", str(snapshot), "--task", "sudoku4", "--prompt_style", "compact", "--estimator", estimator,
-             *extra, "--dipod_beta", "0.05", "--lora_r", "0", "--learning_rate", "1e-3",
-             "--prompts_per_step", "2", "--num_generations", "2", "--gradient_accumulation_steps", "1",
-             "--gen_length", "16", "--block_length", "8", "--diffusion_steps", "4", "--num_iterations", "2",
-             "--max_prompt_length", "96", "--max_steps", "2", "--eval_examples", "1", "--eval_steps", "0",
-             "--save_steps", "0", "--gap_monitor_steps", "0", "--num_draws", "2", "--temperature", "1.0",
-             "--tensorboard", "false", "--progress_bar", "false", "--output_dir", str(tmp_path)]
+    flags = smoke_flags(snapshot, tmp_path, estimator, *extra, block_length=8, diffusion_steps=4)
     assert main(flags) == 0
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]

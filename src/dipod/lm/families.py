@@ -13,7 +13,8 @@ A family says everything dipod must know about an architecture that its ``config
 * its decoding defaults (``sampler_defaults``).
 
 Families: ``llada`` (LLaDA-8B-Instruct / -Base, LLaDA-1.5: one code base), ``dream``
-(Dream-v0-Instruct-7B / -Base-7B), ``diffusion_gemma`` (transformers' own block-diffusion model
+(Dream-v0-Instruct-7B / -Base-7B), ``sdar`` (SDAR / TraDo dense: block-causal, the ``block_causal``
+process), ``llada2_moe`` (LLaDA2.x, MoE, the same process), ``diffusion_gemma`` (transformers' own block-diffusion model
 with uniform noise, ``noise = "uniform"``: dipod.lm.diffusion_gemma) and ``hf_masked_lm`` (any
 ``AutoModelForMaskedLM`` of transformers, e.g. our tiny ModernBERT). LLaDA and Dream load into our
 own network by default (``native``: dipod.lm.networks.checkpoint_model, called by
@@ -241,6 +242,47 @@ class Dream(ModelFamily):
             model.generation_config = original
 
 
+class SDAR(ModelFamily):
+    """SDAR / TraDo (dense; hub code ``modeling_sdar.py``, a Qwen3 network): block diffusion with block-causal
+    attention (``block_size`` in ``config.json``, 4), unshifted logits, mask id in ``config.json``.
+
+    Loaded into our network only: its hub code needs transformers 4.52-4.53 and flash-attn. Our network
+    counts blocks and positions from each row's first real token, so a left-padded row computes as it
+    would alone. Decoded and scored by the block-causal process (``dipod.lm.processes.block_causal``).
+    """
+
+    name = "sdar"
+    needs_remote_code = True
+    native = True
+    process = "block_causal"
+    end_of_turn_token = "<|im_end|>"
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    sampler_defaults = MappingProxyType({"schedule": "blocks", "remasking": "low_confidence"})
+
+    def matches(self, config: Mapping[str, Any]) -> bool:
+        return str(config.get("model_type", "")).lower() == "sdar"
+
+    def native_forward(self, model: nn.Module, ids: Tensor, attn: Tensor, first: int) -> Tensor:
+        from dipod.lm.networks.transformer import row_positions
+
+        return model(ids, attn, row_positions(attn), first=first)
+
+
+class LLaDA2(SDAR):
+    """LLaDA2.0 / 2.1 (hub code ``modeling_llada2_moe.py``, ``LLaDA2MoeModelLM``): a mixture-of-experts network
+    with block-causal attention in blocks of 32, unshifted logits, the mask id from the tokenizer
+    (``<|mask|>``). Loaded into our network only (its hub code loads on transformers 4.54-4.57 and
+    computes garbage on 5.x); decoded by the block-causal process. LoRA targets attention (the fused
+    ``qkv_proj``, ``o_proj``), the dense MLPs and every expert's projections (same suffixes)."""
+
+    name = "llada2_moe"
+    end_of_turn_token = "<|role_end|>"
+    lora_targets = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def matches(self, config: Mapping[str, Any]) -> bool:
+        return str(config.get("model_type", "")).lower() == "llada2_moe"
+
+
 class _GenerationConfigWriter:
     """Stands in for a generation config during save_pretrained: writes its JSON, no validation."""
 
@@ -280,7 +322,7 @@ class DiffusionGemma(ModelFamily):
                          "after its encoder); decode and score it through dipod.lm.diffusion_gemma")
 
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLaDA(), Dream(), DiffusionGemma(), HFMaskedLM())}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLaDA(), Dream(), SDAR(), LLaDA2(), DiffusionGemma(), HFMaskedLM())}
 # the help text of every command's --model_family flag, so a new family shows up in all of them
 FAMILY_HELP = f"model family: {', '.join(FAMILIES)} (None: detected from config.json)"
 
@@ -302,7 +344,7 @@ def detect_family(config: Mapping[str, Any], source: str = "") -> ModelFamily:
     raise ValueError(
         f"model {source!r} ({what}) is not a known family; dipod supports {sorted(FAMILIES)} (docs/lm_models.md). "
         "If it is a bidirectional mask predictor called like a Hugging Face masked LM, pass "
-        "--model_family hf_masked_lm; block-diffusion and MoE variants are not supported yet")
+        "--model_family hf_masked_lm")
 
 
 def without_padding(forward: Callable[[Tensor], Tensor], ids: Tensor, attn: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
-"""Our own implementations of the LLaDA and Dream networks, and the block KV cache built on them.
+"""Our own implementations of the LLaDA, Dream and SDAR networks, and the block KV cache built on them.
 
-LLaDA and Dream load into ``Network`` (``transformer.py``) from their hub checkpoint files
+LLaDA, Dream and SDAR (dense, block-causal) load into ``Network`` (``transformer.py``) from their hub checkpoint files
 (``checkpoint_model.py``); its logits equal the hub code's to float32 rounding (tests/test_lm_networks.py).
 ModernBERT (the tiny CPU model) gets the cache too (``modernbert.py``: our attention, its own other modules).
 
@@ -26,7 +26,9 @@ from dipod.lm.networks.checkpoint_model import FAMILIES, CheckpointNetwork, load
 from dipod.lm.networks.modernbert import ModernBertNetwork
 from dipod.lm.networks.transformer import Network, NetworkSpec
 
-SUPPORTED = (*FAMILIES, "modernbert")  # config.model_type values with a native network
+# config.model_type values with a native network for the Fast-dLLM block cache, which is bidirectional
+# (SDAR and LLaDA2 are block-causal: their process refuses this cache)
+SUPPORTED = (*(name for name in FAMILIES if name not in ("sdar", "llada2_moe")), "modernbert")
 
 __all__ = ["FAMILIES", "MODES", "SUPPORTED", "BlockCachedForward", "CheckpointNetwork", "ModernBertNetwork", "Network",
            "NetworkSpec", "family_of_config", "load_checkpoint_model",
@@ -58,7 +60,7 @@ def native_network(lm) -> Network | ModernBertNetwork:
         return ModernBertNetwork(hub)
     family = FAMILIES[name]
     spec = family.spec(hub.config)
-    return assemble(spec, family.paths(spec), shared_modules(hub))
+    return assemble(spec, family.paths(spec, family.sizes(hub.config)), shared_modules(hub))
 
 
 def load_network(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Network:

@@ -19,11 +19,13 @@ from torch import nn
 from dipod.lm.networks.transformer import Layer, Network, NetworkSpec
 
 LAYER_PARTS = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj")
+QK_NORM_PARTS = ("q_norm", "k_norm")  # only where ``spec.qk_norm`` (Qwen3: SDAR)
 
 
 def assemble(spec: NetworkSpec, paths: dict, module_at: Callable[[str, str], nn.Module]) -> Network:
-    """``paths``: {"embed", "final_norm", "head" (None when tied), "layers": [{part: path}]}."""
-    layers = [Layer(spec, **{part: module_at(layer[part], part) for part in LAYER_PARTS})
+    """``paths``: {"embed", "final_norm", "head" (None when tied), "layers": [{part: path}]} with the parts
+    ``LAYER_PARTS`` (and ``QK_NORM_PARTS`` where the spec has them)."""
+    layers = [Layer(spec, **{part: module_at(path, part) for part, path in layer.items()})
               for layer in paths["layers"]]
     head = None if paths["head"] is None else module_at(paths["head"], "head")
     return Network(spec, module_at(paths["embed"], "embed"), layers, module_at(paths["final_norm"], "final_norm"),

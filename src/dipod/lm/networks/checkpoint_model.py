@@ -1,4 +1,4 @@
-"""LLaDA and Dream checkpoints as OUR network with its own parameters: no hub code, any transformers version.
+"""LLaDA, Dream and SDAR checkpoints as OUR network with its own parameters: no hub code, any transformers version.
 
 ``load_checkpoint_model(model_dir, dtype)`` reads a hub snapshot's ``config.json`` and safetensors
 (one file or a sharded index) into a ``CheckpointNetwork``. The family's ``spec`` and ``sizes``
@@ -11,7 +11,8 @@ hub's names and, when the source snapshot had them, its own code files, so a sav
 again here and, for users of the hub code, with ``trust_remote_code=True`` on transformers 4.56-4.57.
 
 Module names are ours and the same for every family (LoRA targets name them): ``embed``,
-``layers.N.{attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_norm, gate_proj, up_proj, down_proj}``,
+``layers.N.{attn_norm, q_proj, k_proj, v_proj, o_proj, mlp_norm, gate_proj, up_proj, down_proj}`` (and
+``q_norm``, ``k_norm`` for SDAR),
 ``final_norm`` and ``head`` (absent when the head is tied to ``embed``).
 """
 
@@ -26,11 +27,11 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from dipod.lm.networks import dream, llada
-from dipod.lm.networks.build import LAYER_PARTS
+from dipod.lm.networks import dream, llada, llada2, sdar
+from dipod.lm.networks.moe import MoE, GatedMLP, Router
 from dipod.lm.networks.transformer import Layer, Network, NormWeight
 
-FAMILIES = {"llada": llada, "dream": dream}  # config.json model_type (lower case) -> spec / sizes / paths
+FAMILIES = {"llada": llada, "dream": dream, "sdar": sdar, "llada2_moe": llada2}  # config.json model_type (lower case) -> spec / sizes / paths
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters write; recomputed, never read
 CODE_FILES = ("*.py", "generation_config.json")  # the hub code, copied on save for trust_remote_code users
 
@@ -51,7 +52,7 @@ def family_of(config: ModelConfig) -> str:
 
 
 class CheckpointNetwork(Network):
-    """A LLaDA / Dream network whose parameters are its own; built on the meta device, then assigned."""
+    """A LLaDA / Dream / SDAR network whose parameters are its own; built on the meta device, then assigned."""
 
     supports_gradient_checkpointing = True
     _no_split_modules = ["Layer"]  # FSDP's transformer-based auto wrap shards per decoder layer
@@ -64,20 +65,36 @@ class CheckpointNetwork(Network):
         def linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
             return nn.Linear(n_in, n_out, bias=bias)
 
+        def mlp(width: int) -> dict:
+            return dict(gate_proj=linear(d, width, size["other_bias"]), up_proj=linear(d, width, size["other_bias"]),
+                        down_proj=linear(width, d, size["other_bias"]))
+
+        def attention() -> dict:
+            if size.get("fused_qkv"):
+                return dict(qkv_proj=linear(d, (spec.n_heads + 2 * spec.n_kv_heads) * hd, size["qkv_bias"]))
+            return dict(q_proj=linear(d, spec.n_heads * hd, size["qkv_bias"]),
+                        k_proj=linear(d, spec.n_kv_heads * hd, size["qkv_bias"]),
+                        v_proj=linear(d, spec.n_kv_heads * hd, size["qkv_bias"]))
+
+        def feed_forward(i: int) -> dict:
+            moe = size.get("moe")
+            if moe is None or i < size.get("first_dense", 0):
+                return mlp(size["mlp_hidden"])
+            router = Router(torch.empty(moe.num_experts, d), torch.empty(moe.num_experts), moe)
+            shared = GatedMLP(**mlp(size["shared_hidden"])) if size.get("shared_hidden") else None
+            return dict(moe=MoE(router, [GatedMLP(**mlp(size["moe_hidden"])) for _ in range(moe.num_experts)], shared))
+
         with torch.device("meta"):
-            layers = [Layer(spec, attn_norm=NormWeight(torch.empty(d)),
-                            q_proj=linear(d, spec.n_heads * hd, size["qkv_bias"]),
-                            k_proj=linear(d, spec.n_kv_heads * hd, size["qkv_bias"]),
-                            v_proj=linear(d, spec.n_kv_heads * hd, size["qkv_bias"]),
+            layers = [Layer(spec, attn_norm=NormWeight(torch.empty(d)), **attention(),
                             o_proj=linear(spec.n_heads * hd, d, size["other_bias"]),
-                            mlp_norm=NormWeight(torch.empty(d)),
-                            gate_proj=linear(d, mlp, size["other_bias"]), up_proj=linear(d, mlp, size["other_bias"]),
-                            down_proj=linear(mlp, d, size["other_bias"]))
-                      for _ in range(spec.n_layers)]
+                            mlp_norm=NormWeight(torch.empty(d)), **feed_forward(i),
+                            q_norm=NormWeight(torch.empty(hd)) if spec.qk_norm else None,
+                            k_norm=NormWeight(torch.empty(hd)) if spec.qk_norm else None)
+                      for i in range(spec.n_layers)]
             head = None if spec.tied_head else linear(d, size["vocab"], False)
             super().__init__(spec, nn.Embedding(size["vocab"], d), layers, NormWeight(torch.empty(d)), head)
         self.config, self.source = config, source
-        self.hub_names = _hub_names(family.paths(spec), self)
+        self.hub_names = _hub_names(family.paths(spec, size), self)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed
@@ -105,14 +122,14 @@ class CheckpointNetwork(Network):
 
 
 def _hub_names(paths: dict, network: Network) -> dict[str, str]:
-    """{our parameter name: the hub checkpoint's tensor name} for every parameter of ``network``."""
+    """{our tensor name: the hub checkpoint's tensor name} for every tensor of ``network``'s state."""
     prefixes = {"embed": paths["embed"], "final_norm": paths["final_norm"]}
     if paths["head"] is not None:
         prefixes["head"] = paths["head"]
     for i, layer in enumerate(paths["layers"]):
-        prefixes.update({f"layers.{i}.{part}": layer[part] for part in LAYER_PARTS})
+        prefixes.update({f"layers.{i}.{part}": path for part, path in layer.items()})
     names = {}
-    for name, _ in network.named_parameters():
+    for name in network.state_dict():  # parameters and persistent buffers (a router's expert_bias)
         module, leaf = name.rsplit(".", 1)
         names[name] = f"{prefixes[module]}.{leaf}"
     return names
@@ -157,7 +174,7 @@ def load_checkpoint_model(model_dir: str | os.PathLike, dtype: torch.dtype = tor
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             found.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
-    expected = {model.hub_names[name]: tuple(p.shape) for name, p in model.named_parameters()}
+    expected = {model.hub_names[name]: tuple(p.shape) for name, p in model.state_dict().items()}
     check_tensor_shapes(expected, found, str(model_dir))
     ours = {hub: name for name, hub in model.hub_names.items()}
     state = {}

@@ -32,7 +32,7 @@ def sizes(config) -> dict:
                 qkv_bias=True, other_bias=False)
 
 
-def paths(spec: NetworkSpec) -> dict:
+def paths(spec: NetworkSpec, size: dict) -> dict:
     names = dict(attn_norm="input_layernorm", q_proj="self_attn.q_proj", k_proj="self_attn.k_proj",
                  v_proj="self_attn.v_proj", o_proj="self_attn.o_proj", mlp_norm="post_attention_layernorm",
                  gate_proj="mlp.gate_proj", up_proj="mlp.up_proj", down_proj="mlp.down_proj")

@@ -48,7 +48,7 @@ def sizes(config) -> dict:
                 qkv_bias=bool(get("include_qkv_bias") or get("include_bias")), other_bias=bool(get("include_bias")))
 
 
-def paths(spec: NetworkSpec) -> dict:
+def paths(spec: NetworkSpec, size: dict) -> dict:
     root = "model.transformer"
     names = dict(attn_norm="attn_norm", q_proj="q_proj", k_proj="k_proj", v_proj="v_proj", o_proj="attn_out",
                  mlp_norm="ff_norm", gate_proj="ff_proj", up_proj="up_proj", down_proj="ff_out")

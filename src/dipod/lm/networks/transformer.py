@@ -41,6 +41,11 @@ class NetworkSpec:
     tied_head: bool = False  # the output head is the input embedding matrix
     embed_scale: float = 1.0
     logit_scale: float = 1.0
+    qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3: SDAR)
+    # Block-causal attention (SDAR): query i sees key j iff block(j) <= block(i), blocks of this many
+    # positions counted from each row's first real token. None: bidirectional (LLaDA, Dream).
+    block_size: int | None = None
+    rotary_dim: int | None = None  # RoPE rotates only the first this many dims of a head (LLaDA2: half); None: all
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -83,6 +88,10 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x_bhqd: Tensor, cos: Tensor, sin: Tensor, in_float32: bool) -> Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of each head (all of them but for partial RoPE); the rest pass."""
+    rotary = cos.shape[-1]
+    if rotary < x_bhqd.shape[-1]:
+        return torch.cat([apply_rope(x_bhqd[..., :rotary], cos, sin, in_float32), x_bhqd[..., rotary:]], dim=-1)
     if in_float32:
         xf = x_bhqd.float()
         return (xf * cos + _rotate_half(xf) * sin).to(x_bhqd.dtype)
@@ -118,24 +127,46 @@ class LayerKV:
 
 
 class Layer(nn.Module):
-    """One transformer layer. Its submodules may be the hub model's own (shared, not copied)."""
+    """One transformer layer. Its submodules may be the hub model's own (shared, not copied).
 
-    def __init__(self, spec: NetworkSpec, attn_norm: nn.Module, q_proj: nn.Module, k_proj: nn.Module,
-                 v_proj: nn.Module, o_proj: nn.Module, mlp_norm: nn.Module, gate_proj: nn.Module, up_proj: nn.Module,
-                 down_proj: nn.Module):
+    Attention projections are ``q_proj`` / ``k_proj`` / ``v_proj``, or one fused ``qkv_proj`` whose
+    output rows are the query heads, then the key heads, then the value heads (LLaDA2); the MLP is
+    ``gate_proj`` / ``up_proj`` / ``down_proj``, or a mixture of experts ``moe`` (``moe.MoE``).
+    """
+
+    def __init__(self, spec: NetworkSpec, attn_norm: nn.Module, o_proj: nn.Module, mlp_norm: nn.Module,
+                 q_proj: nn.Module | None = None, k_proj: nn.Module | None = None, v_proj: nn.Module | None = None,
+                 qkv_proj: nn.Module | None = None, gate_proj: nn.Module | None = None,
+                 up_proj: nn.Module | None = None, down_proj: nn.Module | None = None, moe: nn.Module | None = None,
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None):
         super().__init__()
         self.spec = spec
         self.attn_norm, self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn_norm, q_proj, k_proj, v_proj, o_proj
+        self.qkv_proj = qkv_proj
         self.mlp_norm, self.gate_proj, self.up_proj, self.down_proj = mlp_norm, gate_proj, up_proj, down_proj
+        self.moe = moe
+        self.q_norm, self.k_norm = q_norm, k_norm
+
+    def _qkv(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        spec = self.spec
+        batch, length, _ = h.shape
+        if self.qkv_proj is not None:
+            heads = self.qkv_proj(h).view(batch, length, spec.n_heads + 2 * spec.n_kv_heads, spec.head_dim)
+            q, k, v = heads.split([spec.n_heads, spec.n_kv_heads, spec.n_kv_heads], dim=2)
+        else:
+            q = self.q_proj(h).view(batch, length, spec.n_heads, spec.head_dim)
+            k = self.k_proj(h).view(batch, length, spec.n_kv_heads, spec.head_dim)
+            v = self.v_proj(h).view(batch, length, spec.n_kv_heads, spec.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None, start: int,
                 kv: LayerKV | None) -> Tensor:
         spec = self.spec
         batch, length, _ = x.shape
         h = apply_norm(self.attn_norm, x, spec.norm_eps)
-        q = self.q_proj(h).view(batch, length, spec.n_heads, spec.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(batch, length, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(batch, length, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
+        q, k, v = self._qkv(h)
+        if spec.qk_norm:
+            q, k = apply_norm(self.q_norm, q, spec.norm_eps), apply_norm(self.k_norm, k, spec.norm_eps)
         q = apply_rope(q, cos, sin, spec.rope_in_float32)
         k = apply_rope(k, cos, sin, spec.rope_in_float32)
         if kv is not None:
@@ -146,7 +177,23 @@ class Layer(nn.Module):
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         x = x + self.o_proj(att.transpose(1, 2).reshape(batch, length, spec.n_heads * spec.head_dim))
         h = apply_norm(self.mlp_norm, x, spec.norm_eps)
+        if self.moe is not None:
+            return x + self.moe(h)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def row_positions(attn_bt: Tensor) -> Tensor:
+    """Each token's position counted from its row's first real token (padding at 0): ``[B, T]``."""
+    return (attn_bt.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def block_causal_mask(attn_bt: Tensor, block_size: int, q_lo: int = 0, q_hi: int | None = None) -> Tensor:
+    """Boolean ``[B, 1, Q, T]`` (True = attend) for queries ``q_lo .. q_hi - 1``: real keys in the same or an
+    earlier block, blocks of ``block_size`` counted from each row's first real token (so a left-padded
+    row attends as it would alone). A padding query sits in block 0: it sees the row's first block."""
+    block_bt = row_positions(attn_bt) // block_size
+    block_bq = block_bt[:, q_lo:q_hi]
+    return ((block_bt[:, None, :] <= block_bq[:, :, None]) & (attn_bt != 0)[:, None, :])[:, None]
 
 
 def key_padding_mask(attn_bt: Tensor | None) -> Tensor | None:
@@ -182,9 +229,9 @@ class Network(nn.Module):
             x = x * self.spec.embed_scale
         if positions_bq is None:
             positions = torch.arange(start, start + ids_bq.shape[1], device=ids_bq.device)
-            cos, sin = rope_tables(positions, self.spec.head_dim, self.spec.rope_theta)
+            cos, sin = rope_tables(positions, self.rotary_dim, self.spec.rope_theta)
         else:
-            cos, sin = rope_tables(positions_bq.reshape(-1), self.spec.head_dim, self.spec.rope_theta)
+            cos, sin = rope_tables(positions_bq.reshape(-1), self.rotary_dim, self.spec.rope_theta)
             cos, sin = (t.view(*positions_bq.shape, -1)[:, None] for t in (cos, sin))  # [B, 1, Q, D]
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
@@ -194,6 +241,10 @@ class Network(nn.Module):
             else:
                 x = layer(x, cos, sin, key_mask, start, kv)
         return apply_norm(self.final_norm, x, self.spec.norm_eps)
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.spec.rotary_dim or self.spec.head_dim
 
     def head_logits(self, hidden: Tensor) -> Tensor:
         """float32 logits of final hidden states (computed in the model dtype, as the hub does)."""
@@ -205,8 +256,19 @@ class Network(nn.Module):
     def new_cache(self) -> list[LayerKV]:
         return [LayerKV() for _ in self.layers]
 
+    def attention_mask(self, attn_bt: Tensor | None, length: int) -> Tensor | None:
+        """The mask of a full pass: key padding (bidirectional), or block-causal (``spec.block_size``)."""
+        if self.spec.block_size is None:
+            return key_padding_mask(attn_bt)
+        if attn_bt is None:
+            attn_bt = torch.ones(1, length, dtype=torch.long, device=self.embed.weight.device)
+        return block_causal_mask(attn_bt, self.spec.block_size)
+
     def forward(self, ids_bt: Tensor, attn_bt: Tensor | None = None, positions_bt: Tensor | None = None,
-                first: int = 0) -> Tensor:
-        """Logits at positions ``first ..`` only: the head (vocabulary-wide) runs where they are read."""
-        hidden = self.hidden(ids_bt, 0, key_padding_mask(attn_bt), positions_bq=positions_bt)
+                first: int = 0, mask: Tensor | None = None) -> Tensor:
+        """Logits at positions ``first ..`` only: the head (vocabulary-wide) runs where they are read. ``mask``
+        (boolean ``[B, 1, T, T]``, True = attend) replaces the one ``attn_bt`` implies (the block-causal
+        ELBO's clean + noisy copies)."""
+        mask = self.attention_mask(attn_bt, ids_bt.shape[1]) if mask is None else mask
+        hidden = self.hidden(ids_bt, 0, mask, positions_bq=positions_bt)
         return self.head_logits(hidden[:, first:])

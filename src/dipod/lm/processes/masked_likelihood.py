@@ -244,10 +244,12 @@ def score_draw(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tensor, c
 def eubo_surrogate(logp_nkl: Tensor, scored_nkl: Tensor, weight_nk: Tensor, beta: float,
                    lengths_n: Tensor) -> Tensor:
     """``(L_n / S_n) (1/beta) sum_l log((1/K) sum_k w_nk scored_nkl p_nkl^beta)`` -> ``[B]``, the sum
-    over the ``S_n`` tokens scored in at least one draw, rescaled to the ``L_n`` live tokens (SPG).
+    over the ``S_n`` tokens scored in at least one draw, rescaled to the ``L_n`` live tokens (SPG). The weight
+    may also be per token, ``[B, K, G]`` (the block-causal ELBO weighs each block by its own mask ratio).
     Computed in log space (logsumexp over draws), so a tiny ``p^beta`` never underflows to 0."""
     draws = logp_nkl.shape[1]
-    log_terms_nkl = torch.where(scored_nkl, weight_nk.log()[..., None] + beta * logp_nkl, -math.inf)
+    log_weight = weight_nk.log() if weight_nk.dim() == 3 else weight_nk.log()[..., None]  # per token or per draw
+    log_terms_nkl = torch.where(scored_nkl, log_weight + beta * logp_nkl, -math.inf)
     seen_nl = scored_nkl.any(1)
     # Rows of all -inf would give NaN gradients through logsumexp; give them a finite dummy instead.
     log_terms_nkl = torch.where(seen_nl[:, None], log_terms_nkl, 0.0)
@@ -257,15 +259,17 @@ def eubo_surrogate(logp_nkl: Tensor, scored_nkl: Tensor, weight_nk: Tensor, beta
 
 
 def decoding_orders(completion_mask_nl: Tensor, num_orders: int, settings: ProxySettings,
-                    generator: torch.Generator) -> Tensor:
+                    generator: torch.Generator, block_nl: Tensor | None = None) -> Tensor:
     """``step_nkl [B, K, G]``: the step at which each position is revealed; live tokens take steps
     ``0..L_n-1`` in a uniformly random order (``random``) or block by block with a random order
-    inside each block (``block_random``); the other positions come after them (never revealed)."""
+    inside each block (``block_random``: blocks of ``block_length`` from the completion's start, or
+    ``block_nl``, each position's block, when given); the other positions come after them (never revealed)."""
     live_nl = completion_mask_nl.bool().cpu()
     batch, gen_length = live_nl.shape
     keys_nkl = torch.rand(batch, num_orders, gen_length, generator=generator)
     if settings.masking == "block_random":
-        keys_nkl = keys_nkl + (torch.arange(gen_length) // settings.block_length).float()
+        block_nl = torch.arange(gen_length)[None] // settings.block_length if block_nl is None else block_nl.cpu()
+        keys_nkl = keys_nkl + block_nl[:, None].float()
     keys_nkl = torch.where(live_nl[:, None], keys_nkl, keys_nkl + gen_length + 1.0)
     return _random_ranks(keys_nkl)
 
@@ -298,17 +302,18 @@ def order_log_probs(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tens
 
 
 def masked_gap_lower_bound(lm: MaskedDiffusionLM, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor,
-                           settings: ProxySettings, num_orders: int, seed: int) -> Tensor:
+                           settings: ProxySettings, num_orders: int, seed: int,
+                           block_nl: Tensor | None = None) -> Tensor:
     """The drift monitor ``IW_K - ELBO_K`` ``[B]`` (float32, >= 0) over ``K = num_orders`` random orders.
 
     ``IW_K = log (1/K) sum_k p_sigma_k(x)`` and ``ELBO_K = (1/K) sum_k log p_sigma_k(x)`` from the same
     orders. ``E[ELBO_K]`` is the any-order ELBO of the live tokens and ``E[IW_K]`` rises with K to
     ``log pi``, so the expectation lies in ``[0, log pi - ELBO]`` and tends to the gap. The prompt is
     never masked here; live tokens and the tail follow ``settings.masking`` (block by block for
-    ``block_random``). Costs ``max_n L_n`` forwards of ``B x K`` rows.
+    ``block_random``, the blocks ``block_nl`` when given: ``decoding_orders``). Costs ``max_n L_n`` forwards of ``B x K`` rows.
     """
     orders = decoding_orders(live_mask(completion_ids, lm.eos_id, settings), num_orders, settings,
-                             torch.Generator().manual_seed(int(seed)))
+                             torch.Generator().manual_seed(int(seed)), block_nl)
     log_p_nk = order_log_probs(lm, prompt_ids, prompt_attn, completion_ids, orders, settings.max_tokens_per_forward,
                                settings)
     iw_n = torch.logsumexp(log_p_nk, dim=1) - math.log(num_orders)

@@ -107,15 +107,19 @@ def fill_after_first_eos(completion_bg: Tensor, eos_id: int) -> Tensor:
 
 
 def decode_masked(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings,
-                  generator: torch.Generator | None = None, forward: BlockForward | None = None) -> Decoded:
+                  generator: torch.Generator | None = None, forward: BlockForward | None = None,
+                  canvas_bg: Tensor | None = None) -> Decoded:
     """The masked processes' decoding loop behind ``dipod.lm.sampler.decode`` (arguments as there; inputs
-    already checked). ``forward`` defaults to ``block_forward(lm, settings.kv_cache)``."""
+    already checked). ``forward`` defaults to ``block_forward(lm, settings.kv_cache)``. ``canvas_bg``
+    (default all masks) is the completion to start from: only its mask positions are decoded (the
+    block-causal process puts a prompt's tail there)."""
     settings = settings.resolved(family_sampler_defaults(lm))
     rule = REVEAL_RULES[settings.remasking]
     batch, prompt_len = prompt_ids.shape
     mask_id, device = lm.mask_id, prompt_ids.device
-    ids_bt = torch.cat([prompt_ids, torch.full((batch, settings.gen_length), mask_id, dtype=torch.long,
-                                               device=device)], dim=1)
+    if canvas_bg is None:
+        canvas_bg = torch.full((batch, settings.gen_length), mask_id, dtype=torch.long, device=device)
+    ids_bt = torch.cat([prompt_ids, canvas_bg], dim=1)
     attn_bt = torch.cat([prompt_attn.long(), torch.ones((batch, settings.gen_length), dtype=torch.long,
                                                         device=device)], dim=1)
     order_bg = torch.full((batch, settings.gen_length), -1, dtype=torch.long, device=device)
@@ -141,7 +145,9 @@ def decode_masked(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings,
                 tokens_al = _propose(logits_alv, mask_id, settings.temperature, generator, rows)
                 score_al = rule.score(logits_alv, tokens_al, settings.temperature, generator)
                 score_al = score_al.masked_fill(~masked_al, float("-inf"))
-                reveal_al = top_k_mask(score_al, count(block_step, masked_al, score_al))
+                # never more than the masks left (a canvas may start a block with fewer)
+                reveal_al = top_k_mask(score_al, torch.minimum(count(block_step, masked_al, score_al),
+                                                               masked_al.sum(1)))
                 rows.put(ids_bt, lo, hi, torch.where(reveal_al, tokens_al, ids_at[:, lo:hi]))
                 rows.put(order_bg, start, end, rows.select(order_bg)[:, start:end].masked_fill(reveal_al, step))
                 row_forwards += ids_at.shape[0]

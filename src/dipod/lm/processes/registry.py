@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dipod.lm.processes.base import DiffusionProcess
+from dipod.lm.processes.block_causal import BlockCausalProcess
 from dipod.lm.processes.masked import MaskedProcess
 from dipod.lm.processes.uniform import UniformProcess
 
-DIFFUSION_PROCESSES: dict[str, DiffusionProcess] = {p.name: p for p in (MaskedProcess(), UniformProcess())}
+DIFFUSION_PROCESSES: dict[str, DiffusionProcess] = {p.name: p for p in (MaskedProcess(), BlockCausalProcess(), UniformProcess())}
 
 
 def get_process(name: str) -> DiffusionProcess:

@@ -1,0 +1,84 @@
+"""A mixture-of-experts MLP as LLaDA2.x routes it (DeepSeek-V3-style group-limited routing).
+
+Per token: router logits ``x W^T`` in float32, scores ``sigmoid(logits)``; the choice uses the scores
+plus ``expert_bias`` (a buffer, read from the checkpoint, never trained here): each of ``n_group``
+groups is scored by the sum of its two best biased scores, the best ``topk_group`` groups are kept,
+and the ``top_k`` best experts inside them are chosen. Their weights are the chosen experts'
+UNBIASED scores divided by their sum (when ``top_k > 1``), times ``routed_scaling_factor``. The
+output is the weighted sum of the chosen experts plus the shared expert. There is no auxiliary
+load-balancing loss (LLaDA2's code returns none; its training sets ``output_router_logits=False``).
+
+Module names follow the hub (``gate.weight``, ``gate.expert_bias``, ``experts.E.{gate,up,down}_proj``,
+``shared_experts.{gate,up,down}_proj``), so LoRA can target the expert projections by suffix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    num_experts: int
+    top_k: int
+    n_group: int
+    topk_group: int
+    routed_scaling_factor: float
+
+
+class GatedMLP(nn.Module):
+    """``Down(SiLU(Gate(x)) * Up(x))``: one expert (and the shared expert, and a dense layer's MLP)."""
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, weight: Tensor, expert_bias: Tensor, spec: MoESpec):
+        super().__init__()
+        self.spec = spec
+        self.weight = nn.Parameter(weight)
+        self.register_buffer("expert_bias", expert_bias)
+
+    def forward(self, x_nd: Tensor) -> tuple[Tensor, Tensor]:
+        """``(experts_nk, weights_nk)`` of ``N`` tokens: the chosen experts and their float32 weights."""
+        spec = self.spec
+        scores_ne = torch.sigmoid(F.linear(x_nd.float(), self.weight.float()))
+        biased_ne = scores_ne + self.expert_bias
+        groups_ng = biased_ne.view(len(x_nd), spec.n_group, -1).topk(2, dim=-1).values.sum(-1)
+        kept_ng = torch.zeros_like(groups_ng, dtype=torch.bool).scatter_(
+            1, groups_ng.topk(spec.topk_group, dim=-1, sorted=False).indices, True)
+        kept_ne = kept_ng.repeat_interleave(spec.num_experts // spec.n_group, dim=1)
+        experts_nk = biased_ne.masked_fill(~kept_ne, float("-inf")).topk(spec.top_k, dim=-1).indices
+        weights_nk = scores_ne.gather(1, experts_nk)
+        if spec.top_k > 1:
+            weights_nk = weights_nk / (weights_nk.sum(-1, keepdim=True) + 1e-20)
+        return experts_nk, weights_nk * spec.routed_scaling_factor
+
+
+class MoE(nn.Module):
+    """Routed experts plus the shared expert; input and output ``[..., d]``."""
+
+    def __init__(self, gate: Router, experts: list[GatedMLP], shared_experts: GatedMLP | None):
+        super().__init__()
+        self.gate, self.experts, self.shared_experts = gate, nn.ModuleList(experts), shared_experts
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_nd = x.reshape(-1, x.shape[-1])
+        experts_nk, weights_nk = self.gate(x_nd)
+        out_nkd = x_nd.new_zeros(*experts_nk.shape, x_nd.shape[-1])
+        for e in experts_nk.unique().tolist():  # only the experts some token chose run
+            token_n, slot_n = (experts_nk == e).nonzero(as_tuple=True)
+            out_nkd = out_nkd.index_put((token_n, slot_n), self.experts[e](x_nd[token_n]))
+        y_nd = (out_nkd.float() * weights_nk[..., None]).sum(1).to(x.dtype)
+        if self.shared_experts is not None:
+            y_nd = y_nd + self.shared_experts(x_nd)
+        return y_nd.view(x.shape)
