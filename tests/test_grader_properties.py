@@ -1,0 +1,1 @@
+"""Property-based tests (hypothesis) of every grader and answer parser: see below."""
