@@ -175,7 +175,9 @@ def _resolve_mask_id(name: str, tokenizer: Any, config: Any, requested: int | No
         raise ValueError(f"model {name!r} defines no mask token (neither tokenizer nor config has mask_token_id); "
                          "pass --mask_token_id with the id the model was trained with")
     if mask_id < 0 or (vocab_size is not None and mask_id >= vocab_size):
-        raise ValueError(f"mask_token_id={mask_id} is outside the vocabulary [0, {vocab_size}); fix --mask_token_id")
+        fix = ("fix --mask_token_id" if model_id is None else
+               f"fix mask_token_id in the snapshot's {' and '.join(sources)} (or load the model it belongs to)")
+        raise ValueError(f"mask_token_id={mask_id} is outside the vocabulary [0, {vocab_size}); {fix}")
     return mask_id
 
 
