@@ -71,6 +71,21 @@ def test_sft_refuses_a_folder_holding_a_run_unless_resumed_or_overwritten(tmp_pa
     assert (out / "notes.txt").read_text() == "mine"  # and nothing that was not the run's
 
 
+@pytest.mark.parametrize("left", ["metrics.jsonl", "checkpoint-3"])
+def test_a_run_killed_before_or_after_its_first_checkpoint_is_never_replaced_silently(tmp_path, left):
+    """A folder holding only metrics.jsonl (killed before the first save) or only a checkpoint is a run."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / left).mkdir() if left.startswith("checkpoint") else (out / left).write_text('{"step": 1}\n')
+    with pytest.raises(RunFolderError, match=f"already holds a run \\({left}\\)"):
+        prepare_run_folder(out, resuming=False, overwrite=False, resume_flag="--resume latest")
+    assert (out / left).exists()
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "config.yaml").write_text("x: 1\n")  # a config alone is no run yet
+    assert prepare_run_folder(tmp_path / "fresh", resuming=False, overwrite=False, resume_flag="--resume") == \
+        tmp_path / "fresh"
+
+
 def test_lm_train_refuses_a_folder_holding_a_run_before_the_model_loads(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(rl(tiny_model, out, max_steps=1))
