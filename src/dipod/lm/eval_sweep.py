@@ -12,6 +12,7 @@ the earlier step), never one chosen on test. Output in ``RUN_DIR/eval_sweep/``: 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,10 @@ def load_splits(task, cfg: SweepConfig) -> tuple[tuple[str, list[dict]], tuple[s
     require(val_name != test_name, f"the validation set {val_name!r} is the test set; a checkpoint is never chosen "
                                    "on test: pass --val_split or --val_data naming other data")
     val = task.load(val_split or "train", path=cfg.val_data, limit=cfg.val_limit)
+    test_rows = {json.dumps(ex, sort_keys=True, default=str) for ex in test}
+    require(not all(json.dumps(ex, sort_keys=True, default=str) in test_rows for ex in val),
+            f"every example of the validation set {val_name!r} is in the test set {test_name!r}; a checkpoint is "
+            "never chosen on test: pass --val_split or --val_data naming other data")
     return (test_name, test), (val_name, val)
 
 
