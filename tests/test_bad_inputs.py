@@ -1,0 +1,54 @@
+"""The bad-input table of docs/results/bad_inputs.md, kept true: each row runs through the CLI and must
+end with its exit status and one line holding its phrase, no traceback. Also Ctrl-C: exit 130 with
+the command that continues the run."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from dipod.cli import main as cli_main
+
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "results" / "bad_inputs.md"
+
+
+def _cases() -> list[tuple[str, int, str]]:
+    text = PAGE.read_text()
+    table = text[text.index("<!-- cases:"):text.index("<!-- end cases -->")]
+    rows = [line.strip().strip("|").split("|") for line in table.splitlines()[3:] if line.startswith("|")]
+    return [(command.strip().strip("`"), int(code), phrase.strip()) for command, code, phrase in rows]
+
+
+@pytest.mark.parametrize("command,code,phrase", _cases(), ids=[c[0] for c in _cases()])
+def test_a_bad_input_ends_with_one_clear_line(command, code, phrase, tmp_path, capsys):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("model: tiny\nlearning_rate: 1.0e-5\nlearning_rate: 3.0e-4\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward": s / 4}) + "\n" for s in range(3)))
+    argv = shlex.split(command.format(dup=dup, run=run))[1:]
+    assert cli_main(argv) == code
+    err = capsys.readouterr().err
+    assert phrase in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("command,resume", [("lm sft", "--resume true"), ("lm train", "--resume latest")])
+def test_ctrl_c_exits_130_with_the_resume_command(command, resume, monkeypatch, capsys):
+    import importlib
+
+    from dipod.cli import COMMANDS
+
+    def interrupted(argv, prog):
+        raise KeyboardInterrupt
+
+    module = importlib.import_module(COMMANDS[tuple(command.split())][0])
+    monkeypatch.setattr(module, "main", interrupted)
+    flags = ["--output_dir", "runs/my run", "--resume", "--max_steps", "9"]
+    assert cli_main([*command.split(), *flags]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (f"dipod {command}: interrupted; the checkpoints already written are kept, continue with: "
+                   f"dipod {command} --output_dir 'runs/my run' --max_steps 9 {resume}")
