@@ -287,6 +287,41 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
     assert [e.value for e in scalars] == [1.0, 2.0, 13.0, 14.0, 15.0, 16.0]
 
 
+def test_a_resume_trims_the_killed_runs_completions_like_its_metrics(tmp_path):
+    from dipod.lm.monitors import log_completions
+
+    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+        for step in (2, 4, 6):  # evaluations of the killed run; its checkpoint was at step 4
+            logger.log(step, {"loss": 1.0})
+            log_completions(tmp_path / "completions.jsonl", step, ["p"], [f"c{step}"], [0.5], limit=1)
+    MetricsLogger(tmp_path, tensorboard=False, resume_from_step=5).close()
+    assert [r["step"] for r in read_metrics(tmp_path / "completions.jsonl")] == [2, 4]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [2, 4]
+
+
+def test_wandb_missing_is_refused_before_the_run_folder_is_touched(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(ValueError, match="--wandb_project needs wandb.*pip install wandb"):
+        MetricsLogger(tmp_path / "run", tensorboard=False, wandb_project="p")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_run_outputs_get_the_users_umask_not_the_temp_files_0600(tmp_path):
+    from dipod.runlog import atomic_write_text
+
+    before = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {"s": 1}, {})
+    finally:
+        os.umask(before)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "checkpoint-1").stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in (tmp_path / "checkpoint-1").iterdir())
+
+
 def test_a_broken_config_json_is_named(tmp_path, tiny_model):
     import shutil
 

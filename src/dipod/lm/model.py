@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import string
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from dipod.lm.families import FAMILIES, ModelFamily, detect_family, get_family
 from dipod.lm.snapshot import check_snapshot, locate_model, read_config_dict
+from dipod.runlog import make_temp_dir
 
 PAD_TOKEN, MASK_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<mask>", "<eos>", "<unk>"
 TINY_SPECIAL_TOKENS = (PAD_TOKEN, MASK_TOKEN, EOS_TOKEN, UNK_TOKEN)
@@ -123,7 +123,7 @@ class MaskedDiffusionLM:
         if hasattr(model, "merge_and_unload"):
             model = copy.deepcopy(model).merge_and_unload()
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp = make_temp_dir(f".{out.name}.", out.parent)
         try:
             with self.family.saving(model):
                 model.save_pretrained(tmp)

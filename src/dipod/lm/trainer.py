@@ -39,7 +39,7 @@ from dipod.lm.train_config import TrainConfig
 from dipod.lm.estimators import get_estimator
 from dipod.objectives import dipod_term
 from dipod.run_folder import prepare_run_folder
-from dipod.runlog import MetricsLogger, TrainingDiverged
+from dipod.runlog import COMPLETIONS, MetricsLogger, TrainingDiverged
 
 # metric keys that measure wall-clock time; they differ between otherwise identical runs
 TIMING_KEYS = ("step_time", "generation_time", "update_time", "tokens_per_s")
@@ -400,7 +400,7 @@ class Trainer:
             rows = [(float(self.task.reward(t, ex)), float(self.task.is_correct(t, ex))) for t, ex in zip(texts, shard)]
             if cfg.log_completions and self.accelerator.is_main_process:
                 prompts = [self.task.prompt(ex, cfg.prompt_style) for ex in shard]
-                shown = log_completions(Path(cfg.output_dir) / "completions.jsonl", step, prompts, texts,
+                shown = log_completions(Path(cfg.output_dir) / COMPLETIONS, step, prompts, texts,
                                         [r for r, _ in rows], cfg.log_completions)
                 self.accelerator.print(f"step {step}: held-out completions [reward] prompt -> completion\n"
                                        + "\n".join(shown))
