@@ -86,6 +86,40 @@ def test_a_run_killed_before_or_after_its_first_checkpoint_is_never_replaced_sil
         tmp_path / "fresh"
 
 
+def test_one_writer_per_run_folder_a_live_holder_is_refused_a_stale_lock_taken_over(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from dipod.run_folder import LOCK_FILE, release_run_lock
+
+    out, host = tmp_path / "run", socket.gethostname()
+    out.mkdir()
+    lock = out / LOCK_FILE
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": host}))  # a live process that is not this one
+    for resuming in (False, True):  # a second run, or a --resume beside the live ranks
+        with pytest.raises(RunFolderError, match=rf"in use by another run \(process {os.getppid()} on "):
+            prepare_run_folder(out, resuming=resuming, overwrite=False, resume_flag="--resume latest")
+    lock.write_text(json.dumps({"pid": 4242, "host": host + "-elsewhere"}))  # cannot be checked: refused
+    with pytest.raises(RunFolderError, match=f"delete {lock}"):
+        prepare_run_folder(out, resuming=True, overwrite=False, resume_flag="--resume latest")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": host}))  # its run crashed: stale
+    prepare_run_folder(out, resuming=True, overwrite=False, resume_flag="--resume latest")
+    assert json.loads(lock.read_text()) == {"pid": os.getpid(), "host": host}
+    prepare_run_folder(out, resuming=True, overwrite=False, resume_flag="--resume latest")  # this process again
+    prepare_run_folder(out, resuming=True, overwrite=False, resume_flag="--resume latest", remove=False)  # a rank
+    release_run_lock(out)
+    assert not lock.exists()
+
+
+def test_a_finished_run_gives_its_folder_back(tmp_path):
+    from dipod.run_folder import LOCK_FILE
+
+    train_sft(sft(tmp_path / "run", max_steps=1))
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+
+
 def test_lm_train_refuses_a_folder_holding_a_run_before_the_model_loads(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(rl(tiny_model, out, max_steps=1))

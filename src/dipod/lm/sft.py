@@ -36,7 +36,7 @@ from dipod.lm.evaluate import PROMPT_STYLES, evaluate_policy
 from dipod.lm.families import FAMILIES
 from dipod.lm.train_config import DTYPES
 from dipod.lm.sampler import DecodingOptions, SamplerSettings
-from dipod.run_folder import prepare_run_folder
+from dipod.run_folder import prepare_run_folder, release_run_lock
 from dipod.runlog import MetricsLogger, TrainingDiverged, atomic_write_json
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -248,6 +248,13 @@ def lr_factor(cfg: SFTConfig) -> Callable[[int], float]:
 
 def train_sft(cfg: SFTConfig) -> dict:
     """Run SFT; returns the content of OUTPUT_DIR/sft_result.json."""
+    try:
+        return _train_sft(cfg)
+    finally:
+        release_run_lock(cfg.output_dir)
+
+
+def _train_sft(cfg: SFTConfig) -> dict:
     from tqdm.auto import tqdm
 
     from dipod.lm.tasks import get_task

@@ -38,7 +38,7 @@ from dipod.lm.proxies import completion_mask
 from dipod.lm.train_config import TrainConfig
 from dipod.lm.estimators import get_estimator
 from dipod.objectives import dipod_term
-from dipod.run_folder import prepare_run_folder
+from dipod.run_folder import prepare_run_folder, release_run_lock
 from dipod.runlog import COMPLETIONS, MetricsLogger, TrainingDiverged
 
 # metric keys that measure wall-clock time; they differ between otherwise identical runs
@@ -542,7 +542,10 @@ def _detached(proxies):
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run one training job in this process (under ``accelerate launch``: one process of it)."""
-    return Trainer(cfg).run()
+    try:
+        return Trainer(cfg).run()
+    finally:
+        release_run_lock(cfg.output_dir)
 
 
 def _normalise_resume_flag(argv: list[str]) -> list[str]:
