@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from dipod.config import ConfigError
-from dipod.lm.tasks.data_files import shared_data_dir
 
 SWEEP_FLAGS = ["--lengths", "8,16", "--block_length", "8", "--limit", "3", "--val_limit", "3", "--batch_size", "2"]
 
@@ -102,7 +101,6 @@ def test_the_test_set_never_chooses(tiny_run, tmp_path):
     assert "validation none" in (tmp_path / "b" / "table.md").read_text()
 
 
-@pytest.mark.skipif(not shared_data_dir().is_dir(), reason="shared data folder not present")
 def test_defaults_are_the_papers_test_split_and_our_held_out_validation(tiny_run, tmp_path):
     from dipod.lm.eval_sweep import SweepConfig, sweep
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import json
 import random
-import time
+from pathlib import Path
 from fractions import Fraction
 
 import pytest
 
 from dipod.lm.tasks import get_task
 from dipod.lm.tasks.answer_format import answer_region, before_eos, boxed_or_region, last_boxed
-from dipod.lm.tasks.data_files import shared_data_dir
+from dipod.lm.tasks.math500 import cheap_to_verify
 from dipod.lm.tasks.plain_math import read_number
 
-OUTPUTS = shared_data_dir() / "llada8b_instruct_outputs"
+# real model text is a cross-check kept beside the clone (../shared), never shipped
+OUTPUTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "llada8b_instruct_outputs"
 needs_outputs = pytest.mark.skipif(not OUTPUTS.is_dir(), reason=f"{OUTPUTS} not present")
 
 # task -> (file, our task name, published accuracy in %, how far above the published number our
@@ -195,11 +196,10 @@ def test_math500_reads_real_answers(completion, reference):
     assert MATH.is_correct(completion, {"problem": "p", "answer": reference})
 
 
-@needs_outputs
 def test_every_math500_reference_grades_correct_against_itself():
-    from dipod.lm.tasks.data_files import shared_file
+    from dipod.lm.tasks.data_files import data_file
 
-    rows = [json.loads(line) for line in shared_file("math500_test.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in data_file("math500_test.jsonl").read_text().splitlines()]
     failing = [r["answer"] for r in rows if not MATH.is_correct(f"<answer>\\boxed{{{r['answer']}}}</answer>", r)]
     assert failing == []
 
@@ -234,16 +234,50 @@ def hostile_real_shaped() -> list[str]:
 
 
 @pytest.mark.parametrize("name", ["gsm8k", "math500", "countdown", "sudoku4"])
-def test_hostile_real_shaped_text_scores_in_unit_interval_fast(name):
+def test_hostile_real_shaped_text_scores_in_unit_interval(name, monkeypatch):
     task = get_task(name)
     example = {"gsm8k": {"answer": "18"}, "math500": {"answer": "\\frac{1}{2}"},
                "countdown": {"numbers": [96, 48, 26], "target": 74},
                "sudoku4": {"puzzle": "0204032001400402", "solution": "1234432121433412"}}[name]
-    # math-verify may spend its own timeout (1 s) parsing and again comparing a long answer
-    limit = 2.5 if name == "math500" else 1.0
+    # Work, not time, bounds the grader: every text that reaches sympy passed the shape check.
+    reached_sympy = _spy_on_math_verify(monkeypatch)
     for completion in hostile_real_shaped():
-        start = time.perf_counter()
         scores = [task.reward(completion, example)] + [fn(completion, example) for fn, _ in task.reward_functions.values()]
-        elapsed = time.perf_counter() - start
-        assert elapsed < limit, (name, completion[:60], elapsed)
         assert all(0.0 <= s <= 1.0 for s in scores), (name, completion[:60], scores)
+    assert all(len(text) <= 300 + len("\\boxed{}") and cheap_to_verify(text[len("\\boxed{"):-1]) for text in reached_sympy)
+
+
+def _spy_on_math_verify(monkeypatch) -> list[str]:
+    """Record every string math-verify is asked to parse (the grader's only way into sympy)."""
+    import math_verify
+
+    from dipod.lm.tasks import math500
+
+    seen: list[str] = []
+    real_parse = math_verify.parse
+
+    def parse(text, *args, **kwargs):
+        seen.append(text)
+        assert kwargs.get("parsing_timeout", 5) is None, "a clock must not decide a verdict"
+        return real_parse(text, *args, **kwargs)
+
+    monkeypatch.setattr(math_verify, "parse", parse)
+    math500.equivalent.cache_clear()
+    math500._parsed_reference.cache_clear()
+    return seen
+
+
+def test_math500_verdicts_do_not_depend_on_a_clock(monkeypatch):
+    """The answer that flipped to False under load (math-verify's 1 s timeout) is right, and no
+    timeout is handed to math-verify; pathological shapes are refused before sympy and counted."""
+    from dipod.lm.tasks import math500
+
+    reached_sympy = _spy_on_math_verify(monkeypatch)
+    reference = "x^8+x^7+x^6+x^5+x^4+x^3+x^2+x+1"
+    assert MATH.is_correct("<answer>\\boxed{1 + x + x^2 + x^3 + x^4 + x^5 + x^6 + x^7 + x^8}</answer>",
+                           {"problem": "p", "answer": reference})
+    assert reached_sympy, "the reordered polynomial must be compared by math-verify, not by text"
+    before = math500.costly_answers_refused()
+    assert not MATH.is_correct("<answer>\\boxed{((2^{99})^{99})^{99}}</answer>", {"problem": "p", "answer": "1"})
+    assert math500.costly_answers_refused() == before + 1
+    assert not any("99" in text for text in reached_sympy)

@@ -15,13 +15,14 @@ from dipod.lm.monitors import CollapseWatch, group_reward_stats, log_completions
 
 def test_group_reward_stats_on_hand_computed_groups():
     rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 0.0, 0.25, 0.25, 0.75])
-    stats = group_reward_stats(rewards, 3)
+    stats = group_reward_stats(rewards, 3, max_reward=1.0)
     assert stats["frac_reward_zero_std"] == pytest.approx(2 / 4)  # groups 1 and 3
     assert stats["frac_groups_all_zero"] == pytest.approx(1 / 4)  # group 3
+    assert stats["frac_groups_all_max"] == pytest.approx(1 / 4)  # group 1: solved, not stuck
     # population std per group: 0, sqrt(1/6), 0, sqrt(2)/6 (= std of 0.25, 0.25, 0.75)
     assert stats["reward_std_in_group"] == pytest.approx((math.sqrt(1 / 6) + math.sqrt(2) / 6) / 4, rel=1e-12)
     with pytest.raises(ValueError, match="groups of 5"):
-        group_reward_stats(rewards, 5)
+        group_reward_stats(rewards, 5, max_reward=1.0)
 
 
 @dataclass
@@ -55,14 +56,31 @@ def test_rollout_confidence_closed_forms():
 
 def test_collapse_watch_warns_once_after_a_streak_and_names_the_fixes():
     watch = CollapseWatch(0.75, patience=3)
-    seen = [watch.check(step, frac, 0.0) for step, frac in enumerate([0.8, 0.9, 0.5, 0.75, 1.0, 0.8, 1.0], 1)]
+    seen = [watch.check(step, frac, 0.0, 0.0) for step, frac in enumerate([0.8, 0.9, 0.5, 0.75, 1.0, 0.8, 1.0], 1)]
     assert seen[:5] == [None] * 5  # the healthy step 3 resets the streak
     assert seen[5] is not None and "step 6" in seen[5] and "--temperature" in seen[5] and "--remasking random" in seen[5]
+    assert "stuck" in seen[5] and "--dipod_beta" not in seen[5]
     assert seen[6] is None  # once
-    hard = CollapseWatch(0.5, patience=1).check(1, 1.0, 1.0)
+    hard = CollapseWatch(0.5, patience=1).check(1, 1.0, 1.0, 0.0)
     assert "reward 0 in every completion" in hard
     with pytest.raises(ValueError, match="collapse fraction"):
         CollapseWatch(0.0)
+
+
+def test_collapse_watch_counts_solved_groups_as_learning_not_collapse():
+    """The demo's case: most groups identical because every completion solved the puzzle."""
+    watch = CollapseWatch(0.75, patience=3)
+    assert [watch.check(step, 0.9, 0.0, 0.8) for step in range(1, 10)] == [None] * 9  # 10% stuck, 80% solved
+    mixed = CollapseWatch(0.5, patience=1).check(1, 0.9, 0.1, 0.3)  # 60% stuck: 10% at zero, 50% at a middle reward
+    assert mixed is not None and "60%" in mixed and "too hard" not in mixed
+
+
+def test_group_reward_stats_closed_form():
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 1.0, 0.0])  # groups: solved, all-zero, same 0.5, mixed
+    stats = group_reward_stats(rewards, 2, max_reward=1.0)
+    assert stats["frac_reward_zero_std"] == 0.75 and stats["frac_groups_all_zero"] == 0.25
+    assert stats["frac_groups_all_max"] == 0.25 and stats["reward_std_in_group"] == pytest.approx(0.5 / 4)
+    assert group_reward_stats(rewards * 2, 2, max_reward=2.0)["frac_groups_all_max"] == 0.25  # weighted rewards
 
 
 def test_log_completions_appends_json_lines(tmp_path):
@@ -105,7 +123,7 @@ def test_greedy_rollouts_collapse_every_group_and_the_run_warns(tiny_model, tmp_
     assert all(0.0 <= r["rollout_entropy"] <= math.log(result.model.config.vocab_size) for r in rows)
     assert all(0.0 < r["rollout_confidence"] <= 1.0 for r in rows)
     out = capsys.readouterr().out
-    assert "WARNING step 3: 100% of prompt groups had identical rewards" in out
+    assert "WARNING step 3: for 3 steps, 100% of prompt groups were stuck" in out
     # both evaluations (before and after) logged their 2 held-out completions, rewards as evaluated
     logged = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [0, 0, 3, 3]

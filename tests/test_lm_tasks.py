@@ -8,7 +8,6 @@ import itertools
 import json
 import math
 import random
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,12 +15,10 @@ import pytest
 
 from dipod.lm.tasks import MAX_COMPLETION_CHARS, Task, get_task, register_task, registered_tasks
 from dipod.lm.tasks.arithmetic import ExpressionError, evaluate, literals, parse_expression
-from dipod.lm.tasks.data_files import shared_data_dir
+from dipod.lm.tasks.data_files import PACKAGED_DATA
 from dipod.lm.tasks.sudoku4 import all_grids
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SHARED = shared_data_dir()
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data folder {SHARED} not present")
 
 SUDOKU = {"puzzle": "3102200002100320", "solution": "3142243142131324"}  # first row of the d1 set
 COUNTDOWN = {"numbers": [30, 100, 93], "target": 23}
@@ -213,13 +210,12 @@ def test_sudoku_rewards_on_hand_made_completions():
     assert task.demonstration(SUDOKU) == SUDOKU["solution"]
 
 
-@needs_shared
 def test_sudoku_reads_the_d1_test_set():
     task = get_task("sudoku4")
     examples = task.load("d1_test")
     assert len(examples) == 500 and examples[0] == SUDOKU
     assert all(e["puzzle"].count("0") == 8 for e in examples)
-    assert task.load("test", path=SHARED / "sudoku4_d1_test.csv", limit=3) == examples[:3]
+    assert task.load("test", path=PACKAGED_DATA / "sudoku4_d1_test.csv", limit=3) == examples[:3]
     assert all(task.reward(task.demonstration(e), e) == 1.0 for e in examples)
 
 
@@ -246,7 +242,7 @@ def test_sudoku_csv_errors_name_the_line(tmp_path):
     assert task.load("test", path=str(excel)) == [SUDOKU]
 
 
-def test_missing_shared_data_says_how_to_point_at_it(tmp_path, monkeypatch):
+def test_a_data_override_without_the_file_says_how_to_point_at_it(tmp_path, monkeypatch):
     monkeypatch.setenv("DIPOD_SHARED_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="DIPOD_SHARED_DATA"):
         get_task("countdown").load("d1_test")
@@ -316,7 +312,6 @@ def test_countdown_rewards_on_hand_made_completions():
     assert task.extract_answer("<answer> 30+93-100 </answer>") == "30+93-100"
 
 
-@needs_shared
 def test_countdown_reads_the_d1_test_set():
     task = get_task("countdown")
     examples = task.load("d1_test")
@@ -512,20 +507,16 @@ def test_reward_fuzzing_never_raises_and_stays_in_unit_interval(name):
     if name == "math500":  # sympy parsing is slow; the hostile strings plus a few random ones suffice
         completions = completions[:40] + completions[-4:]
     for completion in completions:
-        start = time.perf_counter()
         scores = [task.reward(completion, example)]
         scores += [fn(completion, example) for fn, _ in task.reward_functions.values()]
         task.is_correct(completion, example)
         task.extract_answer(completion)
-        elapsed = time.perf_counter() - start
-        assert elapsed < 1.0, (name, repr(completion)[:60], elapsed)
         for score in scores:
             assert isinstance(score, float) and math.isfinite(score) and 0.0 <= score <= 1.0, (score, repr(completion)[:60])
 
 
 # -- the paper's prompts and data files ---------------------------------------------------------
 
-@needs_shared
 def test_paper_data_files_load_offline():
     gsm, math500 = get_task("gsm8k").load("test"), get_task("math500").load("test")
     assert len(gsm) == 1130 and gsm[0]["answer"] == "18" and "ducks" in gsm[0]["question"]
@@ -535,7 +526,6 @@ def test_paper_data_files_load_offline():
     assert get_task("sudoku4").load("spg_test", limit=5) == spg[:5]
 
 
-@needs_shared
 def test_paper_train_split_holds_no_test_grid_of_either_paper_file():
     task = get_task("sudoku4")
     tested = {e["solution"] for split in ("d1_test", "spg_test") for e in task.load(split)}
@@ -576,6 +566,5 @@ def test_sudoku_three_shot_examples_are_solved_free_grids():
         shot = prompt[prompt.index(f"puzzle: {puzzle}"):]
         shot = shot[: shot.index("</answer>") + len("</answer>")]
         assert task.reward(shot, {"puzzle": puzzle, "solution": solution}) == 1.0  # our grader reads the shot
-    if SHARED.is_dir():
-        tested = {e["solution"] for split in ("d1_test", "spg_test") for e in task.load(split)}
-        assert not {s for _, s in SUDOKU_SHOTS} & tested
+    tested = {e["solution"] for split in ("d1_test", "spg_test") for e in task.load(split)}
+    assert not {s for _, s in SUDOKU_SHOTS} & tested

@@ -10,6 +10,7 @@ import importlib
 import shlex
 import sys
 
+from dipod.quiet import silence_third_party_noise
 from dipod.runlog import TrainingDiverged
 
 # command path -> (module with a ``main(argv) -> int``, one-line help)
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if path in COMMANDS:
             module_name, _ = COMMANDS[path]
             prog = "dipod " + " ".join(path)
+            silence_third_party_noise(language_models=path[0] in ("lm", "demo"))
             module = importlib.import_module(module_name)
             try:
                 return int(module.main(argv[depth:], prog=prog) or 0)

@@ -88,6 +88,9 @@ def run_demo_job(job: dict) -> dict:
     """Worker (own process, one torch thread): one RL run; its before / after evaluations."""
     import torch
 
+    from dipod.quiet import silence_third_party_noise
+
+    silence_third_party_noise(language_models=True)  # a spawned process starts with the libraries' defaults
     torch.set_num_threads(1)
     from dipod.lm.model import load_masked_lm
     from dipod.lm.trainer import train

@@ -11,10 +11,11 @@ own classes (no remote code); what dipod adds:
   the snapshot the tests and ``benchmarks/build_tiny_diffusion_gemma.py`` use;
 - ``decode``: the model's own entropy-bounded sampler (``model.generate``) or ours (ancestral
   sampling of the ELBO's process), behind ``dipod.lm.sampler.decode`` so ``lm eval / generate``
-  and RL rollouts use them (``--uniform_sampler own | ancestral``);
+  and RL rollouts use them (``--uniform_sampler own | ancestral``), through the uniform process
+  (``dipod.lm.processes.uniform``);
 - ``compute_uniform_proxies``: the ELBO of the uniform-noise process per draw (``uniform_noise``;
   derivation in docs/lm_proxies.md), summed over canvas blocks, each conditioned on the clean
-  prompt and earlier blocks, behind ``dipod.lm.proxies.compute_proxies``.
+  prompt and earlier blocks, behind ``dipod.lm.proxies.compute_proxies`` (the same process).
 
 Not provided: an EUBO for uniform noise (SPG needs ``spg_negative_proxy elbo``), d1's mean-field
 log-probs, the KV cache and our masked sampler (DiffusionGemma has no mask token).
@@ -28,7 +29,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dipod.config import ConfigError
 from dipod.lm import uniform_noise
+from dipod.lm.estimators import ESTIMATORS
+from dipod.lm.model import eval_mode
+from dipod.lm.processes.base import Decoded, Proxies
 
 NOISE_STEPS = 32  # T of the ELBO's discrete process (alpha_t = 1 - t/T); docs/lm_proxies.md
 SCHEDULE_WIDTH = 0.4  # t_max - t_min of the sampler's temperature schedule (its defaults: 0.4 -> 0.8)
@@ -84,9 +89,6 @@ def decode_ancestral(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings, gene
     """dipod's sampler: per canvas, ``x_T`` uniform, then ``x_{t-1} ~ p(x_{t-1} | x_t)`` for ``t = T .. 2`` and
     ``x_0 ~ p(x_0 | x_1)``, with ``T = steps`` and the ELBO's linear schedule: the generative model whose
     ELBO the proxies compute. ``temperature`` divides the denoiser's logits (0: its argmax, one-hot)."""
-    from dipod.lm.model import eval_mode
-    from dipod.lm.sampler import Decoded
-
     model = lm.model
     canvas, vocab = model.config.canvas_length, model.config.text_config.vocab_size
     alphas = uniform_noise.linear_alphas(settings.steps)
@@ -125,9 +127,6 @@ def decode_own(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings, generator:
     defaults are 0.4 -> 0.8). Rows are decoded without their padding, grouped by prompt length;
     randomness is seeded from ``generator`` (the global RNG is restored after).
     """
-    from dipod.lm.model import eval_mode
-    from dipod.lm.sampler import Decoded
-
     model = lm.model
     seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else None
     t_min = max(settings.temperature, 1e-4)
@@ -182,8 +181,6 @@ def compute_uniform_proxies(lm, prompt_ids: Tensor, prompt_attn: Tensor, complet
     Every completion token is scored (the model's canvases are fixed-size; EOS and what follows are
     part of the canvas it produced). ``eubo_n`` is NaN: no EUBO is derived for uniform noise.
     """
-    from dipod.lm.proxies import Proxies
-
     model = lm.model
     canvas = model.config.canvas_length
     batch, gen_length = completion_ids.shape
@@ -211,9 +208,6 @@ def compute_uniform_proxies(lm, prompt_ids: Tensor, prompt_attn: Tensor, complet
 
 def check_estimator(cfg) -> None:
     """A ``TrainConfig`` whose estimator reads only the ELBO (this process has no EUBO, no mean-field log-probs)."""
-    from dipod.config import ConfigError
-    from dipod.lm.estimators import ESTIMATORS
-
     missing = sorted(set(ESTIMATORS[cfg.estimator].reads(cfg.estimator_options())) - {"elbo_nk", "elbo_n"})
     if missing:
         raise ConfigError(f"estimator {cfg.estimator!r} reads {missing}, which DiffusionGemma's uniform-noise process "

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dipod.config import ConfigError, option, parse_config
-from dipod.lm.families import FAMILIES
+from dipod.lm.families import FAMILIES, FAMILY_HELP
 from dipod.lm.sampler import DecodingOptions, SamplerSettings, family_sampler_defaults
 from dipod.lm.tasks.base import EVAL_RESPONSE_PREFIX
 from dipod.lm.tasks.base import STYLES as PROMPT_STYLES
@@ -53,8 +53,7 @@ class DecodeConfig(DecodingOptions):
                                      default=False)
     mask_token_id: int | None = option(
         "mask token id for a model that defines none; must equal the model's own id otherwise", default=None)
-    model_family: str | None = option(
-        "model family: llada, dream or hf_masked_lm (None: detected from config.json)", default=None)
+    model_family: str | None = option(FAMILY_HELP, default=None)
     device: str = option("torch device", default="cpu")
 
     def __post_init__(self) -> None:

@@ -44,9 +44,10 @@ class ModelFamily:
     shifted_logits: bool = False
     needs_remote_code: bool = False  # the legacy path: its hub snapshot ships model code (auto_map)
     native: bool = False  # loaded into our own network (dipod.lm.networks) unless trust_remote_code asks otherwise
-    # "masking" (mask tokens: our sampler and proxies) or "uniform" (uniform-noise block diffusion:
-    # dipod.lm.diffusion_gemma decodes and scores it; no mask token)
+    # "masking" (mask tokens) or "uniform" (uniform-noise block diffusion: no mask token)
     noise: str = "masking"
+    # The diffusion process that decodes and scores it (dipod.lm.processes.DIFFUSION_PROCESSES name)
+    process: str = "masked"
     end_of_turn_token: str | None = None
     # LoRA target module-name suffixes, or "all-linear". The output head is never adapted
     # (dipod.lm.model.apply_lora drops it). ``hub_lora_targets``: the same layers named as in the
@@ -265,6 +266,7 @@ class DiffusionGemma(ModelFamily):
 
     name = "diffusion_gemma"
     noise = "uniform"
+    process = "uniform"
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def matches(self, config: Mapping[str, Any]) -> bool:
@@ -279,6 +281,8 @@ class DiffusionGemma(ModelFamily):
 
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLaDA(), Dream(), DiffusionGemma(), HFMaskedLM())}
+# the help text of every command's --model_family flag, so a new family shows up in all of them
+FAMILY_HELP = f"model family: {', '.join(FAMILIES)} (None: detected from config.json)"
 
 
 def get_family(name: str) -> ModelFamily:

@@ -15,18 +15,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dipod.lm.model import eval_mode
+from dipod.lm.processes.registry import process_of
 
 # The knobs measured to restore spread in reward groups (docs/lm_rl_diagnosis.md).
 EXPLORATION_HINT = ("raise --temperature (e.g. 1.5-2.0), use --remasking random for rollouts, raise "
-                    "--num_generations, or lower --learning_rate / raise --dipod_beta less (a policy that "
-                    "sharpened on its own samples stops varying)")
+                    "--num_generations, or lower --learning_rate (a policy that sharpened on its own samples "
+                    "stops varying)")
 
 
-def group_reward_stats(rewards_n: Tensor, group_size: int, atol: float = 1e-6) -> dict[str, float]:
+def group_reward_stats(rewards_n: Tensor, group_size: int, max_reward: float, atol: float = 1e-6) -> dict[str, float]:
     """Over consecutive groups of ``group_size`` rewards: the fraction of groups whose rewards are all
     equal (TRL's ``frac_reward_zero_std``), the mean within-group std, and the fractions of groups
-    that are all-max (solved by every completion) and all-zero."""
+    that are all-max (every completion earned ``max_reward``: solved) and all-zero."""
     if group_size < 1 or rewards_n.numel() % group_size:
         raise ValueError(f"group_reward_stats: {rewards_n.numel()} rewards do not split into groups of {group_size}")
     grouped = rewards_n.detach().double().reshape(-1, group_size)
@@ -35,44 +35,27 @@ def group_reward_stats(rewards_n: Tensor, group_size: int, atol: float = 1e-6) -
     std = grouped.std(1, unbiased=False)
     return {"frac_reward_zero_std": float(same.double().mean()),
             "reward_std_in_group": float(std.mean()),
-            "frac_groups_all_zero": float((same & (grouped[:, 0].abs() <= atol)).double().mean())}
+            "frac_groups_all_zero": float((same & (grouped[:, 0].abs() <= atol)).double().mean()),
+            "frac_groups_all_max": float((grouped.min(1).values >= max_reward - atol).double().mean())}
 
 
-@torch.no_grad()
 def rollout_confidence(lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_mask_nl: Tensor,
                        chunk: int | None = None) -> dict[str, float]:
     """Sharpness of the policy where every rollout starts: one forward with the whole completion
     masked (the sampler's first step). Returns the mean over live completion positions of the
     predictive entropy (nats) and of the top token's probability (confidence). A policy that has
     collapsed onto one answer has entropy near 0 and confidence near 1 there. ``chunk`` rows at a
-    time (the generation batch): the float64 softmax over the vocabulary is the largest tensor. A
-    uniform-noise family (DiffusionGemma) starts from random tokens, not a masked canvas: NaN, not measured."""
-    if getattr(getattr(lm, "family", None), "noise", "masking") == "uniform":
-        return {"rollout_entropy": float("nan"), "rollout_confidence": float("nan")}
-    gen_length = completion_mask_nl.shape[1]
-    chunk = chunk or prompt_ids.shape[0]
-    sums = torch.zeros(2, dtype=torch.float64)
-    for start in range(0, prompt_ids.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        masked = torch.full((prompt_ids[rows].shape[0], gen_length), lm.mask_id, dtype=torch.long,
-                            device=prompt_ids.device)
-        ids = torch.cat([prompt_ids[rows], masked], dim=1)
-        attn = torch.cat([prompt_attn[rows].long(), torch.ones_like(masked)], dim=1)
-        with eval_mode(lm.model):
-            logits = lm.logits(ids, attn, first=prompt_ids.shape[1])
-        logits[..., lm.mask_id] = float("-inf")  # the sampler never proposes the mask token
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        probs = logp.exp()
-        entropy_nl = -(probs * logp.masked_fill(probs == 0, 0.0)).sum(-1)
-        weight = completion_mask_nl[rows].double()
-        sums += torch.stack([(entropy_nl * weight).sum(), (probs.max(-1).values * weight).sum()]).cpu()
-    total = completion_mask_nl.double().sum().clamp_min(1.0).cpu()
-    return {"rollout_entropy": float(sums[0] / total), "rollout_confidence": float(sums[1] / total)}
+    time (the generation batch): the float64 softmax over the vocabulary is the largest tensor. The
+    model's diffusion process computes it; a uniform-noise family (DiffusionGemma) starts from random
+    tokens, not a masked canvas: NaN, not measured."""
+    return process_of(lm).rollout_confidence(lm, prompt_ids, prompt_attn, completion_mask_nl, chunk)
 
 
 class CollapseWatch:
     """Warns once when, for ``patience`` steps in a row, at least ``fraction`` of the prompt groups
-    had identical rewards; ``check`` returns the warning text (None otherwise)."""
+    were stuck: identical rewards short of the maximum. A solved group (every completion at the
+    maximum reward) is the goal of RL, not a collapse, so it never counts. ``check`` returns the
+    warning text (None otherwise)."""
 
     def __init__(self, fraction: float, patience: int = 3):
         if not 0.0 < fraction <= 1.0:
@@ -82,16 +65,19 @@ class CollapseWatch:
         self.fraction, self.patience = fraction, patience
         self.streak, self.warned = 0, False
 
-    def check(self, step: int, frac_same: float, all_zero: float) -> str | None:
-        self.streak = self.streak + 1 if frac_same >= self.fraction else 0
+    def check(self, step: int, frac_same: float, all_zero: float, all_max: float) -> str | None:
+        stuck = frac_same - all_max
+        self.streak = self.streak + 1 if stuck >= self.fraction else 0
         if self.warned or self.streak < self.patience:
             return None
         self.warned = True
-        what = ("most groups earn reward 0 in every completion (the task is too hard for the policy: start from a "
-                "better reference or shape the reward)" if all_zero >= 0.5 * frac_same else
-                "the policy gives the same answer to the same prompt, so the advantages are zero")
-        return (f"step {step}: {frac_same:.0%} of prompt groups had identical rewards for {self.streak} steps in a row; "
-                f"{what}. To restore exploration: {EXPLORATION_HINT}.")
+        if all_zero >= 0.5 * stuck:
+            return (f"step {step}: for {self.streak} steps, {stuck:.0%} of prompt groups were stuck and most earned "
+                    "reward 0 in every completion: the task is too hard for this policy. Start from a better "
+                    f"reference or shape the reward; to widen exploration, {EXPLORATION_HINT}.")
+        return (f"step {step}: for {self.streak} steps, {stuck:.0%} of prompt groups were stuck (the same reward, short "
+                "of the maximum, in every completion: zero advantages, nothing to learn from). To restore "
+                f"exploration, {EXPLORATION_HINT}.")
 
 
 def log_completions(path: Path, step: int, prompts: list[str], completions: list[str], rewards: list[float],

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from dipod.checkpoint import capture_rng_state, latest_intact_checkpoint, restore_rng_state, save_checkpoint
 from dipod.config import ConfigError, option, parse_config, require, save_config
 from dipod.lm.evaluate import PROMPT_STYLES, evaluate_policy
-from dipod.lm.families import FAMILIES
+from dipod.lm.families import FAMILIES, FAMILY_HELP
 from dipod.lm.train_config import DTYPES
 from dipod.lm.sampler import DecodingOptions, SamplerSettings
 from dipod.run_folder import prepare_run_folder, release_run_lock
@@ -96,8 +96,7 @@ class SFTConfig(DecodingOptions):  # remasking, schedule, confidence_threshold, 
                                      default=False)
     mask_token_id: int | None = option(
         "mask token id for a model that defines none; must equal the model's own id otherwise", default=None)
-    model_family: str | None = option(
-        "model family: llada, dream or hf_masked_lm (None: detected from config.json)", default=None)
+    model_family: str | None = option(FAMILY_HELP, default=None)
     dtype: str = option(f"model weights dtype, one of {DTYPES}", default="float32")
     # --- data ---
     task: str = option("task name: sudoku4, countdown, ...", default="sudoku4")

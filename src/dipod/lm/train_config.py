@@ -17,7 +17,7 @@ from pathlib import Path
 from dipod.config import ConfigError, option, require
 from dipod.lm.estimators import ESTIMATORS as ESTIMATOR_RECORDS
 from dipod.lm.estimators import OPTION_OWNERS, option_help, resolve_options
-from dipod.lm.families import FAMILIES
+from dipod.lm.families import FAMILIES, FAMILY_HELP
 
 from dipod.lm.proxies import MASKINGS, PROCESSES
 from dipod.lm.sampler import DecodingOptions
@@ -41,8 +41,7 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
                                      default=False)
     mask_token_id: int | None = option(
         "mask token id for a model that defines none; must equal the model's own id otherwise", default=None)
-    model_family: str | None = option(
-        "model family: llada, dream or hf_masked_lm (None: detected from config.json)", default=None)
+    model_family: str | None = option(FAMILY_HELP, default=None)
     dtype: str = option(f"model weights dtype, one of {DTYPES}; proxy arithmetic is float32 anyway", default="bfloat16")
     load_in_4bit: bool = option("4-bit NF4 base weights via bitsandbytes, as the paper's runs (needs CUDA and "
                                 "bitsandbytes)", default=False)

@@ -12,6 +12,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from dipod.lm.processes.registry import process_of
 from dipod.lm.sampler import SamplerSettings
 from dipod.lm.sampler import generate as _sample
 from dipod.lm.train_config import TrainConfig
@@ -111,10 +112,7 @@ def load_policy(cfg: TrainConfig, device):
                         mask_token_id=cfg.mask_token_id, model_family=cfg.model_family, lora=lora,
                         gradient_checkpointing=cfg.gradient_checkpointing,
                         device=device, load_in_4bit=cfg.load_in_4bit)
-    if lm.family.noise == "uniform":
-        from dipod.lm.diffusion_gemma import check_estimator
-
-        check_estimator(cfg)
+    process_of(lm).check_estimator(cfg)  # e.g. DiffusionGemma's process has no EUBO
     lm.model.train()
     return lm
 

@@ -143,6 +143,8 @@ class Trainer:
         if not self.train_examples:
             raise ValueError(f"task {cfg.task}: the training split is empty (train_data={cfg.train_data})")
         self.reward_names, self.reward_fns, self.reward_weights = engine.reward_table(self.task, cfg.reward_weights)
+        # every reward function scores in [0, 1], so a completion perfect on all of them earns this
+        self.max_reward = float(self.reward_weights.clamp_min(0).sum())
         self.shots_prefix = self._few_shot_prefix()
         # every process checks the folder before the model loads; only the main one removes an overwritten run
         prepare_run_folder(cfg.output_dir, resuming=cfg.resume is not None, overwrite=cfg.overwrite,
@@ -171,6 +173,13 @@ class Trainer:
         self.start_step = 0
         self.collapse_watch = CollapseWatch(cfg.collapse_warn_fraction)
 
+    def say(self, text: str) -> None:
+        """A line from the main process, printed above the progress bar rather than into it."""
+        if self.accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text)
+
     def _warn_if_over_memory(self) -> None:
         """Before any model is loaded: the memory plan against the GPU (--gpu_memory_gib, else the device's)."""
         from dipod.lm.memory import memory_warning
@@ -180,7 +189,7 @@ class Trainer:
             budget = torch.cuda.get_device_properties(self.accelerator.device).total_memory / 2 ** 30
         warning = memory_warning(self.cfg, self.world, self.runtime.planner_engine, budget) if budget else None
         if warning:
-            self.accelerator.print(f"WARNING {warning}")
+            self.say(f"WARNING {warning}")
 
     # ------------------------------------------------------------------ data
     def _few_shot_prefix(self) -> str:
@@ -348,8 +357,8 @@ class Trainer:
             else:
                 skipped += 1
                 self.nonfinite_streak += 1
-                acc.print(f"step {step}: non-finite loss, proxy or gradient in update {iteration + 1}; "
-                          f"update skipped ({self.nonfinite_streak} in a row)")
+                self.say(f"step {step}: non-finite loss, proxy or gradient in update {iteration + 1}; "
+                         f"update skipped ({self.nonfinite_streak} in a row)")
             self.optimizer.zero_grad(set_to_none=True)
             if self.nonfinite_streak >= cfg.max_nonfinite_updates:
                 break
@@ -402,8 +411,7 @@ class Trainer:
                 prompts = [self.task.prompt(ex, cfg.prompt_style) for ex in shard]
                 shown = log_completions(Path(cfg.output_dir) / COMPLETIONS, step, prompts, texts,
                                         [r for r, _ in rows], cfg.log_completions)
-                self.accelerator.print(f"step {step}: held-out completions [reward] prompt -> completion\n"
-                                       + "\n".join(shown))
+                self.say(f"step {step}: held-out completions [reward] prompt -> completion\n" + "\n".join(shown))
             k = min(cfg.gap_monitor_sequences, len(shard))
             gaps = self.gap_lower_bound(ids[:k], attn[:k], completion[:k], derive_seed(cfg.seed, _MONITOR, step, self.rank, 1))
         rows, gaps = gather_object(rows), gather_object(gaps)
@@ -435,10 +443,11 @@ class Trainer:
         metrics: dict[str, float] = {"reward": float(total_reward_n.mean()), "reward_std": float(total_reward_n.std())}
         for name, column in zip(self.reward_names, all_rewards_nf.T):
             metrics[f"reward/{name}"] = float(column.mean())
-        metrics.update(group_reward_stats(total_reward_n, cfg.num_generations))
-        warning = self.collapse_watch.check(step, metrics["frac_reward_zero_std"], metrics["frac_groups_all_zero"])
+        metrics.update(group_reward_stats(total_reward_n, cfg.num_generations, self.max_reward))
+        warning = self.collapse_watch.check(step, metrics["frac_reward_zero_std"], metrics["frac_groups_all_zero"],
+                                            metrics["frac_groups_all_max"])
         if warning:
-            acc.print(f"WARNING {warning}")
+            self.say(f"WARNING {warning}")
         stats.update(sharpness)
         if cfg.rollout_mismatch_steps and step % cfg.rollout_mismatch_steps == 0:
             stats.update(self.rollout_mismatch(prompt_ids, prompt_attn, examples, step))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar
 
-from .data_files import shared_file
+from .data_files import data_file
 
 # compact: the tiny model's bare prompt; chat: our instruction for instruct models; d1: the
 # paper's instruction format (d1/SPG: reasoning and answer sections, math answers boxed);
@@ -123,7 +123,7 @@ class Task(ABC):
 class GeneratedTask(Task):
     """A task whose generated splits (`default_size`: split -> size) are deterministic streams
     made here and whose file splits (`file_splits`: split -> file name, e.g. `d1_test`) are the
-    paper's evaluation files in the shared data folder. Subclasses set both and implement
+    paper's evaluation files shipped in dipod/lm/data. Subclasses set both and implement
     `_read_file` and `_generate`."""
 
     file_splits: ClassVar[dict[str, str]]
@@ -136,7 +136,7 @@ class GeneratedTask(Task):
     def load(self, split: str, path: str | None = None, limit: int | None = None) -> list[dict]:
         check_limit(limit)
         if path is None and split in self.file_splits:
-            path = shared_file(self.file_splits[split])
+            path = data_file(self.file_splits[split])
         if path is not None:
             examples = self._read_file(path)
             return examples if limit is None else examples[:limit]

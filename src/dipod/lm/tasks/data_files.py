@@ -1,8 +1,8 @@
 """Reading task data files, with errors that name the file and the line.
 
-Also finds the shared evaluation data (the paper's sudoku and countdown test sets): the folder
-named by the environment variable ``DIPOD_SHARED_DATA`` if set, else ``../shared/data`` next to
-the repository root (the layout CI uses).
+Also finds the paper's evaluation sets by file name (`data_file`): the copies shipped in the
+package (``dipod/lm/data``, with their provenance), or the folder named by the environment
+variable ``DIPOD_SHARED_DATA`` when it is set (a user's own copies of the same files).
 """
 
 from __future__ import annotations
@@ -15,23 +15,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 SHARED_DATA_ENV = "DIPOD_SHARED_DATA"
-_REPO_ROOT = Path(__file__).resolve().parents[4]
+PACKAGED_DATA = Path(__file__).resolve().parents[1] / "data"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
-def shared_data_dir() -> Path:
-    env = os.environ.get(SHARED_DATA_ENV)
-    return Path(env) if env else _REPO_ROOT.parent / "shared" / "data"
-
-
-def shared_file(filename: str) -> Path:
-    """Path of a file in the shared data folder; FileNotFoundError says how to point at it."""
-    path = shared_data_dir() / filename
+def data_file(filename: str) -> Path:
+    """Path of a named evaluation file: from ``$DIPOD_SHARED_DATA`` when that is set, else the
+    packaged copy. FileNotFoundError names the folder it looked in and how to point elsewhere."""
+    override = os.environ.get(SHARED_DATA_ENV)
+    folder = Path(override) if override else PACKAGED_DATA
+    path = folder / filename
     if not path.is_file():
+        where = f"{SHARED_DATA_ENV}={override}" if override else "the installed package (a broken install?)"
         raise FileNotFoundError(
-            f"shared data file {path} not found; set {SHARED_DATA_ENV}=/path/to/shared/data "
-            f"or pass the file with path=..."
+            f"evaluation file {filename} not found in {folder} ({where}); unset {SHARED_DATA_ENV} to "
+            f"use the packaged copy, point it at a folder holding {filename}, or pass the file with path=..."
         )
     return path
 

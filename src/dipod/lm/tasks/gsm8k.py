@@ -4,7 +4,7 @@ Examples are ``{"question": ..., "answer": "72"}``; `answer` is the text after `
 dataset's answer field (or the whole field when it has no ``####``). Data comes only from where
 the user points: a local .json/.jsonl/.parquet file with `question` and `answer` fields, or a
 hub dataset id such as ``openai/gsm8k`` (the only case that touches the network). The `test`
-split with no file reads ``gsm8k_test.jsonl`` from the shared data folder (offline).
+split with no file reads the packaged ``gsm8k_test.jsonl`` (offline).
 
 Answer (the reading of `answer_format`): the last non-empty ``\\boxed{}`` before EOS, else the
 answer region (unclosed and stray tags included), else the whole text. The number it states is
@@ -23,7 +23,7 @@ from __future__ import annotations
 from .answer_format import CHAT_FORMAT, before_eos, boxed_or_region, soft_format, strict_format, xml_count
 from .base import RewardFn, Task, check_limit, guarded, register_task
 from .d1_prompts import math_prompt
-from .data_files import read_records, require_fields, shared_file
+from .data_files import data_file, read_records, require_fields
 from .plain_math import read_number
 
 
@@ -37,7 +37,7 @@ def same_answer(predicted: str, reference: str) -> bool:
     return stated is not None and stated == wanted
 
 
-TEST_FILE = "gsm8k_test.jsonl"  # in the shared data folder: the paper's 1130 test questions
+TEST_FILE = "gsm8k_test.jsonl"  # shipped in dipod/lm/data: the paper's 1130 test questions
 
 
 @register_task
@@ -51,7 +51,7 @@ class GSM8KTask(Task):
     def load(self, split: str, path: str | None = None, limit: int | None = None) -> list[dict]:
         check_limit(limit)
         if path is None and split == "test":
-            path = str(shared_file(TEST_FILE))
+            path = str(data_file(TEST_FILE))
         if path is None:
             raise ValueError(
                 f"gsm8k split {split!r} has no built-in data (only 'test' is read offline, from {TEST_FILE}): "

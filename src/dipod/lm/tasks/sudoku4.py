@@ -27,7 +27,7 @@ import numpy as np
 from .answer_format import CHAT_FORMAT, CLOSE_STEM, answer_region, before_eos
 from .base import GeneratedTask, register_task
 from .d1_prompts import sudoku_prompt
-from .data_files import read_csv, shared_file
+from .data_files import data_file, read_csv
 
 CELLS = 16
 D1_TEST_FILE = "sudoku4_d1_test.csv"
@@ -88,7 +88,7 @@ def solution_counts(puzzles_nc: np.ndarray) -> np.ndarray:
 def paper_train_grids() -> np.ndarray:
     """Indices (into `all_grids`) of the grids that no puzzle of either paper test file solves to:
     the `paper_train` split is made of these, so it holds none of the paper's test grids."""
-    tested = {ex["solution"] for name in (D1_TEST_FILE, SPG_TEST_FILE) for ex in read_sudoku_csv(shared_file(name))}
+    tested = {ex["solution"] for name in (D1_TEST_FILE, SPG_TEST_FILE) for ex in read_sudoku_csv(data_file(name))}
     return np.array([i for i, grid in enumerate(all_grids()) if grid not in tested])
 
 
