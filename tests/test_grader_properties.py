@@ -147,7 +147,7 @@ def test_gsm8k_equivalent_spellings_of_the_answer_agree(n, form):
 @SLOW_GRADER
 @given(st.integers(1, 60), st.integers(2, 60), st.sampled_from(EOS_MARKERS),
        st.sampled_from(["\\frac{{{p}}}{{{q}}}", "\\dfrac{{{p}}}{{{q}}}", "\\tfrac{{{p}}}{{{q}}}",
-                        "\\frac{{ {p} }}{{ {q} }}."]))
+                        "\\frac{{ {p} }}{{ {q} }}.", "{p}/{q}"]))  # the last one goes through math-verify
 def test_math500_equivalent_spellings_agree_and_nothing_after_eos_is_read(p, q, marker, form):
     answer = Fraction(p, q)
     assume(answer.denominator > 1)
