@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 from dipod.config import parse_config
-from dipod.lm.train_config import TrainConfig
+from dipod.lm.train_config import TrainConfig, completions_per_process
 
 GIB = 2 ** 30
 ENGINES = ("ddp", "zero2", "zero3", "fsdp")
@@ -230,6 +230,7 @@ def main(argv: list[str], prog: str = "dipod lm memory") -> int:
     cfg = parse_config(TrainConfig, rest, prog, description="Per-GPU peak memory of a `dipod lm train` config "
                        "(own flags: --num_gpus N, --gpu_memory_gib G, --engine ddp|zero2|zero3|fsdp, --json)")
     num_gpus, budget, engine = _positive(own, "--num_gpus", int), _positive(own, "--gpu_memory_gib", float), own["--engine"]
+    completions_per_process(cfg, num_gpus)  # a plan for a run the trainer would refuse means nothing
     result = plan(cfg, num_gpus, engine)
     result["gpu_memory_gib"] = budget
     result["fits"] = result["peak_gib_per_gpu"] <= budget

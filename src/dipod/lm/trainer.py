@@ -35,7 +35,7 @@ from dipod.config import ConfigError, config_to_dict, parse_config, save_config
 from dipod.lm import train_checkpoints
 from dipod.lm.monitors import CollapseWatch, group_reward_stats, log_completions, rollout_confidence
 from dipod.lm.proxies import completion_mask
-from dipod.lm.train_config import TrainConfig
+from dipod.lm.train_config import TrainConfig, completions_per_process
 from dipod.lm.estimators import get_estimator
 from dipod.objectives import dipod_term
 from dipod.run_folder import prepare_run_folder, release_run_lock
@@ -124,12 +124,7 @@ class Trainer:
         self.runtime = Engine(cfg)
         self.accelerator = acc = self.runtime.accelerator
         self.world, self.rank = acc.num_processes, acc.process_index
-        total = cfg.prompts_per_step * cfg.num_generations
-        if total % self.world or (total // self.world) % cfg.gradient_accumulation_steps:
-            raise ConfigError(
-                f"prompts_per_step x num_generations = {total} completions must split evenly over {self.world} "
-                f"process(es) x gradient_accumulation_steps={cfg.gradient_accumulation_steps}; change one of them")
-        self.n_local = total // self.world
+        self.n_local = completions_per_process(cfg, self.world)
         self.micro = self.n_local // cfg.gradient_accumulation_steps
         self.runtime.set_micro_batch(self.micro)
         self._warn_if_over_memory()
