@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dipod.cli import main as cli_main
+from dipod.lm.tasks import get_task
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "results" / "bad_inputs.md"
 
@@ -29,7 +30,10 @@ def test_a_bad_input_ends_with_one_clear_line(command, code, phrase, tmp_path, c
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward": s / 4}) + "\n" for s in range(3)))
-    argv = shlex.split(command.format(dup=dup, run=run))[1:]
+    held = tmp_path / "held_out.csv"
+    held.write_text("Puzzle,Solution\n" + "".join(f"{ex['puzzle']},{ex['solution']}\n"
+                                                  for ex in get_task("sudoku4").load("test", limit=4)))
+    argv = shlex.split(command.format(dup=dup, run=run, held=held, tmp=tmp_path))[1:]
     assert cli_main(argv) == code
     err = capsys.readouterr().err
     assert phrase in err and "Traceback" not in err, err
