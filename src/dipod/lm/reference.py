@@ -50,7 +50,7 @@ RECIPES: dict[str, list[dict]] = {"sudoku4": _converge_then_mislead("sudoku4", 6
 # A later stage's `model` is replaced by the stage before's folder; the chained key covers that dependency.
 # `uniform_sampler` is read only by uniform-noise families (DiffusionGemma); the recipes train masked models.
 _NOT_IN_KEY = ("output_dir", "progress_bar", "tensorboard", "save_every", "keep_checkpoints", "resume", "overwrite",
-               "uniform_sampler")
+               "uniform_sampler", "allow_eval_in_train")  # the last only refuses, never changes weights
 SHIPPED_DIR = Path(__file__).parent / "reference_policies"
 KEY_FILE = "recipe_key.txt"
 
