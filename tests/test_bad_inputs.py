@@ -9,7 +9,9 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
+from dipod.checkpoint import save_checkpoint
 from dipod.cli import main as cli_main
 from dipod.lm.tasks import get_task
 
@@ -33,7 +35,9 @@ def test_a_bad_input_ends_with_one_clear_line(command, code, phrase, tmp_path, c
     held = tmp_path / "held_out.csv"
     held.write_text("Puzzle,Solution\n" + "".join(f"{ex['puzzle']},{ex['solution']}\n"
                                                   for ex in get_task("sudoku4").load("test", limit=4)))
-    argv = shlex.split(command.format(dup=dup, run=run, held=held, tmp=tmp_path))[1:]
+    lmrun = tmp_path / "lmrun"
+    save_checkpoint(lmrun, 1, {"w": torch.zeros(2)}, {}, {"config": {"model": "tiny", "task": "sudoku4"}})
+    argv = shlex.split(command.format(dup=dup, run=run, held=held, tmp=tmp_path, lmrun=lmrun))[1:]
     assert cli_main(argv) == code
     err = capsys.readouterr().err
     assert phrase in err and "Traceback" not in err, err
