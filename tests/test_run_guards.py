@@ -369,3 +369,16 @@ def test_a_broken_config_json_is_named(tmp_path, tiny_model):
     (broken / "config.json").write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match="must hold a JSON object"):
         load_masked_lm(str(broken))
+
+
+def test_a_truncated_weights_file_is_one_message(tmp_path, tiny_model, capsys):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    flags = ["--model", str(broken), "--task", "sudoku4", "--eval_examples", "0", "--output_dir", str(tmp_path / "s")]
+    assert cli_main(["lm", "sft", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "a weights file cannot be read" in err and "truncated or damaged" in err and "Traceback" not in err

@@ -198,6 +198,18 @@ def nf4_quantization(device: str | torch.device):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
+@contextlib.contextmanager
+def _damaged_weights_named(name: str):
+    """safetensors' own error on a truncated or damaged file (a copy cut short) as one line naming the model."""
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"model {name!r}: a weights file cannot be read ({exc}); it is truncated or damaged: copy "
+                         "or save the model again") from None
+
+
 def load_masked_lm(
     name_or_path: str | os.PathLike,
     *,
@@ -228,15 +240,16 @@ def load_masked_lm(
     raw_config = read_config_dict(name, local)
     family = get_family(model_family) if model_family else detect_family(raw_config, name)
     ours = family.native and not trust_remote_code
-    if ours:
-        if load_in_4bit:
-            raise ValueError(f"load_in_4bit quantises through the hub code's from_pretrained; {family.name} loads into "
-                             "dipod's own network here. Set load_in_4bit false, or use the legacy path "
-                             "(--trust_remote_code true on transformers 4.56-4.57)")
-        model, tokenizer, config = _load_checkpoint_network(name, local, torch_dtype)
-    else:
-        model, tokenizer, config = _load_with_transformers(name, local, raw_config, family, torch_dtype,
-                                                           trust_remote_code, load_in_4bit, device)
+    if ours and load_in_4bit:
+        raise ValueError(f"load_in_4bit quantises through the hub code's from_pretrained; {family.name} loads into "
+                         "dipod's own network here. Set load_in_4bit false, or use the legacy path "
+                         "(--trust_remote_code true on transformers 4.56-4.57)")
+    with _damaged_weights_named(name):
+        if ours:
+            model, tokenizer, config = _load_checkpoint_network(name, local, torch_dtype)
+        else:
+            model, tokenizer, config = _load_with_transformers(name, local, raw_config, family, torch_dtype,
+                                                               trust_remote_code, load_in_4bit, device)
 
     embeddings = model.get_input_embeddings()
     # (DeepSpeed ZeRO-3 loads partitioned weights: their full shape is ds_shape)
