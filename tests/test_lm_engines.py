@@ -74,6 +74,14 @@ def test_launch_config_accumulation_or_precision_that_contradicts_our_flags_fail
         Engine(config(dtype="bfloat16"))
 
 
+def test_a_deepspeed_launch_that_accelerate_started_without_deepspeed_is_one_message(monkeypatch):
+    """ACCELERATE_USE_CPU=1 beside a DeepSpeed config: accelerate drops DeepSpeed; say so, not AttributeError."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    with pytest.raises(ConfigError, match="asks for DeepSpeed but accelerate started without it.*DS_ACCELERATOR=cpu"):
+        Engine(config(dtype="float32"))
+
+
 def test_full_fine_tuning_keeps_float32_master_weights_except_under_deepspeed():
     assert load_dtype(0, "bfloat16", "ddp") == "float32" and load_dtype(0, "bfloat16", "fsdp") == "float32"
     assert load_dtype(0, "bfloat16", "single") == "float32"
