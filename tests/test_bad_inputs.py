@@ -60,3 +60,15 @@ def test_ctrl_c_exits_130_with_the_resume_command(command, resume, monkeypatch, 
     err = capsys.readouterr().err.strip()
     assert err == (f"dipod {command}: interrupted; the checkpoints already written are kept, continue with: "
                    f"dipod {command} --output_dir 'runs/my run' --max_steps 9 {resume}")
+
+
+def test_a_task_whose_package_is_missing_names_the_install(tmp_path, capsys):
+    pytest.importorskip("gymnasium")
+    try:
+        import Box2D  # noqa: F401
+        pytest.skip("Box2D is installed here: CarRacing would start")
+    except ImportError:
+        pass
+    assert cli_main(["control", "train", "--env", "CarRacing-v3", "--output_dir", str(tmp_path / "cr")]) == 2
+    err = capsys.readouterr().err
+    assert "CarRacing-v3 needs a package that is not installed" in err and "box2d" in err and "Traceback" not in err
