@@ -37,7 +37,11 @@ def test_a_bad_input_ends_with_one_clear_line(command, code, phrase, tmp_path, c
                                                   for ex in get_task("sudoku4").load("test", limit=4)))
     lmrun = tmp_path / "lmrun"
     save_checkpoint(lmrun, 1, {"w": torch.zeros(2)}, {}, {"config": {"model": "tiny", "task": "sudoku4"}})
-    argv = shlex.split(command.format(dup=dup, run=run, held=held, tmp=tmp_path, lmrun=lmrun))[1:]
+    sftrun = tmp_path / "sftrun"
+    sftrun.mkdir()
+    (sftrun / "config.yaml").write_text("model: tiny\ntask: sudoku4\nbatch_size: 4\n")
+    (sftrun / "sft_result.json").write_text("{}")
+    argv = shlex.split(command.format(dup=dup, run=run, held=held, tmp=tmp_path, lmrun=lmrun, sftrun=sftrun))[1:]
     assert cli_main(argv) == code
     err = capsys.readouterr().err
     assert phrase in err and "Traceback" not in err, err

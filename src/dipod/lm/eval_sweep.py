@@ -67,6 +67,9 @@ def read_run_config(run_dir: str | Path):
     from dipod.lm.train_config import TrainConfig
 
     path = Path(run_dir, "config.yaml")
+    if Path(run_dir, "sft_result.json").is_file():  # an `lm sft` run: its config is not a train config
+        raise ConfigError(f"{run_dir} is a `dipod lm sft` run; eval-sweep reads `dipod lm train` runs. Evaluate "
+                          f"its model with `dipod lm eval --model {Path(run_dir, 'model')}`")
     return config_from_dict(TrainConfig, load_yaml_mapping(path), source=str(path))
 
 
