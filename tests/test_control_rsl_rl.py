@@ -341,3 +341,18 @@ def test_action_noise_is_stored_and_executed():
     noise = torch.randn(sample.shape, generator=alg.generator)
     torch.testing.assert_close(stored, sample + 0.02 * noise)  # FPO++: the noise is part of the stored action
     torch.testing.assert_close(executed, alg.actor.to_env_action(stored))
+
+
+def test_a_time_out_bootstraps_the_discounted_value_of_the_state_it_stopped_in():
+    """rsl-rl's convention: a truncated (not ended) episode's last reward gains gamma * V(s); an
+    undiscounted V would inflate every truncated return by (1 - gamma) V."""
+    from types import SimpleNamespace
+
+    stored = []
+    transition = SimpleNamespace(values=torch.tensor([[2.0], [4.0], [8.0]]), clear=lambda: None)
+    algorithm = SimpleNamespace(transition=transition, settings=SimpleNamespace(gamma=0.9), device="cpu",
+                                storage=SimpleNamespace(add_transition=lambda t: stored.append(t.rewards.clone())))
+    rewards, dones = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1, 1, 0])
+    FPOPlusPlus.process_env_step(algorithm, None, rewards, dones, {"time_outs": torch.tensor([1, 0, 0])})
+    torch.testing.assert_close(stored[0], torch.tensor([1.0 + 0.9 * 2.0, 1.0, 1.0]))
+    assert torch.equal(rewards, torch.ones(3))  # the environment's tensor is left as it was

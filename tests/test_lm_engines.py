@@ -73,6 +73,14 @@ def test_launch_config_accumulation_or_precision_that_contradicts_our_flags_fail
         Engine(config(dtype="bfloat16"))
 
 
+def test_a_deepspeed_launch_that_accelerate_started_without_deepspeed_is_one_message(monkeypatch):
+    """ACCELERATE_USE_CPU=1 beside a DeepSpeed config: accelerate drops DeepSpeed; say so, not AttributeError."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    with pytest.raises(ConfigError, match="asks for DeepSpeed but accelerate started without it.*DS_ACCELERATOR=cpu"):
+        Engine(config(dtype="float32"))
+
+
 def test_full_fine_tuning_keeps_float32_master_weights_except_under_deepspeed():
     assert load_dtype(0, "bfloat16", "ddp") == "float32" and load_dtype(0, "bfloat16", "fsdp") == "float32"
     assert load_dtype(0, "bfloat16", "single") == "float32"
@@ -237,3 +245,40 @@ def test_two_machine_ranks_on_one_host_train_as_one_machine_with_two_processes(h
     a = load_file(str(tmp_path / "one" / "final_weights.safetensors"))
     b = load_file(str(tmp_path / "nodes" / "final_weights.safetensors"))
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- the update rules, one process
+
+def _accumulated_gradient(accumulation: int, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The trainer's update loop (Trainer.update) on a linear model: one micro-batch per ``accumulate``
+    block, ``accelerator.backward``, then the engine's clip. Returns (gradient after the clip, the
+    gradient of the mean micro-batch loss by autograd, the norm the engine reported)."""
+    engine = Engine(config(gradient_accumulation_steps=accumulation))
+    acc = engine.accelerator
+    model = acc.prepare(torch.nn.Linear(3, 1, bias=False))
+    torch.nn.init.constant_(model.weight, 0.5)
+    xs = [torch.tensor([[1.0, 2.0, -1.0]]) * (m + 1) for m in range(accumulation)]
+    for x in xs:
+        with acc.accumulate(model):
+            acc.backward(model(x).pow(2).sum())
+    norm = engine.clip_grad_norm(model, max_grad_norm)
+    weight = torch.full((1, 3), 0.5, requires_grad=True)
+    torch.stack([(x @ weight.T).pow(2).sum() for x in xs]).mean().backward()
+    return model.weight.grad.detach().clone(), weight.grad, norm
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_their_mean_loss():
+    """Accumulation 2 is one batch split in two: the gradient (and so the clipping threshold it meets)
+    is that of the mean loss, not the sum of the micro-batch gradients (twice as large)."""
+    grad, expected, norm = _accumulated_gradient(accumulation=2, max_grad_norm=0.0)
+    torch.testing.assert_close(grad, expected)
+    assert norm == pytest.approx(float(expected.norm()))
+
+
+def test_max_grad_norm_zero_means_no_clipping_and_a_positive_one_clips_to_it():
+    grad, expected, norm = _accumulated_gradient(accumulation=1, max_grad_norm=0.0)
+    torch.testing.assert_close(grad, expected)  # untouched, not zeroed
+    assert norm == pytest.approx(float(expected.norm())) and norm > 1.0
+    clipped, _, before = _accumulated_gradient(accumulation=1, max_grad_norm=1.0)
+    assert before == pytest.approx(norm)
+    torch.testing.assert_close(clipped, expected / expected.norm(), rtol=1e-4, atol=1e-6)

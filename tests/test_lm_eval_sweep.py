@@ -88,6 +88,14 @@ def test_the_test_set_never_chooses(tiny_run, tmp_path):
                include_base=False)
     with pytest.raises(ConfigError, match="is the test set"):
         sweep(SweepConfig(**cfg, test_split="test", val_split="test", output_dir=str(tmp_path / "a")))
+    # the same data under another name: the guard compares what is read, not the names
+    from dipod.lm.tasks import get_task
+
+    copy = tmp_path / "held_out_copy.csv"
+    copy.write_text("Puzzle,Solution\n" + "".join(f"{ex['puzzle']},{ex['solution']}\n"
+                                                  for ex in get_task("sudoku4").load("test", limit=2)))
+    with pytest.raises(ConfigError, match="every example of the validation set .*held_out_copy.csv.* is in the test"):
+        sweep(SweepConfig(**cfg, test_split="test", val_data=str(copy), output_dir=str(tmp_path / "c")))
     summary = sweep(SweepConfig(**cfg, test_split="test", val_split="none", output_dir=str(tmp_path / "b")))
     assert summary["selected"] is None and {r["split_role"] for r in summary["records"]} == {"test"}
     assert "validation none" in (tmp_path / "b" / "table.md").read_text()

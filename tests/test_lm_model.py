@@ -131,3 +131,19 @@ def test_bad_paths_and_missing_mask_token_give_clear_errors(tiny_dir, tmp_path, 
     assert load_masked_lm(no_mask, mask_token_id=1).mask_id == 1
     with pytest.raises(ValueError, match=r"mask_token_id=10000 is outside the vocabulary \[0, 100\)"):
         load_masked_lm(no_mask, mask_token_id=10_000)
+
+
+def test_a_mask_id_one_past_the_vocabulary_is_refused_naming_where_it_came_from():
+    """The last valid id is vocab - 1: id == vocab would index past the embedding (an IndexError later)."""
+    from types import SimpleNamespace
+
+    from dipod.lm.model import _resolve_mask_id
+
+    nothing = SimpleNamespace()
+    assert _resolve_mask_id("m", nothing, nothing, 99, vocab_size=100) == 99
+    with pytest.raises(ValueError, match=r"mask_token_id=100 is outside the vocabulary \[0, 100\); fix --mask_token_id"):
+        _resolve_mask_id("m", nothing, nothing, 100, vocab_size=100)
+    with pytest.raises(ValueError, match=r"\[0, 100\); fix mask_token_id in the snapshot's config.json"):
+        _resolve_mask_id("m", nothing, SimpleNamespace(mask_token_id=100), None, vocab_size=100)
+    with pytest.raises(ValueError, match=r"mask_token_id=-1 is outside"):
+        _resolve_mask_id("m", nothing, nothing, -1, vocab_size=100)

@@ -212,6 +212,12 @@ def test_placebo_advantages_come_from_the_steps_rewards_shuffled(tmp_path):
     assert sorted(behind1) == powers and behind1 != powers  # the same rewards, shuffled across the step
     assert torch.equal(placebo.advantages(rewards_nf, step=1)[0], adv1)  # a function of (seed, step)
     assert _totals_behind(placebo.advantages(rewards_nf, step=2)[0], 4) != behind1
+    # two processes (each gathers the whole step) draw the same permutation: their halves make up adv1
+    halves = []
+    for rank in (0, 1):
+        placebo.rank, placebo.n_local = rank, 8
+        halves.append(placebo.advantages(rewards_nf, step=1)[0])
+    assert torch.equal(torch.cat(halves), adv1)
 
 
 @pytest.mark.slow

@@ -561,6 +561,19 @@ def test_threshold_reveals_every_confident_position_and_at_least_one():
     assert torch.equal(out.completion_bg, capped.completion_bg)
 
 
+def test_threshold_counts_only_scores_strictly_above_it():
+    """"Above the threshold" is strict: with --confidence_threshold 1 a row whose masked positions all
+    score a saturated 1.0 still reveals one token per step, not all of them at once."""
+    from dipod.lm.reveal import threshold_counts
+
+    masked = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    saturated = torch.ones(2, 4)
+    assert threshold_counts(1.0, None)(0, masked, saturated).tolist() == [1, 1]
+    scores = torch.tensor([[0.5, 0.6, 0.7, 0.9], [0.4, 0.5, 0.9, 0.9]])
+    assert threshold_counts(0.5, None)(0, masked, scores).tolist() == [2, 1]  # 0.5 itself is not above 0.5
+    assert threshold_counts(0.5, 1)(0, masked, scores).tolist() == [1, 1]
+
+
 class CallCounter(nn.Module):
     """Counts the forwards of the model it wraps."""
 

@@ -92,7 +92,10 @@ def test_registry_lists_the_builtin_tasks_and_names_them_on_unknown():
         get_task("sudoko4")
 
 
-def test_a_user_task_is_a_small_class():
+def test_a_user_task_is_a_small_class(monkeypatch):
+    from dipod.lm.tasks import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # the test's task leaves with the test
     @register_task
     class ParityTask(Task):
         """Say whether a number is even: the answer is the word, compact or tagged."""

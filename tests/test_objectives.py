@@ -271,3 +271,29 @@ def test_adequacy_fails_where_the_bound_is_loose():
     grads = expected_gradients(joint)
     torch.testing.assert_close(grads["fpo"], grads["true"], rtol=1e-10, atol=1e-12)
     assert (grads["spg"] - grads["true"]).norm() > 0.05 * grads["true"].norm()
+
+
+# -- boundaries a mutation run found unpinned (docs/results/mutation.md) ---------------------------------
+
+def test_fpo_plus_plus_a_small_positive_advantage_gets_the_clipped_surrogate_not_the_penalty():
+    """The trust region switches at A = 0: A = 0.5 with rho = e^0.5 is PPO-clipped (rho capped at 1 + eps)."""
+    elbo, old, eps = torch.tensor([[0.5]]), torch.tensor([[0.0]]), 0.05
+    loss, _ = fpo_plus_plus_loss(elbo, old, torch.tensor([0.5]), eps=eps)
+    assert float(loss) == pytest.approx(-(1 + eps) * 0.5)
+    loss_neg, _ = fpo_plus_plus_loss(elbo, old, torch.tensor([-0.5]), eps=eps)
+    rho = math.exp(0.5)
+    assert float(loss_neg) == pytest.approx(-(rho * -0.5 - 0.5 / (2 * eps) * (rho - 1) ** 2))
+
+
+def test_fpo_kl_averages_each_samples_reference_draws_and_names_a_negative_beta():
+    elbo, ref = torch.tensor([[1.0, 3.0], [0.0, 2.0]]), torch.tensor([[0.0, 0.0], [1.0, 3.0]])
+    _, info = fpo_loss(elbo, elbo.detach(), torch.zeros(2), kl_beta=0.1, elbo_ref=ref)
+    assert info["kl"] == pytest.approx(((2.0 - 0.0) + (1.0 - 2.0)) / 2)
+    with pytest.raises(ValueError, match="kl_beta=-0.1 must be >= 0"):
+        fpo_loss(elbo, elbo, torch.zeros(2), kl_beta=-0.1)
+
+
+def test_spg_mix_weight_edges_are_valid():
+    adv, elbo, eubo = torch.tensor([-1.0]), torch.tensor([2.0]), torch.tensor([6.0])
+    assert float(spg_loss(adv, elbo, eubo, mix_weight=0.0)[0]) == pytest.approx(2.0)  # the ELBO alone
+    assert float(spg_loss(adv, elbo, eubo, mix_weight=1.0)[0]) == pytest.approx(6.0)  # the EUBO alone

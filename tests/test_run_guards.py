@@ -71,6 +71,55 @@ def test_sft_refuses_a_folder_holding_a_run_unless_resumed_or_overwritten(tmp_pa
     assert (out / "notes.txt").read_text() == "mine"  # and nothing that was not the run's
 
 
+@pytest.mark.parametrize("left", ["metrics.jsonl", "checkpoint-3"])
+def test_a_run_killed_before_or_after_its_first_checkpoint_is_never_replaced_silently(tmp_path, left):
+    """A folder holding only metrics.jsonl (killed before the first save) or only a checkpoint is a run."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / left).mkdir() if left.startswith("checkpoint") else (out / left).write_text('{"step": 1}\n')
+    with pytest.raises(RunFolderError, match=f"already holds a run \\({left}\\)"):
+        prepare_run_folder(out, resuming=False, overwrite=False, resume_flag="--resume latest")
+    assert (out / left).exists()
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "config.yaml").write_text("x: 1\n")  # a config alone is no run yet
+    assert prepare_run_folder(tmp_path / "fresh", resuming=False, overwrite=False, resume_flag="--resume") == \
+        tmp_path / "fresh"
+
+
+def test_one_writer_per_run_folder_a_live_holder_is_refused_a_stale_lock_taken_over(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from dipod.run_folder import LOCK_FILE, release_run_lock
+
+    out, host = tmp_path / "run", socket.gethostname()
+    out.mkdir()
+    lock = out / LOCK_FILE
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": host}))  # a live process that is not this one
+    for resuming in (False, True):  # a second run, or a --resume beside the live ranks
+        with pytest.raises(RunFolderError, match=rf"in use by another run \(process {os.getppid()} on "):
+            prepare_run_folder(out, resuming=resuming, overwrite=False, resume_flag="--resume latest")
+    lock.write_text(json.dumps({"pid": 4242, "host": host + "-elsewhere"}))  # cannot be checked: refused
+    with pytest.raises(RunFolderError, match=f"delete {lock}"):
+        prepare_run_folder(out, resuming=True, overwrite=False, resume_flag="--resume latest")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": host}))  # its run crashed: stale
+    prepare_run_folder(out, resuming=True, overwrite=False, resume_flag="--resume latest")
+    assert json.loads(lock.read_text()) == {"pid": os.getpid(), "host": host}
+    prepare_run_folder(out, resuming=True, overwrite=False, resume_flag="--resume latest")  # this process again
+    prepare_run_folder(out, resuming=True, overwrite=False, resume_flag="--resume latest", remove=False)  # a rank
+    release_run_lock(out)
+    assert not lock.exists()
+
+
+def test_a_finished_run_gives_its_folder_back(tmp_path):
+    from dipod.run_folder import LOCK_FILE
+
+    train_sft(sft(tmp_path / "run", max_steps=1))
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+
+
 def test_lm_train_refuses_a_folder_holding_a_run_before_the_model_loads(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(rl(tiny_model, out, max_steps=1))
@@ -272,6 +321,41 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
     assert [e.value for e in scalars] == [1.0, 2.0, 13.0, 14.0, 15.0, 16.0]
 
 
+def test_a_resume_trims_the_killed_runs_completions_like_its_metrics(tmp_path):
+    from dipod.lm.monitors import log_completions
+
+    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+        for step in (2, 4, 6):  # evaluations of the killed run; its checkpoint was at step 4
+            logger.log(step, {"loss": 1.0})
+            log_completions(tmp_path / "completions.jsonl", step, ["p"], [f"c{step}"], [0.5], limit=1)
+    MetricsLogger(tmp_path, tensorboard=False, resume_from_step=5).close()
+    assert [r["step"] for r in read_metrics(tmp_path / "completions.jsonl")] == [2, 4]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [2, 4]
+
+
+def test_wandb_missing_is_refused_before_the_run_folder_is_touched(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(ValueError, match="--wandb_project needs wandb.*pip install wandb"):
+        MetricsLogger(tmp_path / "run", tensorboard=False, wandb_project="p")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_run_outputs_get_the_users_umask_not_the_temp_files_0600(tmp_path):
+    from dipod.runlog import atomic_write_text
+
+    before = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {"s": 1}, {})
+    finally:
+        os.umask(before)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "checkpoint-1").stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in (tmp_path / "checkpoint-1").iterdir())
+
+
 def test_a_broken_config_json_is_named(tmp_path, tiny_model):
     import shutil
 
@@ -285,3 +369,16 @@ def test_a_broken_config_json_is_named(tmp_path, tiny_model):
     (broken / "config.json").write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match="must hold a JSON object"):
         load_masked_lm(str(broken))
+
+
+def test_a_truncated_weights_file_is_one_message(tmp_path, tiny_model, capsys):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    flags = ["--model", str(broken), "--task", "sudoku4", "--eval_examples", "0", "--output_dir", str(tmp_path / "s")]
+    assert cli_main(["lm", "sft", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "a weights file cannot be read" in err and "truncated or damaged" in err and "Traceback" not in err

@@ -16,7 +16,6 @@ import logging
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dipod.runlog import atomic_write_json
+from dipod.runlog import atomic_write_json, make_temp_dir, user_mode
 
 WEIGHTS = "model.safetensors"
 STATE = "trainer_state.pt"
@@ -75,9 +74,10 @@ def save_checkpoint(output_dir: Path, step: int, weights: dict[str, torch.Tensor
     for debris in output_dir.glob(".checkpoint-*"):  # temp dirs of a save that was killed (not this save's own)
         if debris.resolve() not in moving_in:
             shutil.rmtree(debris, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
+    tmp = make_temp_dir(f".checkpoint-{step}.", output_dir)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        user_mode(tmp / WEIGHTS)  # safetensors writes its file 0600
         torch.save(state, tmp / STATE)
         for name, folder in (extra_dirs or {}).items():
             Path(folder).rename(tmp / name)

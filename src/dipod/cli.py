@@ -7,6 +7,7 @@ and ``dipod lm ...`` never imports MuJoCo.
 from __future__ import annotations
 
 import importlib
+import shlex
 import sys
 
 from dipod.quiet import silence_third_party_noise
@@ -26,6 +27,24 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("control", "train"): ("dipod.control.train", "train a flow (FPO++ + DiPOD) or Gaussian (PPO) policy on a gymnasium task"),
     ("control", "eval"): ("dipod.control.evaluate", "evaluate a control checkpoint over whole episodes"),
 }
+
+
+# how each resumable command continues its run after an interruption
+RESUME_FLAGS = {("lm", "train"): ["--resume", "latest"], ("lm", "sft"): ["--resume", "true"],
+                ("control", "train"): ["--resume", "latest"]}
+
+
+def _interrupted(path: tuple[str, ...], args: list[str]) -> str:
+    """The Ctrl-C line: what is kept, and the command that continues (or reruns) the run."""
+    resume = RESUME_FLAGS.get(path)
+    if resume is None:
+        return "interrupted; nothing was written that a rerun of the same command does not redo"
+    if "--resume" in args:
+        at = args.index("--resume")
+        args = args[:at] + args[at + 2:] if at + 1 < len(args) and not args[at + 1].startswith("--") else \
+            args[:at] + args[at + 1:]
+    command = " ".join(["dipod", *path, *(shlex.quote(a) for a in args), *resume])
+    return f"interrupted; the checkpoints already written are kept, continue with: {command}"
 
 
 def _usage() -> str:
@@ -54,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                 # clear line, not a traceback.
                 print(f"{prog}: error: {exc}", file=sys.stderr)
                 return 2
+            except KeyboardInterrupt:
+                print(f"\n{prog}: {_interrupted(path, argv[depth:])}", file=sys.stderr)
+                return 130
             except TrainingDiverged as exc:  # the message says what happened and what to change
                 print(f"{prog}: {exc}", file=sys.stderr)
                 return 1

@@ -62,6 +62,10 @@ def plot_runs(run_dirs: list[Path], out: Path, keys: list[str] | None = None, la
     if len(labels) != len(run_dirs):
         raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs; give one label per run")
     runs = {label: read_metrics(Path(d) / "metrics.jsonl") for label, d in zip(labels, run_dirs)}
+    known = {key for rows in runs.values() for key in numeric_keys(rows)}
+    if keys and not known.intersection(keys):  # a panel per missing key says "not logged"; all missing: an empty PNG
+        raise ValueError(f"--keys {', '.join(keys)}: not a numeric metric of these runs; choose from "
+                         f"{', '.join(sorted(known)) or 'none (no numeric metrics)'}")
     keys = keys or choose_keys(runs)
     if not keys:
         raise ValueError(f"no numeric metrics in {[str(d) for d in run_dirs]}; nothing to plot")

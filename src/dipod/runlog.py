@@ -15,9 +15,26 @@ from pathlib import Path
 from typing import Any
 
 
+COMPLETIONS = "completions.jsonl"  # held-out completions per evaluation step (dipod.lm.monitors)
+
+
 class TrainingDiverged(FloatingPointError):
     """A run stopped because its weights or losses went non-finite; the message says what happened,
     which checkpoint (if any) is intact, and what to change."""
+
+
+def user_mode(path: Path, full: int = 0o666) -> Path:
+    """Give ``path`` the permissions a plain ``open`` / ``mkdir`` would (``full`` less the user's umask):
+    mkstemp / mkdtemp create 0600 / 0700, which a team sharing a cluster folder could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, full & ~umask)
+    return Path(path)
+
+
+def make_temp_dir(prefix: str, parent: Path) -> Path:
+    """A fresh staging folder in ``parent`` with the user's normal folder permissions."""
+    return user_mode(Path(tempfile.mkdtemp(prefix=prefix, dir=parent)), 0o777)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -26,6 +43,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        user_mode(Path(tmp))
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -80,10 +98,17 @@ class MetricsLogger:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / "metrics.jsonl"
-        if resume_from_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if int(r.get("step", -1)) < resume_from_step]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        elif resume_from_step is None and self.path.exists():
+        if wandb_project:  # before any file is touched: a refused run leaves nothing that blocks its rerun
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ValueError("--wandb_project needs wandb, which is not installed: pip install wandb (or "
+                                 "leave --wandb_project out)") from None
+        for log in (self.path, self.output_dir / COMPLETIONS):  # the run's step-keyed logs
+            if resume_from_step is not None and log.exists():
+                kept = [r for r in read_metrics(log) if int(r.get("step", -1)) < resume_from_step]
+                atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in kept))
+        if resume_from_step is None and self.path.exists():
             self.path.unlink()
         self._fh = open(self.path, "a")
         self._tb = None
@@ -97,10 +122,8 @@ class MetricsLogger:
                 self._tb = None
         self._wandb = None
         if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise RuntimeError("wandb logging was requested but wandb is not installed: pip install wandb") from None
+            import wandb
+
             self._wandb = wandb.init(project=wandb_project, config=run_config or {}, dir=str(self.output_dir))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

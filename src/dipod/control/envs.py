@@ -63,9 +63,12 @@ class GymVecEnv:
 
         check_env_id(env_id)
         self.env_id = env_id
-        self._env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
-                                 vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
-                                 **(env_kwargs or {}))
+        try:
+            self._env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
+                                     vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+                                     **(env_kwargs or {}))
+        except gym.error.DependencyNotInstalled as exc:  # its message names the pip extra to install
+            raise ValueError(f"{env_id} needs a package that is not installed: {exc}") from None
         obs_space, act_space = self._env.single_observation_space, self._env.single_action_space
         if not isinstance(act_space, gym.spaces.Box) or len(act_space.shape) != 1:
             self._env.close()

@@ -49,6 +49,9 @@ def resolve_checkpoint(path: str) -> Path:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     path = resolve_checkpoint(cfg.checkpoint)
     weights, state, meta = load_checkpoint(path)
+    if "num_obs" not in meta:
+        raise ValueError(f"checkpoint {path} is not a control checkpoint (its meta.json has no num_obs: an `lm` "
+                         "run?); evaluate language-model runs with `dipod lm eval --model FOLDER`")
     train_cfg = config_from_checkpoint(meta)
     env = GymVecEnv(train_cfg.env, cfg.num_envs)
     try:

@@ -99,6 +99,9 @@ class Engine:
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation),
             mixed_precision=self._mixed_precision(cfg))
         self.weights_dtype = load_dtype(cfg.lora_r, cfg.dtype, self.kind)
+        if self.kind == "deepspeed" and getattr(self.accelerator.state, "deepspeed_plugin", None) is None:
+            raise ConfigError("the launch asks for DeepSpeed but accelerate started without it (ACCELERATE_USE_CPU=1 "
+                              "turns DeepSpeed off); on a CPU host launch with DS_ACCELERATOR=cpu alone")
         if self.kind == "deepspeed":
             _count_deepspeed_cpu_processes(self.accelerator)
         if self.kind == "fsdp":

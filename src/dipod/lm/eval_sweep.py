@@ -12,6 +12,7 @@ the earlier step), never one chosen on test. Output in ``RUN_DIR/eval_sweep/``: 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,9 @@ def read_run_config(run_dir: str | Path):
     from dipod.lm.train_config import TrainConfig
 
     path = Path(run_dir, "config.yaml")
+    if Path(run_dir, "sft_result.json").is_file():  # an `lm sft` run: its config is not a train config
+        raise ConfigError(f"{run_dir} is a `dipod lm sft` run; eval-sweep reads `dipod lm train` runs. Evaluate "
+                          f"its model with `dipod lm eval --model {Path(run_dir, 'model')}`")
     return config_from_dict(TrainConfig, load_yaml_mapping(path), source=str(path))
 
 
@@ -116,6 +120,10 @@ def load_splits(task, cfg: SweepConfig) -> tuple[tuple[str, list[dict]], tuple[s
     require(val_name != test_name, f"the validation set {val_name!r} is the test set; a checkpoint is never chosen "
                                    "on test: pass --val_split or --val_data naming other data")
     val = task.load(val_split or "train", path=cfg.val_data, limit=cfg.val_limit)
+    test_rows = {json.dumps(ex, sort_keys=True, default=str) for ex in test}
+    require(not all(json.dumps(ex, sort_keys=True, default=str) in test_rows for ex in val),
+            f"every example of the validation set {val_name!r} is in the test set {test_name!r}; a checkpoint is "
+            "never chosen on test: pass --val_split or --val_data naming other data")
     return (test_name, test), (val_name, val)
 
 

@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 from dipod.config import parse_config
-from dipod.lm.train_config import TrainConfig
+from dipod.lm.train_config import TrainConfig, completions_per_process
 from dipod.lm.trainer import needs_bounds
 
 GIB = 2 ** 30
@@ -233,6 +233,19 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _positive(own: dict[str, str], flag: str, kind: type) -> int | float:
+    """The value of one of this command's own flags, refused unless a number above 0 (a plan for 0 or
+    -2 GPUs, or a negative budget, means nothing)."""
+    what = "a whole number" if kind is int else "a number"
+    try:
+        value = kind(own[flag])
+    except ValueError:
+        raise ValueError(f"{flag} {own[flag]!r} is not {what}; pass {what} above 0, e.g. {flag} 8") from None
+    if not value > 0:
+        raise ValueError(f"{flag} {own[flag]} must be above 0; pass e.g. {flag} 8")
+    return value
+
+
 def main(argv: list[str], prog: str = "dipod lm memory") -> int:
     own = {"--num_gpus": "8", "--gpu_memory_gib": "80", "--engine": "zero2"}
     rest, json_out = [], "--json" in argv
@@ -247,7 +260,8 @@ def main(argv: list[str], prog: str = "dipod lm memory") -> int:
             i += 1
     cfg = parse_config(TrainConfig, rest, prog, description="Per-GPU peak memory of a `dipod lm train` config "
                        "(own flags: --num_gpus N, --gpu_memory_gib G, --engine ddp|zero2|zero3|fsdp, --json)")
-    num_gpus, budget, engine = int(own["--num_gpus"]), float(own["--gpu_memory_gib"]), own["--engine"]
+    num_gpus, budget, engine = _positive(own, "--num_gpus", int), _positive(own, "--gpu_memory_gib", float), own["--engine"]
+    completions_per_process(cfg, num_gpus)  # a plan for a run the trainer would refuse means nothing
     result = plan(cfg, num_gpus, engine)
     result["gpu_memory_gib"] = budget
     result["fits"] = result["peak_gib_per_gpu"] <= budget

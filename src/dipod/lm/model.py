@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import string
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from dipod.lm.families import FAMILIES, ModelFamily, detect_family, get_family
 from dipod.lm.snapshot import check_snapshot, locate_model, read_config_dict
+from dipod.runlog import make_temp_dir
 
 PAD_TOKEN, MASK_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<mask>", "<eos>", "<unk>"
 TINY_SPECIAL_TOKENS = (PAD_TOKEN, MASK_TOKEN, EOS_TOKEN, UNK_TOKEN)
@@ -124,7 +124,7 @@ class MaskedDiffusionLM:
         if hasattr(model, "merge_and_unload"):
             model = copy.deepcopy(model).merge_and_unload()
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp = make_temp_dir(f".{out.name}.", out.parent)
         try:
             with self.family.saving(model):
                 model.save_pretrained(tmp)
@@ -178,7 +178,9 @@ def _resolve_mask_id(name: str, tokenizer: Any, config: Any, requested: int | No
         raise ValueError(f"model {name!r} defines no mask token (neither tokenizer nor config has mask_token_id); "
                          "pass --mask_token_id with the id the model was trained with")
     if mask_id < 0 or (vocab_size is not None and mask_id >= vocab_size):
-        raise ValueError(f"mask_token_id={mask_id} is outside the vocabulary [0, {vocab_size}); fix --mask_token_id")
+        fix = ("fix --mask_token_id" if model_id is None else
+               f"fix mask_token_id in the snapshot's {' and '.join(sources)} (or load the model it belongs to)")
+        raise ValueError(f"mask_token_id={mask_id} is outside the vocabulary [0, {vocab_size}); {fix}")
     return mask_id
 
 
@@ -197,6 +199,18 @@ def nf4_quantization(device: str | torch.device):
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def _damaged_weights_named(name: str):
+    """safetensors' own error on a truncated or damaged file (a copy cut short) as one line naming the model."""
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"model {name!r}: a weights file cannot be read ({exc}); it is truncated or damaged: copy "
+                         "or save the model again") from None
 
 
 def load_masked_lm(
@@ -229,15 +243,16 @@ def load_masked_lm(
     raw_config = read_config_dict(name, local)
     family = get_family(model_family) if model_family else detect_family(raw_config, name)
     ours = family.native and not trust_remote_code
-    if ours:
-        if load_in_4bit:
-            raise ValueError(f"load_in_4bit quantises through the hub code's from_pretrained; {family.name} loads into "
-                             "dipod's own network here. Set load_in_4bit false, or use the legacy path "
-                             "(--trust_remote_code true on transformers 4.56-4.57)")
-        model, tokenizer, config = _load_checkpoint_network(name, local, torch_dtype)
-    else:
-        model, tokenizer, config = _load_with_transformers(name, local, raw_config, family, torch_dtype,
-                                                           trust_remote_code, load_in_4bit, device)
+    if ours and load_in_4bit:
+        raise ValueError(f"load_in_4bit quantises through the hub code's from_pretrained; {family.name} loads into "
+                         "dipod's own network here. Set load_in_4bit false, or use the legacy path "
+                         "(--trust_remote_code true on transformers 4.56-4.57)")
+    with _damaged_weights_named(name):
+        if ours:
+            model, tokenizer, config = _load_checkpoint_network(name, local, torch_dtype)
+        else:
+            model, tokenizer, config = _load_with_transformers(name, local, raw_config, family, torch_dtype,
+                                                               trust_remote_code, load_in_4bit, device)
 
     embeddings = model.get_input_embeddings()
     # (DeepSpeed ZeRO-3 loads partitioned weights: their full shape is ds_shape)

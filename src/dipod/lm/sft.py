@@ -18,6 +18,7 @@ left at a mid-level accuracy with room for RL to improve. Outputs in OUTPUT_DIR:
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import tempfile
@@ -38,7 +39,7 @@ from dipod.lm.families import FAMILIES, FAMILY_HELP
 from dipod.lm.recipe import RECIPE_FILE, DecodingRecipe
 from dipod.lm.train_config import DTYPES
 from dipod.lm.sampler import DecodingOptions, SamplerSettings
-from dipod.run_folder import prepare_run_folder
+from dipod.run_folder import prepare_run_folder, release_run_lock
 from dipod.runlog import MetricsLogger, TrainingDiverged, atomic_write_json
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -111,6 +112,8 @@ class SFTConfig(DecodingOptions):  # remasking, schedule, confidence_threshold, 
         default=0.0)
     eval_data: str | None = option("held-out data file (None: the task's eval_split)", default=None)
     eval_split: str = option("held-out split of the task used for the periodic evaluation", default="test")
+    allow_eval_in_train: bool = option("train even when the training data holds held-out examples (the evaluation "
+                                       "then measures memory, not generalisation)", default=False)
     eval_examples: int = option("held-out examples per evaluation (0: never evaluate)", default=200)
     prompt_style: str = option(f"prompt format, one of {PROMPT_STYLES}", default="compact")
     max_prompt_length: int = option("prompts longer than this many tokens are cut from the left", default=256)
@@ -256,6 +259,13 @@ def lr_factor(cfg: SFTConfig) -> Callable[[int], float]:
 
 def train_sft(cfg: SFTConfig) -> dict:
     """Run SFT; returns the content of OUTPUT_DIR/sft_result.json."""
+    try:
+        return _train_sft(cfg)
+    finally:
+        release_run_lock(cfg.output_dir)
+
+
+def _train_sft(cfg: SFTConfig) -> dict:
     from tqdm.auto import tqdm
 
     from dipod.lm.tasks import get_task
@@ -269,6 +279,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     if not train_examples:
         raise ValueError(f"task {cfg.task}: no training examples (train_data={cfg.train_data})")
     held_out = task.load(cfg.eval_split, path=cfg.eval_data, limit=cfg.eval_examples) if cfg.eval_examples else []
+    _refuse_eval_in_train(train_examples, held_out, cfg)
     torch.manual_seed(cfg.seed)
     lm = _load_start_model(cfg)
     prompt_ids, prompt_attn, completion_ids = encode_demonstrations(
@@ -373,6 +384,17 @@ def train_sft(cfg: SFTConfig) -> dict:
     atomic_write_json(out / RESULT_FILE, result)
     _plot(out)
     return result
+
+
+def _refuse_eval_in_train(train: list[dict], held_out: list[dict], cfg: SFTConfig) -> None:
+    """Training on the examples the evaluation scores makes its accuracy meaningless: refused unless asked for."""
+    seen = {json.dumps(ex, sort_keys=True, default=str) for ex in train}
+    shared = sum(json.dumps(ex, sort_keys=True, default=str) in seen for ex in held_out)
+    if shared and not cfg.allow_eval_in_train:
+        where = cfg.eval_data or f"split {cfg.eval_split}"
+        raise ValueError(f"{shared} of the {len(held_out)} held-out examples ({where}) are in the training data; "
+                         "pass held-out data the training set does not contain (--eval_data / --eval_split), or "
+                         "--allow_eval_in_train true to train on them anyway")
 
 
 def _plot(out: Path) -> None:

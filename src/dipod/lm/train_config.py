@@ -255,6 +255,17 @@ class TrainConfig(DecodingOptions):  # remasking, schedule, confidence_threshold
         return dataclasses.replace(self, **changes)
 
 
+def completions_per_process(cfg: TrainConfig, world: int) -> int:
+    """The step's completions one of ``world`` processes rolls out; a ConfigError unless they split
+    evenly over the processes and then over the accumulation steps (the trainer and `lm memory` alike)."""
+    total = cfg.prompts_per_step * cfg.num_generations
+    if total % world or (total // world) % cfg.gradient_accumulation_steps:
+        raise ConfigError(
+            f"prompts_per_step x num_generations = {total} completions must split evenly over {world} "
+            f"process(es) x gradient_accumulation_steps={cfg.gradient_accumulation_steps}; change one of them")
+    return total // world
+
+
 def _check_4bit() -> None:
     """load_in_4bit fails here, before any model is loaded, on a machine that cannot run it."""
     import torch

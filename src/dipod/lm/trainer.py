@@ -35,11 +35,11 @@ from dipod.config import ConfigError, config_to_dict, parse_config, save_config
 from dipod.lm import train_checkpoints
 from dipod.lm.monitors import CollapseWatch, group_reward_stats, log_completions, rollout_confidence
 from dipod.lm.proxies import completion_mask
-from dipod.lm.train_config import TrainConfig
+from dipod.lm.train_config import TrainConfig, completions_per_process
 from dipod.lm.estimators import get_estimator
 from dipod.objectives import dipod_term
-from dipod.run_folder import prepare_run_folder
-from dipod.runlog import MetricsLogger, TrainingDiverged
+from dipod.run_folder import prepare_run_folder, release_run_lock
+from dipod.runlog import COMPLETIONS, MetricsLogger, TrainingDiverged
 
 # metric keys that measure wall-clock time; they differ between otherwise identical runs
 TIMING_KEYS = ("step_time", "generation_time", "update_time", "tokens_per_s")
@@ -129,12 +129,7 @@ class Trainer:
         self.runtime = Engine(cfg)
         self.accelerator = acc = self.runtime.accelerator
         self.world, self.rank = acc.num_processes, acc.process_index
-        total = cfg.prompts_per_step * cfg.num_generations
-        if total % self.world or (total // self.world) % cfg.gradient_accumulation_steps:
-            raise ConfigError(
-                f"prompts_per_step x num_generations = {total} completions must split evenly over {self.world} "
-                f"process(es) x gradient_accumulation_steps={cfg.gradient_accumulation_steps}; change one of them")
-        self.n_local = total // self.world
+        self.n_local = completions_per_process(cfg, self.world)
         self.micro = self.n_local // cfg.gradient_accumulation_steps
         self.runtime.set_micro_batch(self.micro)
         self._warn_if_over_memory()
@@ -424,7 +419,7 @@ class Trainer:
             rows = [(float(self.task.reward(t, ex)), float(self.task.is_correct(t, ex))) for t, ex in zip(texts, shard)]
             if cfg.log_completions and self.accelerator.is_main_process:
                 prompts = [self.task.prompt(ex, cfg.prompt_style) for ex in shard]
-                shown = log_completions(Path(cfg.output_dir) / "completions.jsonl", step, prompts, texts,
+                shown = log_completions(Path(cfg.output_dir) / COMPLETIONS, step, prompts, texts,
                                         [r for r, _ in rows], cfg.log_completions)
                 self.say(f"step {step}: held-out completions [reward] prompt -> completion\n" + "\n".join(shown))
             k = min(cfg.gap_monitor_sequences, len(shard))
@@ -566,7 +561,10 @@ def _detached(proxies):
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run one training job in this process (under ``accelerate launch``: one process of it)."""
-    return Trainer(cfg).run()
+    try:
+        return Trainer(cfg).run()
+    finally:
+        release_run_lock(cfg.output_dir)
 
 
 def main(argv: list[str], prog: str = "dipod lm train") -> int:

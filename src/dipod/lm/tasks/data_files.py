@@ -7,6 +7,7 @@ variable ``DIPOD_SHARED_DATA`` when it is set (a user's own copies of the same f
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -42,11 +43,20 @@ def existing_file(path: str | Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _utf8(path: Path):
+    """A file in another encoding (UTF-16, Latin-1) as one message naming it, not a bare codec error."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-blank line; a line that is not a JSON object raises
     ValueError naming it."""
     path = existing_file(path)
-    with path.open(encoding="utf-8-sig") as handle:
+    with _utf8(path), path.open(encoding="utf-8-sig") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -63,7 +73,7 @@ def read_csv(path: str | Path, columns: tuple[str, ...]) -> Iterator[tuple[int, 
     """(line number, {column: value}) per data row. Header names match case-insensitively; a
     missing column or a row with the wrong number of fields raises ValueError naming the line."""
     path = existing_file(path)
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+    with _utf8(path), path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if header is None:
@@ -117,7 +127,8 @@ def read_records(path: str, split: str, hub_config: str | None = None) -> Iterat
 
 def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
     try:
-        data: Any = json.loads(path.read_text(encoding="utf-8-sig"))
+        with _utf8(path):
+            data: Any = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
