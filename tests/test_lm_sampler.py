@@ -745,10 +745,17 @@ def test_llada_greedy_padded_batch_equals_generate_row_by_row(hub_models, hub_co
             assert torch.equal(out.completion_bg[row:row + 1], expected), row
 
 
-def test_llada_the_earlier_confidence_rule_is_a_named_option(hub_models):
+@pytest.mark.parametrize("source", ["built", "shared"])
+def test_llada_the_earlier_confidence_rule_is_a_named_option(hub_models, source):
     # mask_in_confidence=False (the mask logit at -inf before the confidence softmax) equals generate()
-    # so modified, and on this snapshot differs from generate() proper: the option changes decoding.
-    lm = load_snapshot(hub_models, "llada")
+    # so modified; the default equals generate() proper. On ../shared's tiny-llada weights the two rules
+    # decode differently (the option changes decoding); the suite's own random weights are too peaked
+    # for the mask logit to reorder any reveal, so there only the two equalities are checked.
+    from hub_snapshots import SNAPSHOTS
+
+    if source == "shared" and not SNAPSHOTS["llada"].is_dir():
+        pytest.skip(f"{SNAPSHOTS['llada']} (weights on which the two rules differ) is absent")
+    lm = load_snapshot(hub_models if source == "built" else SNAPSHOTS, "llada")
     ids = torch.randint(0, 90, (8, 6), generator=torch.Generator().manual_seed(1))
     settings = SamplerSettings(gen_length=32, block_length=32, steps=32, fill_after_eos=False)
     earlier = decode(lm, ids, torch.ones_like(ids), dataclasses.replace(settings, mask_in_confidence=False))
@@ -757,7 +764,8 @@ def test_llada_the_earlier_confidence_rule_is_a_named_option(hub_models):
         proper = llada_generate_oracle(lm.model, ids, lm.mask_id, 32, 32, 32)
     assert torch.equal(earlier.completion_bg, expected)
     assert torch.equal(decode(lm, ids, torch.ones_like(ids), settings).completion_bg, proper)
-    assert not torch.equal(expected, proper)
+    if source == "shared":
+        assert not torch.equal(expected, proper)
 
 
 @pytest.mark.parametrize("temperature", [0.3, 1.0])
