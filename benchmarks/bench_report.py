@@ -64,3 +64,15 @@ def write_results(results_dir: Path, name: str, text_lines: list[str], payload: 
     atomic_write_text(results_dir / f"{name}_table.md", "\n".join(text_lines) + "\n")
     atomic_write_json(results_dir / f"{name}.json", {"command": sys.argv, **payload})
     print("\n".join(text_lines))
+
+
+def report(result: dict, json_path: str | None, md_path: str | None, markdown) -> None:
+    """Print ``result`` as JSON and write it (``json_path``) and its ``markdown(result)`` page (``md_path``),
+    each atomically, where asked."""
+    import json
+
+    print(json.dumps(result, indent=2))
+    if json_path:
+        atomic_write_json(Path(json_path), result)
+    if md_path:
+        atomic_write_text(Path(md_path), markdown(result))

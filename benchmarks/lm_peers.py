@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from bench_report import report
 
 from dipod.lm.sampler import SamplerSettings, decode
 
@@ -164,11 +164,7 @@ def main() -> None:
               "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "decoding": dict(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps),
               "parts": parts}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.md:
-        Path(args.md).write_text(markdown(result))
+    report(result, args.json, args.md, markdown)
 
 
 if __name__ == "__main__":

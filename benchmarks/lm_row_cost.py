@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_report import report
 
 from dipod.lm.sampler import SamplerSettings, decode
 
@@ -154,11 +154,7 @@ def main() -> None:
               "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "decoding": decoding_part(args)}
     if args.rl_steps:
         result["rl"] = rl_part(args)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.md:
-        Path(args.md).write_text(markdown(result))
+    report(result, args.json, args.md, markdown)
 
 
 if __name__ == "__main__":
