@@ -228,9 +228,8 @@ def run_mutant(mutant: Mutant, timeout: float, tests: list[str] | None = None) -
         if text.count(mutant.old) != 1:
             return "error", 0.0, f"snippet found {text.count(mutant.old)} times in {mutant.path}"
         target.write_text(text.replace(mutant.old, mutant.new))
-        # the copy lives elsewhere, so point it at the shared data the tree would find beside it
-        env = {"DIPOD_SHARED_DATA": str(ROOT.parent / "shared" / "data"), **os.environ, "PYTHONPATH": str(src),
-               "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+        # the evaluation data travels with the copied package (dipod/lm/data)
+        env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
         start = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *(tests or mutant.tests)],
@@ -248,8 +247,7 @@ def run_mutant(mutant: Mutant, timeout: float, tests: list[str] | None = None) -
 
 def baseline(tests: list[str], timeout: float) -> tuple[bool, str]:
     """The chosen test files on the unmutated tree: a mutant only counts as caught where they pass."""
-    env = {"DIPOD_SHARED_DATA": str(ROOT.parent / "shared" / "data"), **os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
