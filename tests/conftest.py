@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -10,6 +12,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def fresh_math_verdicts():
+    """math500's `equivalent` memoises verdicts for the process: without a fresh cache a test would
+    read a verdict an earlier test computed and never run the guards that decide it (mutmut, which
+    maps each function to the tests that call it, then never runs those tests on its mutants)."""
+    math500 = sys.modules.get("dipod.lm.tasks.math500")
+    if math500 is not None:
+        math500.equivalent.cache_clear()
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -147,3 +147,34 @@ def test_a_mask_id_one_past_the_vocabulary_is_refused_naming_where_it_came_from(
         _resolve_mask_id("m", nothing, SimpleNamespace(mask_token_id=100), None, vocab_size=100)
     with pytest.raises(ValueError, match=r"mask_token_id=-1 is outside"):
         _resolve_mask_id("m", nothing, nothing, -1, vocab_size=100)
+
+
+def test_a_tokenizer_from_another_model_is_warned_about_or_refused(hub_models, tmp_path):
+    """LLaDA's weights with Dream's tokenizer: the same 128 ids, but the EOS moves 98 -> 97 (Dream's
+    <|endoftext|>), so completions would end at LLaDA's <|startoftext|>. Warned, naming both; the model's
+    own tokenizer loads in silence; a tokenizer larger than the embedding is refused."""
+    import shutil
+    import warnings
+
+    from dipod.lm.snapshot import check_tokenizer_fits
+
+    mixed = tmp_path / "llada-with-dream-tokenizer"
+    shutil.copytree(hub_models["llada"], mixed)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hub_models["dream"] / name, mixed / name)
+    with pytest.warns(UserWarning, match=r"tokenizer's EOS '<\|endoftext\|>' \(id 97\) is not the EOS its config "
+                                         r"names \(98\); is the tokenizer from another model\?"):
+        lm = load_masked_lm(mixed)
+    assert lm.eos_id == 97
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_masked_lm(hub_models["llada"]).eos_id == 98
+    # an instruct model's end-of-turn EOS named by generation_config.json alone is its own
+    generation = json.loads((mixed / "generation_config.json").read_text())
+    (mixed / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [98, 97]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_tokenizer_fits(str(mixed), True, {"eos_token_id": 98}, lm.tokenizer, 128)
+    with pytest.raises(ValueError, match="its tokenizer has 128 tokens but the model embeds only 127; the tokenizer "
+                                         "is from another model"):
+        check_tokenizer_fits(str(mixed), True, {}, lm.tokenizer, 127)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from dipod.lm.families import FAMILIES, ModelFamily, detect_family, get_family
-from dipod.lm.snapshot import check_snapshot, locate_model, read_config_dict
+from dipod.lm.snapshot import check_snapshot, check_tokenizer_fits, locate_model, read_config_dict
 from dipod.runlog import make_temp_dir
 
 PAD_TOKEN, MASK_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<mask>", "<eos>", "<unk>"
@@ -257,6 +257,7 @@ def load_masked_lm(
     embeddings = model.get_input_embeddings()
     # (DeepSpeed ZeRO-3 loads partitioned weights: their full shape is ds_shape)
     vocab_size = getattr(embeddings.weight, "ds_shape", embeddings.weight.shape)[0] if embeddings is not None else None
+    check_tokenizer_fits(name, local, raw_config, tokenizer, vocab_size)
     # Uniform-noise models have no mask token; -1 matches no token id.
     mask_id = -1 if family.noise == "uniform" else _resolve_mask_id(name, tokenizer, config, mask_token_id, vocab_size)
     eos_id = _special_id(tokenizer, config, "eos_token_id")

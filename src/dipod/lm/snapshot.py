@@ -3,6 +3,7 @@
 
 ``dipod.lm.model.load_masked_lm`` calls these first, so a wrong path or an incomplete download is
 one clear message (naming the file and the fix) instead of a failure deep inside transformers.
+Once the tokenizer is loaded, ``check_tokenizer_fits`` catches one copied from another model.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 
 def locate_model(name_or_path: str | os.PathLike) -> tuple[str, bool]:
@@ -99,3 +101,31 @@ def check_snapshot(name: str, config: dict, need_code: bool = True) -> None:
                           (module + ".py",))
         with open(path, encoding="utf-8") as f:
             todo += re.findall(r"^\s*from \.(\w+) import", f.read(), flags=re.MULTILINE)
+
+
+def _ids(value) -> set[int]:
+    if value is None:
+        return set()
+    return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
+
+
+def check_tokenizer_fits(name: str, local: bool, config: dict, tokenizer, vocab_size: int | None) -> None:
+    """Catch a tokenizer copied from another model. More tokens than the model embeds is refused (their
+    ids index past the embedding); an EOS that neither config.json nor generation_config.json names is
+    warned about: completions would end at the wrong token (instruct models may name their end-of-turn
+    token in generation_config.json only, so that file counts too)."""
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"model {name!r}: its tokenizer has {len(tokenizer)} tokens but the model embeds only {vocab_size}; "
+            "the tokenizer is from another model: copy the model's own tokenizer files into its folder")
+    named = _ids(config.get("eos_token_id"))
+    generation = os.path.join(name, "generation_config.json")
+    if local and os.path.isfile(generation):
+        with open(generation, encoding="utf-8") as f:
+            named |= _ids(json.load(f).get("eos_token_id"))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if named and eos is not None and eos not in named:
+        warnings.warn(
+            f"model {name!r}: its tokenizer's EOS {tokenizer.eos_token!r} (id {eos}) is not the EOS its config names "
+            f"({', '.join(map(str, sorted(named)))}); is the tokenizer from another model? Completions will end at "
+            f"id {eos}: copy the model's own tokenizer files into its folder if that is wrong", stacklevel=3)
