@@ -8,16 +8,19 @@ applies the change, runs ``pytest -x -q`` on those files with the copy first on 
 and records ``caught`` (a test failed), ``survived`` (all passed) or ``error`` (the snippet was
 not found). Nothing in the working tree is touched.
 
+    nice -n 10 python benchmarks/mutants.py --smoke          # the fast check: 14 mutants, about a minute
     nice -n 10 python benchmarks/mutants.py                  # all mutants, a table on stdout
     nice -n 10 python benchmarks/mutants.py --only spg_mix_weight_swapped ckpt_in_place
     python benchmarks/mutants.py --list
 
-Results and the reasons kept for survivors: docs/results/mutants.md.
+Results and the reasons kept for survivors: docs/results/mutants.md. The broad check is mutmut
+(docs/results/mutation.md); this one is the quick, targeted one.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -76,19 +79,19 @@ MUTANTS = [
            "next_adv = delta + gamma * lam * not_done * next_adv", "next_adv = delta + gamma * lam * next_adv",
            (T + "test_infrastructure.py",), "GAE carries advantages across episode ends"),
     # --- proxies ----------------------------------------------------------------------------------
-    Mutant("eubo_beta_multiplies", "lm/proxies.py",
+    Mutant("eubo_beta_multiplies", "lm/processes/masked_likelihood.py",
            "per_token_nl = (torch.logsumexp(log_terms_nkl, dim=1) - math.log(draws)) / beta",
            "per_token_nl = (torch.logsumexp(log_terms_nkl, dim=1) - math.log(draws)) * beta",
            (T + "test_lm_proxies.py", T + "test_estimator_oracles.py"), "EUBO power mean with 1/beta inverted"),
-    Mutant("eubo_no_draw_mean", "lm/proxies.py",
+    Mutant("eubo_no_draw_mean", "lm/processes/masked_likelihood.py",
            "per_token_nl = (torch.logsumexp(log_terms_nkl, dim=1) - math.log(draws)) / beta",
            "per_token_nl = torch.logsumexp(log_terms_nkl, dim=1) / beta",
            (T + "test_lm_proxies.py", T + "test_estimator_oracles.py"), "EUBO sums draws instead of averaging"),
-    Mutant("elbo_weight_dropped", "lm/proxies.py",
+    Mutant("elbo_weight_dropped", "lm/processes/masked_likelihood.py",
            "elbo_nk = weight_nk * torch.where(scored_nkl, logp_nkl, 0.0).sum(-1)",
            "elbo_nk = torch.where(scored_nkl, logp_nkl, 0.0).sum(-1)",
            (T + "test_lm_proxies.py",), "ELBO without the L / |scored| weight"),
-    Mutant("random_masking_ceil", "lm/proxies.py",
+    Mutant("random_masking_ceil", "lm/processes/masked_likelihood.py",
            "num_masked_nk = (t_nk * length_n[:, None].float()).long()  # floor, as the release",
            "num_masked_nk = torch.ceil(t_nk * length_n[:, None].float()).long()",
            (T + "test_lm_proxies.py",), "d1's floor(t L) read as a ceiling"),
@@ -97,15 +100,14 @@ MUTANTS = [
            "return probs_blv.gather(-1, tokens_bl.unsqueeze(-1)).squeeze(-1)\n\n\ndef random_score",
            "return probs_blv.max(-1).values\n\n\ndef random_score",
            (T + "test_lm_sampler.py",), "confidence of the argmax, not of the sampled token"),
-    Mutant("gumbel_temperature_ignored", "lm/sampler.py",
-           "return (logits_blv.double() / temperature + gumbel).argmax(dim=-1)",
-           "return (logits_blv.double() + gumbel).argmax(dim=-1)",
+    Mutant("gumbel_temperature_ignored", "lm/processes/masked_sampling.py",
+           "noisy_blv = logits_blv.double() / temperature + gumbel", "noisy_blv = logits_blv.double() + gumbel",
            (T + "test_lm_sampler.py",), "sampling temperature dropped"),
     Mutant("schedule_remainder_last", "lm/reveal.py",
            "return [base + (1 if step < extra else 0) for step in range(steps)]",
            "return [base + (1 if step >= steps - extra else 0) for step in range(steps)]",
            (T + "test_lm_sampler.py",), "LLaDA's remainder given to the last steps"),
-    Mutant("eos_fill_off_by_one", "lm/sampler.py",
+    Mutant("eos_fill_off_by_one", "lm/processes/masked_sampling.py",
            "after_first_eos_bg = (is_eos_bg.cumsum(dim=1) - is_eos_bg.long()) > 0",
            "after_first_eos_bg = is_eos_bg.cumsum(dim=1) > 1",
            (T + "test_lm_sampler.py",), "fill after the second EOS instead of the first"),
@@ -135,7 +137,7 @@ MUTANTS = [
            (T + "test_control_fpo_features.py", T + "test_control_flow.py"), "PPO value clip takes the optimistic side"),
     # --- checkpoints ------------------------------------------------------------------------------
     Mutant("ckpt_in_place", "checkpoint.py",
-           "    tmp = Path(tempfile.mkdtemp(prefix=f\".checkpoint-{step}.\", dir=output_dir))\n",
+           "    tmp = make_temp_dir(f\".checkpoint-{step}.\", output_dir)\n",
            "    shutil.rmtree(final, ignore_errors=True)\n    final.mkdir()\n    tmp = final\n",
            (T + "test_checkpoint_crash.py",), "checkpoint written in place, no temp dir"),
     Mutant("ckpt_tmp_left_on_error", "checkpoint.py",
@@ -159,8 +161,8 @@ MUTANTS = [
     Mutant("lm_dipod_term_subtracted", "lm/trainer.py",
            "        loss = loss + tighten\n", "        loss = loss - tighten\n",
            (T + "test_lm_trainer.py",), "the LM trainer loosens the bound"),
-    Mutant("lm_resume_skips_scheduler", "lm/trainer.py",
-           "        self.scheduler.load_state_dict(state[\"scheduler\"])\n", "",
+    Mutant("lm_resume_skips_scheduler", "lm/train_checkpoints.py",
+           "    trainer.scheduler.load_state_dict(state[\"scheduler\"])\n", "",
            (T + "test_lm_trainer.py",), "a resumed run restarts the learning-rate schedule"),
     Mutant("lora_init_unseeded", "lm/trainer.py",
            "        torch.manual_seed(derive_seed(cfg.seed, _INIT))", "        pass",
@@ -183,7 +185,7 @@ MUTANTS = [
            "self.running_return = torch.where(dones_n, torch.zeros_like(batch), batch)", "self.running_return = batch",
            (T + "test_control_runner.py", T + "test_control_fpo_features.py", T + "test_estimator_oracles.py"),
            "discounted return not reset at episode ends"),
-    Mutant("gap_iw_no_mean", "lm/proxies.py",
+    Mutant("gap_iw_no_mean", "lm/processes/masked_likelihood.py",
            "iw_n = torch.logsumexp(log_p_nk, dim=1) - math.log(num_orders)", "iw_n = torch.logsumexp(log_p_nk, dim=1)",
            (T + "test_lm_proxies.py", T + "test_lm_monitors.py"), "IW_K sums the orders instead of averaging"),
     Mutant("metrics_nan_unguarded", "runlog.py",
@@ -202,7 +204,7 @@ MUTANTS = [
     Mutant("fpo_kl_sign", "objectives.py",
            "kl = (elbo_n - _as_float(elbo_ref)", "kl = (-elbo_n + _as_float(elbo_ref)",
            (T + "test_objectives.py",), "FPO's KL term with the wrong sign"),
-    Mutant("prompt_mask_inclusive", "lm/proxies.py",
+    Mutant("prompt_mask_inclusive", "lm/processes/masked_likelihood.py",
            "prompt_masked_ncp = (prompt_u_ncx[..., :prompt_len] < settings.p_mask_prompt)",
            "prompt_masked_ncp = (prompt_u_ncx[..., :prompt_len] <= settings.p_mask_prompt)",
            (T + "test_lm_proxies.py",), "prompt masked with probability p plus the chance u == p"),
@@ -215,6 +217,27 @@ MUTANTS = [
            "order_bl = torch.sort(score_bl, dim=1, descending=True, stable=False).indices",
            (T + "test_lm_sampler.py",), "equal scores revealed in any order"),
 ]
+
+
+# The smoke check (--smoke): one mutant per guarded area, each against the single test that catches it
+# (not its whole files), so the set runs in about a minute and CI can afford it on every change.
+SMOKE_TESTS = {
+    "spg_positive_reads_eubo": T + "test_objectives.py::test_spg_released_loss_with_dipod_by_hand",
+    "d1_kl_sign": T + "test_objectives.py::test_d1_k3_kl_term",
+    "fpo_ratio_inverted": T + "test_objectives.py::test_fpo_clipped_sequence_ratio",
+    "group_std_biased": T + "test_infrastructure.py::test_group_relative_advantages_closed_form",
+    "gae_no_done_cut": T + "test_infrastructure.py::test_gae_matches_hand_computation",
+    "random_masking_ceil": T + "test_lm_proxies.py::test_random_is_fpo_floor_count_with_weight_l_over_max_n",
+    "schedule_remainder_last": T + "test_lm_sampler.py::test_reveal_schedule_splits_evenly_with_the_remainder_first",
+    "eos_fill_off_by_one": T + "test_lm_sampler.py::test_positions_after_the_first_eos_become_eos",
+    "answer_region_no_fallback": T + "test_lm_graders_real.py::test_reading_helpers_on_edge_cases",
+    "sudoku_long_answer_tail": T + "test_lm_graders_released.py::test_sudoku_cells_item_by_item",
+    "value_clip_min": T + "test_control_flow.py::test_advantage_preparation_and_value_loss",
+    "ckpt_prune_keeps_oldest": T + "test_infrastructure.py::test_checkpoint_round_trip_prune_and_refuse_nan",
+    "metrics_resume_keeps_rows": T + "test_infrastructure.py::test_metrics_logger_resume_drops_rows_after_checkpoint",
+    "run_folder_overwritten": T + "test_run_guards.py::"
+                                  "test_a_run_killed_before_or_after_its_first_checkpoint_is_never_replaced_silently",
+}
 
 
 def run_mutant(mutant: Mutant, timeout: float, tests: list[str] | None = None) -> tuple[str, float, str]:
@@ -258,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", default=None, help="run only these mutants (names from --list)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"the fast check: {len(SMOKE_TESTS)} mutants, each against the one test that catches it")
     parser.add_argument("--tests", nargs="*", default=None,
                         help="run these test files for every chosen mutant instead of each mutant's own")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant's test run")
@@ -272,14 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.only or ()) - names)
     if unknown:
         parser.error(f"unknown mutant(s) {unknown}; see --list")
-    chosen = [m for m in MUTANTS if args.only is None or m.name in args.only]
+    chosen = [m for m in MUTANTS if (args.only is None or m.name in args.only) and (not args.smoke or m.name in SMOKE_TESTS)]
+    if args.smoke and not args.tests:
+        chosen = [dataclasses.replace(m, tests=(SMOKE_TESTS[m.name],)) for m in chosen]
     if not args.no_baseline:
         files = sorted({t for m in chosen for t in (args.tests or m.tests)})
         ok, detail = baseline(files, 4 * args.timeout)
         if not ok:
             print(f"the unmutated tree fails these tests, so no verdict would mean anything:\n{detail}")
             return 2
-        print(f"baseline: {len(files)} test files pass on the unmutated tree", flush=True)
+        print(f"baseline: {len(files)} test files or tests pass on the unmutated tree", flush=True)
     print("| mutant | file | verdict | seconds | first failing test |\n|---|---|---|---|---|", flush=True)
     caught = 0
     for mutant in chosen:
