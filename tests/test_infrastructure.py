@@ -102,8 +102,15 @@ def test_group_relative_advantages_closed_form():
     scaled = group_relative_advantages(rewards, group_size=2, scale_by_std=True, eps=0.0)
     # each non-degenerate group of two has unbiased std |r1 - r2| / sqrt(2)
     assert torch.allclose(scaled[:2], torch.tensor([0.5, -0.5]) / (2 ** -0.5))
-    with pytest.raises(ValueError, match="groups of 4"):
-        group_relative_advantages(rewards, group_size=4)
+    # the documented default eps = 1e-4 under std scaling
+    default_eps = group_relative_advantages(rewards, group_size=2, scale_by_std=True)
+    assert torch.allclose(default_eps[:2], torch.tensor([0.5, -0.5]) / (2 ** -0.5 + 1e-4))
+    # rewards that do not split into whole groups, or no group size, are refused by name (a remainder
+    # of 1, of 2, a size of 0 or below) rather than reshaped into something else
+    for count, size in ((6, 4), (5, 4), (6, 0), (6, -2)):
+        with pytest.raises(ValueError, match=rf"^group_relative_advantages: {count} rewards do not split into groups "
+                                             rf"of {size}$"):
+            group_relative_advantages(torch.zeros(count), group_size=size)
 
 
 def test_gae_matches_hand_computation():
