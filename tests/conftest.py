@@ -14,14 +14,22 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+# memoised functions of the graders: name -> functions whose cache a test must not inherit
+_MEMOISED = {"dipod.lm.tasks.math500": ("equivalent",), "dipod.lm.tasks.countdown": ("solve",),
+             "dipod.lm.tasks.sudoku4": ("all_grids", "_grid_array", "paper_train_grids")}
+
+
 @pytest.fixture(autouse=True)
-def fresh_math_verdicts():
-    """math500's `equivalent` memoises verdicts for the process: without a fresh cache a test would
-    read a verdict an earlier test computed and never run the guards that decide it (mutmut, which
-    maps each function to the tests that call it, then never runs those tests on its mutants)."""
-    math500 = sys.modules.get("dipod.lm.tasks.math500")
-    if math500 is not None:
-        math500.equivalent.cache_clear()
+def fresh_grader_caches():
+    """Each test computes the graders' memoised results itself (math500 verdicts, countdown's solver
+    tables, sudoku4's grid list): a test that read what an earlier test, or the collection of a test
+    file, cached would never run the code behind them, and mutmut, which maps each function to the
+    tests that call it and forks every mutant from a process that collected the tests, would never
+    run that code's mutants."""
+    for module, names in _MEMOISED.items():
+        if module in sys.modules:
+            for name in names:
+                getattr(sys.modules[module], name).cache_clear()
     yield
 
 
