@@ -568,3 +568,35 @@ def test_sudoku_three_shot_examples_are_solved_free_grids():
         assert task.reward(shot, {"puzzle": puzzle, "solution": solution}) == 1.0  # our grader reads the shot
     tested = {e["solution"] for split in ("d1_test", "spg_test") for e in task.load(split)}
     assert not {s for _, s in SUDOKU_SHOTS} & tested
+
+
+def _nest(depth: int) -> str:
+    opening = "".join("([{"[i % 3] for i in range(depth))
+    return opening + "1" + "".join({"(": ")", "[": "]", "{": "}"}[c] for c in reversed(opening))
+
+
+@pytest.mark.parametrize("answer,admitted", [
+    # nesting: at most 10 brackets of any kind deep; siblings do not nest
+    (_nest(10), True), (_nest(11), False), ("{" * 11 + "1" + "}" * 11, False), ("(1)" * 30, True),
+    # factorials and binomials of 4+ digit numbers or of bracketed expressions
+    ("999!", True), ("1000!", False), ("1000 !", False), ("n!", True), ("(n+1)!", False), ("\\{n\\}!", False),
+    ("[n]!", False), ("\\binom{999}{2}", True), ("\\binom{1000}{2}", False),
+    # power towers: an exponent holding "^", or followed by one (spaces skipped)
+    ("x^{2^{3}}", False), ("x^2^3", False), ("x^ {2^3}", False), ("x^{2} ^3", False), ("x^{2}+y^{3}", True),
+    # exponents multiply through bracketed bases only: (x^100)^100 = x^10000 is the bound
+    ("(x^{100})^{100}", True), ("(x^{101})^{100}", False), ("[x^{101}]^{100}", False), ("{x^{101}}^{100}", False),
+    ("(x^{100})^{100}5", True), ("x^{100}+y^{100}+z^{100}", True), ("x^{10000}", True), ("x^{10001}", False),
+    ("(x^{0})^{10000}", True), ("(x^{1})^{10001}", False), ("x^{1234567}", False), ("x^{12", True),
+    ("(x^{10})^{10} (y^{10})^{10}", True), ("((x^{10})^{10})^{101}", False), ("((x^{10})^{10})^{100}", True),
+    ("x^{{100}}", True), ("(x^{2})^{-5001}", False), ("(5^{2})^{5000}", True), ("2^{3}\\cdot(5^{2})^{5000}", False),
+])
+def test_math500_sends_to_sympy_only_the_shapes_it_can_afford(answer, admitted):
+    """`cheap_to_verify`'s bounds, exactly: every bound is met by an admitted answer and passed by one
+    more step (depth 11, a 4-digit factorial, an exponent product of 10001); a refused answer is
+    graded wrong without parsing and counted."""
+    from dipod.lm.tasks import math500
+
+    assert math500.cheap_to_verify(answer) is admitted
+    before = math500.costly_answers_refused()
+    assert math500.equivalent(answer, "7") is False
+    assert math500.costly_answers_refused() == before + (not admitted)
