@@ -343,17 +343,21 @@ def test_wandb_missing_is_refused_before_the_run_folder_is_touched(tmp_path, mon
 
 
 def test_run_outputs_get_the_users_umask_not_the_temp_files_0600(tmp_path):
+    from dipod.lm.model import build_tiny_model
     from dipod.runlog import atomic_write_text
 
     before = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "a.json", "{}")
         save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {"s": 1}, {})
+        build_tiny_model(tmp_path / "model", hidden_size=8, num_layers=1, num_heads=1, intermediate_size=8,
+                         max_positions=8)  # a saved model (final_model, lm sft's model): the same atomic rename
     finally:
         os.umask(before)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
-    assert (tmp_path / "checkpoint-1").stat().st_mode & 0o777 == 0o755
-    assert all(p.stat().st_mode & 0o777 == 0o644 for p in (tmp_path / "checkpoint-1").iterdir())
+    for folder in (tmp_path / "checkpoint-1", tmp_path / "model"):
+        assert folder.stat().st_mode & 0o777 == 0o755
+        assert all(p.stat().st_mode & 0o777 == 0o644 for p in folder.iterdir()), folder
 
 
 def test_a_broken_config_json_is_named(tmp_path, tiny_model):

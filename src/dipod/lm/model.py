@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from dipod.lm.families import FAMILIES, ModelFamily, detect_family, get_family
 from dipod.lm.snapshot import check_snapshot, check_tokenizer_fits, locate_model, read_config_dict
-from dipod.runlog import make_temp_dir
+from dipod.runlog import make_temp_dir, user_mode
 
 PAD_TOKEN, MASK_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<mask>", "<eos>", "<unk>"
 TINY_SPECIAL_TOKENS = (PAD_TOKEN, MASK_TOKEN, EOS_TOKEN, UNK_TOKEN)
@@ -131,6 +131,8 @@ class MaskedDiffusionLM:
             self.tokenizer.save_pretrained(tmp)
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)
+            for written in tmp.rglob("*"):  # safetensors writes its shards 0600: unreadable to a team
+                user_mode(written, 0o777 if written.is_dir() else 0o666)
             old = out.with_name(f".{out.name}.old")
             if out.exists():
                 shutil.rmtree(old, ignore_errors=True)
