@@ -457,6 +457,28 @@ def test_each_reveal_rule_scores_hand_made_logits():
     assert REVEAL_RULES["low_confidence"].score(logits_blv, torch.tensor([[2]]), 1.0, None).item() == pytest.approx(0.2)
 
 
+def test_reveal_rules_score_each_position_alone_in_float64_at_any_temperature():
+    """Each position's score is its own distribution's (not a sum over the batch), float64 as the
+    sampler's ranking expects; a temperature below 1 sharpens Dream's rules (p^2 at T = 0.5)."""
+    from dipod.lm.reveal import REVEAL_RULES
+
+    g = torch.Generator().manual_seed(0)
+    logits_blv = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    tokens_bl = torch.randint(0, 5, (2, 3), generator=g)
+    for name, rule in REVEAL_RULES.items():
+        score = rule.score(logits_blv, tokens_bl, 0.5, torch.Generator().manual_seed(1))
+        assert score.shape == (2, 3) and score.dtype == torch.float64, name
+        if name != "random":
+            alone = torch.stack([torch.stack([rule.score(logits_blv[b:b + 1, i:i + 1], tokens_bl[b:b + 1, i:i + 1],
+                                                         0.5, None)[0, 0] for i in range(3)]) for b in range(2)])
+            torch.testing.assert_close(score, alone, msg=name)
+    probs = [0.5, 0.3, 0.2]
+    logits = torch.tensor([[[math.log(p) for p in probs]]])
+    sharp = [p * p / sum(q * q for q in probs) for p in probs]
+    assert REVEAL_RULES["maskgit_plus"].score(logits, torch.tensor([[0]]), 0.5, None).item() == pytest.approx(sharp[0])
+    assert REVEAL_RULES["low_confidence"].score(logits, torch.tensor([[0]]), 0.5, None).item() == pytest.approx(0.5)
+
+
 def test_top_p_and_top_k_keep_the_nucleus_of_the_tempered_distribution():
     from dipod.lm.sampler import filter_logits
 
@@ -491,6 +513,14 @@ def test_global_schedule_counts_follow_dreams_formula():
         counts.append(k)
         left -= k
     assert counts == [1, 2, 2, 3]
+    # many masks tell the times apart to the fourth digit: t = linspace(1, eps, steps + 1) in float32
+    import numpy as np
+
+    times = np.linspace(1.0, 1e-3, 6, dtype=np.float32)
+    count5 = global_counts(steps=5, eps=1e-3)
+    for step in range(4):
+        expected = int(np.float32(2000) * (np.float32(1.0) - times[step + 1] / times[step]))
+        assert int(count5(step, torch.ones(1, 2000, dtype=torch.bool), torch.zeros(1, 2000))[0]) == expected
     lm = toy_lm(RelativeMixer(seed=4))
     ids, attn = random_prompts(3, 4, seed=5)
     out = decode(lm, ids, attn, SamplerSettings(gen_length=8, steps=4, schedule="global"))
@@ -559,6 +589,14 @@ def test_threshold_reveals_every_confident_position_and_at_least_one():
     assert torch.equal(capped.order_bg, torch.tensor([[2, 0, 4, 0, 3, 1]] * 2))
     assert capped.forward_passes == 5 and counting.calls == 9
     assert torch.equal(out.completion_bg, capped.completion_bg)
+
+
+def test_threshold_counts_give_a_finished_row_nothing_while_others_reveal():
+    from dipod.lm.reveal import threshold_counts
+
+    masked_bl = torch.tensor([[False, False, False], [True, True, False]])
+    score_bl = torch.tensor([[0.9, 0.9, 0.9], [0.2, 0.1, 0.9]], dtype=torch.float64)
+    assert threshold_counts(0.5, None)(0, masked_bl, score_bl).tolist() == [0, 1]
 
 
 def test_threshold_counts_only_scores_strictly_above_it():
