@@ -127,6 +127,18 @@ def test_gae_matches_hand_computation():
     assert torch.allclose(adv, expected) and torch.allclose(ret, expected + values)
 
 
+def test_gae_defaults_and_integer_rewards():
+    """gamma 0.99 and lambda 0.95 when none are given; integer rewards and dones (an environment's
+    counts) give the float advantages of the same numbers, not truncated ones."""
+    rewards = torch.tensor([[1], [0], [2]])
+    values, last = torch.tensor([[0.5], [0.2], [0.1]]), torch.tensor([0.4])
+    dones = torch.tensor([[0], [1], [0]])
+    adv, ret = generalized_advantage_estimation(rewards, values, dones, last)
+    adv_f, ret_f = generalized_advantage_estimation(rewards.float(), values, dones.float(), last, 0.99, 0.95)
+    assert adv.dtype == torch.float32 and torch.equal(adv, adv_f) and torch.equal(ret, ret_f)
+    assert adv[1, 0].item() == pytest.approx(-0.2)  # 0 - 0.2, not truncated to 0
+
+
 def test_metrics_json_is_valid_json(tmp_path):
     with MetricsLogger(tmp_path, tensorboard=False) as log:
         log.log(0, {"x": torch.tensor(1.5)})

@@ -297,3 +297,50 @@ def test_spg_mix_weight_edges_are_valid():
     adv, elbo, eubo = torch.tensor([-1.0]), torch.tensor([2.0]), torch.tensor([6.0])
     assert float(spg_loss(adv, elbo, eubo, mix_weight=0.0)[0]) == pytest.approx(2.0)  # the ELBO alone
     assert float(spg_loss(adv, elbo, eubo, mix_weight=1.0)[0]) == pytest.approx(6.0)  # the EUBO alone
+
+
+def test_each_loss_defaults_to_its_documented_trust_region():
+    """eps 0.2 (FPO, JustGRPO), eps 0.05 and log-ratio cap 3 (FPO++): the defaults a config that names
+    none gets, at ratios where the clip or the cap is active."""
+    from dipod.objectives import justgrpo_loss
+
+    elbo, old, adv = torch.tensor([0.5, -0.5]), torch.zeros(2), torch.tensor([1.0, -1.0])
+    assert float(fpo_loss(elbo, old, adv)[0]) == float(fpo_loss(elbo, old, adv, eps=0.2)[0])
+    logp, logp_old = torch.tensor([[0.5, -0.5]]), torch.zeros(1, 2)
+    assert float(justgrpo_loss(logp, logp_old, torch.tensor([1.0]))[0]) == \
+        float(justgrpo_loss(logp, logp_old, torch.tensor([1.0]), eps=0.2)[0])
+    # a negative advantage reads rho itself (the SPO penalty): its log-ratio 3.5 is capped at 3
+    elbo_nk, old_nk, adv_pp = torch.tensor([[3.5, 0.5], [0.2, -0.2]]), torch.zeros(2, 2), torch.tensor([-1.0, 1.0])
+    assert float(fpo_plus_plus_loss(elbo_nk, old_nk, adv_pp)[0]) == \
+        float(fpo_plus_plus_loss(elbo_nk, old_nk, adv_pp, eps=0.05, log_ratio_max=3.0)[0])
+
+
+def test_justgrpo_divides_by_the_rows_that_carry_a_signal_even_when_one_does():
+    """One row of three with a non-zero advantage: on-policy the loss is -A * L / (L * 1) = -A."""
+    from dipod.objectives import justgrpo_loss
+
+    logp = torch.zeros(3, 4)
+    loss, info = justgrpo_loss(logp, logp, torch.tensor([0.0, 2.0, 0.0]))
+    assert float(loss) == pytest.approx(-2.0) and info["frac_valid_samples"] == pytest.approx(1 / 3)
+
+
+def test_fpo_kl_reads_one_reference_elbo_per_sample_whatever_the_draw_counts():
+    """The reference's draws are averaged per sample, as the policy's are: [N, K] with N != K."""
+    elbo, ref = torch.tensor([1.0, 0.0]), torch.tensor([[0.0, 0.0, 3.0], [1.0, 2.0, 3.0]])
+    _, info = fpo_loss(elbo, elbo, torch.zeros(2), kl_beta=0.1, elbo_ref=ref)
+    assert info["kl"] == pytest.approx(((1.0 - 1.0) + (0.0 - 2.0)) / 2)
+    with pytest.raises(ValueError, match=r"^fpo_loss: kl_beta > 0 needs elbo_ref \(reference-model ELBOs\); pass "
+                                         r"them or set kl_beta=0$"):
+        fpo_loss(elbo, elbo, torch.zeros(2), kl_beta=0.1)
+
+
+def test_fpo_plus_plus_counts_outside_the_trust_region_strictly_and_zero_advantages_as_ppo():
+    """A = 0 draws take the PPO branch (nothing is clipped there); a negative-advantage draw exactly
+    on the region's edge |rho - 1| = eps is inside it."""
+    log2 = torch.tensor([[math.log(2.0)]], dtype=F64)  # rho = 2 exactly
+    _, on_edge = fpo_plus_plus_loss(log2, torch.zeros(1, 1, dtype=F64), t([-1.0]), eps=1.0)
+    assert on_edge["clip_ratio"] == 0.0
+    _, beyond = fpo_plus_plus_loss(log2, torch.zeros(1, 1, dtype=F64), t([-1.0]), eps=0.5)
+    assert beyond["clip_ratio"] == 1.0
+    _, zero = fpo_plus_plus_loss(log2, torch.zeros(1, 1, dtype=F64), t([0.0]), eps=0.5)
+    assert zero["clip_ratio"] == 0.0
