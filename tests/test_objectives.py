@@ -344,3 +344,29 @@ def test_fpo_plus_plus_counts_outside_the_trust_region_strictly_and_zero_advanta
     assert beyond["clip_ratio"] == 1.0
     _, zero = fpo_plus_plus_loss(log2, torch.zeros(1, 1, dtype=F64), t([0.0]), eps=0.5)
     assert zero["clip_ratio"] == 0.0
+
+
+def test_d1_ratio_is_against_the_old_policy_and_its_defaults_and_message():
+    """r = exp(logp - logp_old): the same nonzero log-probs are ratio 1 (the on-policy step); eps
+    defaults to 0.2; a KL without reference log-probs is refused by name; a batch with one
+    completion token averages its KL over that one token."""
+    logp = t([[math.log(0.3), math.log(0.6)]])
+    mask, adv = t([[1.0, 1.0]]), t([2.0])
+    loss, info = d1_loss(logp, logp, adv, mask)
+    assert loss.item() == pytest.approx(-2.0) and info["ratio_mean"] == pytest.approx(1.0)
+    shifted = logp + t([[0.5, -0.5]])
+    assert d1_loss(shifted, logp, adv, mask)[0].item() == d1_loss(shifted, logp, adv, mask, eps=0.2)[0].item()
+    with pytest.raises(ValueError, match=r"^d1_loss: kl_beta > 0 needs logp_ref_nl \(reference log-probs\); pass them "
+                                         r"or set kl_beta=0$"):
+        d1_loss(logp, logp, adv, mask, kl_beta=0.1)
+    one = t([[1.0, 0.0]])
+    _, info = d1_loss(logp, logp, adv, one, kl_beta=0.1, logp_ref_nl=logp + 0.5)
+    assert info["kl"] == pytest.approx(math.exp(0.5) - 0.5 - 1.0)
+
+
+def test_spg_and_dipod_divide_by_one_completion_token_and_count_negative_advantages_strictly():
+    adv, elbo, eubo = t([-1.5]), t([-2.0]), t([-1.0])
+    assert spg_loss(adv, elbo, eubo, "eubo", lengths_n=t([1.0]))[0].item() == pytest.approx(-1.5)
+    assert dipod_term(elbo, 0.5, lengths_n=t([1.0])).item() == pytest.approx(1.0)
+    _, info = spg_loss(t([-1.0, 0.0, 2.0]), t([1.0, 1.0, 1.0]), negative_proxy="elbo")
+    assert info["frac_negative_adv"] == pytest.approx(1 / 3)  # a zero advantage is not negative
