@@ -26,9 +26,11 @@ class ActiveRows:
         self.batch, self.compact = batch, compact
         self.index_a = torch.arange(batch, device=device)
 
-    def start_block(self) -> None:
-        """Every row takes part in a block's first forward (a cached forward refills its cache there)."""
-        self.index_a = torch.arange(self.batch, device=self.index_a.device)
+    def start_block(self, masked_bl: Tensor) -> None:
+        """A block's first forward takes every row with masks in the block (``masked_bl``, all rows ``[B, L]``;
+        every row without compaction); a cached forward refills its cache there for exactly those rows."""
+        self.index_a = masked_bl.any(dim=1).nonzero().squeeze(1) if self.compact else \
+            torch.arange(self.batch, device=masked_bl.device)
 
     def drop_finished(self, masked_al: Tensor, forward) -> Tensor:
         """Keep the rows with masks left in the block (``masked_al``: the active rows' block masks), tell a
