@@ -46,7 +46,7 @@ SPG_FILE = "language/SPG/spg/spg_trainer.py"
 PAPER = dict(estimator="spg", spg_negative_proxy="mix", spg_mix_weight=0.5, eubo_beta=1.0, masking="block_random",
              num_draws=2, min_t=0.0, max_t=1.0, p_mask_prompt=0.15, reseed_masks=True, num_iterations=4,
              dipod_beta=0.05, temperature=0.3, learning_rate=3e-6, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.99,
-             max_grad_norm=0.2, lr_scheduler="constant", warmup_steps=0, remasking="low_confidence")
+             max_grad_norm=0.2, lr_scheduler="constant", warmup_steps=2, remasking="low_confidence")
 
 
 def our_trainer(args, output_dir: Path):
