@@ -49,9 +49,16 @@ class _StandIn(types.ModuleType):
         return lambda *args, **kwargs: args[0] if len(args) == 1 and callable(args[0]) else None
 
 
+def _installed(root: str) -> bool:
+    """The real library is importable (a stand-in put there by an earlier call does not count)."""
+    if root in sys.modules:
+        return not isinstance(sys.modules[root], _StandIn)
+    return importlib.util.find_spec(root) is not None
+
+
 def install_stand_ins() -> list[str]:
     """Stand-ins for trl and wandb where they are not installed; returns the ones replaced."""
-    missing = [root for root in ("trl", "wandb") if importlib.util.find_spec(root) is None]
+    missing = [root for root in ("trl", "wandb") if not _installed(root)]
     # the real libraries look for wandb / trl by spec while importing: import them before any stand-in
     import accelerate.utils  # noqa: F401
     from transformers import PreTrainedModel, Trainer  # noqa: F401

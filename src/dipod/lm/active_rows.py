@@ -5,7 +5,8 @@ on the whole batch, every step would pay for rows that have nothing left to reve
 would cost its slowest row's forwards times the batch. ``ActiveRows`` holds the batch indices of
 the rows still decoding the current block: the sampler runs each forward on those rows only, and
 a forward that keeps per-row state across a block's steps (the block KV cache) drops the finished
-rows' entries through its ``keep_rows(keep_a)`` method.
+rows' entries through its ``keep_rows(keep_a)`` method. A row with no masks in a block (a whole
+completion revealed, or filled with EOS by ``stop_at_eos``) does not enter that block at all.
 
 Outputs do not change: a row's logits do not depend on the other rows of the batch (every family's
 ``logits`` keeps rows apart), the reveal rules that can run with a threshold draw no randomness,
