@@ -150,6 +150,22 @@ def test_llada_generate_itself_agrees_token_for_token(llada):
     assert (part["same_tokens"], part["same_rows"]) == (1.0, "3 of 3")
 
 
+@pytest.mark.parametrize("block_length, steps", [(4, 8), (8, 8), (16, 16)])
+def test_llada_generate_itself_gives_each_row_of_our_padded_batch(llada, block_length, steps):
+    # generate() attends to padding, so its reference for a padded batch is each row alone without it
+    from test_lm_sampler import left_padded_prompts
+
+    peer = lm_peers.load_module(peer_checkout("DIPOD_LLADA_REPO", "generate.py") / "generate.py", "llada_peer")
+    ids, attn = left_padded_prompts(llada, 4, 7, seed=block_length)
+    settings = SamplerSettings(gen_length=16, block_length=block_length, steps=steps, fill_after_eos=False)
+    ours = decode(llada, ids, attn, settings).completion_bg
+    for row in range(ids.shape[0]):
+        prompt = ids[row:row + 1, attn[row] == 1]
+        theirs = peer.generate(LogitsOutput(llada), prompt, steps=steps, gen_length=16, block_length=block_length,
+                               mask_id=llada.mask_id)[:, prompt.shape[1]:]
+        assert torch.equal(ours[row:row + 1], theirs), row
+
+
 def test_fast_dllm_dual_cache_itself_agrees_token_for_token(hub_models):
     from hub_snapshots import hub_code_loads
 
