@@ -361,7 +361,31 @@ def test_d1_ratio_is_against_the_old_policy_and_its_defaults_and_message():
         d1_loss(logp, logp, adv, mask, kl_beta=0.1)
     one = t([[1.0, 0.0]])
     _, info = d1_loss(logp, logp, adv, one, kl_beta=0.1, logp_ref_nl=logp + 0.5)
-    assert info["kl"] == pytest.approx(math.exp(0.5) - 0.5 - 1.0)
+    assert info["kl"] == pytest.approx(math.exp(0.5) - 0.5 - 1.0) and info["ratio_mean"] == pytest.approx(1.0)
+
+
+def test_ratio_diagnostics_read_completion_tokens_only_and_survive_a_batch_without_any():
+    logp = t([[math.log(1.5), 0.0], [math.log(1.3), 0.0]])
+    mask = t([[1.0, 0.0], [1.0, 0.0]])  # padding's ratio is exp(0) = 1, below both real ones
+    _, info = d1_loss(logp, torch.zeros(2, 2, dtype=F64), t([1.0, -2.0]), mask)
+    assert (info["ratio_min"], info["ratio_max"]) == pytest.approx((1.3, 1.5))
+    loss, info = d1_loss(logp, torch.zeros(2, 2, dtype=F64), t([1.0, -2.0]), torch.zeros(2, 2, dtype=F64))
+    assert loss.item() == 0.0 and info["clip_ratio"] == 0.0 and math.isfinite(info["ratio_min"])
+
+
+def test_losses_compute_in_float32_from_half_precision_inputs():
+    """bfloat16 proxies (a bf16 model's ELBOs) are widened first: the loss is float32 and exact."""
+    adv, elbo = torch.tensor([1.0, -1.0], dtype=torch.bfloat16), torch.tensor([-3.0, -5.0], dtype=torch.bfloat16)
+    loss, _ = spg_loss(adv, elbo, negative_proxy="elbo")
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(-(-3.0 + 5.0) / 2)
+
+
+def test_fpo_plus_plus_counts_log_ratios_strictly_above_the_cap():
+    """The diagnostic counts draws whose ELBO - ELBO_old exceeds the cap: 3 - 0 is not above 3;
+    4 - 0.5 = 3.5 is, and 2 + 1.5 would be if it were a sum."""
+    elbo, old = torch.tensor([[3.0, 4.0, 2.0]], dtype=F64), torch.tensor([[0.0, 0.5, -1.5]], dtype=F64)
+    _, info = fpo_plus_plus_loss(elbo, old, t([1.0]), log_ratio_max=3.0)
+    assert info["log_ratio_clamped"] == pytest.approx(2 / 3)
 
 
 def test_spg_and_dipod_divide_by_one_completion_token_and_count_negative_advantages_strictly():
