@@ -600,3 +600,27 @@ def test_math500_sends_to_sympy_only_the_shapes_it_can_afford(answer, admitted):
     before = math500.costly_answers_refused()
     assert math500.equivalent(answer, "7") is False
     assert math500.costly_answers_refused() == before + (not admitted)
+
+
+def test_gsm8k_reads_the_text_after_its_marker_and_names_each_bad_input(tmp_path):
+    from dipod.lm.tasks.gsm8k import final_answer
+
+    gsm = get_task("gsm8k")
+    assert final_answer("5 + 2 = 7 apples\n#### 1 234") == "1 234"  # everything after ####, not the last word
+    with pytest.raises(ValueError, match="limit must be a non-negative integer or None, got -1"):
+        gsm.load("test", limit=-1)
+    with pytest.raises(ValueError, match=r"^gsm8k split 'train' has no built-in data \(only 'test' is read offline, "
+                                         r"from gsm8k_test.jsonl\): pass a .json/.jsonl/.parquet file with question "
+                                         r"and answer fields, or a hub dataset id such as openai/gsm8k$"):
+        gsm.load("train")
+    wordy = "about " * 9  # 54 characters: the message quotes the first 40
+    (tmp_path / "g.jsonl").write_text(json.dumps({"question": "q", "answer": f"#### {wordy}"}) + "\n")
+    with pytest.raises(ValueError, match=rf"g.jsonl:1: final answer {wordy.strip()[:40]!r} is not a number"):
+        gsm.load("test", path=str(tmp_path / "g.jsonl"))
+    example = {"question": "How many?", "answer": "7"}
+    assert "How many?" in gsm.d1_prompt(example)  # zero-shot by default
+    with pytest.raises(ValueError, match=r"^gsm8k has no few-shot d1 prompt \(the paper evaluates it zero-shot\); "
+                                         r"use style d1$"):
+        gsm.d1_prompt(example, shots=2)
+    integer = gsm.reward_functions["integer"][0]
+    assert integer("<answer>17</answer>", example) == 1.0 and integer("<answer>X17</answer>", example) == 0.0
