@@ -624,3 +624,65 @@ def test_gsm8k_reads_the_text_after_its_marker_and_names_each_bad_input(tmp_path
         gsm.d1_prompt(example, shots=2)
     integer = gsm.reward_functions["integer"][0]
     assert integer("<answer>17</answer>", example) == 1.0 and integer("<answer>X17</answer>", example) == 0.0
+
+
+def test_math500_load_keeps_each_problem_and_limit_and_names_each_bad_input(tmp_path):
+    """Rows as a user's file holds them: the problem text (stripped), the answer field (an empty one
+    falls back to the solution's last box), at most `limit` rows; the messages in full."""
+    from dipod.lm.tasks.d1_prompts import math_prompt
+
+    task = get_task("math500")
+    rows = [{"problem": "  What is 1/2?  ", "answer": "", "solution": "so \\boxed{\\frac{1}{2}}"},
+            {"problem": "Two?", "answer": " 2 "}, {"problem": "Three?", "answer": "3"}]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert task.load("test", path=str(path), limit=2) == [{"problem": "What is 1/2?", "answer": "\\frac{1}{2}"},
+                                                          {"problem": "Two?", "answer": "2"}]
+    assert len(task.load("test", path=str(path))) == 3
+    with pytest.raises(ValueError, match="limit must be a non-negative integer or None, got -1"):
+        task.load("test", path=str(path), limit=-1)
+    with pytest.raises(ValueError, match=r"^math500 split 'train' has no built-in data \(only 'test' is read offline, "
+                                         r"from math500_test.jsonl\): pass a .json/.jsonl/.parquet file with problem "
+                                         r"and answer \(or solution\) fields, or a hub dataset id such as "
+                                         r"HuggingFaceH4/MATH-500$"):
+        task.load("train")
+    path.write_text(json.dumps({"answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match=r"m.jsonl:1: missing field\(s\) problem"):
+        task.load("test", path=str(path))
+    path.write_text(json.dumps({"problem": "p"}) + "\n")
+    with pytest.raises(ValueError, match=r"^.*m.jsonl:1: missing field answer \(or solution with a \\boxed answer\)$"):
+        task.load("test", path=str(path))
+    example = {"problem": "Two?", "answer": "2"}
+    assert task.d1_prompt(example) == math_prompt("Two?")  # zero-shot by default
+    with pytest.raises(ValueError, match=r"^math500 has no few-shot d1 prompt \(the paper evaluates it zero-shot\); "
+                                         r"use style d1$"):
+        task.d1_prompt(example, shots=3)
+
+
+def test_math500_silences_only_math_verifys_disabled_timeout_notice():
+    import logging
+
+    from dipod.lm.tasks.math500 import _DropDisabledTimeoutNotice
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("math_verify.grader", logging.WARNING, __file__, 1, message, None, None)
+
+    notice = _DropDisabledTimeoutNotice()
+    assert not notice.filter(record("Timeout is disabled as timeout_seconds is None"))
+    assert notice.filter(record("timeout is disabled elsewhere")) and notice.filter(record("Could not parse x"))
+
+
+def test_math500_hub_id_goes_to_datasets_with_its_split_and_config(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return [{"problem": "p", "answer": "1"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    from dipod.lm.tasks.math500 import Math500Task
+
+    assert Math500Task(hub_config="default").load("test", path="HuggingFaceH4/MATH-500") == [{"problem": "p", "answer": "1"}]
+    assert calls == [("HuggingFaceH4/MATH-500", "default", "test")]
