@@ -686,3 +686,9 @@ def test_math500_hub_id_goes_to_datasets_with_its_split_and_config(monkeypatch):
 
     assert Math500Task(hub_config="default").load("test", path="HuggingFaceH4/MATH-500") == [{"problem": "p", "answer": "1"}]
     assert calls == [("HuggingFaceH4/MATH-500", "default", "test")]
+
+
+def test_math500_reads_answers_up_to_300_characters():
+    task, long = get_task("math500"), "1" * 300
+    assert task.reward(f"\\boxed{{{long}}}", {"answer": long}) == 1.0
+    assert task.reward(f"\\boxed{{{long}1}}", {"answer": long + "1"}) == 0.0  # too long to read
