@@ -44,6 +44,9 @@ class ModelFamily:
     forward_kwargs: Mapping[str, Any] = MappingProxyType({})  # extra keyword arguments of every forward call
     shifted_logits: bool = False
     needs_remote_code: bool = False  # the legacy path: its hub snapshot ships model code (auto_map)
+    # [low, high) transformers (major, minor) on which the family's own hub code loads (the legacy
+    # ``trust_remote_code`` path); None where it has no such limit known here
+    hub_code_transformers: tuple[tuple[int, int], tuple[int, int]] | None = None
     native: bool = False  # loaded into our own network (dipod.lm.networks) unless trust_remote_code asks otherwise
     # "masking" (mask tokens) or "uniform" (uniform-noise block diffusion: no mask token)
     noise: str = "masking"
@@ -171,6 +174,7 @@ class LLaDA(ModelFamily):
     forward_kwargs = MappingProxyType({"use_cache": False})  # no key/value outputs during training
     needs_remote_code = True
     native = True
+    hub_code_transformers = ((4, 56), (4, 58))  # 5.x: all_tied_weights_keys, tie_weights(recompute_mapping=)
     end_of_turn_token = "<|eot_id|>"
     # Every linear layer of a block (attention q/k/v/out, SwiGLU gate/up/down).
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -213,6 +217,7 @@ class Dream(ModelFamily):
     shifted_logits = True
     needs_remote_code = True
     native = True
+    hub_code_transformers = ((4, 56), (4, 58))  # 5.x: rope_type 'default' fails as shipped
     end_of_turn_token = "<|im_end|>"
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     sampler_defaults = MappingProxyType({"schedule": "global", "remasking": "maskgit_plus"})
@@ -254,6 +259,8 @@ class SDAR(ModelFamily):
     name = "sdar"
     needs_remote_code = True
     native = True
+    # modeling_sdar.py imports LossKwargs (gone in 4.54) and SlidingWindowCache (gone in 5.0)
+    hub_code_transformers = ((4, 52), (4, 54))
     process = "block_causal"
     end_of_turn_token = "<|im_end|>"
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -276,6 +283,9 @@ class LLaDA2(SDAR):
     ``qkv_proj``, ``o_proj``), the dense MLPs and every expert's projections (same suffixes)."""
 
     name = "llada2_moe"
+    # modeling_llada2_moe.py imports TransformersKwargs (new in 4.54); on 5.x its rotary buffer is left
+    # uninitialised and the logits are garbage
+    hub_code_transformers = ((4, 54), (4, 58))
     end_of_turn_token = "<|role_end|>"
     lora_targets = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -39,8 +39,9 @@ from dipod.lm.processes.masked_sampling import decode_masked, family_sampler_def
 
 
 def block_size_of(lm) -> int:
-    """The model's block size (``NetworkSpec.block_size`` of our network)."""
-    spec = getattr(getattr(lm.model, "get_base_model", lambda: lm.model)(), "spec", None)
+    """The model's block size (``NetworkSpec.block_size`` of our network, under any DDP / DeepSpeed / PEFT
+    wrapper)."""
+    spec = getattr(native_network(lm), "spec", None)
     if spec is None or spec.block_size is None:
         raise ValueError(f"{getattr(lm.family, 'name', 'this model')} is block-causal but its network records no "
                          "block size; load it into dipod's network (drop --trust_remote_code)")
