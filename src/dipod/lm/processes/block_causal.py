@@ -36,6 +36,7 @@ from dipod.lm.processes.block_likelihood import block_proxies, completion_blocks
 from dipod.lm.processes.masked import MaskedProcess
 from dipod.lm.processes.masked_likelihood import masked_gap_lower_bound
 from dipod.lm.processes.masked_sampling import decode_masked, family_sampler_defaults, fill_after_first_eos
+from dipod.lm.processes.rank_sync import RankSynced, ranks_must_sync
 
 
 def block_size_of(lm) -> int:
@@ -88,13 +89,23 @@ class BlockCausalProcess(MaskedProcess):
         if settings.kv_cache == "dual":
             raise ConfigError("kv_cache='dual' is the bidirectional Fast-dLLM cache; a block-causal model has an exact "
                               "one: kv_cache=prefix")
+        synced = forward is None and ranks_must_sync(lm.model)
+        if synced and settings.kv_cache != "prefix":
+            raise ConfigError("with weights sharded over processes (ZeRO-3, FSDP) block decoding runs in lockstep "
+                              "through the prefix cache: set kv_cache=prefix (the same tokens as without it)")
         if forward is None and settings.kv_cache == "prefix":
-            forward = BlockCausalCachedForward(native_network(lm))
+            network = native_network(lm)
+            forward = BlockCausalCachedForward(network, uniform_passes=synced)
+            if synced:
+                forward = RankSynced(forward, network, prompt_ids.device)
+                forward.start()
         prefix, prefix_attn, canvas, offset_n = aligned_layout(prompt_ids, prompt_attn, block, settings.gen_length,
                                                                lm.mask_id, lm.pad_id)
         inner = dataclasses.replace(settings, gen_length=canvas.shape[1], fill_after_eos=False,
                                     steps=settings.steps_per_block * (canvas.shape[1] // block))
         out = decode_masked(lm, prefix, prefix_attn, inner, generator, forward, canvas_bg=canvas)
+        if synced:
+            forward.finish()
         columns = offset_n[:, None] + torch.arange(settings.gen_length, device=canvas.device)
         completion_bg = out.completion_bg.gather(1, columns)
         if settings.fill_after_eos:
