@@ -1,4 +1,5 @@
-"""A block-causal paper config launches on every engine (slow: 2 CPU processes each).
+"""A block-causal paper config launches on every engine (slow: 2 CPU processes each); the MoE one under
+its FSDP2 launch.
 
 configs/lm/paper/block/sdar_8b_spg_mix_gsm8k_dipod.yaml (SPG(mix) + DiPOD, full fine-tuning, gradient
 checkpointing, the prefix KV cache, threshold decoding) with only the sizes shrunk: a tiny SDAR built
@@ -27,7 +28,8 @@ import yaml
 from test_lm_engines import ENGINES, _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "lm" / "paper" / "block" / "sdar_8b_spg_mix_gsm8k_dipod.yaml"
+PAPER = ROOT / "configs" / "lm" / "paper" / "block"
+CONFIG = PAPER / "sdar_8b_spg_mix_gsm8k_dipod.yaml"
 SHRUNK = dict(task="sudoku4", train_data=None, prompt_style="compact", dtype="float32", max_prompt_length=96,
               prompts_per_step=2, num_generations=4, gradient_accumulation_steps=2, generation_batch_size=None,
               gen_length=8, diffusion_steps=8, learning_rate=1e-3, max_steps=2, save_steps=2, eval_examples=2,
@@ -41,10 +43,11 @@ def tiny_sdar(tmp_path_factory):
     return build_tiny_block_model(tmp_path_factory.mktemp("block_engines") / "tiny-sdar", "sdar")
 
 
-def _launch(model: Path, engine: str, out: Path) -> tuple[list[dict], Path]:
-    """Runs the shrunk paper config under ``engine`` into ``out``; returns its metrics rows and ``out``."""
-    values = yaml.safe_load(CONFIG.read_text())
-    values.update(SHRUNK, model=str(model), output_dir=str(out))
+def _launch(model: Path, engine: str, out: Path, config: Path = CONFIG, **changes) -> tuple[list[dict], Path]:
+    """Runs the shrunk paper ``config`` (plus ``changes``) under ``engine`` into ``out``; returns its metrics rows
+    and ``out``."""
+    values = yaml.safe_load(config.read_text())
+    values.update(SHRUNK, model=str(model), output_dir=str(out), **changes)
     config_file = out.parent / f"{out.name}.yaml"
     config_file.write_text(yaml.safe_dump(values))
     launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
@@ -89,3 +92,20 @@ def test_the_block_paper_config_trains_under_each_engine(tiny_sdar, ddp_run, eng
     with torch.no_grad():
         moved = (trained.logits(ids, torch.ones_like(ids)) - initial.logits(ids, torch.ones_like(ids))).abs().max()
     assert moved > 1e-4
+
+
+@pytest.mark.slow
+def test_the_moe_paper_config_trains_under_fsdp(tmp_path):
+    """configs/lm/paper/block/llada2_mini_spg_mix_gsm8k_dipod.yaml, shrunk the same way onto a tiny LLaDA2
+    (8 experts, top-2, a shared expert), under the FSDP2 launch its config names."""
+    from dipod.lm.model import load_masked_lm
+    from dipod.lm.networks.tiny_block import build_tiny_block_model
+
+    model = build_tiny_block_model(tmp_path / "tiny-llada2", "llada2_moe")
+    rows, out = _launch(model, "fsdp", tmp_path / "run", PAPER / "llada2_mini_spg_mix_gsm8k_dipod.yaml",
+                        gen_length=32, diffusion_steps=32)  # one block of the model's 32
+    updates = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in updates] == [1, 2]
+    assert all(math.isfinite(r[key]) for r in updates for key in ("loss", "elbo", "eubo", "grad_norm"))
+    assert all(r["grad_norm"] > 0 for r in updates)
+    assert load_masked_lm(str(out / "final_model")).family.name == "llada2_moe"
