@@ -17,6 +17,9 @@ Conventions (see docs/lm_sampler.md):
   proposals, as in LLaDA's ``generate()`` and Dream's ``diffusion_generate``; without it the mask
   logit is -inf before filtering and scoring (dipod's earlier rule);
 - with ``compact_rows`` (default) finished rows leave the forwards (``dipod.lm.active_rows``);
+- with ``edit_threshold`` (block-causal models: LLaDA2.1's token editing) a step also replaces revealed
+  tokens of the current block, and a block ends only once a mask-free step edits nothing
+  (``dipod.lm.processes.token_editing``);
 - ties between equal scores go to the leftmost position, so outputs are deterministic at
   temperature 0, and at temperature > 0 with a fixed ``torch.Generator``;
 - classifier-free guidance runs an unconditional pass in the same forward (batch stacked), with
