@@ -152,6 +152,8 @@ def test_bad_editing_settings_are_clear_errors(sdar):
         SamplerSettings(edit_threshold=0.9, remasking="random")
     with pytest.raises(ConfigError, match="max_post_steps=-1"):
         SamplerSettings(max_post_steps=-1)
+    with pytest.raises(ConfigError, match="stop_at_eos.*use one of them"):
+        SamplerSettings(edit_threshold=0.9, stop_at_eos=True)
 
 
 def test_editing_is_refused_for_a_full_sequence_model(tmp_path):

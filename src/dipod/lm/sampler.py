@@ -78,6 +78,11 @@ class DecodingOptions:
         "keep the mask token's logit in the softmax that scores proposals, as LLaDA's generate() and Dream's "
         "diffusion_generate do (false: set it to -inf first, dipod's earlier rule); the mask token itself is "
         "never proposed either way", default=True)
+    stop_at_eos: bool = option(
+        "a row whose completion has ended (an EOS revealed, every position before it revealed) stops: its "
+        "remaining masks become EOS and it leaves the forwards. With fill_after_eos the completions are those "
+        "decoding on gives, except sampled threshold / random-remasking runs: there a different draw of the same "
+        "distribution (docs/lm_sampler.md)", default=False)
     edit_threshold: float | None = option(
         "block-causal models: LLaDA2.1's token editing; each step also replaces every revealed token of the current "
         "block whose proposal differs and scores above this (LLaDA2.1: 0.9; None: no editing; "
@@ -125,6 +130,9 @@ class DecodingOptions:
             if self.max_reveal_per_step < 1:
                 raise ConfigError(f"max_reveal_per_step={self.max_reveal_per_step} must be >= 1")
         self._check_probability_threshold("edit_threshold", "LLaDA2.1 uses 0.9", "unset: no token editing")
+        if self.edit_threshold is not None and self.stop_at_eos:
+            raise ConfigError("stop_at_eos stops a row at an EOS it takes as final, but token editing (edit_threshold) "
+                              "may still change revealed tokens; use one of them")
         if self.max_post_steps < 0:
             raise ConfigError(f"max_post_steps={self.max_post_steps} must be >= 0 (LLaDA2.1 uses 16)")
         if self.kv_cache is not None and self.kv_cache not in KV_CACHES:
