@@ -142,7 +142,8 @@ def sdar_moe_tensors(c: dict) -> dict[str, tuple[int, ...]]:
         shapes.update({f"{layer}.input_layernorm.weight": (d,), f"{layer}.post_attention_layernorm.weight": (d,),
                        f"{layer}.self_attn.q_proj.weight": (q, d), f"{layer}.self_attn.k_proj.weight": (kv, d),
                        f"{layer}.self_attn.v_proj.weight": (kv, d), f"{layer}.self_attn.o_proj.weight": (d, q),
-                       f"{layer}.self_attn.q_norm.weight": (head_dim,), f"{layer}.self_attn.k_norm.weight": (head_dim,)})
+                       f"{layer}.self_attn.q_norm.weight": (head_dim,),
+                       f"{layer}.self_attn.k_norm.weight": (head_dim,)})
         dense = i in c["mlp_only_layers"] or (i + 1) % c["decoder_sparse_step"] or not c["num_experts"]
         f, prefixes = ((c["intermediate_size"], [f"{layer}.mlp"]) if dense else
                        (c["moe_intermediate_size"], [f"{layer}.mlp.experts.{e}" for e in range(c["num_experts"])]))

@@ -89,8 +89,9 @@ def test_one_expert_top_1_is_the_dense_sdar_network(tmp_path):
     config.update(model_type="sdar", architectures=["SDARForCausalLM"])
     (dense_dir / "config.json").write_text(json.dumps(config))
     tensors = load_file(str(moe_dir / "model.safetensors"))
-    save_file({name.replace(".mlp.experts.0.", ".mlp."): t for name, t in tensors.items() if not name.endswith("mlp.gate.weight")},
-              str(dense_dir / "model.safetensors"))
+    dense_tensors = {name.replace(".mlp.experts.0.", ".mlp."): t for name, t in tensors.items()
+                     if not name.endswith("mlp.gate.weight")}  # the router goes; expert 0 becomes the MLP
+    save_file(dense_tensors, str(dense_dir / "model.safetensors"))
     moe, dense = load_masked_lm(moe_dir), load_masked_lm(dense_dir)
     assert moe.family.name == "sdar_moe" and dense.family.name == "sdar"
     assert all(layer.moe is not None for layer in moe.model.layers) and all(

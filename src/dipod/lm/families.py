@@ -14,7 +14,8 @@ A family says everything dipod must know about an architecture that its ``config
 
 Families: ``llada`` (LLaDA-8B-Instruct / -Base, LLaDA-1.5: one code base), ``dream``
 (Dream-v0-Instruct-7B / -Base-7B), ``sdar`` (SDAR / TraDo dense: block-causal, the ``block_causal``
-process), ``sdar_moe`` (SDAR-30B-A3B, the same process), ``llada2_moe`` (LLaDA2.x, MoE, the same process), ``diffusion_gemma`` (transformers' own block-diffusion model
+process), ``sdar_moe`` (SDAR-30B-A3B, the same process), ``llada2_moe`` (LLaDA2.x, MoE, the same process),
+``diffusion_gemma`` (transformers' own block-diffusion model
 with uniform noise, ``noise = "uniform"``: dipod.lm.diffusion_gemma) and ``hf_masked_lm`` (any
 ``AutoModelForMaskedLM`` of transformers, e.g. our tiny ModernBERT). LLaDA and Dream load into our
 own network by default (``native``: dipod.lm.networks.checkpoint_model, called by
