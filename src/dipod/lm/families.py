@@ -14,7 +14,8 @@ A family says everything dipod must know about an architecture that its ``config
 
 Families: ``llada`` (LLaDA-8B-Instruct / -Base, LLaDA-1.5: one code base), ``dream``
 (Dream-v0-Instruct-7B / -Base-7B), ``sdar`` (SDAR / TraDo dense: block-causal, the ``block_causal``
-process), ``llada2_moe`` (LLaDA2.x, MoE, the same process), ``diffusion_gemma`` (transformers' own block-diffusion model
+process), ``sdar_moe`` (SDAR-30B-A3B, the same process), ``llada2_moe`` (LLaDA2.x, MoE, the same process),
+``diffusion_gemma`` (transformers' own block-diffusion model
 with uniform noise, ``noise = "uniform"``: dipod.lm.diffusion_gemma) and ``hf_masked_lm`` (any
 ``AutoModelForMaskedLM`` of transformers, e.g. our tiny ModernBERT). LLaDA and Dream load into our
 own network by default (``native``: dipod.lm.networks.checkpoint_model, called by
@@ -275,6 +276,18 @@ class SDAR(ModelFamily):
         return model(ids, attn, row_positions(attn), first=first)
 
 
+class SDARMoE(SDAR):
+    """SDAR-MoE (SDAR-30B-A3B; hub code ``modeling_sdar_moe.py``, ``SDARMoeForCausalLM``): SDAR's network with
+    Qwen3-MoE's feed-forward (softmax top-k routing, no shared expert; ``dipod.lm.networks.sdar``). Loaded into
+    our network only; decoded and scored by the block-causal process. LoRA targets attention, dense MLPs and
+    every expert's projections (the same suffixes as SDAR's); never the router."""
+
+    name = "sdar_moe"
+
+    def matches(self, config: Mapping[str, Any]) -> bool:
+        return str(config.get("model_type", "")).lower() == "sdar_moe"
+
+
 class LLaDA2(SDAR):
     """LLaDA2.0 / 2.1 (hub code ``modeling_llada2_moe.py``, ``LLaDA2MoeModelLM``): a mixture-of-experts network
     with block-causal attention in blocks of 32, unshifted logits, the mask id from the tokenizer
@@ -332,7 +345,8 @@ class DiffusionGemma(ModelFamily):
                          "after its encoder); decode and score it through dipod.lm.diffusion_gemma")
 
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLaDA(), Dream(), SDAR(), LLaDA2(), DiffusionGemma(), HFMaskedLM())}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLaDA(), Dream(), SDAR(), SDARMoE(), LLaDA2(), DiffusionGemma(),
+                                                         HFMaskedLM())}
 # the help text of every command's --model_family flag, so a new family shows up in all of them
 FAMILY_HELP = f"model family: {', '.join(FAMILIES)} (None: detected from config.json)"
 

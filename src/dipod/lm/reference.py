@@ -81,7 +81,9 @@ def reference_config(task: str, overrides: dict | None = None) -> SFTConfig:
 
 def settings_key(cfg: SFTConfig, before: str = "") -> str:
     """Hash of every setting of a stage that affects its weights, chained with the key of the stage before."""
-    settings = {k: v for k, v in sorted(config_to_dict(cfg).items()) if k not in _NOT_IN_KEY}
+    # token editing off (edit_threshold unset) reads neither of its fields: keys of recipes written before it stay
+    unread = _NOT_IN_KEY + (("edit_threshold", "max_post_steps") if cfg.edit_threshold is None else ())
+    settings = {k: v for k, v in sorted(config_to_dict(cfg).items()) if k not in unread}
     return hashlib.sha256((before + json.dumps(settings, sort_keys=True)).encode()).hexdigest()[:12]
 
 

@@ -30,6 +30,7 @@ class Decoded:
     order_bg: Tensor  # long [B, G]: the step, counted from 0 over the whole decode, that revealed each position
     forward_passes: int  # model calls actually run (a guided step's stacked pass counts once)
     row_forwards: int  # rows summed over those calls: the compute the batch paid
+    edits: int = 0  # revealed tokens replaced by token editing (``edit_threshold``), summed over the batch
 
 
 @dataclass

@@ -111,7 +111,7 @@ class BlockCausalProcess(MaskedProcess):
         if settings.fill_after_eos:
             completion_bg = fill_after_first_eos(completion_bg, lm.eos_id)
         return Decoded(completion_bg=completion_bg, order_bg=out.order_bg.gather(1, columns),
-                       forward_passes=out.forward_passes, row_forwards=out.row_forwards)
+                       forward_passes=out.forward_passes, row_forwards=out.row_forwards, edits=out.edits)
 
     def proxies(self, lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor, settings, seed: int,
                 *, meanfield: bool = False) -> Proxies:
