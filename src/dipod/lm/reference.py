@@ -54,11 +54,12 @@ def _converge_then_mislead(task: str, batch_size: int, model: str = "tiny", bloc
 
 # Stages measured in docs/lm_sft.md; the tiny model learns countdown more slowly and needs batch 128.
 # sudoku4_block: the same task and construction on a tiny SDAR (block-causal, blocks of 4: one grid row per
-# block), smaller so that its two-copy training forward costs about what the ModernBERT's single one does.
+# block), smaller so that its two-copy training forward costs about what the ModernBERT's single one does, and
+# converged in 500 steps: a 1500-step run of it already had the ModernBERT's 2000-step accuracy (0.91) at 500.
 RECIPES: dict[str, list[dict]] = {
     "sudoku4": _converge_then_mislead("sudoku4", 64),
     "countdown": _converge_then_mislead("countdown", 128),
-    "sudoku4_block": _converge_then_mislead("sudoku4", 64, model=TINY_SDAR, block_length=4, converge_steps=1500,
+    "sudoku4_block": _converge_then_mislead("sudoku4", 64, model=TINY_SDAR, block_length=4, converge_steps=500,
                                             tiny_hidden_size=96, tiny_intermediate_size=192),
 }
 # A later stage's `model` is replaced by the stage before's folder; the chained key covers that dependency.
