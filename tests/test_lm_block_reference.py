@@ -92,6 +92,20 @@ def test_the_shipped_block_reference_is_the_current_recipe():
     assert lm.family.name == "sdar" and reference.reference_config("sudoku4_block").block_length == BLOCK
 
 
+def test_lm_eval_of_the_block_reference_needs_no_flags(capsys):
+    from dipod.cli import main as dipod
+    from dipod.lm.recipe import read_recipe
+    from dipod.lm.sft import sft_recipe
+
+    recipe = read_recipe("reference:sudoku4_block")
+    assert recipe == sft_recipe(reference.reference_config("sudoku4_block"))
+    assert (recipe.task, recipe.gen_length, recipe.block_length, recipe.steps) == ("sudoku4", 16, BLOCK, 16)
+    assert dipod(["lm", "eval", "--model", "reference:sudoku4_block", "--limit", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "decoding: task=sudoku4 prompt_style=compact gen_length=16 block_length=4 steps=16" in captured.err
+    assert "sudoku4 (split test, 4 examples): accuracy" in captured.out
+
+
 def test_the_shipped_block_reference_decodes_as_measured():
     """docs/lm_sft.md's greedy accuracy of the block reference on the first 200 held-out puzzles."""
     from dipod.lm.evaluate import evaluate_policy
@@ -157,3 +171,16 @@ def test_demo_family_block_runs_the_block_reference_with_its_recipe(tmp_path, mo
     handed.clear()
     assert demo.main(["--max_steps", "1", "--no_baseline", "--output_dir", str(tmp_path)]) == 0  # the default
     assert handed[0]["model_dir"] == str(reference.SHIPPED_DIR / "sudoku4") and handed[0]["recipe"] == "sudoku4"
+
+
+@pytest.mark.slow
+def test_demo_family_block_end_to_end(tmp_path, capsys):
+    """A minute or two: one RL step of the block demo, evaluated before and after on the held-out and paper sets."""
+    from dipod.cli import main as cli_main
+    from dipod.runlog import read_metrics
+
+    assert cli_main(["demo", "--family", "block", "--max_steps", "1", "--no_baseline", "--output_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    before = next(line for line in out.splitlines() if line.startswith("held-out accuracy (greedy)")).split()[-2]
+    assert "block-causal" in out and before == "0.206"  # the shipped block reference, as measured
+    assert (tmp_path / "demo.png").is_file() and read_metrics(tmp_path / "main" / "metrics.jsonl")[-1]["step"] == 1
