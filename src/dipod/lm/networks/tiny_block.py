@@ -8,7 +8,7 @@ under the hub's tensor names and dipod's character tokenizer (``<mask>`` is the 
 process use it where ``../shared`` is absent.
 
 ``sizes`` changes the width and depth (``hidden_size``, ``num_layers``, ``num_heads``,
-``intermediate_size``; SDAR only): ``dipod lm sft --tiny_network sdar`` trains such a model from
+``intermediate_size``; SDAR only): ``dipod lm sft --model tiny-sdar`` trains such a model from
 scratch (the block-causal reference policy, ``dipod.lm.reference``). ``head_std`` is the standard
 deviation of the output head: the default 0.5 makes a random model's predictions peak (decoding tests
 want decisive tokens), a model meant for training starts near uniform (0.05).
