@@ -75,6 +75,13 @@ class DiffusionProcess(ABC):
                            chunk: int | None) -> dict[str, float]:
         """Entropy and top-token probability where every rollout starts (NaN where not defined)."""
 
+    def denoising_logits(self, lm, ids: Tensor, attn: Tensor, first: int, clean_completion: Tensor) -> Tensor:
+        """float32 logits ``[B, T - first, V]`` of the denoiser on ``ids`` = ``[prompt | noisy completion]`` (the
+        completion starts at ``first``): what the SFT loss scores. Here one forward over the whole sequence; a
+        process whose denoiser sees other context overrides it (block-causal: the clean earlier blocks, from
+        ``clean_completion`` ``[B, T - first]``)."""
+        return lm.logits(ids, attn, first)
+
     @abstractmethod
     def check_estimator(self, cfg) -> None:
         """Raise ``ConfigError`` when ``cfg.estimator`` reads a proxy this process does not provide."""

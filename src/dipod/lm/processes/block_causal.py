@@ -32,7 +32,7 @@ from dipod.lm.estimators import ESTIMATORS
 from dipod.lm.networks import native_network
 from dipod.lm.networks.block_cache import BlockCausalCachedForward
 from dipod.lm.processes.base import BlockForward, Decoded, Proxies
-from dipod.lm.processes.block_likelihood import block_proxies, completion_blocks
+from dipod.lm.processes.block_likelihood import block_proxies, completion_blocks, two_copy_logits
 from dipod.lm.processes.masked import MaskedProcess
 from dipod.lm.processes.masked_likelihood import masked_gap_lower_bound
 from dipod.lm.processes.masked_sampling import decode_masked, family_sampler_defaults, fill_after_first_eos
@@ -119,6 +119,12 @@ class BlockCausalProcess(MaskedProcess):
             raise ValueError(f"{lm.family.name} is block-causal: d1's mean-field log-probs are not defined for it; use "
                              "an estimator that reads the ELBO / EUBO (fpo, fpo++, spg)")
         return block_proxies(lm, prompt_ids, prompt_attn, completion_ids, settings, seed, block_size_of(lm))
+
+    def denoising_logits(self, lm, ids: Tensor, attn: Tensor, first: int, clean_completion: Tensor) -> Tensor:
+        """Each completion block denoised seeing itself noisy and the earlier blocks clean, as decoding sees them
+        (``two_copy_logits``; SDAR's training loss has the same context)."""
+        return two_copy_logits(lm.model, ids[:, :first], attn[:, :first], ids[:, first:], clean_completion,
+                               block_size_of(lm))
 
     def gap_lower_bound(self, lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor, settings,
                         num_orders: int, seed: int) -> Tensor:
