@@ -10,6 +10,10 @@ is a list of SFT stages, each starting from the previous stage's model:
    (``Task.plausible_wrong_demonstration``: sudoku4 fills each row with its smallest free digits,
    countdown adds the numbers). The policy keeps the skill and learns to prefer a heuristic.
 
+countdown has no mislead stage (its heuristic is so easy that every mislead tried took greedy below
+0.15): its second stage, ``practise``, is a second cosine cycle on the right demonstrations, and its
+room is what the tiny model's weak skill leaves between its greedy answer and its samples.
+
 Measured room of each policy (greedy, pass@1, pass@8 at T = 1) and how it was found: docs/lm_sft.md.
 
 ``ensure_reference_policy`` returns the model directory of the final stage. The package ships the
