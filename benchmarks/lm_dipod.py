@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from lm_dipod_report import method_table, plot, summarize
+
 METHODS: dict[str, dict] = {
     "d1": {"estimator": "d1", "dipod_beta": 0.0, "num_draws": 1},
     "fpo": {"estimator": "fpo", "dipod_beta": 0.0},
@@ -47,8 +49,15 @@ PRESETS = {
 }
 SWEEP = {"learning_rates": (1e-4, 3e-4, 1e-3, 3e-3), "betas": (0.0, 0.05, 0.5), "estimators": ("fpo", "spg")}
 PAPER_SETS = {"sudoku4": ("spg_test", "d1_test"), "countdown": ("d1_test",)}
-# 97.5% quantiles of Student's t for 1..10 degrees of freedom (95% two-sided intervals)
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def finished(job: dict) -> bool:
+    """Whether the job's run reached its last step and evaluated there."""
+    from dipod.runlog import read_metrics
+
+    metrics = Path(job["output_dir"]) / "metrics.jsonl"
+    rows = read_metrics(metrics) if metrics.is_file() else []
+    return bool(rows) and rows[-1].get("step") == job["changes"]["max_steps"] and "eval/accuracy" in rows[-1]
 
 
 def run_one(job: dict) -> tuple[str, bool, float]:
@@ -58,13 +67,10 @@ def run_one(job: dict) -> tuple[str, bool, float]:
     torch.set_num_threads(1)
     from dipod.demo import tiny_rl_config
     from dipod.lm.trainer import train
-    from dipod.runlog import read_metrics
 
     out = Path(job["output_dir"])
-    if (out / "metrics.jsonl").is_file():
-        rows = read_metrics(out / "metrics.jsonl")
-        if rows and rows[-1].get("step") == job["changes"]["max_steps"] and "eval/accuracy" in rows[-1]:
-            return str(out), True, float("nan")
+    if finished(job):
+        return str(out), True, float("nan")
     start = time.perf_counter()
     train(tiny_rl_config(job["model_dir"], out, progress_bar=False, tensorboard=False, log_completions=0,
                          overwrite=True, **job["changes"]))  # an unfinished run starts again
@@ -85,6 +91,9 @@ def paper_set_eval(job: dict) -> dict:
     from dipod.lm.model import load_masked_lm
     from dipod.lm.tasks import get_task
 
+    cached = Path(job["run_dir"]) / "paper_sets.json" if job["run_dir"] is not None else None
+    if cached is not None and cached.is_file():  # a finished run is scored once (a rebuilt page reuses it)
+        return json.loads(cached.read_text())
     lm = load_masked_lm(job["model_dir"])
     if job["run_dir"] is not None:
         checkpoint = latest_checkpoint(Path(job["run_dir"]))
@@ -96,8 +105,11 @@ def paper_set_eval(job: dict) -> dict:
             raise ValueError(f"{checkpoint}: weights {unexpected[:3]} do not belong to {job['model_dir']}")
     settings = tiny_rl_config(job["model_dir"], "unused", task=job["task"]).sampler_settings(0.0)
     task = get_task(job["task"])
-    return {split: evaluate_policy(lm, task, task.load(split), settings, batch_size=128)["accuracy"]
-            for split in PAPER_SETS[job["task"]]}
+    scores = {split: evaluate_policy(lm, task, task.load(split), settings, batch_size=128)["accuracy"]
+              for split in PAPER_SETS[job["task"]]}
+    if cached is not None:
+        cached.write_text(json.dumps(scores))
+    return scores
 
 
 def measure_overhead(model_dir: Path, work: Path, repeats: int) -> dict:
@@ -138,127 +150,6 @@ def measure_overhead(model_dir: Path, work: Path, repeats: int) -> dict:
     return out
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% t-interval over seeds (nan half-width for one value)."""
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan
-    if len(values) == 1:
-        return values[0], math.nan
-    df = len(values) - 1
-    return statistics.mean(values), (T975[df - 1] if df <= len(T975) else 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def fmt(values: list[float], digits: int = 3) -> str:
-    mean, half = mean_ci(values)
-    return f"{mean:.{digits}f}" if not math.isfinite(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
-
-
-def series(rows: list[dict], key: str) -> list[float]:
-    return [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-
-
-def outcome(rows: list[dict]) -> str:
-    """learns / collapses / freezes / flat, from the held-out accuracy and the training rollouts.
-
-    collapses: final held-out accuracy 0.10 below the start, or the last quarter's training reward
-    0.15 below the first quarter's; freezes: at least 90% of the prompt groups had identical rewards
-    over the last quarter without a gain; learns: final held-out accuracy 0.05 above the start."""
-    accuracy = series(rows, "eval/accuracy")
-    reward = series(rows, "reward")
-    quarter = max(1, len(reward) // 4)
-    gain = accuracy[-1] - accuracy[0]
-    if gain <= -0.10 or statistics.mean(reward[-quarter:]) < statistics.mean(reward[:quarter]) - 0.15:
-        return "collapses"
-    if gain >= 0.05:
-        return "learns"
-    if late_mean(series(rows, "frac_reward_zero_std"), quarter) >= 0.9:
-        return "freezes"
-    return "flat"
-
-
-def late_mean(values: list[float], quarter: int) -> float:
-    """Mean of the last ``quarter`` values (nan when the run did not log the metric, e.g. d1's ELBO)."""
-    return statistics.mean(values[-quarter:]) if values else math.nan
-
-
-def summarize(rows: list[dict]) -> dict:
-    gaps = series(rows, "gap_lower_bound")
-    reward = series(rows, "reward")
-    quarter = max(1, len(reward) // 4)
-    return {"accuracy": rows[-1]["eval/accuracy"], "initial_accuracy": rows[0]["eval/accuracy"],
-            "reward": rows[-1]["eval/reward"], "gain": rows[-1]["eval/accuracy"] - rows[0]["eval/accuracy"],
-            "eval_gap": rows[-1]["eval/gap_lower_bound"], "initial_gap": rows[0]["eval/gap_lower_bound"],
-            "early_gap": statistics.mean(gaps[:max(1, len(gaps) // 3)]) if gaps else math.nan,
-            "late_gap": statistics.mean(gaps[-max(1, len(gaps) // 3):]) if gaps else math.nan,
-            "train_reward_late": statistics.mean(reward[-quarter:]),
-            "worst_reward_drop": max((max(reward[:i + 1]) - reward[i] for i in range(len(reward))), default=0.0),
-            "collapsed_groups_late": late_mean(series(rows, "frac_reward_zero_std"), quarter),
-            "elbo_per_token_late": late_mean(series(rows, "elbo_per_token"), quarter),
-            "outcome": outcome(rows)}
-
-
-CURVES = (("reward", "rollout reward"), ("eval/accuracy", "held-out accuracy (greedy)"),
-          ("gap_lower_bound", "gap lower bound IW_K - ELBO"), ("frac_reward_zero_std", "groups with identical rewards"))
-
-
-def plot(results: dict, path: Path) -> None:
-    """One row per task, one panel per curve, one line per method (mean over seeds, +- one std band)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    tasks = list(results)
-    fig, axes = plt.subplots(len(tasks), len(CURVES), figsize=(4.5 * len(CURVES), 3.6 * len(tasks)), squeeze=False)
-    for r, task in enumerate(tasks):
-        for c, (key, title) in enumerate(CURVES):
-            ax = axes[r][c]
-            for method, runs in results[task].items():
-                points = [[(row["step"], row[key]) for row in rows if isinstance(row.get(key), float)] for rows in runs]
-                length = min(len(p) for p in points)
-                if length == 0:
-                    continue
-                ys = np.array([[y for _, y in p[:length]] for p in points])
-                xs = [x for x, _ in points[0][:length]]
-                ax.plot(xs, ys.mean(0), label=method)
-                if len(points) > 1:
-                    ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.12)
-            ax.set_title(f"{task}: {title}", fontsize=9)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-        axes[r][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def method_table(tasks: list[str], methods: list[str], summary: dict, paper: dict, paper_reference: dict) -> list[str]:
-    lines = ["| task | method | held-out accuracy (before -> after) | gain | " + " | ".join(
-             f"{s} accuracy" for s in ("spg_test", "d1_test")) + " | worst reward drop | collapsed groups (late) "
-             "| gap early -> late | held-out gap | wall s/run | outcomes |", "|" + "---|" * 12]
-    for task in tasks:
-        ref = paper_reference[task]
-        first = summary[task][methods[0]][0]
-        lines.append(f"| {task} | reference policy | {first['initial_accuracy']:.3f} | | "
-                     + " | ".join(f"{ref[s]:.3f}" if s in ref else "" for s in ("spg_test", "d1_test"))
-                     + f" | | | | {first['initial_gap']:.3f} | | |")
-        for m in methods:
-            s = summary[task][m]
-            ps = paper[task][m]
-            counts = {o: sum(x["outcome"] == o for x in s) for o in ("learns", "flat", "freezes", "collapses")}
-            lines.append(
-                f"| {task} | {m} | {s[0]['initial_accuracy']:.3f} -> {fmt([x['accuracy'] for x in s])} | "
-                f"{fmt([x['gain'] for x in s])} | "
-                + " | ".join(fmt([p[sp] for p in ps]) if sp in ps[0] else "" for sp in ("spg_test", "d1_test"))
-                + f" | {fmt([x['worst_reward_drop'] for x in s])} | {fmt([x['collapsed_groups_late'] for x in s])} | "
-                f"{fmt([x['early_gap'] for x in s])} -> {fmt([x['late_gap'] for x in s])} | "
-                f"{fmt([x['eval_gap'] for x in s])} | {fmt([x['wall_s'] for x in s], 0)} | "
-                + ", ".join(f"{k} {v}" for k, v in counts.items() if v) + " |")
-    return lines
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the short preset (sudoku4, 20 steps, 3 seeds)")
@@ -279,6 +170,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default="docs/results", help="where NAME.md / .png / .json go")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default: lm_dipod_PRESET[_sweep])")
     parser.add_argument("--cache_dir", default=None, help="reference-policy cache (default: dipod's)")
+    parser.add_argument("--report_only", action="store_true",
+                        help="train nothing: rebuild the page from the runs already finished (others are left out)")
     parser.add_argument("--model_dirs", default=None, help="TASK=DIR,... : start from these policies instead of the recipe's")
     args = parser.parse_args(argv)
 
@@ -325,10 +218,13 @@ def main(argv: list[str]) -> int:
                 folder = method.replace("+", "_").replace(" ", "_").replace("=", "")
                 jobs.append({"output_dir": str(work / task / folder / f"seed{seed}"), "model_dir": str(models[task]),
                              "changes": changes, "key": (task, method)})
-    walls: dict[str, float] = {}
+    missing = [job for job in jobs if not finished(job)]
+    if args.report_only:
+        jobs = [job for job in jobs if job not in missing]
+        if not jobs:
+            raise SystemExit(f"no finished run under {work}; run without --report_only first")
     with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
-        for done, (out, was_done, wall) in enumerate(pool.imap_unordered(run_one, jobs), 1):
-            walls[out] = wall
+        for done, (out, was_done, wall) in enumerate(pool.imap_unordered(run_one, [] if args.report_only else jobs), 1):
             print(f"[{done}/{len(jobs)}] {out}{' (reused)' if was_done else f' {wall:.0f} s'}  "
                   f"({time.time() - started:.0f} s)", flush=True)
     paper_jobs = [{"task": t, "model_dir": str(models[t]), "run_dir": None} for t in tasks]
@@ -341,6 +237,7 @@ def main(argv: list[str]) -> int:
 
     from dipod.runlog import read_metrics
 
+    methods = {m: spec for m, spec in methods.items() if any(job["key"][1] == m for job in jobs)}
     results = {t: {m: [] for m in methods} for t in tasks}
     summary = {t: {m: [] for m in methods} for t in tasks}
     paper = {t: {m: [] for m in methods} for t in tasks}
@@ -366,6 +263,9 @@ def main(argv: list[str]) -> int:
              f"{recipe['num_generations']} completions, lr {recipe['learning_rate']:g} unless named, DiPOD beta "
              f"{beta:g} for +dipod; seeds {seeds}; held-out = greedy accuracy on the whole test split "
              f"(500 examples) before and after; 95% t-intervals over seeds.", ""]
+    if args.report_only and missing:
+        lines += [f"**Partial:** {len(missing)} of {len(jobs) + len(missing)} runs had not finished when this page was "
+                  "built and are left out (the seed counts per method say which remain).", ""]
     lines += method_table(tasks, list(methods), summary, paper, paper_reference)
     lines += ["", "Outcome per run: learns (held-out accuracy +0.05 or more), collapses (held-out accuracy -0.10 "
               "or training reward down 0.15 from the first to the last quarter), freezes (>= 90% of groups with "

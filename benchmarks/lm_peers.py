@@ -74,6 +74,12 @@ def llada_part(args, prompts: torch.Tensor) -> dict:
     peer = load_module(Path(args.llada_repo) / "generate.py", "llada_generate_peer")
     lm = load_masked_lm(args.model, trust_remote_code=True)
     lm.model.eval()
+    return llada_comparison(lm, peer.generate, lm.model, prompts, args)
+
+
+def llada_comparison(lm, peer_generate, peer_model, prompts: torch.Tensor, args) -> dict:
+    """``peer_generate`` (LLaDA's ``generate()``: the prompts and completions ``[B, P + G]``) on ``peer_model``
+    against ``decode`` on ``lm`` with the defaults, for equal-length ``prompts``."""
     settings = SamplerSettings(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
                                fill_after_eos=False)
     width = prompts.shape[1]
@@ -82,8 +88,9 @@ def llada_part(args, prompts: torch.Tensor) -> dict:
         return decode(lm, prompts, torch.ones_like(prompts), settings).completion_bg
 
     def theirs():
-        return peer.generate(lm.model, prompts, steps=args.steps, gen_length=args.gen_length,
-                             block_length=args.block_length, mask_id=lm.mask_id)[:, width:]
+        with torch.no_grad():
+            return peer_generate(peer_model, prompts, steps=args.steps, gen_length=args.gen_length,
+                                 block_length=args.block_length, mask_id=lm.mask_id)[:, width:]
 
     return {"peer": "ML-GSAI/LLaDA generate()", "rows": prompts.shape[0], **compare(ours, theirs, args.repeats)}
 
@@ -97,7 +104,13 @@ def fast_dllm_part(args, prompts: torch.Tensor) -> dict:
     from model.modeling_llada import LLaDAModelLM
 
     peer_model = LLaDAModelLM.from_pretrained(args.model, torch_dtype=torch.float32).eval()
-    lm = load_masked_lm(args.model)
+    return fast_dllm_comparison(load_masked_lm(args.model), peer.generate_with_dual_cache, peer_model, prompts, args)
+
+
+def fast_dllm_comparison(lm, peer_generate, peer_model, prompts: torch.Tensor, args) -> dict:
+    """``peer_generate`` (Fast-dLLM's ``generate_with_dual_cache``: ``(prompt and completion [1, P + G], forwards)``
+    for one prompt) on ``peer_model``, one prompt at a time, against ``decode`` on ``lm`` with the dual cache and
+    the same threshold, one at a time and batched."""
     settings = SamplerSettings(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
                                confidence_threshold=args.threshold, kv_cache="dual", fill_after_eos=False)
     width = prompts.shape[1]
@@ -110,7 +123,7 @@ def fast_dllm_part(args, prompts: torch.Tensor) -> dict:
 
     def theirs():
         with torch.no_grad():
-            return torch.cat([peer.generate_with_dual_cache(
+            return torch.cat([peer_generate(
                 peer_model, p[None], steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
                 mask_id=lm.mask_id, threshold=args.threshold)[0][:, width:] for p in prompts])
 

@@ -49,9 +49,16 @@ class _StandIn(types.ModuleType):
         return lambda *args, **kwargs: args[0] if len(args) == 1 and callable(args[0]) else None
 
 
-def _install_stand_ins() -> list[str]:
+def _installed(root: str) -> bool:
+    """The real library is importable (a stand-in put there by an earlier call does not count)."""
+    if root in sys.modules:
+        return not isinstance(sys.modules[root], _StandIn)
+    return importlib.util.find_spec(root) is not None
+
+
+def install_stand_ins() -> list[str]:
     """Stand-ins for trl and wandb where they are not installed; returns the ones replaced."""
-    missing = [root for root in ("trl", "wandb") if importlib.util.find_spec(root) is None]
+    missing = [root for root in ("trl", "wandb") if not _installed(root)]
     # the real libraries look for wandb / trl by spec while importing: import them before any stand-in
     import accelerate.utils  # noqa: F401
     from transformers import PreTrainedModel, Trainer  # noqa: F401
@@ -63,7 +70,7 @@ def _install_stand_ins() -> list[str]:
     return missing
 
 
-def _load(path: Path, module_name: str):
+def load_file(path: Path, module_name: str):
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -95,7 +102,7 @@ def _batch(seed: int):
     return prompt, torch.ones_like(prompt), completion
 
 
-def _instance(cls, args):
+def bare_instance(cls, args):
     """The released trainer class with only ``args`` set (its __init__ needs a whole TRL setup)."""
     trainer = cls.__new__(cls)
     trainer.args = args
@@ -111,7 +118,7 @@ def _released_args(**overrides):
 
 def spg_same_draws(spg_cls, lm, prompt, attn, completion, seed: int) -> dict:
     args = _released_args()
-    stub = _instance(spg_cls, args)
+    stub = bare_instance(spg_cls, args)
     seq = torch.cat([prompt, completion], 1)
     prompt_index = torch.arange(seq.shape[1]) < PROMPT
     live = live_mask(completion, EOS, ProxySettings(masking="block_random"))
@@ -131,7 +138,7 @@ def spg_same_draws(spg_cls, lm, prompt, attn, completion, seed: int) -> dict:
 
 
 def fpo_same_draws(fpo_cls, lm, prompt, attn, completion) -> dict:
-    stub = _instance(fpo_cls, SimpleNamespace(mask_id=MASK))
+    stub = bare_instance(fpo_cls, SimpleNamespace(mask_id=MASK))
     seq = torch.cat([prompt, completion], 1)
     live = live_mask(completion, EOS, ProxySettings(masking="random"))
     with torch.no_grad():
@@ -174,7 +181,7 @@ def laws(spg_cls, fpo_cls, lm, prompt, attn, completion, seeds: int) -> dict:
     # SPG block_random, p_mask_prompt 0 (so the block and count are readable from the masks) and 0.15
     for p_mask in (0.0, 0.15):
         settings = ProxySettings(masking="block_random", block_length=BLOCK, p_mask_prompt=p_mask)
-        stub = _instance(spg_cls, _released_args(p_mask_prompt=p_mask))
+        stub = bare_instance(spg_cls, _released_args(p_mask_prompt=p_mask))
         live = live_mask(completion, EOS, settings)
         rows = {k: ([], []) for k in ("block", "count", "scored", "elbo_per_draw")}
         for seed in range(seeds):
@@ -196,7 +203,7 @@ def laws(spg_cls, fpo_cls, lm, prompt, attn, completion, seeds: int) -> dict:
     # FPO random: n and the per-draw ELBO
     settings = ProxySettings(masking="random")
     live = live_mask(completion, EOS, settings)
-    stub = _instance(fpo_cls, SimpleNamespace(mask_id=MASK))
+    stub = bare_instance(fpo_cls, SimpleNamespace(mask_id=MASK))
     rows = {k: ([], []) for k in ("count", "elbo_per_draw")}
     for seed in range(seeds):
         torch.manual_seed(seed)
@@ -226,9 +233,9 @@ def main(argv=None) -> int:
         if not path.is_file():
             parser.error(f"{path} not found: --release must hold language/SPG and language/d1 of DiPOD-release")
     torch.set_num_threads(1)
-    stood_in = _install_stand_ins()
-    spg_cls = _load(spg_file, "released_spg_trainer").SPGTrainer
-    fpo_cls = _load(fpo_file, "released_d1_fork_trainer").DiffuGRPOTrainer
+    stood_in = install_stand_ins()
+    spg_cls = load_file(spg_file, "released_spg_trainer").SPGTrainer
+    fpo_cls = load_file(fpo_file, "released_d1_fork_trainer").DiffuGRPOTrainer
     lm = MaskedDiffusionLM(model=SmallEncoder().eval(), tokenizer=None, mask_id=MASK, pad_id=PAD, eos_id=EOS)
 
     same = {"block_random": [], "random": []}

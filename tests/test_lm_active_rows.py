@@ -12,6 +12,8 @@ from dipod.lm.networks import make_cached_forward
 from dipod.lm.reference import SHIPPED_DIR
 from dipod.lm.sampler import SamplerSettings, decode
 
+from block_models import padded_batch, sdar_snapshot  # noqa: F401  (the tiny SDAR fixture)
+
 
 @pytest.fixture(scope="module")
 def tiny_lm():
@@ -106,3 +108,97 @@ def test_fixed_schedules_keep_every_row_to_the_end(tiny_lm, schedule, steps):
 def test_keep_rows_before_a_cached_block_is_a_clear_error(tiny_lm):
     with pytest.raises(RuntimeError, match="keep_rows before any block was cached"):
         make_cached_forward(tiny_lm, "prefix").keep_rows(torch.tensor([True]))
+
+
+# ---- stop_at_eos: a row whose completion has ended leaves the forwards for good ----
+
+@pytest.fixture(scope="module")
+def countdown_lm():
+    # the shipped countdown reference answers in ~8 tokens and EOS-pads its 16: rows end in different blocks
+    return load_masked_lm(SHIPPED_DIR / "countdown")
+
+
+def countdown_prompts(lm, batch: int = 6):
+    from dipod.lm.tasks import get_task
+    from dipod.lm.train_engine import encode_prompts
+
+    task = get_task("countdown")
+    ids, attn = encode_prompts(lm, [task.prompt(ex, "compact") for ex in task.load("test", limit=batch)], 256,
+                               chat=False)
+    return ids, attn
+
+
+def end_steps(completion_bg: torch.Tensor, order_bg: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """long [B]: the step after which each row's raw decode has an EOS with every position before it revealed
+    (a large number where it never has): the earliest, over its EOS positions p, of max(order[:p + 1])."""
+    revealed_by_bg = order_bg.cummax(dim=1).values
+    never = torch.iinfo(torch.long).max
+    return revealed_by_bg.masked_fill(completion_bg != eos_id, never).amin(dim=1)
+
+
+STOP_CASES = [
+    dict(block_length=4, steps=16),  # the fixed schedule: later blocks are skipped
+    dict(block_length=4, steps=16, confidence_threshold=0.7),
+    dict(block_length=8, steps=16, confidence_threshold=0.7, kv_cache="dual"),
+    dict(block_length=8, steps=8, kv_cache="prefix"),
+]
+
+
+@pytest.mark.parametrize("case", STOP_CASES, ids=lambda c: "_".join(f"{k}{v}" for k, v in c.items()))
+def test_stop_at_eos_keeps_the_completions_and_pays_only_until_each_row_ends(countdown_lm, case):
+    lm = countdown_lm
+    ids, attn = countdown_prompts(lm)
+    raw = SamplerSettings(gen_length=16, fill_after_eos=False, **case)
+    on = decode(lm, ids, attn, raw)
+    stopped = decode(lm, ids, attn, dataclasses.replace(raw, stop_at_eos=True))
+    end_b = end_steps(on.completion_bg, on.order_bg, lm.eos_id)
+    assert bool((end_b < on.forward_passes - 1).any())  # some row really ends before the decode does
+    decoded_bg = on.order_bg <= end_b[:, None]
+    # the tokens revealed until a row ends are kept; everything after is EOS, revealed by no step (order -1)
+    assert torch.equal(stopped.completion_bg, on.completion_bg.masked_fill(~decoded_bg, lm.eos_id))
+    assert torch.equal(stopped.order_bg, on.order_bg.masked_fill(~decoded_bg, -1))
+    # a row takes part in one forward per step it revealed at, up to the step it ended at
+    per_row = torch.tensor([torch.unique(row[row >= 0]).numel() for row in stopped.order_bg])
+    assert stopped.row_forwards == int(per_row.sum()) < on.row_forwards
+    # in the canonical (EOS-filled) form nothing changes
+    filled = dataclasses.replace(raw, fill_after_eos=True)
+    assert torch.equal(decode(lm, ids, attn, dataclasses.replace(filled, stop_at_eos=True)).completion_bg,
+                       decode(lm, ids, attn, filled).completion_bg)
+
+
+# global: this policy writes the EOS tail first and its answer last, so its rows end only at the last step
+@pytest.mark.parametrize("schedule, saves", [("blocks", True), ("global", False)])
+def test_stop_at_eos_sampling_with_a_fixed_schedule_draws_the_same_noise(countdown_lm, schedule, saves):
+    # every row that has not ended needs every step of its block, so the noise stream is drawn as without
+    # stopping and the sampled completions are the same too (threshold decoding has no such guarantee)
+    ids, attn = countdown_prompts(countdown_lm)
+    settings = SamplerSettings(gen_length=16, block_length=4, steps=16, temperature=1.0, schedule=schedule)
+    on = decode(countdown_lm, ids, attn, settings, generator=torch.Generator().manual_seed(3))
+    stopped = decode(countdown_lm, ids, attn, dataclasses.replace(settings, stop_at_eos=True),
+                     generator=torch.Generator().manual_seed(3))
+    assert torch.equal(stopped.completion_bg, on.completion_bg)
+    assert (stopped.row_forwards < on.row_forwards) == saves and stopped.row_forwards <= on.row_forwards
+
+
+def test_stop_at_eos_without_compaction_stops_only_when_every_row_has_ended(countdown_lm):
+    ids, attn = countdown_prompts(countdown_lm)
+    settings = SamplerSettings(gen_length=16, block_length=4, steps=16, fill_after_eos=False, compact_rows=False)
+    on = decode(countdown_lm, ids, attn, settings)
+    stopped = decode(countdown_lm, ids, attn, dataclasses.replace(settings, stop_at_eos=True))
+    last_end = int(end_steps(on.completion_bg, on.order_bg, countdown_lm.eos_id).max())
+    blocks_left = 3 - last_end // 4  # blocks of 4 steps; the block the last row ends in runs to its end
+    assert stopped.forward_passes == on.forward_passes - 4 * blocks_left
+    assert stopped.row_forwards == ids.shape[0] * stopped.forward_passes
+
+
+def test_stop_at_eos_ignores_an_eos_among_the_prompt_tokens_of_a_block_causal_canvas(sdar_snapshot):
+    # the block-causal canvas starts with the prompt's last block: an EOS there was not revealed by decoding
+    lm = load_masked_lm(sdar_snapshot)
+    ids, attn = padded_batch(0, 9, (0, 2, 5), pad_id=lm.pad_id)
+    ids[:, -1] = lm.eos_id  # every prompt ends with EOS, inside the canvas's first window
+    settings = SamplerSettings(gen_length=8, block_length=4, steps=8)
+    on = decode(lm, ids, attn, settings)
+    assert not bool((on.completion_bg == lm.eos_id).all())
+    stopped = decode(lm, ids, attn, dataclasses.replace(settings, stop_at_eos=True))
+    assert torch.equal(stopped.completion_bg, on.completion_bg)
+    assert stopped.row_forwards == on.row_forwards

@@ -5,7 +5,8 @@ on the whole batch, every step would pay for rows that have nothing left to reve
 would cost its slowest row's forwards times the batch. ``ActiveRows`` holds the batch indices of
 the rows still decoding the current block: the sampler runs each forward on those rows only, and
 a forward that keeps per-row state across a block's steps (the block KV cache) drops the finished
-rows' entries through its ``keep_rows(keep_a)`` method.
+rows' entries through its ``keep_rows(keep_a)`` method. A row with no masks in a block (a whole
+completion revealed, or filled with EOS by ``stop_at_eos``) does not enter that block at all.
 
 Outputs do not change: a row's logits do not depend on the other rows of the batch (every family's
 ``logits`` keeps rows apart), the reveal rules that can run with a threshold draw no randomness,
@@ -26,9 +27,11 @@ class ActiveRows:
         self.batch, self.compact = batch, compact
         self.index_a = torch.arange(batch, device=device)
 
-    def start_block(self) -> None:
-        """Every row takes part in a block's first forward (a cached forward refills its cache there)."""
-        self.index_a = torch.arange(self.batch, device=self.index_a.device)
+    def start_block(self, masked_bl: Tensor) -> None:
+        """A block's first forward takes every row with masks in the block (``masked_bl``, all rows ``[B, L]``;
+        every row without compaction); a cached forward refills its cache there for exactly those rows."""
+        self.index_a = masked_bl.any(dim=1).nonzero().squeeze(1) if self.compact else \
+            torch.arange(self.batch, device=masked_bl.device)
 
     def drop_finished(self, masked_al: Tensor, forward) -> Tensor:
         """Keep the rows with masks left in the block (``masked_al``: the active rows' block masks), tell a

@@ -68,10 +68,10 @@ RECIPES: dict[str, list[dict]] = {
 }
 # A later stage's `model` is replaced by the stage before's folder; the chained key covers that dependency.
 # `uniform_sampler` is read only by uniform-noise families (DiffusionGemma); the recipes train masked models.
-# `mask_in_confidence` only changes how SFT's held-out evaluation decodes, never the weights;
+# `mask_in_confidence` and `stop_at_eos` only change how SFT's held-out evaluation decodes, never the weights;
 # `allow_eval_in_train` only lifts a refusal.
 _NOT_IN_KEY = ("output_dir", "progress_bar", "tensorboard", "save_every", "keep_checkpoints", "resume", "overwrite",
-               "uniform_sampler", "mask_in_confidence", "allow_eval_in_train")  # the last only refuses
+               "uniform_sampler", "mask_in_confidence", "stop_at_eos", "allow_eval_in_train")  # the last only refuses
 SHIPPED_DIR = Path(__file__).parent / "reference_policies"
 KEY_FILE = "recipe_key.txt"
 REFERENCE_PREFIX = "reference:"  # --model reference:TASK names TASK's reference policy

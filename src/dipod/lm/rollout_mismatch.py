@@ -37,18 +37,20 @@ def reveal_confidence(lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_bg
     ``completion_bg`` are the tokens as revealed (before any fill after EOS) and ``order_bg`` the
     step that revealed each (``dipod.lm.sampler.Decoded``). The state before step ``s`` shows the
     tokens revealed at earlier steps and masks the rest, exactly as the sampler saw it; the
-    probabilities exclude the mask token, which the sampler never proposes.
+    probabilities exclude the mask token, which the sampler never proposes. Positions no step
+    revealed (order -1: the EOS a ``stop_at_eos`` row was filled with) stay masked and are not averaged.
     """
     prompt_len = prompt_ids.shape[1]
     attn_bt = torch.cat([prompt_attn.long(), torch.ones_like(completion_bg)], dim=1)
     total_b = torch.zeros(completion_bg.shape[0], dtype=torch.float64, device=completion_bg.device)
+    unrevealed_bg = order_bg < 0
     for step in range(int(order_bg.max()) + 1):
-        state_bg = completion_bg.masked_fill(order_bg >= step, lm.mask_id)
+        state_bg = completion_bg.masked_fill((order_bg >= step) | unrevealed_bg, lm.mask_id)
         logits_bgv = lm.logits(torch.cat([prompt_ids, state_bg], dim=1), attn_bt, first=prompt_len).double()
         logits_bgv[..., lm.mask_id] = float("-inf")
         prob_bg = torch.softmax(logits_bgv, dim=-1).gather(-1, completion_bg.unsqueeze(-1)).squeeze(-1)
         total_b += (prob_bg * (order_bg == step)).sum(dim=1)
-    return total_b / completion_bg.shape[1]
+    return total_b / (~unrevealed_bg).sum(dim=1).clamp_min(1)
 
 
 @torch.no_grad()

@@ -75,6 +75,11 @@ class DecodingOptions:
         "keep the mask token's logit in the softmax that scores proposals, as LLaDA's generate() and Dream's "
         "diffusion_generate do (false: set it to -inf first, dipod's earlier rule); the mask token itself is "
         "never proposed either way", default=True)
+    stop_at_eos: bool = option(
+        "a row whose completion has ended (an EOS revealed, every position before it revealed) stops: its "
+        "remaining masks become EOS and it leaves the forwards. With fill_after_eos the completions are those "
+        "decoding on gives, except sampled threshold / random-remasking runs: there a different draw of the same "
+        "distribution (docs/lm_sampler.md)", default=False)
     kv_cache: str | None = option(f"block KV cache for decoding, one of {KV_CACHES} (None: full forwards)",
                                   default=None)
     top_k: int | None = option("propose only among the k most likely tokens; scores read the filtered "

@@ -124,6 +124,10 @@ def decode_masked(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings,
                                                         device=device)], dim=1)
     order_bg = torch.full((batch, settings.gen_length), -1, dtype=torch.long, device=device)
     forward = forward if forward is not None else block_forward(lm, settings.kv_cache)
+    if settings.stop_at_eos and lm.eos_id is None:
+        raise ConfigError("stop_at_eos stops a row at its first EOS, but the model has no EOS token id; "
+                          "set eos_token_id when loading it or leave stop_at_eos off")
+    fresh_bg = canvas_bg == mask_id  # the positions this call decodes (a block-causal canvas starts with prompt)
 
     step = row_forwards = 0
     # Only a forward that declares keep_rows (ours do) may see the batch shrink within a block.
@@ -133,7 +137,7 @@ def decode_masked(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings,
             lo, hi = prompt_len + start, prompt_len + end
             count = settings.count_rule(end - start)
             block_step = 0
-            rows.start_block()
+            rows.start_block(ids_bt[:, lo:hi] == mask_id)
             while (masked_al := rows.drop_finished(rows.select(ids_bt)[:, lo:hi] == mask_id, forward)).any():
                 ids_at = rows.select(ids_bt)
                 logits_alv = _guided_block_logits(forward, mask_id, ids_at, rows.select(attn_bt),
@@ -150,6 +154,8 @@ def decode_masked(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings,
                                                                masked_al.sum(1)))
                 rows.put(ids_bt, lo, hi, torch.where(reveal_al, tokens_al, ids_at[:, lo:hi]))
                 rows.put(order_bg, start, end, rows.select(order_bg)[:, start:end].masked_fill(reveal_al, step))
+                if settings.stop_at_eos:
+                    _stop_ended_rows(ids_bt, rows, prompt_len, fresh_bg, mask_id, lm.eos_id)
                 row_forwards += ids_at.shape[0]
                 step += 1
                 block_step += 1
@@ -158,6 +164,20 @@ def decode_masked(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings,
     if settings.fill_after_eos:
         completion_bg = fill_after_first_eos(completion_bg, lm.eos_id)
     return Decoded(completion_bg=completion_bg, order_bg=order_bg, forward_passes=step, row_forwards=row_forwards)
+
+
+def _stop_ended_rows(ids_bt: Tensor, rows: ActiveRows, prompt_len: int, fresh_bg: Tensor, mask_id: int,
+                     eos_id: int) -> None:
+    """``stop_at_eos``: the active rows whose completion has ended (an EOS this call revealed, every position
+    before it revealed) get EOS in their remaining masks, so they leave the forwards from the next step on.
+    The revealed tokens never change, so with ``fill_after_eos`` the result is the one decoding on would give."""
+    completion_ag = rows.select(ids_bt)[:, prompt_len:]
+    masked_ag = completion_ag == mask_id
+    revealed_before_ag = masked_ag.cumsum(dim=1) == 0  # every position up to here revealed
+    ended_a = (revealed_before_ag & (completion_ag == eos_id) & rows.select(fresh_bg)).any(dim=1) & masked_ag.any(1)
+    if bool(ended_a.any()):
+        index_e = rows.index_a[ended_a]
+        ids_bt[index_e, prompt_len:] = completion_ag[ended_a].masked_fill(masked_ag[ended_a], eos_id)
 
 
 def _sharded(model: torch.nn.Module) -> bool:
