@@ -46,18 +46,22 @@ def test_a_block_family_outside_its_range_is_told_its_own_versions(block_models,
 
 @pytest.mark.parametrize("family,installed", [("sdar", "4.52.4"), ("sdar", "4.53.0"), ("llada2_moe", "4.54.0"),
                                               ("llada2_moe", "4.57.6")])
-def test_inside_its_range_the_gate_lets_the_hub_code_path_run(block_models, monkeypatch, family, installed):
-    """The version gate is passed; what fails next is transformers itself (this tiny build ships no hub code)."""
+def test_inside_its_range_a_block_family_is_refused_before_any_hub_code_runs(block_models, monkeypatch, family,
+                                                                               installed):
+    """The version gate is passed; the block-causal process is not wired to the hub code, so the legacy path
+    is refused with the fix instead of decoding with the wrong attention."""
     monkeypatch.setattr(transformers, "__version__", installed)
     with pytest.raises(ValueError) as err:
         load_masked_lm(block_models[family], trust_remote_code=True)
-    assert GATE not in str(err.value) and "does not recognize this architecture" in str(err.value)
+    assert GATE not in str(err.value)
+    assert str(err.value).startswith(f"--trust_remote_code true is not supported for {family} yet")
+    assert "Drop --trust_remote_code" in str(err.value)
 
 
 def test_the_ranges_are_the_hub_codes_own():
     ranges = {name: family.hub_code_transformers for name, family in FAMILIES.items() if family.native}
     assert ranges == {"llada": ((4, 56), (4, 58)), "dream": ((4, 56), (4, 58)), "sdar": ((4, 52), (4, 54)),
-                      "llada2_moe": ((4, 54), (4, 58))}
+                      "llada2_moe": ((4, 54), (4, 58)), "sdar_moe": None}  # no hub code seen: no claim
 
 
 def test_llada_keeps_its_range(hub_models, monkeypatch):
@@ -65,3 +69,14 @@ def test_llada_keeps_its_range(hub_models, monkeypatch):
     with pytest.raises(ValueError, match=r"hub code of llada, which loads on transformers 4\.56-4\.57 only "
                                          r"\(installed: 4\.53\.2\).*'transformers>=4\.56,<4\.58'"):
         load_masked_lm(hub_models["llada"], trust_remote_code=True)
+
+
+def test_load_in_4bit_points_to_the_legacy_path_only_where_it_runs(block_models, hub_models):
+    """4-bit loading goes through the hub code; LLaDA's legacy path can take it, a block family's cannot
+    (it is refused), so only LLaDA is sent there."""
+    with pytest.raises(ValueError) as llada:
+        load_masked_lm(hub_models["llada"], load_in_4bit=True)
+    assert str(llada.value).endswith("or use the legacy path (--trust_remote_code true on transformers 4.56-4.57)")
+    with pytest.raises(ValueError) as sdar:
+        load_masked_lm(block_models["sdar"], load_in_4bit=True)
+    assert str(sdar.value).endswith("Set load_in_4bit false")

@@ -283,6 +283,9 @@ class SDARMoE(SDAR):
     every expert's projections (the same suffixes as SDAR's); never the router."""
 
     name = "sdar_moe"
+    # its hub code (modeling_sdar_moe.py) was not available to this project, so no range is claimed; the
+    # legacy path is refused for every block-causal family anyway (dipod.lm.model)
+    hub_code_transformers = None
 
     def matches(self, config: Mapping[str, Any]) -> bool:
         return str(config.get("model_type", "")).lower() == "sdar_moe"

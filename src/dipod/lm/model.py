@@ -244,9 +244,10 @@ def load_masked_lm(
     family = get_family(model_family) if model_family else detect_family(raw_config, name)
     ours = family.native and not trust_remote_code
     if ours and load_in_4bit:
+        legacy = (f", or use the legacy path (--trust_remote_code true on transformers {hub_code_versions(family)})"
+                  if family.hub_code_transformers and family.process != "block_causal" else "")
         raise ValueError(f"load_in_4bit quantises through the hub code's from_pretrained; {family.name} loads into "
-                         "dipod's own network here. Set load_in_4bit false, or use the legacy path "
-                         f"(--trust_remote_code true on transformers {hub_code_versions(family)})")
+                         f"dipod's own network here. Set load_in_4bit false{legacy}")
     with _damaged_weights_named(name):
         if ours:
             model, tokenizer, config = _load_checkpoint_network(name, local, torch_dtype)
@@ -348,6 +349,13 @@ def _load_with_transformers(name: str, local: bool, raw_config: dict, family: Mo
             f"{hub_code_versions(family)} only (installed: {transformers.__version__}). Drop --trust_remote_code: "
             f"dipod loads {family.name} into its own network on any supported transformers; or pip install "
             f"'transformers>={low_major}.{low_minor},<{high_major}.{high_minor}'")
+    if family.native and family.process == "block_causal" and trust_remote_code:
+        # the block-causal process passes a block mask and positions the hub code's forward does not take the
+        # same way; running it anyway would decode and score with the wrong attention, silently
+        raise ValueError(
+            f"--trust_remote_code true is not supported for {family.name} yet: dipod's block-causal decoding and "
+            f"likelihoods are not wired to its hub code. Drop --trust_remote_code: dipod loads {family.name} into "
+            "its own network, whose logits equal the hub code's to 1e-5 (docs/lm_block_diffusion.md)")
     if local:
         check_snapshot(name, raw_config)
     kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local}
