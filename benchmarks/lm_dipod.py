@@ -3,6 +3,7 @@
     python benchmarks/lm_dipod.py --quick                  # sudoku4, 7 methods x 3 seeds, 20 RL steps
     python benchmarks/lm_dipod.py                          # sudoku4 + countdown, 7 methods x 5 seeds, 60 steps
     python benchmarks/lm_dipod.py --sweep [--quick]        # learning rate x DiPOD beta: learns / collapses / freezes
+    python benchmarks/lm_dipod.py --recipe sudoku4_block   # the same on the block-causal reference (tiny SDAR)
 
 Every (task, method, seed) is one `dipod lm train` run in its own process (one torch thread each,
 ``--workers`` at a time) from the `dipod demo` recipe (``dipod.demo.TINY_RL_RECIPE``); finished
@@ -72,7 +73,7 @@ def run_one(job: dict) -> tuple[str, bool, float]:
     if finished(job):
         return str(out), True, float("nan")
     start = time.perf_counter()
-    train(tiny_rl_config(job["model_dir"], out, progress_bar=False, tensorboard=False, log_completions=0,
+    train(tiny_rl_config(job["model_dir"], out, job["recipe"], progress_bar=False, tensorboard=False, log_completions=0,
                          overwrite=True, **job["changes"]))  # an unfinished run starts again
     wall = time.perf_counter() - start
     (out / "wall_time.json").write_text(json.dumps({"wall_s": wall}))
@@ -103,7 +104,7 @@ def paper_set_eval(job: dict) -> dict:
         unexpected = lm.model.load_state_dict(weights, strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"{checkpoint}: weights {unexpected[:3]} do not belong to {job['model_dir']}")
-    settings = tiny_rl_config(job["model_dir"], "unused", task=job["task"]).sampler_settings(0.0)
+    settings = tiny_rl_config(job["model_dir"], "unused", job["recipe"], task=job["task"]).sampler_settings(0.0)
     task = get_task(job["task"])
     scores = {split: evaluate_policy(lm, task, task.load(split), settings, batch_size=128)["accuracy"]
               for split in PAPER_SETS[job["task"]]}
@@ -112,7 +113,7 @@ def paper_set_eval(job: dict) -> dict:
     return scores
 
 
-def measure_overhead(model_dir: Path, work: Path, repeats: int) -> dict:
+def measure_overhead(model_dir: Path, work: Path, repeats: int, recipe: str) -> dict:
     """Update time with DiPOD (beta = 0.05) against without (beta = 0) on the same rollout batch,
     interleaved so that load on a shared machine hits both alike."""
     import torch
@@ -123,7 +124,7 @@ def measure_overhead(model_dir: Path, work: Path, repeats: int) -> dict:
 
     out = {}
     for estimator in ("spg", "fpo"):
-        cfg = tiny_rl_config(model_dir, work / f"overhead_{estimator}", estimator=estimator, progress_bar=False,
+        cfg = tiny_rl_config(model_dir, work / f"overhead_{estimator}", recipe, estimator=estimator, progress_bar=False,
                              tensorboard=False, eval_examples=1)
         trainer = Trainer(cfg)
         examples = trainer.step_examples(1)
@@ -173,20 +174,26 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--report_only", action="store_true",
                         help="train nothing: rebuild the page from the runs already finished (others are left out)")
     parser.add_argument("--model_dirs", default=None, help="TASK=DIR,... : start from these policies instead of the recipe's")
+    parser.add_argument("--recipe", default=None,
+                        help="one tiny recipe for every run: its reference policy (reference:NAME) and RL recipe "
+                             "(configs/lm/tiny_NAME.yaml), on its task; e.g. sudoku4_block (default: each task's own)")
     args = parser.parse_args(argv)
 
-    from dipod.demo import TINY_RL_RECIPE
+    from dipod.demo import tiny_recipe
     from dipod.lm.reference import ensure_reference_policy
 
     preset_name = "quick" if args.quick else "full"
     preset = dict(PRESETS[preset_name])
     seeds = [int(s) for s in (args.seeds or preset.pop("seeds")).split(",") if s]
     tasks = [t for t in (args.tasks or preset.pop("tasks")).split(",") if t]
+    if args.recipe:
+        tasks = [tiny_recipe(args.recipe)["task"]]
+    recipes = {t: args.recipe or t for t in tasks}  # tiny recipe (and reference policy) name of each task
     preset.pop("seeds", None), preset.pop("tasks", None)
     if args.max_steps:
         preset["max_steps"] = args.max_steps
     preset["eval_examples"] = 500  # the whole test split of sudoku4 and countdown
-    beta = TINY_RL_RECIPE["dipod_beta"] if args.beta is None else args.beta
+    beta = tiny_recipe(recipes[tasks[0]])["dipod_beta"] if args.beta is None else args.beta
     from lm_rl_probe import parse_value
 
     overrides = {field: parse_value(value) for field, _, value in (item.partition("=") for item in args.set)}
@@ -201,12 +208,13 @@ def main(argv: list[str]) -> int:
             if name not in METHODS:
                 raise SystemExit(f"unknown method {name!r}; choose from {list(METHODS)}")
             methods[name] = {"dipod_beta": beta, **METHODS[name]}
-    name = args.name or f"lm_dipod_{preset_name}{'_sweep' if args.sweep else ''}"
+    name = args.name or f"lm_dipod_{preset_name}{'_sweep' if args.sweep else ''}{f'_{args.recipe}' if args.recipe else ''}"
 
     started = time.time()
     work = Path(args.work) / preset_name
     pinned = dict(item.split("=", 1) for item in args.model_dirs.split(",")) if args.model_dirs else {}
-    models = {t: Path(pinned[t]) if t in pinned else ensure_reference_policy(t, args.cache_dir, progress_bar=False)
+    models = {t: Path(pinned[t]) if t in pinned else ensure_reference_policy(recipes[t], args.cache_dir,
+                                                                             progress_bar=False)
               for t in tasks}
     jobs = []
     for task in tasks:
@@ -216,8 +224,9 @@ def main(argv: list[str]) -> int:
                 if task != "sudoku4" and changes.get("estimator") == "spg":
                     changes["eubo_beta"] = 1.5  # the paper's value off sudoku
                 folder = method.replace("+", "_").replace(" ", "_").replace("=", "")
-                jobs.append({"output_dir": str(work / task / folder / f"seed{seed}"), "model_dir": str(models[task]),
-                             "changes": changes, "key": (task, method)})
+                jobs.append({"output_dir": str(work / recipes[task] / folder / f"seed{seed}"),
+                             "model_dir": str(models[task]), "recipe": recipes[task], "changes": changes,
+                             "key": (task, method)})
     missing = [job for job in jobs if not finished(job)]
     if args.report_only:
         jobs = [job for job in jobs if job not in missing]
@@ -227,13 +236,15 @@ def main(argv: list[str]) -> int:
         for done, (out, was_done, wall) in enumerate(pool.imap_unordered(run_one, [] if args.report_only else jobs), 1):
             print(f"[{done}/{len(jobs)}] {out}{' (reused)' if was_done else f' {wall:.0f} s'}  "
                   f"({time.time() - started:.0f} s)", flush=True)
-    paper_jobs = [{"task": t, "model_dir": str(models[t]), "run_dir": None} for t in tasks]
-    paper_jobs += [{"task": job["key"][0], "model_dir": job["model_dir"], "run_dir": job["output_dir"]} for job in jobs]
+    paper_jobs = [{"task": t, "model_dir": str(models[t]), "recipe": recipes[t], "run_dir": None} for t in tasks]
+    paper_jobs += [{"task": job["key"][0], "model_dir": job["model_dir"], "recipe": job["recipe"],
+                    "run_dir": job["output_dir"]} for job in jobs]
     with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
         paper_results = pool.map(paper_set_eval, paper_jobs)
     paper_reference = {j["task"]: r for j, r in zip(paper_jobs, paper_results) if j["run_dir"] is None}
     paper_by_run = {j["run_dir"]: r for j, r in zip(paper_jobs, paper_results) if j["run_dir"] is not None}
-    overhead = measure_overhead(models[tasks[0]], work, args.overhead_repeats) if args.overhead_repeats else {}
+    overhead = (measure_overhead(models[tasks[0]], work, args.overhead_repeats, recipes[tasks[0]])
+                if args.overhead_repeats else {})
 
     from dipod.runlog import read_metrics
 
@@ -254,8 +265,9 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / f"{name}.png")
     command = "python benchmarks/lm_dipod.py " + " ".join(argv)
-    recipe = {**TINY_RL_RECIPE, **preset}
-    lines = [f"# DiPOD on the tiny reference policies ({preset_name} preset{', lr x beta sweep' if args.sweep else ''})",
+    recipe = {**tiny_recipe(recipes[tasks[0]]), **preset}
+    on = f"the {args.recipe} reference policy" if args.recipe else "the tiny reference policies"
+    lines = [f"# DiPOD on {on} ({preset_name} preset{', lr x beta sweep' if args.sweep else ''})",
              "", f"Command: `{command.strip()}`  ",
              f"Machine: shared 2-core CPU (other jobs running), {args.workers} runs in parallel, one torch thread "
              f"each; benchmark wall time {time.time() - started:.0f} s.  ",

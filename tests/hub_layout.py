@@ -1,7 +1,8 @@
-"""Tiny hub-layout LLaDA and Dream checkpoints, built by the test suite itself (nothing from ../shared).
+"""Tiny hub-layout LLaDA, Dream and SDAR-MoE checkpoints, built by the test suite itself (nothing from ../shared).
 
-``build_hub_layout(family, out_dir)`` writes what a user's download of GSAI-ML/LLaDA-8B-Instruct or
-Dream-org/Dream-v0-Instruct-7B holds, minus the model code, shrunk to vocab 128, width 64, 2 layers:
+``build_hub_layout(family, out_dir)`` writes what a user's download of GSAI-ML/LLaDA-8B-Instruct,
+Dream-org/Dream-v0-Instruct-7B or JetLM/SDAR-30B-A3B-Chat holds, minus the model code, shrunk to vocab 128,
+width 64, 2 layers (SDAR-MoE: 3, the middle one dense):
 
 - ``config.json`` with the hub's keys (``model_type``, ``architectures``, sizes, ``mask_token_id``, token
   ids) and no ``auto_map``: it loads through dipod's default path, our own network;
@@ -39,12 +40,14 @@ SPECIALS = {
     "llada": {97: "<|startoftext|>", 98: "<|endoftext|>", 99: "<|start_header_id|>", 100: "<|end_header_id|>",
               101: "<|eot_id|>", MASK_ID: "<|mdm_mask|>"},
     "dream": {97: "<|endoftext|>", 98: "<|im_start|>", 99: "<|im_end|>", 100: "<|beginoftext|>", MASK_ID: "<|mask|>"},
+    "sdar_moe": {97: "<|endoftext|>", 98: "<|im_start|>", 99: "<|im_end|>", MASK_ID: "<|MASK|>"},
 }
 # The tokenizer's named tokens (LLaDA names no mask token: its id lives in config.json only).
 TOKEN_ROLES = {
     "llada": dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"),
     "dream": dict(bos_token="<|beginoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                   mask_token="<|mask|>"),
+    "sdar_moe": dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>", mask_token="<|MASK|>"),
 }
 CHAT_TEMPLATES = {
     "llada": ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
@@ -53,6 +56,8 @@ CHAT_TEMPLATES = {
     "dream": ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
               "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
               "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    "sdar_moe": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
 }
 
 CONFIGS = {
@@ -76,6 +81,18 @@ CONFIGS = {
         "rope_scaling": None, "use_sliding_window": False, "sliding_window": None, "max_window_layers": LAYERS,
         "tie_word_embeddings": False, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": False,
         "dtype": "float32", "mask_token_id": MASK_ID, "bos_token_id": 100, "eos_token_id": 97, "pad_token_id": 97,
+    },
+    # SDAR-30B-A3B's keys (Qwen3-MoE's plus SDAR's block_size and mask id): 3 layers, the middle one dense
+    # (mlp_only_layers), 4 experts of 32, top-2, renormalised; 4 query / 2 KV heads of 16
+    "sdar_moe": {
+        "architectures": ["SDARMoeForCausalLM"], "model_type": "sdar_moe", "hidden_size": WIDTH,
+        "intermediate_size": MLP, "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
+        "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [1], "output_router_logits": False,
+        "router_aux_loss_coef": 0.001, "num_attention_heads": HEADS, "num_key_value_heads": 2, "head_dim": 16,
+        "num_hidden_layers": 3, "vocab_size": VOCAB, "max_position_embeddings": 1024, "hidden_act": "silu",
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000, "rope_scaling": None, "attention_bias": False,
+        "use_sliding_window": False, "sliding_window": None, "tie_word_embeddings": False, "block_size": 4,
+        "dtype": "float32", "mask_token_id": MASK_ID, "bos_token_id": 97, "eos_token_id": 97, "pad_token_id": 97,
     },
 }
 GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -114,7 +131,31 @@ def dream_tensors(c: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-TENSORS = {"llada": llada_tensors, "dream": dream_tensors}
+def sdar_moe_tensors(c: dict) -> dict[str, tuple[int, ...]]:
+    """Qwen3-MoE's layout: Dream's names without biases, ``self_attn.{q,k}_norm``; a mixture-of-experts layer has
+    ``mlp.gate`` (the router) and ``mlp.experts.E.{gate,up,down}_proj``, a layer in ``mlp_only_layers`` a dense MLP."""
+    d, vocab, head_dim = c["hidden_size"], c["vocab_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,), "lm_head.weight": (vocab, d)}
+    for i in range(c["num_hidden_layers"]):
+        layer = f"model.layers.{i}"
+        shapes.update({f"{layer}.input_layernorm.weight": (d,), f"{layer}.post_attention_layernorm.weight": (d,),
+                       f"{layer}.self_attn.q_proj.weight": (q, d), f"{layer}.self_attn.k_proj.weight": (kv, d),
+                       f"{layer}.self_attn.v_proj.weight": (kv, d), f"{layer}.self_attn.o_proj.weight": (d, q),
+                       f"{layer}.self_attn.q_norm.weight": (head_dim,),
+                       f"{layer}.self_attn.k_norm.weight": (head_dim,)})
+        dense = i in c["mlp_only_layers"] or (i + 1) % c["decoder_sparse_step"] or not c["num_experts"]
+        f, prefixes = ((c["intermediate_size"], [f"{layer}.mlp"]) if dense else
+                       (c["moe_intermediate_size"], [f"{layer}.mlp.experts.{e}" for e in range(c["num_experts"])]))
+        if not dense:
+            shapes[f"{layer}.mlp.gate.weight"] = (c["num_experts"], d)
+        for prefix in prefixes:
+            shapes.update({f"{prefix}.gate_proj.weight": (f, d), f"{prefix}.up_proj.weight": (f, d),
+                           f"{prefix}.down_proj.weight": (d, f)})
+    return shapes
+
+
+TENSORS = {"llada": llada_tensors, "dream": dream_tensors, "sdar_moe": sdar_moe_tensors}
 EMBEDDINGS = ("wte.weight", "embed_tokens.weight")
 HEADS_OUT = ("transformer.ff_out.weight", "lm_head.weight")
 
@@ -160,13 +201,14 @@ def build_tokenizer(family: str):
                                    clean_up_tokenization_spaces=False)
 
 
-def build_hub_layout(family: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the tiny ``family`` ("llada" or "dream") checkpoint to ``out_dir``; returns the folder."""
+def build_hub_layout(family: str, out_dir: str | Path, seed: int = 0, **config_changes) -> Path:
+    """Write the tiny ``family`` ("llada", "dream" or "sdar_moe") checkpoint to ``out_dir``, ``config_changes``
+    applied to its config.json; returns the folder."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = CONFIGS[family]
+    config = {**CONFIGS[family], **config_changes}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {k: config[k] for k in GENERATION_KEYS if k in config}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

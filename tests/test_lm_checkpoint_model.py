@@ -78,7 +78,7 @@ def test_an_unknown_architecture_names_the_supported_families(hub_models, tmp_pa
     with pytest.raises(ValueError, match=r"llada_moe.*not a known family.*\['diffusion_gemma', 'dream', .*'llada'"):
         load_masked_lm(copy)
     with pytest.raises(ValueError, match=r"model_type='llada_moe' has no network in dipod; supported families: "
-                                         r"\['dream', 'llada', 'llada2_moe', 'sdar'\]"):
+                                         r"\['dream', 'llada', 'llada2_moe', 'sdar', 'sdar_moe'\]"):
         load_checkpoint_model(copy)
 
 

@@ -213,7 +213,9 @@ def test_greedy_block_decoding_is_token_identical_to_the_authors_sampler(lm, hub
 
 @pytest.mark.parametrize("estimator,extra,reads", [("fpo", [], ("elbo",)),
                                                    ("spg", ["--spg_negative_proxy", "mix"], ("elbo", "eubo"))])
-def test_rl_with_dipod_trains_a_block_causal_model(sdar_snapshot, tmp_path, estimator, extra, reads):
+@pytest.mark.parametrize("dipod_beta", [0.05, 0.0])
+def test_rl_with_and_without_dipod_trains_a_block_causal_model(sdar_snapshot, tmp_path, estimator, extra, reads,
+                                                               dipod_beta):
     import math
 
     from rl_smoke import smoke_flags
@@ -221,11 +223,14 @@ def test_rl_with_dipod_trains_a_block_causal_model(sdar_snapshot, tmp_path, esti
     from dipod.lm.trainer import main
     from dipod.runlog import read_metrics
 
-    flags = smoke_flags(sdar_snapshot, tmp_path, estimator, *extra, block_length=BLOCK, diffusion_steps=16)
+    flags = smoke_flags(sdar_snapshot, tmp_path, estimator, *extra, block_length=BLOCK, diffusion_steps=16,
+                        dipod_beta=dipod_beta)
     assert main(flags) == 0
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         for key in (*reads, "loss", "grad_norm"):
             assert math.isfinite(row[key]), (key, row)
-        assert row["grad_norm"] > 0 and row["skipped_updates"] == 0.0
+        assert row["skipped_updates"] == 0.0 and ("dipod_loss" in row) == (dipod_beta > 0)
+        # without DiPOD a step whose groups all earned equal rewards (a random model) has no gradient at all
+        assert (row["grad_norm"] > 0) == (dipod_beta > 0 or row["frac_reward_zero_std"] < 1)

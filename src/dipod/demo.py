@@ -8,10 +8,12 @@
    lower bound) and write a plot of both runs.
 
 ``--placebo`` runs the same demo with rewards shuffled across each step's rollouts: what the
-policy does when the reward carries no information about the answer.
+policy does when the reward carries no information about the answer. ``--family block`` runs it on
+the block-causal reference (a tiny SDAR, ``reference:sudoku4_block``) instead of the full-sequence one.
 
-The RL recipe is ``configs/lm/tiny_sudoku4.yaml`` (packaged as ``dipod/lm/configs/``; ``tiny_rl_config``
-reads it), also what the benchmark (benchmarks/lm_dipod.py) and `dipod lm train --config` start from.
+The RL recipe is ``configs/lm/tiny_sudoku4.yaml`` (``tiny_sudoku4_block.yaml`` for ``--family block``;
+packaged as ``dipod/lm/configs/``; ``tiny_rl_config`` reads it), also what the benchmark
+(benchmarks/lm_dipod.py) and `dipod lm train --config` start from.
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ def tiny_recipe(task: str = "sudoku4") -> dict:
 TINY_RL_RECIPE: dict = tiny_recipe("sudoku4")
 
 
-def tiny_rl_config(model_dir: str | Path, output_dir: str | Path, **changes) -> TrainConfig:
-    """The tiny recipe of ``changes.get("task", "sudoku4")`` with ``changes``; switching ``estimator`` drops
-    the recipe's SPG-only fields."""
-    values = tiny_recipe(changes.get("task", TINY_RL_RECIPE["task"]))
+def tiny_rl_config(model_dir: str | Path, output_dir: str | Path, recipe: str | None = None, **changes) -> TrainConfig:
+    """The tiny recipe ``recipe`` (default: that of ``changes.get("task", "sudoku4")``) with ``changes``;
+    switching ``estimator`` drops the recipe's SPG-only fields."""
+    values = tiny_recipe(recipe or changes.get("task", TINY_RL_RECIPE["task"]))
     if changes.get("estimator", values["estimator"]) != "spg":
         values = {k: v for k, v in values.items() if k not in ESTIMATOR_FIELDS}
     values.update(model=str(model_dir), output_dir=str(output_dir), **changes)
@@ -71,6 +73,10 @@ def paper_set_accuracy(lm, cfg: TrainConfig) -> float:
     return evaluate_policy(lm, task, task.load("spg_test"), cfg.sampler_settings(0.0), batch_size=128)["accuracy"]
 
 
+# --family: the reference policy and tiny RL recipe (configs/lm/tiny_NAME.yaml) of each kind of diffusion
+DEMO_FAMILIES = {"masked": "sudoku4", "block": "sudoku4_block"}
+FAMILY_WORDS = {"masked": "tiny sudoku4 reference policy (full-sequence masked diffusion, ModernBERT)",
+                "block": "tiny sudoku4 reference policy (block-causal, SDAR with blocks of 4)"}
 # The demo's runs: the method it shows and the control beside it (same reference, seed and budget).
 RUNS = {"main": ("SPG(mix)+DiPOD", {}), "plain": ("plain SPG(mix), DiPOD off", {"dipod_beta": 0.0})}
 
@@ -86,7 +92,7 @@ def run_demo_job(job: dict) -> dict:
     from dipod.lm.model import load_masked_lm
     from dipod.lm.trainer import train
 
-    cfg = tiny_rl_config(job["model_dir"], job["output_dir"], **job["changes"])
+    cfg = tiny_rl_config(job["model_dir"], job["output_dir"], job["recipe"], **job["changes"])
     result = train(cfg)
     reference = load_masked_lm(str(job["model_dir"]))
     before = {**result.before, "spg_test/accuracy": paper_set_accuracy(reference, cfg)}
@@ -105,8 +111,13 @@ def main(argv: list[str], prog: str = "dipod demo") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="runs/demo", help="run folder (demo.png, one sub-folder per run)")
     parser.add_argument("--cache_dir", default=None, help=f"reference-policy cache (default: {default_cache_dir()})")
-    parser.add_argument("--max_steps", type=int, default=TINY_RL_RECIPE["max_steps"], help="RL steps (>= 1)")
-    parser.add_argument("--dipod_beta", type=float, default=TINY_RL_RECIPE["dipod_beta"], help="DiPOD weight (0: off)")
+    parser.add_argument("--family", choices=sorted(DEMO_FAMILIES), default="masked",
+                        help="which kind of diffusion model: masked (the full-sequence ModernBERT reference) or block "
+                             "(the block-causal tiny SDAR reference, reference:sudoku4_block)")
+    parser.add_argument("--max_steps", type=int, default=None,
+                        help=f"RL steps (>= 1; default: the recipe's, {TINY_RL_RECIPE['max_steps']})")
+    parser.add_argument("--dipod_beta", type=float, default=None,
+                        help=f"DiPOD weight (0: off; default: the recipe's, {TINY_RL_RECIPE['dipod_beta']})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--placebo", action="store_true",
                         help="the control: rewards shuffled across each step's rollouts, so they say nothing about "
@@ -114,6 +125,10 @@ def main(argv: list[str], prog: str = "dipod demo") -> int:
     parser.add_argument("--no_baseline", action="store_true",
                         help="skip the plain SPG(mix) run (DiPOD off) that runs beside the main one on the other core")
     args = parser.parse_args(argv)
+    name = DEMO_FAMILIES[args.family]
+    recipe = tiny_recipe(name)
+    args.max_steps = recipe["max_steps"] if args.max_steps is None else args.max_steps
+    args.dipod_beta = recipe["dipod_beta"] if args.dipod_beta is None else args.dipod_beta
     if args.max_steps < 1:
         parser.error(f"--max_steps {args.max_steps} must be >= 1")
     if args.dipod_beta < 0:
@@ -121,10 +136,11 @@ def main(argv: list[str], prog: str = "dipod demo") -> int:
     start = time.perf_counter()
     out = Path(args.output_dir)
 
-    print("[1/3] tiny sudoku4 reference policy ...", flush=True)
-    if shipped_reference("sudoku4") is None:
-        print("      not shipped with this install: training it (about 10 minutes on 2 cores, then cached)", flush=True)
-    model_dir = ensure_reference_policy("sudoku4", args.cache_dir)
+    print(f"[1/3] {FAMILY_WORDS[args.family]} ...", flush=True)
+    if shipped_reference(name) is None:
+        print("      not shipped with this install: training it (about 10-20 minutes on 2 cores, then cached)",
+              flush=True)
+    model_dir = ensure_reference_policy(name, args.cache_dir)
     print(f"      {model_dir}  ({time.perf_counter() - start:.0f} s)", flush=True)
 
     placebo = " with PLACEBO rewards (shuffled)" if args.placebo else ""
@@ -135,24 +151,24 @@ def main(argv: list[str], prog: str = "dipod demo") -> int:
     common = dict(max_steps=args.max_steps, dipod_beta=args.dipod_beta, seed=args.seed, placebo_rewards=args.placebo,
                   save_steps=args.max_steps, eval_steps=max(1, args.max_steps // 3), overwrite=True,
                   save_final_model=False)
-    jobs = [{"model_dir": str(model_dir), "output_dir": str(out / name),
+    jobs = [{"model_dir": str(model_dir), "output_dir": str(out / run), "recipe": name,
              # only the main run talks: the control's progress and completions would interleave with it
-             "changes": {**common, **changes, **({} if name == "main" else {"progress_bar": False, "log_completions": 0})}}
-            for name, (_, changes) in runs.items()]
+             "changes": {**common, **changes, **({} if run == "main" else {"progress_bar": False, "log_completions": 0})}}
+            for run, (_, changes) in runs.items()]
     with mp.get_context("spawn").Pool(len(jobs)) as pool:
         results = dict(zip(runs, pool.map(run_demo_job, jobs)))
 
     main_run = results["main"]
     print("[3/3] results (greedy decoding; seed %d; held-out = the %d puzzles of the test split, on grids no "
-          "training puzzle uses)%s" % (args.seed, TINY_RL_RECIPE["eval_examples"], placebo), flush=True)
+          "training puzzle uses)%s" % (args.seed, recipe["eval_examples"], placebo), flush=True)
     print(before_after_table(main_run["before"], main_run["after"]))
     if "plain" in results:
         plain = results["plain"]
         print(f"control, {RUNS['plain'][0]}: held-out accuracy {plain['before']['eval/accuracy']:.3f} -> peak "
               f"{plain['peak_accuracy']:.3f} -> final {plain['after']['eval/accuracy']:.3f}")
     labels = [f"{label}{' (placebo)' if args.placebo else ''}" for label, _ in runs.values()]
-    plot = plot_runs([out / name for name in runs], out / "demo.png",
+    plot = plot_runs([out / run for run in runs], out / "demo.png",
                      keys=["reward", "eval/accuracy", "gap_lower_bound"], labels=labels)
-    print(f"plot: {plot}\nmetrics: {', '.join(str(out / name / 'metrics.jsonl') for name in runs)}\n"
+    print(f"plot: {plot}\nmetrics: {', '.join(str(out / run / 'metrics.jsonl') for run in runs)}\n"
           f"total time: {time.perf_counter() - start:.0f} s")
     return 0

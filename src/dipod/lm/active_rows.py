@@ -33,12 +33,13 @@ class ActiveRows:
         self.index_a = masked_bl.any(dim=1).nonzero().squeeze(1) if self.compact else \
             torch.arange(self.batch, device=masked_bl.device)
 
-    def drop_finished(self, masked_al: Tensor, forward) -> Tensor:
-        """Keep the rows with masks left in the block (``masked_al``: the active rows' block masks), tell a
-        stateful ``forward`` (one with ``keep_rows``), and return the kept rows' masks."""
+    def drop_finished(self, masked_al: Tensor, forward, live_a: Tensor | None = None) -> Tensor:
+        """Keep the rows with masks left in the block (``masked_al``: the active rows' block masks), or those
+        ``live_a`` marks (token editing keeps a row past its last mask), tell a stateful ``forward`` (one
+        with ``keep_rows``), and return the kept rows' masks."""
         if not self.compact:
             return masked_al
-        left_a = masked_al.any(dim=1)
+        left_a = masked_al.any(dim=1) if live_a is None else live_a
         if bool(left_a.all()):
             return masked_al
         self.index_a = self.index_a[left_a]
@@ -61,6 +62,13 @@ class ActiveRows:
             full_bt[:, lo:hi] = value_al
         else:
             full_bt[self.index_a, lo:hi] = value_al
+
+    def put_rows(self, full_b: Tensor, value_a: Tensor) -> None:
+        """Write ``value_a`` into the active rows of the per-row tensor ``full_b``."""
+        if self.all_rows:
+            full_b.copy_(value_a)
+        else:
+            full_b[self.index_a] = value_a
 
     def uniform_rows(self, shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
         """Float64 uniforms ``[A, *shape[1:]]``: drawn for the whole batch, then the active rows selected."""

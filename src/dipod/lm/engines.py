@@ -1,6 +1,6 @@
 """The engine seam: what differs between one process, DDP, DeepSpeed ZeRO-2/3 and FSDP.
 
-The trainer talks to ``accelerate`` only; the four things that are not the same under every engine
+The trainer talks to ``accelerate`` only; the things that are not the same under every engine
 live here and nowhere else:
 
 - **building the Accelerator** from OUR flags: the micro-batch size, gradient accumulation and
@@ -19,6 +19,9 @@ live here and nowhere else:
   the atomic ``checkpoint-STEP`` folder (dipod.checkpoint). A shared filesystem is assumed.
   ``final_model/`` under ZeRO-3 / FSDP: every rank joins the gather, the main process loads the whole
   state into a CPU copy of the policy and saves that (LoRA merged), as under the other engines.
+- **mixture-of-experts**: experts that no token of a micro-batch reached get no gradient, and which
+  experts run differs per rank; ``prepare`` turns on DDP's ``find_unused_parameters`` and makes each
+  MoE block a ZeRO-3 leaf (all its weights gathered at once) for a model with routed experts.
 """
 
 from __future__ import annotations
@@ -147,6 +150,25 @@ class Engine:
             yield
         finally:
             plugin.set_deepspeed_weakref()
+
+    def prepare(self, model: torch.nn.Module, optimizer):
+        """accelerate's prepare. Under DDP a model that routes tokens to experts (LLaDA2.x) leaves every expert
+        no token of a micro-batch reached without a gradient; DDP must be told to look for such parameters
+        (``find_unused_parameters``), or its next step stops waiting for their reduction."""
+        from dipod.lm.networks.moe import MoE
+
+        routed = any(isinstance(m, MoE) for m in model.modules())
+        if routed and self.kind == "ddp":
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+        if routed and self.planner_engine == "zero3":
+            # ZeRO-3 gathers a module's weights when it is called, a collective: ranks whose tokens chose
+            # different experts would call different ones. As a leaf, an MoE block gathers all its weights.
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, [MoE])
+        return self.accelerator.prepare(model, optimizer)
 
     @property
     def planner_engine(self) -> str:

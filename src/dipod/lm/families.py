@@ -14,7 +14,8 @@ A family says everything dipod must know about an architecture that its ``config
 
 Families: ``llada`` (LLaDA-8B-Instruct / -Base, LLaDA-1.5: one code base), ``dream``
 (Dream-v0-Instruct-7B / -Base-7B), ``sdar`` (SDAR / TraDo dense: block-causal, the ``block_causal``
-process), ``llada2_moe`` (LLaDA2.x, MoE, the same process), ``diffusion_gemma`` (transformers' own block-diffusion model
+process), ``sdar_moe`` (SDAR-30B-A3B, the same process), ``llada2_moe`` (LLaDA2.x, MoE, the same process),
+``diffusion_gemma`` (transformers' own block-diffusion model
 with uniform noise, ``noise = "uniform"``: dipod.lm.diffusion_gemma) and ``hf_masked_lm`` (any
 ``AutoModelForMaskedLM`` of transformers, e.g. our tiny ModernBERT). LLaDA and Dream load into our
 own network by default (``native``: dipod.lm.networks.checkpoint_model, called by
@@ -44,6 +45,9 @@ class ModelFamily:
     forward_kwargs: Mapping[str, Any] = MappingProxyType({})  # extra keyword arguments of every forward call
     shifted_logits: bool = False
     needs_remote_code: bool = False  # the legacy path: its hub snapshot ships model code (auto_map)
+    # [low, high) transformers (major, minor) on which the family's own hub code loads (the legacy
+    # ``trust_remote_code`` path); None where it has no such limit known here
+    hub_code_transformers: tuple[tuple[int, int], tuple[int, int]] | None = None
     native: bool = False  # loaded into our own network (dipod.lm.networks) unless trust_remote_code asks otherwise
     # "masking" (mask tokens) or "uniform" (uniform-noise block diffusion: no mask token)
     noise: str = "masking"
@@ -171,6 +175,7 @@ class LLaDA(ModelFamily):
     forward_kwargs = MappingProxyType({"use_cache": False})  # no key/value outputs during training
     needs_remote_code = True
     native = True
+    hub_code_transformers = ((4, 56), (4, 58))  # 5.x: all_tied_weights_keys, tie_weights(recompute_mapping=)
     end_of_turn_token = "<|eot_id|>"
     # Every linear layer of a block (attention q/k/v/out, SwiGLU gate/up/down).
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -213,6 +218,7 @@ class Dream(ModelFamily):
     shifted_logits = True
     needs_remote_code = True
     native = True
+    hub_code_transformers = ((4, 56), (4, 58))  # 5.x: rope_type 'default' fails as shipped
     end_of_turn_token = "<|im_end|>"
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     sampler_defaults = MappingProxyType({"schedule": "global", "remasking": "maskgit_plus"})
@@ -254,6 +260,8 @@ class SDAR(ModelFamily):
     name = "sdar"
     needs_remote_code = True
     native = True
+    # modeling_sdar.py imports LossKwargs (gone in 4.54) and SlidingWindowCache (gone in 5.0)
+    hub_code_transformers = ((4, 52), (4, 54))
     process = "block_causal"
     end_of_turn_token = "<|im_end|>"
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -268,6 +276,21 @@ class SDAR(ModelFamily):
         return model(ids, attn, row_positions(attn), first=first)
 
 
+class SDARMoE(SDAR):
+    """SDAR-MoE (SDAR-30B-A3B; hub code ``modeling_sdar_moe.py``, ``SDARMoeForCausalLM``): SDAR's network with
+    Qwen3-MoE's feed-forward (softmax top-k routing, no shared expert; ``dipod.lm.networks.sdar``). Loaded into
+    our network only; decoded and scored by the block-causal process. LoRA targets attention, dense MLPs and
+    every expert's projections (the same suffixes as SDAR's); never the router."""
+
+    name = "sdar_moe"
+    # its hub code (modeling_sdar_moe.py) was not available to this project, so no range is claimed; the
+    # legacy path is refused for every block-causal family anyway (dipod.lm.model)
+    hub_code_transformers = None
+
+    def matches(self, config: Mapping[str, Any]) -> bool:
+        return str(config.get("model_type", "")).lower() == "sdar_moe"
+
+
 class LLaDA2(SDAR):
     """LLaDA2.0 / 2.1 (hub code ``modeling_llada2_moe.py``, ``LLaDA2MoeModelLM``): a mixture-of-experts network
     with block-causal attention in blocks of 32, unshifted logits, the mask id from the tokenizer
@@ -276,6 +299,9 @@ class LLaDA2(SDAR):
     ``qkv_proj``, ``o_proj``), the dense MLPs and every expert's projections (same suffixes)."""
 
     name = "llada2_moe"
+    # modeling_llada2_moe.py imports TransformersKwargs (new in 4.54); on 5.x its rotary buffer is left
+    # uninitialised and the logits are garbage
+    hub_code_transformers = ((4, 54), (4, 58))
     end_of_turn_token = "<|role_end|>"
     lora_targets = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -322,7 +348,8 @@ class DiffusionGemma(ModelFamily):
                          "after its encoder); decode and score it through dipod.lm.diffusion_gemma")
 
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLaDA(), Dream(), SDAR(), LLaDA2(), DiffusionGemma(), HFMaskedLM())}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (LLaDA(), Dream(), SDAR(), SDARMoE(), LLaDA2(), DiffusionGemma(),
+                                                         HFMaskedLM())}
 # the help text of every command's --model_family flag, so a new family shows up in all of them
 FAMILY_HELP = f"model family: {', '.join(FAMILIES)} (None: detected from config.json)"
 

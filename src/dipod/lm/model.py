@@ -38,7 +38,7 @@ TINY_SPECIAL_TOKENS = (PAD_TOKEN, MASK_TOKEN, EOS_TOKEN, UNK_TOKEN)
 # space and newline. Anything else encodes as <unk>.
 TINY_ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n"
 
-LEGACY_TRANSFORMERS = ((4, 56), (4, 58))  # where the hub code of LLaDA and Dream loads: [4.56, 4.58)
+LEGACY_TRANSFORMERS = FAMILIES["llada"].hub_code_transformers  # where the hub code of LLaDA and Dream loads
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -233,8 +233,8 @@ def load_masked_lm(
     code runs: the family (``model_family`` or detected, see dipod.lm.families) and that a local
     snapshot has its weights and tokenizer. LLaDA and Dream load into our own network from their
     checkpoint files (dipod.lm.networks.checkpoint_model; no hub code, any transformers 5.x);
-    ``trust_remote_code=True`` runs their hub code instead (the legacy path, transformers
-    4.56-4.57 only). Other models load through transformers' Auto classes. A local directory is
+    ``trust_remote_code=True`` runs their hub code instead (the legacy path, on the transformers
+    versions that code loads on: ``ModelFamily.hub_code_transformers``). Other models load through transformers' Auto classes. A local directory is
     loaded with ``local_files_only=True`` (never touches the network). The mask id is the model's
     (tokenizer or config); ``mask_token_id`` only fills in for a model that has none and must
     agree otherwise. ``lora.target_modules=None`` means the family's default targets.
@@ -246,9 +246,10 @@ def load_masked_lm(
     family = get_family(model_family) if model_family else detect_family(raw_config, name)
     ours = family.native and not trust_remote_code
     if ours and load_in_4bit:
+        legacy = (f", or use the legacy path (--trust_remote_code true on transformers {hub_code_versions(family)})"
+                  if family.hub_code_transformers and family.process != "block_causal" else "")
         raise ValueError(f"load_in_4bit quantises through the hub code's from_pretrained; {family.name} loads into "
-                         "dipod's own network here. Set load_in_4bit false, or use the legacy path "
-                         "(--trust_remote_code true on transformers 4.56-4.57)")
+                         f"dipod's own network here. Set load_in_4bit false{legacy}")
     with _damaged_weights_named(name):
         if ours:
             model, tokenizer, config = _load_checkpoint_network(name, local, torch_dtype)
@@ -343,11 +344,21 @@ def _load_with_transformers(name: str, local: bool, raw_config: dict, family: Mo
         raise ValueError(
             f"model {name!r} ({family.name}) ships its own model code (config.json auto_map); pass "
             "--trust_remote_code true to run it")
-    if family.native and not LEGACY_TRANSFORMERS[0] <= _version(transformers.__version__) < LEGACY_TRANSFORMERS[1]:
+    supported = family.hub_code_transformers
+    if family.native and supported and not supported[0] <= _version(transformers.__version__) < supported[1]:
+        (low_major, low_minor), (high_major, high_minor) = supported
         raise ValueError(
-            f"--trust_remote_code true runs the hub code of {family.name}, which loads on transformers 4.56-4.57 "
-            f"only (installed: {transformers.__version__}). Drop --trust_remote_code: dipod loads {family.name} into "
-            "its own network on any supported transformers; or pip install 'transformers>=4.56,<4.58'")
+            f"--trust_remote_code true runs the hub code of {family.name}, which loads on transformers "
+            f"{hub_code_versions(family)} only (installed: {transformers.__version__}). Drop --trust_remote_code: "
+            f"dipod loads {family.name} into its own network on any supported transformers; or pip install "
+            f"'transformers>={low_major}.{low_minor},<{high_major}.{high_minor}'")
+    if family.native and family.process == "block_causal" and trust_remote_code:
+        # the block-causal process passes a block mask and positions the hub code's forward does not take the
+        # same way; running it anyway would decode and score with the wrong attention, silently
+        raise ValueError(
+            f"--trust_remote_code true is not supported for {family.name} yet: dipod's block-causal decoding and "
+            f"likelihoods are not wired to its hub code. Drop --trust_remote_code: dipod loads {family.name} into "
+            "its own network, whose logits equal the hub code's to 1e-5 (docs/lm_block_diffusion.md)")
     if local:
         check_snapshot(name, raw_config)
     kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local}
@@ -364,6 +375,12 @@ def _load_with_transformers(name: str, local: bool, raw_config: dict, family: Mo
             f"could not load model {name!r} {where}: {err} Pass a local directory written by save_pretrained, "
             "or a hub id reachable from this machine (download it first when offline)") from err
     return model, tokenizer, config
+
+
+def hub_code_versions(family: ModelFamily) -> str:
+    """The transformers versions the family's hub code loads on, as people write them ("4.56-4.57")."""
+    (low_major, low_minor), (high_major, high_minor) = family.hub_code_transformers
+    return f"{low_major}.{low_minor}-{high_major}.{high_minor - 1}"  # the ranges end before a x.y with y > 0
 
 
 def _version(text: str) -> tuple[int, int]:

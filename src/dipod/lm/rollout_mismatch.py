@@ -84,4 +84,5 @@ def rollout_mismatch(lm, prompt_ids: Tensor, prompt_attn: Tensor, fast: SamplerS
 
 def reference_settings(settings: SamplerSettings) -> SamplerSettings:
     """``settings`` without the fast-decoding options: fixed schedule, full forwards."""
-    return dataclasses.replace(settings, confidence_threshold=None, max_reveal_per_step=None, kv_cache=None)
+    return dataclasses.replace(settings, confidence_threshold=None, max_reveal_per_step=None, kv_cache=None,
+                               edit_threshold=None)

@@ -17,6 +17,9 @@ Conventions (see docs/lm_sampler.md):
   proposals, as in LLaDA's ``generate()`` and Dream's ``diffusion_generate``; without it the mask
   logit is -inf before filtering and scoring (dipod's earlier rule);
 - with ``compact_rows`` (default) finished rows leave the forwards (``dipod.lm.active_rows``);
+- with ``edit_threshold`` (block-causal models: LLaDA2.1's token editing) a step also replaces revealed
+  tokens of the current block, and a block ends only once a mask-free step edits nothing
+  (``dipod.lm.processes.token_editing``);
 - ties between equal scores go to the leftmost position, so outputs are deterministic at
   temperature 0, and at temperature > 0 with a fixed ``torch.Generator``;
 - classifier-free guidance runs an unconditional pass in the same forward (batch stacked), with
@@ -80,6 +83,12 @@ class DecodingOptions:
         "remaining masks become EOS and it leaves the forwards. With fill_after_eos the completions are those "
         "decoding on gives, except sampled threshold / random-remasking runs: there a different draw of the same "
         "distribution (docs/lm_sampler.md)", default=False)
+    edit_threshold: float | None = option(
+        "block-causal models: LLaDA2.1's token editing; each step also replaces every revealed token of the current "
+        "block whose proposal differs and scores above this (LLaDA2.1: 0.9; None: no editing; "
+        "docs/lm_block_diffusion.md)", default=None)
+    max_post_steps: int = option("with edit_threshold: at most this many editing-only steps per block once its masks "
+                                 "are gone (LLaDA2.1's max_post_steps)", default=16)
     kv_cache: str | None = option(f"block KV cache for decoding, one of {KV_CACHES} (None: full forwards)",
                                   default=None)
     top_k: int | None = option("propose only among the k most likely tokens; scores read the filtered "
@@ -89,6 +98,18 @@ class DecodingOptions:
     uniform_sampler: str = option(f"uniform-noise families (DiffusionGemma), one of {UNIFORM_SAMPLERS}: 'own' (the "
                                   "model's entropy-bounded sampler) or 'ancestral' (dipod's: x_(t-1) ~ p(x_(t-1) | x_t) "
                                   "of the ELBO's process, steps per canvas)", default="own")
+
+    def _check_probability_threshold(self, field: str, example: str, unset: str) -> None:
+        """A threshold on the reveal rule's score: in (0, 1], and the rule's score must be a probability."""
+        value = getattr(self, field)
+        if value is None:
+            return
+        if not 0.0 < value <= 1.0:  # also rejects NaN
+            raise ConfigError(f"{field}={value} must lie in (0, 1] ({example}), or leave it {unset}")
+        if self.remasking is not None and not REVEAL_RULES[self.remasking].is_probability:
+            usable = tuple(name for name, rule in REVEAL_RULES.items() if rule.is_probability)
+            raise ConfigError(f"{field} compares a probability, but remasking={self.remasking!r} scores are not "
+                              f"one; use one of {usable}")
 
     def decoding_options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(DecodingOptions)}
@@ -101,20 +122,19 @@ class DecodingOptions:
         if not 0.0 < self.schedule_eps < 1.0:
             raise ConfigError(f"schedule_eps={self.schedule_eps} must lie in (0, 1) (Dream uses 1e-3)")
         threshold = self.confidence_threshold
-        if threshold is not None:
-            if not 0.0 < threshold <= 1.0:  # also rejects NaN
-                raise ConfigError(f"confidence_threshold={threshold} must lie in (0, 1] (e.g. 0.9), or leave it "
-                                  "unset for the fixed schedule")
-            if self.remasking is not None and not REVEAL_RULES[self.remasking].is_probability:
-                usable = tuple(name for name, rule in REVEAL_RULES.items() if rule.is_probability)
-                raise ConfigError(f"confidence_threshold compares a probability, but remasking={self.remasking!r} "
-                                  f"scores are not one; use one of {usable}")
+        self._check_probability_threshold("confidence_threshold", "e.g. 0.9", "unset for the fixed schedule")
         if self.max_reveal_per_step is not None:
             if threshold is None:
                 raise ConfigError("max_reveal_per_step caps threshold decoding; set confidence_threshold too "
                                   "or remove max_reveal_per_step")
             if self.max_reveal_per_step < 1:
                 raise ConfigError(f"max_reveal_per_step={self.max_reveal_per_step} must be >= 1")
+        self._check_probability_threshold("edit_threshold", "LLaDA2.1 uses 0.9", "unset: no token editing")
+        if self.edit_threshold is not None and self.stop_at_eos:
+            raise ConfigError("stop_at_eos stops a row at an EOS it takes as final, but token editing (edit_threshold) "
+                              "may still change revealed tokens; use one of them")
+        if self.max_post_steps < 0:
+            raise ConfigError(f"max_post_steps={self.max_post_steps} must be >= 0 (LLaDA2.1 uses 16)")
         if self.kv_cache is not None and self.kv_cache not in KV_CACHES:
             raise ConfigError(f"kv_cache={self.kv_cache!r}; choose one of {KV_CACHES} or leave it unset")
         if self.top_k is not None and self.top_k < 1:

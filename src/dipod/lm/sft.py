@@ -18,6 +18,7 @@ left at a mid-level accuracy with room for RL to improve. Outputs in OUTPUT_DIR:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -36,6 +37,7 @@ from dipod.checkpoint import (RESUME_HELP, RESUME_LATEST, capture_rng_state, res
 from dipod.config import ConfigError, option, parse_config, require, save_config
 from dipod.lm.evaluate import PROMPT_STYLES, evaluate_policy
 from dipod.lm.families import FAMILIES, FAMILY_HELP
+from dipod.lm.processes.registry import process_of
 from dipod.lm.recipe import RECIPE_FILE, DecodingRecipe
 from dipod.lm.train_config import DTYPES
 from dipod.lm.sampler import DecodingOptions, SamplerSettings
@@ -48,6 +50,7 @@ MODEL_DIR = "model"
 # stage codes for derive_seed: independent random streams per purpose
 _BATCHES, _MASKS, _WRONG = range(3)
 LR_SCHEDULES = ("constant", "cosine")
+TINY_SDAR = "tiny-sdar"
 
 
 # ---------------------------------------------------------------------------------------- loss
@@ -89,7 +92,8 @@ def sft_loss(logits_fn: LogitsFn, prompt_ids: torch.Tensor, prompt_attn: torch.T
 @dataclass
 class SFTConfig(DecodingOptions):  # remasking, schedule, confidence_threshold, kv_cache, ...
     # --- model ---
-    model: str = option("'tiny' builds a fresh tiny ModernBERT; otherwise a model directory or hub id", default="tiny")
+    model: str = option(f"'tiny' builds a fresh tiny ModernBERT (full-sequence masked diffusion), '{TINY_SDAR}' a fresh "
+                        "tiny SDAR (block-causal, blocks of 4); otherwise a model directory or hub id", default="tiny")
     tiny_hidden_size: int = option("tiny model: hidden size", default=128)
     tiny_layers: int = option("tiny model: transformer layers", default=4)
     tiny_heads: int = option("tiny model: attention heads", default=4)
@@ -229,12 +233,18 @@ def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> t
 def _load_start_model(cfg: SFTConfig):
     from dipod.lm.model import build_tiny_model, load_masked_lm
 
-    if cfg.model != "tiny":
+    from dipod.lm.networks.tiny_block import build_tiny_block_model
+
+    if cfg.model not in ("tiny", TINY_SDAR):
         return load_masked_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                               mask_token_id=cfg.mask_token_id, model_family=cfg.model_family)
+    sizes = dict(hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_layers, num_heads=cfg.tiny_heads,
+                 intermediate_size=cfg.tiny_intermediate_size)
     with tempfile.TemporaryDirectory(prefix="dipod-tiny-") as tmp:
-        build_tiny_model(Path(tmp) / "init", hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_layers,
-                         num_heads=cfg.tiny_heads, intermediate_size=cfg.tiny_intermediate_size, seed=cfg.seed)
+        if cfg.model == TINY_SDAR:  # a training init: the output head starts near uniform
+            build_tiny_block_model(Path(tmp) / "init", "sdar", seed=cfg.seed, sizes=sizes, head_std=0.05)
+        else:
+            build_tiny_model(Path(tmp) / "init", seed=cfg.seed, **sizes)
         return load_masked_lm(Path(tmp) / "init", dtype=cfg.dtype)
 
 
@@ -287,6 +297,7 @@ def _train_sft(cfg: SFTConfig) -> dict:
     if cfg.wrong_demonstration_rate:
         wrong_ids = encode_demonstrations(lm, task, train_examples, cfg.prompt_style, cfg.max_prompt_length,
                                           cfg.gen_length, task.plausible_wrong_demonstration)[2]
+    process = process_of(lm)
     model = lm.model
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
@@ -334,7 +345,9 @@ def _train_sft(cfg: SFTConfig) -> dict:
                 coin = torch.Generator().manual_seed(derive_seed(cfg.seed, _WRONG, step))
                 wrong_b = torch.rand(len(rows), generator=coin) < cfg.wrong_demonstration_rate
                 targets = torch.where(wrong_b[:, None], wrong_ids[rows], targets)
-            loss, stats = sft_loss(lm.logits, prompt_ids[rows], prompt_attn[rows], targets,
+            # the process's denoiser: a block-causal model sees the clean earlier blocks, as when it decodes
+            denoiser = functools.partial(process.denoising_logits, lm, clean_completion=targets)
+            loss, stats = sft_loss(denoiser, prompt_ids[rows], prompt_attn[rows], targets,
                                    mask_bg, p_mask_b, lm.mask_id)
             if not torch.isfinite(loss):
                 kept = (f"checkpoint-{last_saved} in {out} is intact and --resume continues from it" if last_saved

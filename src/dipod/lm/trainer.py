@@ -167,7 +167,7 @@ class Trainer:
         # The scheduler is stepped by hand once per update (not prepared: accelerate would step it
         # num_processes times per update).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        self.model, self.optimizer = acc.prepare(self.lm.model, optimizer)
+        self.model, self.optimizer = self.runtime.prepare(self.lm.model, optimizer)
         self.policy = dataclasses.replace(self.lm, model=self.model)  # forwards through DDP (gradient sync)
         self.frozen_view = dataclasses.replace(self.lm, model=acc.unwrap_model(self.model))  # no-grad calls
         self.proxy_settings = engine.proxy_settings(cfg)

@@ -27,8 +27,8 @@ from dipod.lm.networks.modernbert import ModernBertNetwork
 from dipod.lm.networks.transformer import Network, NetworkSpec
 
 # config.model_type values with a native network for the Fast-dLLM block cache, which is bidirectional
-# (SDAR and LLaDA2 are block-causal: their process refuses this cache)
-SUPPORTED = (*(name for name in FAMILIES if name not in ("sdar", "llada2_moe")), "modernbert")
+# (SDAR, SDAR-MoE and LLaDA2 are block-causal: their process refuses this cache)
+SUPPORTED = (*(name for name in FAMILIES if name not in ("sdar", "sdar_moe", "llada2_moe")), "modernbert")
 
 __all__ = ["FAMILIES", "MODES", "SUPPORTED", "BlockCachedForward", "CheckpointNetwork", "ModernBertNetwork", "Network",
            "NetworkSpec", "family_of_config", "load_checkpoint_model",

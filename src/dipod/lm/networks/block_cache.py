@@ -42,12 +42,23 @@ class PrefixKV:
 class BlockCausalCachedForward:
     """``forward(x_bt, attn_bt, lo, hi, new_block) -> float32 logits [B, hi - lo, V]`` with an exact prefix cache."""
 
-    def __init__(self, network: Network):
+    def __init__(self, network: Network, uniform_passes: bool = False):
         if network.spec.block_size is None:
             raise ValueError(f"{network.spec.family} attends bidirectionally; the exact prefix cache needs a "
                              "block-causal network (use kv_cache prefix / dual's Fast-dLLM cache instead)")
         self.network = network
         self.cache: list[PrefixKV] = []
+        # every call runs the same modules (a storing pass, on one token when there is nothing to store):
+        # ranks with sharded weights must (dipod.lm.processes.rank_sync)
+        self.uniform_passes = uniform_passes
+
+    def _idle_pass(self, device: torch.device) -> Tensor:
+        return self.network.hidden(torch.zeros((1, 1), dtype=torch.long, device=device))
+
+    def idle_step(self, device: torch.device) -> None:
+        """The modules of one call, on a single token and without the cache."""
+        self._idle_pass(device)
+        self.network.head_logits(self._idle_pass(device))
 
     def _run(self, x_bt: Tensor, attn_bt: Tensor, lo: int, hi: int, store: bool) -> Tensor:
         for layer in self.cache:
@@ -62,7 +73,11 @@ class BlockCausalCachedForward:
             filled = self.cache[0].filled
             if filled < lo:  # the blocks finished since the last window
                 self._run(x_bt, attn_bt, filled, lo, store=True)
+            elif self.uniform_passes:
+                self._idle_pass(x_bt.device)
         elif not self.cache or self.cache[0].filled != lo:
             raise RuntimeError("the prefix cache does not end where this window starts; call with new_block=True "
                                "on the first step of every window")
+        elif self.uniform_passes:
+            self._idle_pass(x_bt.device)
         return self.network.head_logits(self._run(x_bt, attn_bt, lo, hi, store=False))

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from dipod.lm.networks import dream, llada, llada2, sdar
-from dipod.lm.networks.moe import MoE, GatedMLP, Router
+from dipod.lm.networks.moe import GatedMLP, MoE, make_router
 from dipod.lm.networks.transformer import Layer, Network, NormWeight
 
-FAMILIES = {"llada": llada, "dream": dream, "sdar": sdar, "llada2_moe": llada2}  # config.json model_type (lower case) -> spec / sizes / paths
+# config.json model_type (lower case) -> spec / sizes / paths (SDAR's module reads dense and MoE configs)
+FAMILIES = {"llada": llada, "dream": dream, "sdar": sdar, "sdar_moe": sdar, "llada2_moe": llada2}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters write; recomputed, never read
 CODE_FILES = ("*.py", "generation_config.json")  # the hub code, copied on save for trust_remote_code users
 
@@ -78,9 +79,9 @@ class CheckpointNetwork(Network):
 
         def feed_forward(i: int) -> dict:
             moe = size.get("moe")
-            if moe is None or i < size.get("first_dense", 0):
+            if i not in size.get("moe_layers", ()):
                 return mlp(size["mlp_hidden"])
-            router = Router(torch.empty(moe.num_experts, d), torch.empty(moe.num_experts), moe)
+            router = make_router(moe, d)
             shared = GatedMLP(**mlp(size["shared_hidden"])) if size.get("shared_hidden") else None
             return dict(moe=MoE(router, [GatedMLP(**mlp(size["moe_hidden"])) for _ in range(moe.num_experts)], shared))
 

@@ -12,7 +12,7 @@ normalisation, router dtype) and biases, sliding windows and RoPE scaling are re
 
 from __future__ import annotations
 
-from dipod.lm.networks.moe import MoESpec
+from dipod.lm.networks.moe import MoESpec, expert_paths
 from dipod.lm.networks.transformer import NetworkSpec
 
 BLOCK_SIZE = 32  # LLaDA2.0 / 2.1 decode and train in blocks of 32 (model card, dFactory)
@@ -52,29 +52,22 @@ def sizes(config) -> dict:
         num_experts=config.num_experts, top_k=config.num_experts_per_tok, n_group=get("n_group", 1),
         topk_group=get("topk_group", 1), routed_scaling_factor=get("routed_scaling_factor", 1.0))
     shared = get("num_shared_experts")
+    moe_layers = () if moe is None else tuple(range(get("first_k_dense_replace", 0), config.num_hidden_layers))
     return dict(vocab=config.vocab_size, d_model=config.hidden_size, mlp_hidden=config.intermediate_size,
-                qkv_bias=False, other_bias=False, fused_qkv=True, moe=moe, first_dense=get("first_k_dense_replace", 0),
+                qkv_bias=False, other_bias=False, fused_qkv=True, moe=moe, moe_layers=moe_layers,
                 moe_hidden=get("moe_intermediate_size"),
                 shared_hidden=get("moe_intermediate_size") * shared if shared else None)
 
 
 def paths(spec: NetworkSpec, size: dict) -> dict:
-    mlp = ("gate_proj", "up_proj", "down_proj")
-
     def layer(i: int) -> dict:
         root = f"model.layers.{i}"
         out = dict(attn_norm=f"{root}.input_layernorm", qkv_proj=f"{root}.attention.query_key_value",
                    q_norm=f"{root}.attention.query_layernorm", k_norm=f"{root}.attention.key_layernorm",
                    o_proj=f"{root}.attention.dense", mlp_norm=f"{root}.post_attention_layernorm")
-        moe = size["moe"]
-        if moe is None or i < size["first_dense"]:
-            return {**out, **{part: f"{root}.mlp.{part}" for part in mlp}}
-        out["moe.gate"] = f"{root}.mlp.gate"
-        for e in range(moe.num_experts):
-            out.update({f"moe.experts.{e}.{part}": f"{root}.mlp.experts.{e}.{part}" for part in mlp})
-        if size["shared_hidden"]:
-            out.update({f"moe.shared_experts.{part}": f"{root}.mlp.shared_experts.{part}" for part in mlp})
-        return out
+        if i not in size["moe_layers"]:
+            return {**out, **{part: f"{root}.mlp.{part}" for part in ("gate_proj", "up_proj", "down_proj")}}
+        return {**out, **expert_paths(f"{root}.mlp", size["moe"], bool(size["shared_hidden"]))}
 
     return {"embed": "model.word_embeddings", "final_norm": "model.norm",
             "head": None if spec.tied_head else "lm_head", "layers": [layer(i) for i in range(spec.n_layers)]}

@@ -1,12 +1,17 @@
-"""A mixture-of-experts MLP as LLaDA2.x routes it (DeepSeek-V3-style group-limited routing).
+"""Mixture-of-experts MLPs as LLaDA2.x and SDAR-MoE route them; the output is the weighted sum of the chosen
+experts (plus the shared expert where the model has one).
 
-Per token: router logits ``x W^T`` in float32, scores ``sigmoid(logits)``; the choice uses the scores
-plus ``expert_bias`` (a buffer, read from the checkpoint, never trained here): each of ``n_group``
-groups is scored by the sum of its two best biased scores, the best ``topk_group`` groups are kept,
-and the ``top_k`` best experts inside them are chosen. Their weights are the chosen experts'
-UNBIASED scores divided by their sum (when ``top_k > 1``), times ``routed_scaling_factor``. The
-output is the weighted sum of the chosen experts plus the shared expert. There is no auxiliary
+``Router`` (LLaDA2.x, DeepSeek-V3-style group-limited routing), per token: router logits ``x W^T`` in
+float32, scores ``sigmoid(logits)``; the choice uses the scores plus ``expert_bias`` (a buffer, read
+from the checkpoint, never trained here): each of ``n_group`` groups is scored by the sum of its two
+best biased scores, the best ``topk_group`` groups are kept, and the ``top_k`` best experts inside
+them are chosen. Their weights are the chosen experts' UNBIASED scores divided by their sum (when
+``top_k > 1``), times ``routed_scaling_factor``. A shared expert is added. No auxiliary
 load-balancing loss (LLaDA2's code returns none; its training sets ``output_router_logits=False``).
+
+``SoftmaxRouter`` (SDAR-MoE, Qwen3-MoE's routing): router logits ``x W^T`` in the model dtype,
+``softmax`` over all experts in float32, the ``top_k`` largest probabilities, divided by their sum
+when ``norm_topk_prob``. No shared expert, no expert bias.
 
 Module names follow the hub (``gate.weight``, ``gate.expert_bias``, ``experts.E.{gate,up,down}_proj``,
 ``shared_experts.{gate,up,down}_proj``), so LoRA can target the expert projections by suffix.
@@ -25,9 +30,11 @@ from torch import Tensor, nn
 class MoESpec:
     num_experts: int
     top_k: int
-    n_group: int
-    topk_group: int
-    routed_scaling_factor: float
+    score: str = "sigmoid"  # "sigmoid": LLaDA2's group-limited Router; "softmax": SDAR-MoE's SoftmaxRouter
+    norm_topk_prob: bool = True  # softmax: divide the chosen probabilities by their sum
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
 
 
 class GatedMLP(nn.Module):
@@ -64,8 +71,42 @@ class Router(nn.Module):
         return experts_nk, weights_nk * spec.routed_scaling_factor
 
 
+class SoftmaxRouter(nn.Module):
+    def __init__(self, weight: Tensor, spec: MoESpec):
+        super().__init__()
+        self.spec = spec
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x_nd: Tensor) -> tuple[Tensor, Tensor]:
+        """``(experts_nk, weights_nk)`` of ``N`` tokens: the chosen experts and their float32 weights."""
+        probs_ne = torch.softmax(F.linear(x_nd, self.weight).float(), dim=-1)
+        weights_nk, experts_nk = probs_ne.topk(self.spec.top_k, dim=-1)
+        if self.spec.norm_topk_prob:
+            weights_nk = weights_nk / weights_nk.sum(-1, keepdim=True)
+        return experts_nk, weights_nk
+
+
+def make_router(spec: MoESpec, d_model: int) -> nn.Module:
+    """The router ``spec`` names, its weights uninitialised (built on the meta device, then assigned)."""
+    weight = torch.empty(spec.num_experts, d_model)
+    if spec.score == "softmax":
+        return SoftmaxRouter(weight, spec)
+    return Router(weight, torch.empty(spec.num_experts), spec)
+
+
+def expert_paths(root: str, spec: MoESpec, shared: bool) -> dict:
+    """{our part: hub module path} of a mixture-of-experts MLP at hub path ``root`` (``model.layers.N.mlp``)."""
+    mlp = ("gate_proj", "up_proj", "down_proj")
+    out = {"moe.gate": f"{root}.gate"}
+    for e in range(spec.num_experts):
+        out.update({f"moe.experts.{e}.{part}": f"{root}.experts.{e}.{part}" for part in mlp})
+    if shared:
+        out.update({f"moe.shared_experts.{part}": f"{root}.shared_experts.{part}" for part in mlp})
+    return out
+
+
 class MoE(nn.Module):
-    """Routed experts plus the shared expert; input and output ``[..., d]``."""
+    """Routed experts plus the shared expert (if any); input and output ``[..., d]``."""
 
     def __init__(self, gate: Router, experts: list[GatedMLP], shared_experts: GatedMLP | None):
         super().__init__()

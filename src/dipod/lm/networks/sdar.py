@@ -1,14 +1,23 @@
-"""SDAR / TraDo (dense; a Qwen3 network with block-causal attention): our network's spec and weight names.
+"""SDAR / TraDo (a Qwen3 network with block-causal attention), dense and mixture-of-experts: our network's spec and
+weight names.
 
 Qwen3 adds an RMSNorm over head_dim on queries and keys before RoPE (``q_norm`` / ``k_norm``), has no
 biases, and SDAR attends block-causally with ``block_size`` from ``config.json`` (4 when absent, as
 the inference-only variant of the code ships it). Logits are NOT shifted: position i scores token i.
 RoPE scaling and sliding-window attention are refused by name.
+
+SDAR-MoE (``SDARMoeForCausalLM``, ``model_type`` ``sdar_moe``: SDAR-30B-A3B, trained from Qwen3-30B-A3B)
+is the same network with Qwen3-MoE's feed-forward: layer i is a mixture of experts when
+``num_experts > 0``, i is not in ``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0``, else a
+dense MLP of ``intermediate_size``; routing is ``moe.SoftmaxRouter`` (softmax over the experts, top
+``num_experts_per_tok``, renormalised when ``norm_topk_prob``; absent from ``config.json`` it takes
+the Qwen3-MoE configuration's default, false), experts of ``moe_intermediate_size``, no shared expert.
 """
 
 from __future__ import annotations
 
 from dipod.lm.networks import dream
+from dipod.lm.networks.moe import MoESpec, expert_paths
 from dipod.lm.networks.transformer import NetworkSpec
 
 DEFAULT_BLOCK_SIZE = 4  # SDAR's released block size, for configs that do not record one
@@ -25,7 +34,7 @@ def spec(config) -> NetworkSpec:
                              f"(needs {want}); its hub code may: --trust_remote_code true (transformers 4.52-4.53)")
     hidden, n_heads = get("hidden_size"), get("num_attention_heads")
     return NetworkSpec(
-        family="sdar", n_layers=get("num_hidden_layers"), n_heads=n_heads,
+        family=str(get("model_type", "sdar")).lower(), n_layers=get("num_hidden_layers"), n_heads=n_heads,
         n_kv_heads=get("num_key_value_heads") or n_heads, head_dim=get("head_dim") or hidden // n_heads,
         norm_eps=get("rms_norm_eps", 1e-6), rope_theta=get("rope_theta", 10000.0), rope_in_float32=False,
         shifted=False, tied_head=bool(get("tie_word_embeddings", False)), qk_norm=True,
@@ -33,14 +42,26 @@ def spec(config) -> NetworkSpec:
 
 
 def sizes(config) -> dict:
-    """Shapes of the weights (no biases)."""
-    return dict(vocab=config.vocab_size, d_model=config.hidden_size, mlp_hidden=config.intermediate_size,
-                qkv_bias=False, other_bias=False)
+    """Shapes of the weights (no biases); for SDAR-MoE the experts and which layers have them."""
+    get = lambda name, default=None: getattr(config, name, default)  # noqa: E731
+    out = dict(vocab=config.vocab_size, d_model=config.hidden_size, mlp_hidden=config.intermediate_size,
+               qkv_bias=False, other_bias=False)
+    if not get("num_experts"):
+        return out
+    moe = MoESpec(num_experts=config.num_experts, top_k=config.num_experts_per_tok, score="softmax",
+                  norm_topk_prob=bool(get("norm_topk_prob", False)))
+    skipped, step = set(get("mlp_only_layers") or ()), get("decoder_sparse_step", 1)
+    moe_layers = tuple(i for i in range(config.num_hidden_layers) if i not in skipped and (i + 1) % step == 0)
+    return {**out, "moe": moe, "moe_layers": moe_layers, "moe_hidden": config.moe_intermediate_size}
 
 
 def paths(spec: NetworkSpec, size: dict) -> dict:
-    """Qwen2's names (Dream's) plus the query/key norms."""
+    """Qwen2's names (Dream's) plus the query/key norms; an MoE layer's router and experts under ``mlp``."""
     out = dream.paths(spec, size)
     for i, layer in enumerate(out["layers"]):
         layer.update(q_norm=f"model.layers.{i}.self_attn.q_norm", k_norm=f"model.layers.{i}.self_attn.k_norm")
+        if i in size.get("moe_layers", ()):
+            for part in ("gate_proj", "up_proj", "down_proj"):
+                del layer[part]
+            layer.update(expert_paths(f"model.layers.{i}.mlp", size["moe"], shared=False))
     return out

@@ -6,6 +6,12 @@ LLaDA2: layer 0 dense, layer 1 8 experts in 4 groups, top-2, a shared expert), `
 under the hub's tensor names and dipod's character tokenizer (``<mask>`` is the mask token), so that
 ``load_masked_lm(out_dir)`` loads it exactly as a hub snapshot. Tests and demos of the block-causal
 process use it where ``../shared`` is absent.
+
+``sizes`` changes the width and depth (``hidden_size``, ``num_layers``, ``num_heads``,
+``intermediate_size``; SDAR only): ``dipod lm sft --model tiny-sdar`` trains such a model from
+scratch (the block-causal reference policy, ``dipod.lm.reference``). ``head_std`` is the standard
+deviation of the output head: the default 0.5 makes a random model's predictions peak (decoding tests
+want decisive tokens), a model meant for training starts near uniform (0.05).
 """
 
 from __future__ import annotations
@@ -33,7 +39,13 @@ CONFIGS = {
 }
 
 
-def build_tiny_block_model(out_dir: str | os.PathLike, family: str = "sdar", *, seed: int = 0) -> Path:
+# sizes= keys -> the config.json keys they set (head_dim follows hidden_size / num_heads)
+SIZE_KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+             "intermediate_size": "intermediate_size"}
+
+
+def build_tiny_block_model(out_dir: str | os.PathLike, family: str = "sdar", *, seed: int = 0,
+                           sizes: dict[str, int] | None = None, head_std: float = 0.5) -> Path:
     """A random tiny ``family`` checkpoint (``sdar`` or ``llada2_moe``) in hub layout; returns ``out_dir``."""
     from safetensors.torch import save_file
 
@@ -46,6 +58,8 @@ def build_tiny_block_model(out_dir: str | os.PathLike, family: str = "sdar", *, 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
     config = {**CONFIGS[family], "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if sizes:
+        config.update(_sized(family, sizes))
     network = CheckpointNetwork(ModelConfig(**config))
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -53,9 +67,29 @@ def build_tiny_block_model(out_dir: str | os.PathLike, family: str = "sdar", *, 
         if name.endswith("norm.weight"):  # RMSNorm weights near one
             value = 1.0 + 0.1 * torch.randn(meta.shape, generator=generator)
         else:  # projections, embeddings, router weight and expert bias; a wide head so that predictions peak
-            value = (0.5 if name.startswith("head") else 0.05) * torch.randn(meta.shape, generator=generator)
+            value = (head_std if name.startswith("head") else 0.05) * torch.randn(meta.shape, generator=generator)
         tensors[network.hub_names[name]] = value.contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(str(out))
     return out
+
+
+def _sized(family: str, sizes: dict[str, int]) -> dict:
+    """The config.json keys of ``sizes`` (module docstring), checked."""
+    if family != "sdar":
+        raise ValueError(f"build_tiny_block_model: sizes apply to sdar only (got family={family!r})")
+    unknown = set(sizes) - set(SIZE_KEYS)
+    if unknown:
+        raise ValueError(f"build_tiny_block_model: unknown sizes {sorted(unknown)}; choose from {sorted(SIZE_KEYS)}")
+    bad = {k: v for k, v in sizes.items() if v < 1}
+    if bad:
+        raise ValueError(f"build_tiny_block_model: sizes {bad} must be >= 1")
+    config = {SIZE_KEYS[k]: v for k, v in sizes.items()}
+    hidden = config.get("hidden_size", CONFIGS[family]["hidden_size"])
+    heads = config.get("num_attention_heads", CONFIGS[family]["num_attention_heads"])
+    kv_heads = CONFIGS[family]["num_key_value_heads"]
+    if hidden % heads or heads % kv_heads:
+        raise ValueError(f"build_tiny_block_model: hidden_size={hidden} must be a multiple of num_heads={heads}, "
+                         f"and num_heads of the {kv_heads} key/value heads")
+    return {**config, "head_dim": hidden // heads}

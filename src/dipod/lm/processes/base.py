@@ -30,6 +30,7 @@ class Decoded:
     order_bg: Tensor  # long [B, G]: the step, counted from 0 over the whole decode, that revealed each position
     forward_passes: int  # model calls actually run (a guided step's stacked pass counts once)
     row_forwards: int  # rows summed over those calls: the compute the batch paid
+    edits: int = 0  # revealed tokens replaced by token editing (``edit_threshold``), summed over the batch
 
 
 @dataclass
@@ -73,6 +74,13 @@ class DiffusionProcess(ABC):
     def rollout_confidence(self, lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_mask_nl: Tensor,
                            chunk: int | None) -> dict[str, float]:
         """Entropy and top-token probability where every rollout starts (NaN where not defined)."""
+
+    def denoising_logits(self, lm, ids: Tensor, attn: Tensor, first: int, clean_completion: Tensor) -> Tensor:
+        """float32 logits ``[B, T - first, V]`` of the denoiser on ``ids`` = ``[prompt | noisy completion]`` (the
+        completion starts at ``first``): what the SFT loss scores. Here one forward over the whole sequence; a
+        process whose denoiser sees other context overrides it (block-causal: the clean earlier blocks, from
+        ``clean_completion`` ``[B, T - first]``)."""
+        return lm.logits(ids, attn, first)
 
     @abstractmethod
     def check_estimator(self, cfg) -> None:

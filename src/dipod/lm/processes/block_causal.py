@@ -32,15 +32,17 @@ from dipod.lm.estimators import ESTIMATORS
 from dipod.lm.networks import native_network
 from dipod.lm.networks.block_cache import BlockCausalCachedForward
 from dipod.lm.processes.base import BlockForward, Decoded, Proxies
-from dipod.lm.processes.block_likelihood import block_proxies, completion_blocks
+from dipod.lm.processes.block_likelihood import block_proxies, completion_blocks, two_copy_logits
 from dipod.lm.processes.masked import MaskedProcess
 from dipod.lm.processes.masked_likelihood import masked_gap_lower_bound
 from dipod.lm.processes.masked_sampling import decode_masked, family_sampler_defaults, fill_after_first_eos
+from dipod.lm.processes.rank_sync import RankSynced, ranks_must_sync
 
 
 def block_size_of(lm) -> int:
-    """The model's block size (``NetworkSpec.block_size`` of our network)."""
-    spec = getattr(getattr(lm.model, "get_base_model", lambda: lm.model)(), "spec", None)
+    """The model's block size (``NetworkSpec.block_size`` of our network, under any DDP / DeepSpeed / PEFT
+    wrapper)."""
+    spec = getattr(native_network(lm), "spec", None)
     if spec is None or spec.block_size is None:
         raise ValueError(f"{getattr(lm.family, 'name', 'this model')} is block-causal but its network records no "
                          "block size; load it into dipod's network (drop --trust_remote_code)")
@@ -87,19 +89,29 @@ class BlockCausalProcess(MaskedProcess):
         if settings.kv_cache == "dual":
             raise ConfigError("kv_cache='dual' is the bidirectional Fast-dLLM cache; a block-causal model has an exact "
                               "one: kv_cache=prefix")
+        synced = forward is None and ranks_must_sync(lm.model)
+        if synced and settings.kv_cache != "prefix":
+            raise ConfigError("with weights sharded over processes (ZeRO-3, FSDP) block decoding runs in lockstep "
+                              "through the prefix cache: set kv_cache=prefix (the same tokens as without it)")
         if forward is None and settings.kv_cache == "prefix":
-            forward = BlockCausalCachedForward(native_network(lm))
+            network = native_network(lm)
+            forward = BlockCausalCachedForward(network, uniform_passes=synced)
+            if synced:
+                forward = RankSynced(forward, network, prompt_ids.device)
+                forward.start()
         prefix, prefix_attn, canvas, offset_n = aligned_layout(prompt_ids, prompt_attn, block, settings.gen_length,
                                                                lm.mask_id, lm.pad_id)
         inner = dataclasses.replace(settings, gen_length=canvas.shape[1], fill_after_eos=False,
                                     steps=settings.steps_per_block * (canvas.shape[1] // block))
         out = decode_masked(lm, prefix, prefix_attn, inner, generator, forward, canvas_bg=canvas)
+        if synced:
+            forward.finish()
         columns = offset_n[:, None] + torch.arange(settings.gen_length, device=canvas.device)
         completion_bg = out.completion_bg.gather(1, columns)
         if settings.fill_after_eos:
             completion_bg = fill_after_first_eos(completion_bg, lm.eos_id)
         return Decoded(completion_bg=completion_bg, order_bg=out.order_bg.gather(1, columns),
-                       forward_passes=out.forward_passes, row_forwards=out.row_forwards)
+                       forward_passes=out.forward_passes, row_forwards=out.row_forwards, edits=out.edits)
 
     def proxies(self, lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor, settings, seed: int,
                 *, meanfield: bool = False) -> Proxies:
@@ -107,6 +119,12 @@ class BlockCausalProcess(MaskedProcess):
             raise ValueError(f"{lm.family.name} is block-causal: d1's mean-field log-probs are not defined for it; use "
                              "an estimator that reads the ELBO / EUBO (fpo, fpo++, spg)")
         return block_proxies(lm, prompt_ids, prompt_attn, completion_ids, settings, seed, block_size_of(lm))
+
+    def denoising_logits(self, lm, ids: Tensor, attn: Tensor, first: int, clean_completion: Tensor) -> Tensor:
+        """Each completion block denoised seeing itself noisy and the earlier blocks clean, as decoding sees them
+        (``two_copy_logits``; SDAR's training loss has the same context)."""
+        return two_copy_logits(lm.model, ids[:, :first], attn[:, :first], ids[:, first:], clean_completion,
+                               block_size_of(lm))
 
     def gap_lower_bound(self, lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor, settings,
                         num_orders: int, seed: int) -> Tensor:

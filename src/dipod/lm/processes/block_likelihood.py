@@ -85,22 +85,28 @@ def noisy_log_probs(model, prompt_ids: Tensor, prompt_attn: Tensor, noisy_rl: Te
     """float32 ``log p(targets | clean earlier blocks, noisy own block)`` ``[R, G]``, one two-copy forward per chunk.
 
     ``model`` is our network (possibly wrapped by PEFT / DDP): called with the two-copy mask."""
-    rows, prompt_len = prompt_ids.shape
-    clean_rt = torch.cat([prompt_ids, targets_rl], dim=1)
-    noisy_rt = torch.cat([prompt_ids, noisy_rl], dim=1)
-    attn_rt = torch.cat([prompt_attn.long(), torch.ones_like(targets_rl)], dim=1)
-    length = clean_rt.shape[1]
+    rows, length = prompt_ids.shape[0], prompt_ids.shape[1] + targets_rl.shape[1]
     chunk = rows if max_tokens_per_forward is None else max(1, max_tokens_per_forward // (2 * length))
-    positions_rt = row_positions(attn_rt)
     out = []
     for lo in range(0, rows, chunk):
         part = slice(lo, lo + chunk)
-        logits_rlv = model(torch.cat([clean_rt[part], noisy_rt[part]], dim=1), None,
-                           torch.cat([positions_rt[part], positions_rt[part]], dim=1), first=length + prompt_len,
-                           mask=two_copy_mask(attn_rt[part], block)).float()
+        logits_rlv = two_copy_logits(model, prompt_ids[part], prompt_attn[part], noisy_rl[part], targets_rl[part], block)
         target = targets_rl[part, :, None]
         out.append((logits_rlv.gather(-1, target) - logits_rlv.logsumexp(-1, keepdim=True)).squeeze(-1))
     return torch.cat(out, dim=0)
+
+
+def two_copy_logits(model, prompt_ids: Tensor, prompt_attn: Tensor, noisy_rl: Tensor, targets_rl: Tensor,
+                    block: int) -> Tensor:
+    """float32 logits ``[R, G, V]`` of the noisy completion, each block seeing itself noisy and the earlier
+    blocks clean (``targets_rl``): one forward over ``[clean | noisy]`` under ``two_copy_mask``."""
+    prompt_len = prompt_ids.shape[1]
+    clean_rt = torch.cat([prompt_ids, targets_rl], dim=1)
+    noisy_rt = torch.cat([prompt_ids, noisy_rl], dim=1)
+    attn_rt = torch.cat([prompt_attn.long(), torch.ones_like(targets_rl)], dim=1)
+    positions_rt = row_positions(attn_rt)
+    return model(torch.cat([clean_rt, noisy_rt], dim=1), None, torch.cat([positions_rt, positions_rt], dim=1),
+                 first=clean_rt.shape[1] + prompt_len, mask=two_copy_mask(attn_rt, block)).float()
 
 
 def score_block_draw(lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor, masked_nkl: Tensor,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dipod.config import ConfigError
 from dipod.lm.model import eval_mode
 from dipod.lm.processes.base import BlockForward, Decoded, DiffusionProcess, Proxies
 from dipod.lm.processes.masked_likelihood import masked_gap_lower_bound, masked_proxies
@@ -22,6 +23,10 @@ class MaskedProcess(DiffusionProcess):
 
     def decode(self, lm, prompt_ids: Tensor, prompt_attn: Tensor, settings, generator=None,
                forward: BlockForward | None = None) -> Decoded:
+        if settings.edit_threshold is not None:
+            raise ConfigError(f"edit_threshold is LLaDA2.1's token editing, a decoding option of block-causal models "
+                              f"(SDAR, LLaDA2.x); {getattr(lm.family, 'name', 'this model')} decodes the whole "
+                              "sequence: leave edit_threshold unset")
         return decode_masked(lm, prompt_ids, prompt_attn, settings, generator, forward)
 
     def proxies(self, lm, prompt_ids: Tensor, prompt_attn: Tensor, completion_ids: Tensor, settings, seed: int,

@@ -12,6 +12,7 @@ from dipod.config import ConfigError
 from dipod.lm.active_rows import ActiveRows
 from dipod.lm.model import eval_mode
 from dipod.lm.processes.base import BlockForward, Decoded
+from dipod.lm.processes.token_editing import TokenEditing
 from dipod.lm.reveal import REVEAL_RULES, top_k_mask
 
 
@@ -132,13 +133,26 @@ def decode_masked(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings,
     step = row_forwards = 0
     # Only a forward that declares keep_rows (ours do) may see the batch shrink within a block.
     rows = ActiveRows(batch, device, settings.compact_rows and hasattr(forward, "keep_rows"))
+    editing = (None if settings.edit_threshold is None
+               else TokenEditing(settings.edit_threshold, settings.max_post_steps, fresh_bg))
     with eval_mode(lm.model), (torch.no_grad() if _sharded(lm.model) else torch.inference_mode()):
         for start, end in settings.blocks():
             lo, hi = prompt_len + start, prompt_len + end
             count = settings.count_rule(end - start)
             block_step = 0
             rows.start_block(ids_bt[:, lo:hi] == mask_id)
-            while (masked_al := rows.drop_finished(rows.select(ids_bt)[:, lo:hi] == mask_id, forward)).any():
+            if editing is not None:
+                editing.start_block(start, end)
+            while True:
+                masked_al = rows.select(ids_bt)[:, lo:hi] == mask_id
+                if editing is None:
+                    masked_al = rows.drop_finished(masked_al, forward)
+                    live_a = masked_al.any(dim=1)
+                else:  # a row whose masks are gone may still edit
+                    masked_al = rows.drop_finished(masked_al, forward, editing.live(rows, masked_al))
+                    live_a = editing.live(rows, masked_al)
+                if not live_a.any():
+                    break
                 ids_at = rows.select(ids_bt)
                 logits_alv = _guided_block_logits(forward, mask_id, ids_at, rows.select(attn_bt),
                                                   rows.select(prompt_attn), lo, hi, settings.cfg_scale,
@@ -148,11 +162,17 @@ def decode_masked(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings,
                 logits_alv = filter_logits(logits_alv, settings.temperature, settings.top_k, settings.top_p)
                 tokens_al = _propose(logits_alv, mask_id, settings.temperature, generator, rows)
                 score_al = rule.score(logits_alv, tokens_al, settings.temperature, generator)
-                score_al = score_al.masked_fill(~masked_al, float("-inf"))
-                # never more than the masks left (a canvas may start a block with fewer)
-                reveal_al = top_k_mask(score_al, torch.minimum(count(block_step, masked_al, score_al),
-                                                               masked_al.sum(1)))
-                rows.put(ids_bt, lo, hi, torch.where(reveal_al, tokens_al, ids_at[:, lo:hi]))
+                masked_score_al = score_al.masked_fill(~masked_al, float("-inf"))
+                if masked_al.any():  # never more than the masks left (a canvas may start a block with fewer)
+                    reveal_al = top_k_mask(masked_score_al, torch.minimum(
+                        count(block_step, masked_al, masked_score_al), masked_al.sum(1)))
+                else:  # only edits are left in this block (count rules know only the block's reveal steps)
+                    reveal_al = torch.zeros_like(masked_al)
+                write_al = reveal_al
+                if editing is not None:
+                    write_al = reveal_al | editing.step(rows, live_a, masked_al, ids_at[:, lo:hi], tokens_al, score_al,
+                                                        start, end)
+                rows.put(ids_bt, lo, hi, torch.where(write_al, tokens_al, ids_at[:, lo:hi]))
                 rows.put(order_bg, start, end, rows.select(order_bg)[:, start:end].masked_fill(reveal_al, step))
                 if settings.stop_at_eos:
                     _stop_ended_rows(ids_bt, rows, prompt_len, fresh_bg, mask_id, lm.eos_id)
@@ -163,7 +183,8 @@ def decode_masked(lm, prompt_ids: Tensor, prompt_attn: Tensor, settings,
     completion_bg = ids_bt[:, prompt_len:]
     if settings.fill_after_eos:
         completion_bg = fill_after_first_eos(completion_bg, lm.eos_id)
-    return Decoded(completion_bg=completion_bg, order_bg=order_bg, forward_passes=step, row_forwards=row_forwards)
+    return Decoded(completion_bg=completion_bg, order_bg=order_bg, forward_passes=step, row_forwards=row_forwards,
+                   edits=0 if editing is None else editing.edits)
 
 
 def _stop_ended_rows(ids_bt: Tensor, rows: ActiveRows, prompt_len: int, fresh_bg: Tensor, mask_id: int,
