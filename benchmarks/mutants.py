@@ -8,7 +8,7 @@ applies the change, runs ``pytest -x -q`` on those files with the copy first on 
 and records ``caught`` (a test failed), ``survived`` (all passed) or ``error`` (the snippet was
 not found). Nothing in the working tree is touched.
 
-    nice -n 10 python benchmarks/mutants.py --smoke          # the fast check: 14 mutants, about a minute
+    nice -n 10 python benchmarks/mutants.py --smoke          # the fast check: 14 mutants, one test each
     nice -n 10 python benchmarks/mutants.py                  # all mutants, a table on stdout
     nice -n 10 python benchmarks/mutants.py --only spg_mix_weight_swapped ckpt_in_place
     python benchmarks/mutants.py --list
