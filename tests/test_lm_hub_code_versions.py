@@ -10,13 +10,22 @@ and ``SlidingWindowCache``, removed in 5.0); LLaDA2 4.54-4.57 (modeling_llada2_m
 
 from __future__ import annotations
 
+import sys
+
 import pytest
-import transformers
 
 from dipod.lm.families import FAMILIES
 from dipod.lm.model import load_masked_lm
 
 GATE = "--trust_remote_code true runs the hub code of"
+
+
+def pretend_installed(monkeypatch, version: str) -> None:
+    """Patch the transformers module the loader will import: the one in sys.modules now (another test may
+    have reloaded it since this file was collected, leaving a module-level import stale)."""
+    import transformers  # noqa: F401  (makes sure it is in sys.modules)
+
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +44,7 @@ def block_models(tmp_path_factory):
 ])
 def test_a_block_family_outside_its_range_is_told_its_own_versions(block_models, monkeypatch, family, installed,
                                                                    versions, pip):
-    monkeypatch.setattr(transformers, "__version__", installed)
+    pretend_installed(monkeypatch, installed)
     with pytest.raises(ValueError) as err:
         load_masked_lm(block_models[family], trust_remote_code=True)
     assert str(err.value) == (
@@ -50,7 +59,7 @@ def test_inside_its_range_a_block_family_is_refused_before_any_hub_code_runs(blo
                                                                                installed):
     """The version gate is passed; the block-causal process is not wired to the hub code, so the legacy path
     is refused with the fix instead of decoding with the wrong attention."""
-    monkeypatch.setattr(transformers, "__version__", installed)
+    pretend_installed(monkeypatch, installed)
     with pytest.raises(ValueError) as err:
         load_masked_lm(block_models[family], trust_remote_code=True)
     assert GATE not in str(err.value)
@@ -65,7 +74,7 @@ def test_the_ranges_are_the_hub_codes_own():
 
 
 def test_llada_keeps_its_range(hub_models, monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "4.53.2")
+    pretend_installed(monkeypatch, "4.53.2")
     with pytest.raises(ValueError, match=r"hub code of llada, which loads on transformers 4\.56-4\.57 only "
                                          r"\(installed: 4\.53\.2\).*'transformers>=4\.56,<4\.58'"):
         load_masked_lm(hub_models["llada"], trust_remote_code=True)
