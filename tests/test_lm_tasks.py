@@ -341,6 +341,40 @@ def test_countdown_jsonl_errors_name_the_line(tmp_path):
     assert task.load("test", path=str(ours)) == [{"numbers": [3, 4, 5], "target": 35}]
 
 
+def test_countdown_files_take_the_documented_ranges_and_refuse_the_rest_in_one_line(tmp_path):
+    """A countdown file's contract at its edges: numbers and targets are integers (JSON integers or
+    digit strings, padding ignored) in 0..1000000, 2..6 numbers a row, both keys of one format; every
+    refusal is one message naming file:line, the bad value without its padding, or the keys found."""
+    task, path = get_task("countdown"), tmp_path / "c.jsonl"
+
+    def load(row: dict) -> list[dict]:
+        path.write_text(json.dumps(row) + "\n")
+        return task.load("test", path=str(path))
+
+    assert load({"numbers": [0, 10**6], "target": 0}) == [{"numbers": [0, 1000000], "target": 0}]
+    assert load({"numbers": [5, 7], "target": 10**6}) == [{"numbers": [5, 7], "target": 1000000}]
+    assert load({"input": " 1, 2 ,3,4,5,6 ", "output": " 21 "}) == [{"numbers": [1, 2, 3, 4, 5, 6], "target": 21}]
+    assert load({"numbers": [1, 2], "target": 3, "output": "7"}) == [{"numbers": [1, 2], "target": 3}]
+    keys = 'expected keys "input" and "output" (d1) or "numbers" (a list) and "target"; found '
+    refused = [
+        ({"numbers": [-1, 2], "target": 1}, "number -1 is outside 0..1000000"),
+        ({"numbers": [1, 2], "target": 10**6 + 1}, "target 1000001 is outside 0..1000000"),
+        ({"numbers": [1, 2, 3, 4, 5, 6, 7], "target": 1}, "7 numbers; countdown items need 2..6"),
+        ({"numbers": [1.5, 2], "target": 1}, "number must be an integer, got 1.5"),  # never truncated to 1
+        ({"numbers": [True, 2], "target": 1}, "number must be an integer, got True"),  # never read as 1
+        ({"numbers": [1, 2], "target": None}, "target must be an integer, got None"),
+        ({"input": "30, x, 93", "output": "23"}, "number must be an integer, got 'x'"),
+        ({"input": "30,100,93", "output": " y "}, "target must be an integer, got 'y'"),
+        ({"input": "30,100,93"}, keys + "input"),  # half of d1's format is not a row
+        ({"numbers": "30", "target": 4}, keys + "numbers, target"),
+        ({}, keys + "none"),
+    ]
+    for row, message in refused:
+        with pytest.raises(ValueError) as error:
+            load(row)
+        assert str(error.value) == f"{path}:1: {message}", row
+
+
 def test_safe_evaluator_bounds():
     assert evaluate(parse_expression("((2+3)*4-5)/3")) == 5
     assert evaluate(parse_expression("1/3+1/6")) == Fraction(1, 2)
@@ -548,8 +582,10 @@ def test_d1_prompts_follow_the_paper_format():
     assert "\\boxed{" in countdown.prompt(COUNTDOWN, "d1") and "\\boxed{...}" in gsm.prompt({"question": "q"}, "d1")
     assert gsm.prompt({"question": "How many?"}, "d1").endswith("\n\nHow many?")
     assert sudoku.prompt(SUDOKU, "d1").endswith(f"\n\nSolve the following Sudoku puzzle: {SUDOKU['puzzle']}\n")
+    assert countdown.d1_prompt(COUNTDOWN) == countdown.prompt(COUNTDOWN, "d1")  # zero-shot by default, as Task declares
     for task, example in ((countdown, COUNTDOWN), (gsm, {"question": "q"})):
-        with pytest.raises(ValueError, match="no few-shot d1 prompt"):
+        with pytest.raises(ValueError, match=rf"^{task.name} has no few-shot d1 prompt \(the paper evaluates it "
+                                             r"zero-shot\); use style d1$"):
             task.prompt(example, "d1_3shot")
 
 
