@@ -22,6 +22,9 @@ TIMEOUTS = (-24, 24, 36, -9)
 
 
 def outcomes(meta: Path) -> dict[str, int | None]:
+    if not meta.is_file():
+        raise SystemExit(f"no mutmut results at {meta}: run `mutmut run` in this checkout first, or pass "
+                         "--mutants with the mutants/ folder of the checkout that ran it")
     return json.loads(meta.read_text()).get("exit_code_by_key", {})
 
 

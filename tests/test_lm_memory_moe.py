@@ -9,6 +9,7 @@ its launch line names."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import weakref
@@ -69,6 +70,27 @@ def test_the_closed_form_counts_our_networks_parameters(tmp_path, family, change
     (tmp_path / "config.json").write_text(json.dumps(config))
     network = CheckpointNetwork(ModelConfig(**config))
     assert model_shape(str(tmp_path)).params == sum(p.numel() for p in network.parameters())
+
+
+def test_an_sdar_moe_config_plans_as_its_own_block_causal_family(tmp_path):
+    """SDAR-MoE's config.json: the closed form counts the network the loader builds from it, the plan is
+    block-causal (two copies per forward) and uses the family's own LoRA targets."""
+    from hub_layout import build_hub_layout
+
+    from dipod.lm.families import FAMILIES
+    from dipod.lm.model import load_masked_lm
+
+    snapshot = build_hub_layout("sdar_moe", tmp_path / "sdar_moe")
+    shape = model_shape(str(snapshot))
+    assert (shape.family, shape.block_size, shape.experts > 1) == ("sdar_moe", 4, True)
+    assert shape.params == sum(p.numel() for p in load_masked_lm(snapshot).model.parameters())
+    cfg = TrainConfig(model=str(snapshot), lora_r=8)
+    as_named = plan(cfg, num_gpus=1, engine="ddp")
+    assert as_named == plan(dataclasses.replace(cfg, model_family="sdar_moe"), num_gpus=1, engine="ddp")
+    assert FAMILIES["sdar_moe"].process == "block_causal"
+    # read as a full-sequence model, the same weights would plan one copy per forward: fewer activations
+    assert plan(dataclasses.replace(cfg, model_family="llada"), num_gpus=1, engine="ddp")["update_peak_gib"] < \
+        as_named["update_peak_gib"]
 
 
 def _saved_elements_per_layer_token(tokens: int, lora_r: int = 0, **moe) -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import dataclasses
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,29 @@ def test_editing_with_the_cache_without_compaction_and_per_row_is_the_same(famil
         real = attn[n].bool()
         alone = decode(lm, ids[n:n + 1, real], attn[n:n + 1, real], SamplerSettings(**settings))
         assert torch.equal(alone.completion_bg, plain.completion_bg[n:n + 1])
+
+
+def test_lm_eval_reports_the_edits_summed_over_its_batches(tmp_path_factory):
+    # `dipod lm eval --json` carries `edits` beside the forwards: the batches' own counts, summed
+    from dipod.lm.evaluate import evaluate_policy
+    from dipod.lm.tasks import get_task
+    from dipod.lm.train_engine import encode_prompts
+
+    lm = load_masked_lm(tiny_snapshot("sdar", tmp_path_factory))
+    task = get_task("sudoku4")
+    examples = task.load("test", limit=5)
+    settings = SamplerSettings(gen_length=8, block_length=BLOCK, steps=8, fill_after_eos=False,
+                               confidence_threshold=0.3, edit_threshold=0.2)
+    report = evaluate_policy(lm, task, examples, settings, prompt_style="compact", max_prompt_length=48, batch_size=3)
+    per_batch = []
+    for chunk in (examples[:3], examples[3:]):
+        ids, attn = encode_prompts(lm, [task.prompt(ex, "compact") for ex in chunk], 48, chat=False)
+        per_batch.append(decode(lm, ids, attn, settings))
+    assert report["edits"] == sum(d.edits for d in per_batch) > 0
+    assert report["row_forwards"] == sum(d.row_forwards for d in per_batch)
+    inert = evaluate_policy(lm, task, examples, dataclasses.replace(settings, edit_threshold=None),
+                            prompt_style="compact", max_prompt_length=48, batch_size=3)
+    assert inert["edits"] == 0
 
 
 def test_bad_editing_settings_are_clear_errors(sdar):

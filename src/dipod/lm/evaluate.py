@@ -115,12 +115,13 @@ def evaluate_policy(lm, task, examples: list[dict], settings: SamplerSettings | 
                     prompt_style: str | None = None, max_prompt_length: int | None = None, batch_size: int = 64,
                     seed: int = 0) -> dict:
     """Decode every example and score it: ``{"accuracy", "mean_reward", "num_examples", "forward_passes",
-    "row_forwards", "results"}``.
+    "row_forwards", "edits", "results"}``.
 
     ``settings``, ``prompt_style`` and ``max_prompt_length`` left out take the model's decoding
     recipe (``dipod.lm.recipe``; without one: ``SamplerSettings()``, compact prompts, 256 tokens).
     ``forward_passes`` counts the model calls the sampler ran over all batches, ``row_forwards`` the rows
-    summed over those calls (the compute paid: finished rows leave the forwards); ``results`` holds
+    summed over those calls (the compute paid: finished rows leave the forwards), ``edits`` the revealed
+    tokens token editing replaced (``edit_threshold``; 0 without it); ``results`` holds
     ``{"prompt", "completion", "reward", "correct"}`` per example, in order.
     """
     from dipod.lm.recipe import model_recipe, model_sampler_settings
@@ -134,7 +135,7 @@ def evaluate_policy(lm, task, examples: list[dict], settings: SamplerSettings | 
     prompt_style = prompt_style or (recipe.prompt_style if recipe is not None else "compact")
     max_prompt_length = max_prompt_length or (recipe.max_prompt_length if recipe is not None else 256)
     generator = torch.Generator(device=lm.device).manual_seed(seed)
-    results, forward_passes, row_forwards = [], 0, 0
+    results, forward_passes, row_forwards, edits = [], 0, 0, 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         prompts = [task.prompt(ex, prompt_style) for ex in chunk]
@@ -143,13 +144,14 @@ def evaluate_policy(lm, task, examples: list[dict], settings: SamplerSettings | 
         decoded = decode(lm, ids.to(lm.device), attn.to(lm.device), settings, generator=generator)
         forward_passes += decoded.forward_passes
         row_forwards += decoded.row_forwards
+        edits += decoded.edits
         for prompt, text, ex in zip(prompts, decode_completions(lm, decoded.completion_bg), chunk):
             results.append({"prompt": prompt, "completion": text, "reward": float(task.reward(text, ex)),
                             "correct": bool(task.is_correct(text, ex))})
     return {"accuracy": sum(r["correct"] for r in results) / len(results),
             "mean_reward": sum(r["reward"] for r in results) / len(results),
             "num_examples": len(results), "forward_passes": forward_passes, "row_forwards": row_forwards,
-            "results": results}
+            "edits": edits, "results": results}
 
 
 def pass_at_k(lm, task, examples: list[dict], settings: SamplerSettings, samples: int, **decode_kwargs) -> dict:

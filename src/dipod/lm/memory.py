@@ -98,8 +98,9 @@ class Shape:
     top_k: int = 0  # experts per token
     expert_f: int = 0  # one expert's MLP width
     shared_f: int = 0  # the shared expert's MLP width (moe_intermediate_size x num_shared_experts)
-    dense_layers: int | None = None  # the first layers keep a dense MLP (first_k_dense_replace); None = all
+    dense_layers: int | None = None  # how many layers keep a dense MLP (_dense_layer_count); None = all
     block_size: int | None = None  # block-causal models: blocks of this many tokens
+    family: str | None = None  # the block family config.json's model_type names (its process and LoRA targets)
 
     @property
     def moe_layers(self) -> int:
@@ -160,16 +161,29 @@ def model_shape(name: str) -> Shape:
         head_dim = c.get("head_dim") or c["hidden_size"] // heads
         moe = dict(experts=c["num_experts"], top_k=c["num_experts_per_tok"], expert_f=c["moe_intermediate_size"],
                    shared_f=c["moe_intermediate_size"] * c.get("num_shared_experts", 0),
-                   dense_layers=c.get("first_k_dense_replace", 0)) if c.get("num_experts") else {}
-        block = {"sdar": c.get("block_size", 4), "llada2_moe": 32}.get(model_type)  # families.py: the block sizes
+                   dense_layers=_dense_layer_count(c)) if c.get("num_experts") else {}
+        block = {"sdar": c.get("block_size", 4), "sdar_moe": c.get("block_size", 4),
+                 "llada2_moe": 32}.get(model_type)  # families.py: the block sizes
         return Shape(d=c["hidden_size"], layers=c["num_hidden_layers"], f=c["intermediate_size"], vocab=c["vocab_size"],
                      tied=bool(c.get("tie_word_embeddings")), q=heads * head_dim,
                      kv=head_dim * c.get("num_key_value_heads", heads),
-                     qk_norm=head_dim if model_type in ("sdar", "llada2_moe", "qwen3") else 0, block_size=block, **moe)
+                     qk_norm=head_dim if model_type in ("sdar", "sdar_moe", "llada2_moe", "qwen3") else 0,
+                     block_size=block, family=model_type if block else None, **moe)
     if name in KNOWN_SHAPES:
         return Shape(**KNOWN_SHAPES[name])
     raise FileNotFoundError(f"model {name!r}: no local config.json and not one of {sorted(KNOWN_SHAPES)}; pass a "
                             f"local model folder")
+
+
+def _dense_layer_count(c: dict) -> int:
+    """How many layers of an MoE config.json keep a dense MLP: LLaDA2's first ``first_k_dense_replace``;
+    SDAR-MoE's (Qwen3-MoE's) ``mlp_only_layers`` and the layers off its ``decoder_sparse_step``."""
+    if "first_k_dense_replace" in c:
+        return c["first_k_dense_replace"]
+    from dipod.lm.networks.sdar import moe_layer_indices
+
+    layers = c["num_hidden_layers"]
+    return layers - len(moe_layer_indices(layers, c.get("mlp_only_layers"), c.get("decoder_sparse_step", 1)))
 
 
 def layer_elements_per_token(shape: Shape, lora_r: int = 0, lora_targets: int = 0, moe: bool = False) -> int:
@@ -260,7 +274,10 @@ def plan(cfg: TrainConfig, num_gpus: int, engine: str = "zero2") -> dict:
 
 
 def _family_name(model: str, shape: Shape) -> str:
-    """The family of a model named without ``model_family``: block-causal shapes are SDAR or LLaDA2 (MoE)."""
+    """The family of a model named without ``model_family``: a block-causal config.json names its own; a
+    block-causal shape of the known-checkpoint table is SDAR or LLaDA2 (MoE)."""
+    if shape.family:
+        return shape.family
     if shape.block_size:
         return "llada2_moe" if shape.experts else "sdar"
     return "dream" if "dream" in model.lower() else "llada"

@@ -50,9 +50,14 @@ def sizes(config) -> dict:
         return out
     moe = MoESpec(num_experts=config.num_experts, top_k=config.num_experts_per_tok, score="softmax",
                   norm_topk_prob=bool(get("norm_topk_prob", False)))
-    skipped, step = set(get("mlp_only_layers") or ()), get("decoder_sparse_step", 1)
-    moe_layers = tuple(i for i in range(config.num_hidden_layers) if i not in skipped and (i + 1) % step == 0)
+    moe_layers = moe_layer_indices(config.num_hidden_layers, get("mlp_only_layers"), get("decoder_sparse_step", 1))
     return {**out, "moe": moe, "moe_layers": moe_layers, "moe_hidden": config.moe_intermediate_size}
+
+
+def moe_layer_indices(num_layers: int, mlp_only_layers, decoder_sparse_step: int) -> tuple[int, ...]:
+    """The layers of an SDAR-MoE (Qwen3-MoE) config that hold experts (module docstring); the rest stay dense."""
+    skipped = set(mlp_only_layers or ())
+    return tuple(i for i in range(num_layers) if i not in skipped and (i + 1) % decoder_sparse_step == 0)
 
 
 def paths(spec: NetworkSpec, size: dict) -> dict:
