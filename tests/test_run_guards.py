@@ -96,10 +96,16 @@ def test_one_writer_per_run_folder_a_live_holder_is_refused_a_stale_lock_taken_o
     out, host = tmp_path / "run", socket.gethostname()
     out.mkdir()
     lock = out / LOCK_FILE
-    lock.write_text(json.dumps({"pid": os.getppid(), "host": host}))  # a live process that is not this one
-    for resuming in (False, True):  # a second run, or a --resume beside the live ranks
-        with pytest.raises(RunFolderError, match=rf"in use by another run \(process {os.getppid()} on "):
-            prepare_run_folder(out, resuming=resuming, overwrite=False, resume_flag="--resume latest")
+    # a live process that is not this one: a child of the test's own (under mutmut, the parent is mutmut)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    lock.write_text(json.dumps({"pid": live.pid, "host": host}))
+    try:
+        for resuming in (False, True):  # a second run, or a --resume beside the live ranks
+            with pytest.raises(RunFolderError, match=rf"in use by another run \(process {live.pid} on "):
+                prepare_run_folder(out, resuming=resuming, overwrite=False, resume_flag="--resume latest")
+    finally:
+        live.kill()
+        live.wait()
     lock.write_text(json.dumps({"pid": 4242, "host": host + "-elsewhere"}))  # cannot be checked: refused
     with pytest.raises(RunFolderError, match=f"delete {lock}"):
         prepare_run_folder(out, resuming=True, overwrite=False, resume_flag="--resume latest")
