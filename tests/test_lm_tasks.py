@@ -8,12 +8,14 @@ import itertools
 import json
 import math
 import random
+import re
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
 from dipod.lm.tasks import MAX_COMPLETION_CHARS, Task, get_task, register_task, registered_tasks
+from dipod.lm.tasks.answer_format import CHAT_FORMAT
 from dipod.lm.tasks.arithmetic import ExpressionError, evaluate, literals, parse_expression
 from dipod.lm.tasks.data_files import PACKAGED_DATA
 from dipod.lm.tasks.sudoku4 import all_grids
@@ -693,6 +695,24 @@ def test_math500_load_keeps_each_problem_and_limit_and_names_each_bad_input(tmp_
     with pytest.raises(ValueError, match=r"^math500 has no few-shot d1 prompt \(the paper evaluates it zero-shot\); "
                                          r"use style d1$"):
         task.d1_prompt(example, shots=3)
+
+
+@pytest.mark.parametrize("name,example,field", [
+    ("gsm8k", {"question": "How many?", "answer": "7"}, "question"),
+    ("math500", {"problem": "Find x.", "answer": "\\frac{1}{2}"}, "problem"),
+])
+def test_gsm8k_and_math500_prompts_carry_the_question_and_ask_for_what_the_grader_reads(name, example, field):
+    """The compact prompt is the question itself; the chat prompt starts with it and ends with the shared
+    answer format; an answer written as the chat prompt asks (math500: in the command it names, \\boxed{})
+    and the demonstration both score 1."""
+    task = get_task(name)
+    assert task.prompt(example, "compact") == example[field]
+    chat = task.prompt(example, "chat")
+    assert chat.startswith(example[field]) and chat.endswith(CHAT_FORMAT)
+    asked = re.findall(r"(\\[A-Za-z]+)\{\}", chat)  # the LaTeX command the prompt asks the answer in
+    answer = f"{asked[0]}{{{example['answer']}}}" if asked else example["answer"]
+    assert task.reward(f"<reasoning>r</reasoning>\n<answer>{answer}</answer>", example) == 1.0
+    assert task.reward(task.demonstration(example), example) == 1.0
 
 
 def test_math500_silences_only_math_verifys_disabled_timeout_notice():
