@@ -70,7 +70,7 @@ def test_ctrl_c_while_the_save_clears_up_ends_as_ctrl_c_with_the_new_checkpoint_
 
     def interrupted(path, ignore_errors=False):
         calls.append(Path(path).name)
-        if calls.count(".checkpoint-1.old") == 2:  # the old copy's removal, after the new one is in place
+        if calls[-1] == ".checkpoint-1.old" and calls.count(calls[-1]) == 2:  # after the new one is in place
             raise KeyboardInterrupt
         return real(path, ignore_errors=ignore_errors)
     monkeypatch.setattr(ckpt.shutil, "rmtree", interrupted)
@@ -187,3 +187,23 @@ def test_weights_that_do_not_fit_the_model_are_refused_naming_three_of_each(tmp_
     many = {f"x{i}": torch.ones(1) for i in range(4)}
     with pytest.raises(ValueError, match=r"unexpected \['x0', 'x1', 'x2'\]\); fix it$"):
         copy_weights(model, many, tmp_path, "fix it")
+
+
+def test_a_folder_the_save_cannot_remove_leaves_the_new_checkpoint_sealed(tmp_path, monkeypatch):
+    """On a shared disk an earlier checkpoint may hold a file of another user: removing it (pruning, or
+    the replaced copy of a step saved again) fails, and the run goes on with the new checkpoint in place."""
+    save_checkpoint(tmp_path, 1, W, {"v": 1}, {})
+    save_checkpoint(tmp_path, 2, W, {"v": 2}, {})
+    real = shutil.rmtree
+
+    def not_ours(path, ignore_errors=False):
+        if Path(path).name in ("checkpoint-1", ".checkpoint-2.old") and Path(path).exists():
+            if not ignore_errors:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return None
+        return real(path, ignore_errors=ignore_errors)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", not_ours)
+    save_checkpoint(tmp_path, 2, W, {"v": 3}, {})  # saved again: the replaced copy stays as .old
+    save_checkpoint(tmp_path, 3, W, {"v": 4}, {}, keep_last=1)  # pruning checkpoint-1 and 2: 1 stays
+    assert _names(tmp_path) == [".checkpoint-2.old", "checkpoint-1", "checkpoint-3"]
+    assert load_checkpoint(tmp_path / "checkpoint-3")[1] == {"v": 4}
