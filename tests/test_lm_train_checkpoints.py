@@ -1,6 +1,8 @@
 """dipod.lm.train_checkpoints on a one-process stand-in trainer (a linear policy, its optimizer and
 schedule): a checkpoint restores the whole training state, including the non-finite-update streak, so
-a resumed run is the uninterrupted run; every spelling of "the newest checkpoint" finds it."""
+a resumed run is the uninterrupted run; every spelling of "the newest checkpoint" finds it. Under a
+sharding engine (a stand-in runtime) the engine's shards are the checkpoint and resume only under
+that engine; under ZeRO-3 / FSDP final_model/ (the tiny model) holds the weights gathered from them."""
 
 from __future__ import annotations
 
