@@ -269,12 +269,15 @@ def main(argv: list[str]) -> int:
     on = f"the {args.recipe} reference policy" if args.recipe else "the tiny reference policies"
     lines = [f"# DiPOD on {on} ({preset_name} preset{', lr x beta sweep' if args.sweep else ''})",
              "", f"Command: `{command.strip()}`  ",
+             *([f"(this page was rebuilt from the finished runs; the same command without `--report_only` trains "
+                f"them, reusing the finished ones)  "] if args.report_only else []),
              f"Machine: shared 2-core CPU (other jobs running), {args.workers} runs in parallel, one torch thread "
-             f"each; benchmark wall time {time.time() - started:.0f} s.  ",
+             f"each; {'page rebuilt in' if args.report_only else 'benchmark wall time'} "
+             f"{time.time() - started:.0f} s; s/step varies with the machine's load while each run trained.  ",
              f"Budget per run: {recipe['max_steps']} RL steps x {recipe['prompts_per_step']} prompts x "
-             f"{recipe['num_generations']} completions, lr {recipe['learning_rate']:g} unless named, DiPOD beta "
-             f"{beta:g} for +dipod; seeds {seeds}; held-out = greedy accuracy on the whole test split "
-             f"(500 examples) before and after; 95% t-intervals over seeds.", ""]
+             f"{recipe['num_generations']} completions, lr {recipe['learning_rate']:g} unless named "
+             f"({recipe['lr_scheduler']} after {recipe['warmup_steps']} warm-up steps){''.join(f', {item}' for item in args.set)}, DiPOD beta {beta:g} for +dipod; seeds {seeds}; held-out = "
+             f"greedy accuracy on the whole test split (500 examples) before and after; 95% t-intervals over seeds.", ""]
     if args.report_only and missing:
         lines += [f"**Partial:** {len(missing)} of {len(jobs) + len(missing)} runs had not finished when this page was "
                   "built and are left out (the seed counts per method say which remain).", ""]
