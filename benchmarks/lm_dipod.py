@@ -265,7 +265,7 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / f"{name}.png")
     command = "python benchmarks/lm_dipod.py " + " ".join(argv)
-    recipe = {**tiny_recipe(recipes[tasks[0]]), **preset}
+    recipe = {**tiny_recipe(recipes[tasks[0]]), **preset, **overrides}
     on = f"the {args.recipe} reference policy" if args.recipe else "the tiny reference policies"
     lines = [f"# DiPOD on {on} ({preset_name} preset{', lr x beta sweep' if args.sweep else ''})",
              "", f"Command: `{command.strip()}`  ",
