@@ -45,7 +45,7 @@ DEFAULT_METHODS = ("d1", "fpo", "fpo+dipod", "spg_mix", "spg_mix+dipod", "justgr
 # Test-split sizes are the tasks' full test splits (500 each); eval_examples=None means all of them.
 PRESETS = {
     "quick": {"max_steps": 20, "eval_steps": 10, "gap_monitor_steps": 5, "seeds": "0,1,2", "tasks": "sudoku4"},
-    # 60 steps: the 50 runs took 93 minutes on 2 cores (docs/results/lm_dipod_5seeds.md); 200 would be 5 hours
+    # 60 steps: the 35 sudoku4 runs took about 2.5 hours on one worker of a loaded 2-core machine (docs/results/lm_table1.md)
     "full": {"max_steps": 60, "eval_steps": 25, "gap_monitor_steps": 5, "seeds": "0,1,2,3,4", "tasks": "sudoku4,countdown"},
 }
 SWEEP = {"learning_rates": (1e-4, 3e-4, 1e-3, 3e-3), "betas": (0.0, 0.05, 0.5), "estimators": ("fpo", "spg")}
