@@ -119,7 +119,10 @@ def method_table(tasks: list[str], methods: list[str], summary: dict, paper: dic
              "| gap early -> late | held-out gap | s/step | outcomes |", "|" + "---|" * 14]
     for task in tasks:
         ref = paper_reference[task]
-        first = next(runs[0] for runs in summary[task].values() if runs)
+        first = next((runs[0] for runs in summary[task].values() if runs), None)
+        if first is None:
+            lines.append(f"| {task} | every method | 0 | not finished yet | | | | | | | | | | |")
+            continue
         lines.append(f"| {task} | reference policy | | {first['initial_accuracy']:.3f} | | | "
                      + " | ".join(f"{ref[s]:.3f}" if s in ref else "" for s in ("spg_test", "d1_test"))
                      + f" | | | | {first['initial_gap']:.3f} | | |")

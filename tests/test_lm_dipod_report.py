@@ -41,3 +41,9 @@ def test_a_method_without_finished_runs_is_listed_as_not_finished_and_the_plot_s
     assert lines[4].startswith("| sudoku4 | spg_mix | 1 | 0.200 -> 0.600 | 0.600 | 0.400 | 0.550 |")
     plot(results, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_task_without_any_finished_run_gets_one_row():
+    lines = method_table(["countdown"], ["spg_mix"], {"countdown": {"spg_mix": []}}, {"countdown": {"spg_mix": []}},
+                         {"countdown": {}})
+    assert lines[2:] == ["| countdown | every method | 0 | not finished yet | | | | | | | | | | |"]
