@@ -45,7 +45,7 @@ DEFAULT_METHODS = ("d1", "fpo", "fpo+dipod", "spg_mix", "spg_mix+dipod", "justgr
 # Test-split sizes are the tasks' full test splits (500 each); eval_examples=None means all of them.
 PRESETS = {
     "quick": {"max_steps": 20, "eval_steps": 10, "gap_monitor_steps": 5, "seeds": "0,1,2", "tasks": "sudoku4"},
-    # 60 steps: the 50 runs took 93 minutes on 2 cores (docs/results/lm_dipod_5seeds.md); 200 would be 5 hours
+    # 60 steps: the 35 sudoku4 runs took about 2.5 hours on one worker of a loaded 2-core machine (docs/results/lm_table1.md)
     "full": {"max_steps": 60, "eval_steps": 25, "gap_monitor_steps": 5, "seeds": "0,1,2,3,4", "tasks": "sudoku4,countdown"},
 }
 SWEEP = {"learning_rates": (1e-4, 3e-4, 1e-3, 3e-3), "betas": (0.0, 0.05, 0.5), "estimators": ("fpo", "spg")}
@@ -265,16 +265,19 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / f"{name}.png")
     command = "python benchmarks/lm_dipod.py " + " ".join(argv)
-    recipe = {**tiny_recipe(recipes[tasks[0]]), **preset}
+    recipe = {**tiny_recipe(recipes[tasks[0]]), **preset, **overrides}
     on = f"the {args.recipe} reference policy" if args.recipe else "the tiny reference policies"
     lines = [f"# DiPOD on {on} ({preset_name} preset{', lr x beta sweep' if args.sweep else ''})",
              "", f"Command: `{command.strip()}`  ",
+             *([f"(this page was rebuilt from the finished runs; the same command without `--report_only` trains "
+                f"them, reusing the finished ones)  "] if args.report_only else []),
              f"Machine: shared 2-core CPU (other jobs running), {args.workers} runs in parallel, one torch thread "
-             f"each; benchmark wall time {time.time() - started:.0f} s.  ",
+             f"each; {'page rebuilt in' if args.report_only else 'benchmark wall time'} "
+             f"{time.time() - started:.0f} s; s/step varies with the machine's load while each run trained.  ",
              f"Budget per run: {recipe['max_steps']} RL steps x {recipe['prompts_per_step']} prompts x "
-             f"{recipe['num_generations']} completions, lr {recipe['learning_rate']:g} unless named, DiPOD beta "
-             f"{beta:g} for +dipod; seeds {seeds}; held-out = greedy accuracy on the whole test split "
-             f"(500 examples) before and after; 95% t-intervals over seeds.", ""]
+             f"{recipe['num_generations']} completions, lr {recipe['learning_rate']:g} unless named "
+             f"({recipe['lr_scheduler']} after {recipe['warmup_steps']} warm-up steps){''.join(f', {item}' for item in args.set)}, DiPOD beta {beta:g} for +dipod; seeds {seeds}; held-out = "
+             f"greedy accuracy on the whole test split (500 examples) before and after; 95% t-intervals over seeds.", ""]
     if args.report_only and missing:
         lines += [f"**Partial:** {len(missing)} of {len(jobs) + len(missing)} runs had not finished when this page was "
                   "built and are left out (the seed counts per method say which remain).", ""]
