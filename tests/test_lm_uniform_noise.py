@@ -14,6 +14,7 @@ import itertools
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from dipod.lm.uniform_noise import elbo_term, linear_alphas, noise, posterior, reverse
@@ -116,6 +117,16 @@ def test_one_draw_estimate_is_unbiased():
         estimates[rows] = T * elbo_term(logp0, x0.expand(len(rows), L), x_t, alphas, t)
     stderr = float(estimates.std()) / math.sqrt(n)
     assert abs(float(estimates.mean()) - exact_elbo) < 4 * stderr
+
+
+def test_linear_schedule_is_float64_from_one_step_up():
+    """``alpha_t = 1 - t / T`` in float64 (2/3 exactly as float64 has it, not float32's); one step is the
+    shortest schedule (clean, then uniform), zero steps are refused."""
+    assert torch.equal(linear_alphas(1), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    alphas = linear_alphas(3)
+    assert alphas.dtype == torch.float64 and alphas.tolist() == [1.0, 1.0 - 1 / 3, 1.0 - 2 / 3, 0.0]
+    with pytest.raises(ValueError, match=r"^steps=0 must be >= 1$"):
+        linear_alphas(0)
 
 
 def test_a_noise_draw_is_reproducible_from_its_generator_alone():
