@@ -14,7 +14,7 @@ from dipod.lm.estimators import ESTIMATORS, OPTION_OWNERS, Estimator, Option, ge
 from dipod.lm.proxies import Proxies
 from dipod.lm.train_config import ESTIMATOR_FIELDS, TrainConfig
 from dipod.lm.trainer import proxies_used, proxy_fields, rl_loss
-from dipod.objectives import d1_loss, dipod_term, fpo_loss, fpo_plus_plus_loss, spg_loss
+from dipod.objectives import d1_loss, dipod_term, fpo_loss, fpo_plus_plus_loss, justgrpo_loss, spg_loss
 
 
 def _proxies(seed: int) -> Proxies:
@@ -54,6 +54,72 @@ def test_each_record_is_its_objective(name, direct):
     expected, expected_info = direct()
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
     assert info == expected_info
+
+
+def _near_policy():
+    """A new and an old batch whose log-ratios are about 0.15 (ELBOs) and about 0.15 times the sign of the
+    row's advantage (left-to-right log-probs): between a trust region of 0.1 (clipped) and the default 0.2
+    (not clipped), and above a log-ratio clamp of 0.1 (the SPO penalty of a negative advantage sees it)."""
+    g = torch.Generator().manual_seed(7)
+    sign = ADV.sign()[:, None]
+    new = dataclasses.replace(NEW, left_to_right_logp_nl=NEW.meanfield_logp_nl.clone())
+    old = dataclasses.replace(NEW, elbo_nk=NEW.elbo_nk.detach() - (0.15 + 0.02 * torch.rand(4, 3, generator=g)),
+                              left_to_right_logp_nl=NEW.meanfield_logp_nl - sign * (0.15 + 0.02 * torch.rand(4, 6, generator=g)))
+    return new, old
+
+
+@pytest.mark.parametrize("name, given, direct", [
+    ("fpo", {"clip_eps": 0.1}, lambda new, old: fpo_loss(new.elbo_nk, old.elbo_nk, ADV, eps=0.1)),
+    ("fpo++", {"clip_eps": 0.1, "log_ratio_max": 0.1},
+     lambda new, old: fpo_plus_plus_loss(new.elbo_nk, old.elbo_nk, ADV, eps=0.1, log_ratio_max=0.1)),
+    ("spg", {"spg_mix_weight": 0.2}, lambda new, old: spg_loss(ADV, new.elbo_n, new.eubo_n, negative_proxy="mix",
+                                                                mix_weight=0.2, lengths_n=new.lengths_n)),
+    ("justgrpo", {"clip_eps": 0.1},
+     lambda new, old: justgrpo_loss(new.left_to_right_logp_nl, old.left_to_right_logp_nl, ADV, eps=0.1)),
+])
+def test_every_option_reaches_the_objective(name, given, direct):
+    """A record hands each of its options to its objective: at non-default values the record's loss and
+    diagnostics are the objective's at those values, and resetting any one of them to its default changes
+    the loss on this batch (so an option dropped on the way would show)."""
+    new, old = _near_policy()
+    record = get_estimator(name)
+    loss, info = record.loss(new, old, ADV, None, estimators.resolve_options(name, given))
+    expected, expected_info = direct(new, old)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6)
+    assert info == expected_info
+    for option in given:
+        at_default = estimators.resolve_options(name, {**given, option: None})
+        assert abs(float(record.loss(new, old, ADV, None, at_default)[0].detach()) - float(loss.detach())) > 1e-3, option
+
+
+def test_refusals_name_the_value_the_rule_and_the_way_out():
+    """What a user reads when an estimator option is wrong: the value and the rule it breaks, or the
+    estimators an option belongs to, or the valid names; the boundary values are accepted."""
+    cases = [
+        ("spg", {"kl_beta": 0.04, "clip_eps": 0.2},
+         "kl_beta (used by d1/fpo), clip_eps (used by d1/fpo/fpo++/justgrpo) do not apply to estimator='spg'; "
+         "remove them or change --estimator"),
+        ("fpo", {"clip_eps": 0.0}, "clip_eps=0.0 must be > 0"),
+        ("d1", {"kl_beta": -0.1}, "kl_beta=-0.1 must be >= 0 (0: no KL term, no reference model)"),
+        ("fpo", {"dipod_normalisation": "per_step"},
+         "dipod_normalisation='per_step' must be one of ('per_token', 'per_sequence')"),
+        ("spg", {"spg_negative_proxy": "elbo", "eubo_beta": 1.0},
+         "eubo_beta=1.0 is unused here (spg_negative_proxy='elbo' reads no EUBO); remove it"),
+        ("reinforce", {}, "estimator='reinforce'; choose one of ('d1', 'fpo', 'fpo++', 'spg', 'justgrpo')"),
+    ]
+    for name, given, message in cases:
+        with pytest.raises(ValueError) as refused:
+            estimators.resolve_options(name, given)
+        assert str(refused.value) == message
+    assert estimators.resolve_options("d1", {"kl_beta": 0.0, "clip_eps": 1e-9})["clip_eps"] == 1e-9
+
+
+def test_flag_help_shows_each_owners_default():
+    assert estimators.option_help("clip_eps", "PPO clip range") == (
+        "PPO clip range (default d1: 0.2, fpo: 0.2, fpo++: 0.05, justgrpo: 0.2; other estimators: must stay unset)")
+    assert estimators.option_help("dipod_normalisation", "DiPOD mean") == (
+        "DiPOD mean (default d1: per_token, fpo: per_sequence, fpo++: per_token, spg: per_token, "
+        "justgrpo: per_token; other estimators: must stay unset)")
 
 
 @pytest.mark.parametrize("changes, field", [

@@ -433,6 +433,17 @@ def test_gap_monitor_matches_exact_two_token_expectation(num_orders):
     assert (expected <= true_gap).all() and (expected > 0).all()
 
 
+def test_gap_monitor_with_one_order_is_allowed_and_exactly_zero():
+    """K = 1 is the smallest monitor: IW_1 = ELBO_1 (the log-mean-exp of one term is that term), so every
+    sequence's gap is 0; K = 0 is refused."""
+    lm = _lm(TwoTokenModel(THETA))
+    prompt, attn, completion = _toy_batch(3)
+    gap_n = gap_lower_bound(lm, prompt, attn, completion, ProxySettings(masking="random"), 1, seed=0)
+    assert gap_n.shape == (12,) and gap_n.abs().max() < 1e-6
+    with pytest.raises(ValueError, match=r"^gap_lower_bound: num_orders=0 must be >= 1$"):
+        gap_lower_bound(lm, prompt, attn, completion, ProxySettings(masking="random"), 0, seed=0)
+
+
 def test_gap_monitor_converges_to_true_gap_for_many_orders():
     lm = _lm(TwoTokenModel(THETA))
     prompt, attn, completion = _toy_batch()

@@ -14,6 +14,7 @@ import itertools
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from dipod.lm.uniform_noise import elbo_term, linear_alphas, noise, posterior, reverse
@@ -116,6 +117,42 @@ def test_one_draw_estimate_is_unbiased():
         estimates[rows] = T * elbo_term(logp0, x0.expand(len(rows), L), x_t, alphas, t)
     stderr = float(estimates.std()) / math.sqrt(n)
     assert abs(float(estimates.mean()) - exact_elbo) < 4 * stderr
+
+
+def test_linear_schedule_is_float64_from_one_step_up():
+    """``alpha_t = 1 - t / T`` in float64 (2/3 exactly as float64 has it, not float32's); one step is the
+    shortest schedule (clean, then uniform), zero steps are refused."""
+    assert torch.equal(linear_alphas(1), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    alphas = linear_alphas(3)
+    assert alphas.dtype == torch.float64 and alphas.tolist() == [1.0, 1.0 - 1 / 3, 1.0 - 2 / 3, 0.0]
+    with pytest.raises(ValueError, match=r"^steps=0 must be >= 1$"):
+        linear_alphas(0)
+
+
+def test_a_noise_draw_is_reproducible_from_its_generator_alone():
+    """``noise`` draws both its keep decisions and its uniform tokens from the generator it is given: the
+    same seed gives the same canvas whatever the global RNG did in between, another seed another canvas."""
+    x0 = torch.arange(40).remainder(V).view(2, 20)
+    draws = []
+    for global_seed, seed in ((0, 3), (1, 3), (0, 4)):
+        torch.manual_seed(global_seed)
+        draws.append(noise(x0, 0.5, V, torch.Generator().manual_seed(seed)))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    kept = noise(x0, 1.0, V, torch.Generator().manual_seed(3))  # alpha = 1 keeps every token
+    assert torch.equal(kept, x0)
+
+
+def test_a_step_that_keeps_every_token_adds_nothing():
+    """A schedule step with ``alpha_t = alpha_{t-1}`` (``r_t = 1``) changes no token: both the posterior
+    ``q(x_{t-1} | x_t, x_0)`` and the model's ``p(x_{t-1} | x_t)`` are the point mass on ``x_t``, so the
+    step's KL term is 0 (up to float32 rounding), in float64 and in float32 (where 1e-300 underflows to 0)."""
+    alphas = torch.tensor([1.0, 0.5, 0.5, 0.0], dtype=torch.float64)
+    x0, x_t = torch.tensor([[0, 2]]), torch.tensor([[1, 2]])
+    for dtype in (torch.float64, torch.float32):
+        logp0 = _denoiser(7)[_index(x_t[0])].log()[None].to(dtype)
+        term = elbo_term(logp0, x0, x_t, alphas, 2)
+        assert term.dtype == dtype and abs(float(term[0])) < 1e-6  # float32: p(x_t | x_t) rounds to 1 - 1e-7
+    assert float(elbo_term(_denoiser(7)[_index(x_t[0])].log()[None], x0, x_t, alphas, 3)[0]) < 0  # a real step
 
 
 class _TableDenoiser(torch.nn.Module):
