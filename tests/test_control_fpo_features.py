@@ -310,21 +310,89 @@ def test_gaussian_ppo_update_refuses_a_batch_without_rollout_log_probs():
     assert str(caught.value) == "gaussian_ppo_update: the batch needs logp_old (log-probs at rollout time)"
 
 
-def test_the_minibatch_order_comes_from_the_update_generator_alone():
+@pytest.mark.parametrize("kind", ["flow", "gaussian"])
+def test_the_minibatch_order_comes_from_the_update_generator_alone(kind):
     """Same generator seed, different global RNG state: the same weights after the update (a reproducible
     resume); another generator seed: another minibatch order, other weights (the order matters)."""
     from dipod.control.update import gaussian_ppo_update
 
     def run(generator_seed, global_seed):
-        actor, batch = _gaussian_batch()
+        if kind == "gaussian":
+            actor, batch = _gaussian_batch()
+        else:
+            actor = small_actor()
+            batch = batch_for(actor, torch.tensor([1.0, -1.0] * 8))
         critic = LinearCritic()
         torch.manual_seed(global_seed)
-        gaussian_ppo_update(actor, critic, torch.optim.SGD(list(actor.parameters()) + list(critic.parameters()),
-                                                           lr=0.1),
-                            batch, UpdateSettings(epochs=1, minibatches=4, normalize_advantages=False),
-                            torch.Generator().manual_seed(generator_seed))
+        update = gaussian_ppo_update if kind == "gaussian" else fpo_plus_plus_update
+        update(actor, critic, torch.optim.SGD(list(actor.parameters()) + list(critic.parameters()), lr=0.1),
+               batch, UpdateSettings(epochs=1, minibatches=4, normalize_advantages=False),
+               torch.Generator().manual_seed(generator_seed))
         return torch.cat([p.detach().flatten() for p in actor.parameters()])
 
     first = run(3, global_seed=0)
     assert torch.equal(first, run(3, global_seed=1))
     assert not torch.allclose(first, run(4, global_seed=0))
+
+
+@pytest.mark.parametrize("shifted, factor", [(0, 1.5), (4, 1.0), (8, 1 / 1.5)])
+def test_the_clip_fraction_rate_rule_reads_the_epochs_fraction_of_draws_outside_the_trust_region(shifted, factor):
+    """The optimizer holds only a stand-in weight, so the actor stays on the rollout policy: the epoch's measure is
+    exactly the share of samples whose old ELBO was lowered by 0.3 (ratio e^0.3 > 1 + eps with A > 0): 0, 1/4 or
+    1/2 against target 0.2 -> rate x 1.5, unchanged, / 1.5."""
+    actor = small_actor()
+    batch = batch_for(actor, torch.ones(16))
+    batch.elbo_old[:shifted] -= 0.3
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    info = fpo_plus_plus_update(actor, LinearCritic(), optimizer, batch,
+                                UpdateSettings(epochs=1, minibatches=2, normalize_advantages=False, clip_eps=0.05,
+                                               lr_schedule="clip_fraction", target_clip_fraction=0.2),
+                                torch.Generator().manual_seed(0))
+    assert info["clip_ratio"] == pytest.approx(shifted / 16)
+    assert info["lr"] == pytest.approx(1e-3 * factor) and optimizer.param_groups[0]["lr"] == info["lr"]
+
+
+def _nan_gradient_loss(weight):
+    """A policy loss whose value is finite (0) but whose gradient is not: d sqrt(x) / dx at 0 is inf, times 0."""
+    def policy_loss(idx, adv_mb):
+        return torch.sqrt((weight * 0.0).sum()), {"kl": 0.0, "clip_ratio": 0.0}
+    return policy_loss
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_is_skipped_and_logged_with_its_numbers(caplog):
+    from dipod.control.update import run_update
+
+    critic = LinearCritic()
+    weight = nn.Parameter(torch.ones(3))
+    params = [weight] + list(critic.parameters())
+    before = [p.detach().clone() for p in params]
+    batch = RolloutBatch(torch.ones(4, 3), torch.zeros(4, 1), torch.ones(4), torch.zeros(4), torch.zeros(4))
+    with torch.no_grad():
+        critic.lin.weight.fill_(0.5)
+        critic.lin.bias.fill_(0.0)  # V = 1.5 everywhere, returns 0: value loss 2.25
+    before = [p.detach().clone() for p in params]
+    info = run_update(params, torch.optim.SGD(params, lr=0.1), batch, critic,
+                      UpdateSettings(epochs=1, minibatches=1, normalize_advantages=False), torch.Generator(),
+                      _nan_gradient_loss(weight))
+    assert info["skipped_minibatches"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+    (record,) = [r for r in caplog.records if "skipped a minibatch" in r.getMessage()]
+    assert record.getMessage() == ("update: skipped a minibatch with non-finite loss 2.25 / gradient norm nan "
+                                   "(policy 0.0, value 2.25)")
+
+
+def test_a_skipped_minibatch_does_not_end_the_epoch():
+    """The non-finite minibatch is the epoch's first (the update generator's permutation, seed 0): it is skipped and
+    the second, finite one still steps."""
+    actor = small_actor()
+    batch = batch_for(actor, torch.ones(16))
+    first = int(torch.randperm(16, generator=torch.Generator().manual_seed(0))[0])
+    batch.advantages[first] = float("nan")
+    before = [p.detach().clone() for p in actor.parameters()]
+    critic = LinearCritic()
+    optimizer = torch.optim.SGD(list(actor.parameters()) + list(critic.parameters()), lr=0.1)
+    info = fpo_plus_plus_update(actor, critic, optimizer, batch,
+                                UpdateSettings(epochs=1, minibatches=2, normalize_advantages=False),
+                                torch.Generator().manual_seed(0))
+    assert info["skipped_minibatches"] == 1.0 and math.isfinite(info["policy_loss"])
+    assert not all(torch.equal(a, b) for a, b in zip(before, actor.parameters()))
