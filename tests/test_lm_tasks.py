@@ -857,11 +857,11 @@ def test_sudoku_compact_answers_are_digits_and_whitespace_padded_with_zeros():
 
 
 def test_sudoku_generation_refuses_only_after_50_fruitless_batches_in_a_row(monkeypatch):
-    """Batches that find no new puzzle are counted in a row, not in total: with batches of 4 draws,
-    115 of the 120 two-blank puzzles of one grid take 92 batches (at least 63 of them fruitless:
-    a batch adds at most 4), but never 50 fruitless in a row, so all 115 are generated."""
+    """Batches that find no new puzzle are counted in a row, not in total: with batches of one draw,
+    100 of the 120 two-blank puzzles of one grid take 230 batches, 130 of them fruitless but never
+    more than 26 in a row, so all 100 are generated."""
     from dipod.lm.tasks import sudoku4
 
-    monkeypatch.setattr(sudoku4, "_BATCH", 4)
-    puzzles = get_task("sudoku4", num_blanks=2, test_grids=1).load("test", limit=115)
-    assert len({ex["puzzle"] for ex in puzzles}) == 115 and all(ex["puzzle"].count("0") == 2 for ex in puzzles)
+    monkeypatch.setattr(sudoku4, "_BATCH", 1)
+    puzzles = get_task("sudoku4", num_blanks=2, test_grids=1).load("test", limit=100)
+    assert len({ex["puzzle"] for ex in puzzles}) == 100 and all(ex["puzzle"].count("0") == 2 for ex in puzzles)
