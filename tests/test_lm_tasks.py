@@ -748,3 +748,120 @@ def test_math500_reads_answers_up_to_300_characters():
     task, long = get_task("math500"), "1" * 300
     assert task.reward(f"\\boxed{{{long}}}", {"answer": long}) == 1.0
     assert task.reward(f"\\boxed{{{long}1}}", {"answer": long + "1"}) == 0.0  # too long to read
+
+
+# -- sudoku4: where the grid is read from, and the scores around it (mutation testing, issue 28) ----
+
+def test_sudoku_reads_a_grid_written_after_the_closing_tag_only_when_nothing_else_follows():
+    """A model that closes the tag and then writes the grid (rows on lines, in a code fence) is read;
+    text after the last closing tag that is not only digits, whitespace and fences is not, and the
+    answer then comes from the tagged region."""
+    task = get_task("sudoku4")
+    grid, rows = SUDOKU["solution"], "3142\n2431\n4213\n1324"
+    cases = {
+        f"<answer>\nsee below\n</answer>\n{rows}": grid,
+        f"<answer>\nsee below\n</answer>\n```\n{rows}\n```": grid,
+        f"</answer>\n{grid}": grid,  # a stray closing tag at the very start of the text
+        f"<answer>\n3142\n</answer>\n</answer>\n{grid}": grid,  # after the LAST closing tag
+        f"<answer>\nsee below\n</answer>X{grid}": None,  # a letter after the tag: prose, not a grid
+        "<answer>\n3142 2431 4213 1324\n</answer>\nDone.": grid,  # prose after the tag: the region's words
+        "<answer>\n3142 2431 4213 1324": grid,  # unclosed: the region's words
+        "<answer>\nsee below\n</answer>\nDone.": None,
+    }
+    for completion, answer in cases.items():
+        assert task.extract_answer(completion) == answer, completion
+        assert task.is_correct(completion, SUDOKU) is (answer == grid), completion
+
+
+def test_sudoku_reads_words_of_a_tagged_region_up_to_1000_characters_and_compact_text_up_to_64():
+    """The limits on what is read as a grid: an answer region of at most 1000 characters is read
+    word by word (cells with separators), a longer one only for a written-out 16-digit run; an
+    untagged completion of digits and whitespace is the grid when at most 64 characters long
+    (stripped), a longer one counts only for a 16-digit run."""
+    task = get_task("sudoku4")
+    spaced = " ".join(SUDOKU["solution"])  # 31 characters, no 16-digit run
+    for length, read in ((1000, True), (1001, False)):
+        region = spaced + " " * (length - len(spaced) - 1) + "."
+        assert len(region) == length
+        completion = f"<answer>{region}</answer>"
+        assert task.extract_answer(completion) == (SUDOKU["solution"] if read else None), length
+    for length, read in ((64, True), (65, False)):
+        compact = spaced + " " * (length - len(spaced) - 1) + "0"
+        assert len(compact) == length
+        expected = (SUDOKU["solution"] + "0")[:16] if read else None
+        assert task.extract_answer(compact) == expected, length
+
+
+def test_sudoku_scores_without_an_answer_or_a_clue_are_zero_and_paper_accuracy_weights_blanks():
+    task = get_task("sudoku4")
+    assert task.clues_kept("no grid here", SUDOKU) == 0.0 and task.reward("no grid here", SUDOKU) == 0.0
+    assert task.clues_kept(SUDOKU["solution"], {"puzzle": "0" * 16, "solution": SUDOKU["solution"]}) == 0.0
+    assert task.reward(SUDOKU["solution"], {"puzzle": SUDOKU["solution"], "solution": SUDOKU["solution"]}) == 0.0
+    one_blank = {"puzzle": "0" + SUDOKU["solution"][1:], "solution": SUDOKU["solution"]}
+    assert task.paper_accuracy([SUDOKU["solution"]], [one_blank]) == 1.0
+    # blank-weighted: 8 blanks with 7 right and 1 blank right = 8 of 9, not the mean 15/16
+    assert task.paper_accuracy(["3142243142131323", SUDOKU["solution"]], [SUDOKU, one_blank]) == pytest.approx(8 / 9)
+    assert task.paper_accuracy([], []) == 0.0
+    assert {name: weight for name, (_, weight) in task.reward_functions.items()} == {"correctness": 1.0, "clues_kept": 0.0}
+
+
+def test_sudoku_d1_prompt_is_zero_shot_by_default():
+    task = get_task("sudoku4")
+    assert task.d1_prompt(SUDOKU) == task.prompt(SUDOKU, "d1") != task.d1_prompt(SUDOKU, shots=1)
+
+
+def test_sudoku_plausible_wrong_demonstration_fills_each_row_with_its_smallest_free_digits():
+    """Row by row, each blank gets the smallest digit its row lacks (clues and earlier fills): every
+    row valid, clues untouched, columns and boxes ignored."""
+    task = get_task("sudoku4")
+    cases = {
+        "3102200002100320": "3142213432141324",
+        "0000" * 4: "1234" * 4,
+        "0040" + "3000" + "0001" + "0200": "1243" + "3124" + "2341" + "1234",
+        SUDOKU["solution"]: SUDOKU["solution"],
+    }
+    for puzzle, fill in cases.items():
+        assert task.plausible_wrong_demonstration({"puzzle": puzzle, "solution": ""}) == fill, puzzle
+
+
+def test_sudoku_csv_refuses_a_letter_in_a_puzzle_and_a_file_without_rows(tmp_path):
+    task = get_task("sudoku4")
+    letter = tmp_path / "letter.csv"
+    letter.write_text("Puzzle,Solution\nX102200002100320,3142243142131324\n")
+    with pytest.raises(ValueError, match=r"letter.csv:2: Puzzle must be 16 digits 0-4 \(0 = blank\), got 'X102200002100320'$"):
+        task.load("test", path=str(letter))
+    header_only = tmp_path / "header_only.csv"
+    header_only.write_text("Puzzle,Solution\n\n")
+    with pytest.raises(ValueError, match=r"header_only.csv: no puzzles in the file$"):
+        task.load("test", path=str(header_only))
+
+
+def test_sudoku_asking_for_more_distinct_puzzles_than_exist_is_refused_with_the_count_found():
+    """One test grid with one blank has exactly 16 puzzles (one per cell), all with one solution:
+    16 are generated, a 17th is refused in one message naming how many were found."""
+    task = get_task("sudoku4", num_blanks=1, test_grids=1)
+    puzzles = task.load("test", limit=16)
+    assert sorted(ex["puzzle"].index("0") for ex in puzzles) == list(range(16))
+    with pytest.raises(ValueError, match=r"^only 16 distinct unique-solution puzzles with 1 blanks found on the test "
+                                         r"grids; ask for fewer or use fewer blanks$"):
+        task.load("test", limit=17)
+
+
+def test_sudoku_compact_answers_are_digits_and_whitespace_padded_with_zeros():
+    """d1 pads a short grid with 0 (a blank, never right); a letter makes the text prose, where only
+    a written-out 16-digit run counts."""
+    task = get_task("sudoku4")
+    assert task.extract_answer("31422431") == "3142243100000000"
+    assert task.extract_answer("X 3142 2431 4213 1324") is None
+    assert task.extract_answer("X 3142243142131324") == SUDOKU["solution"]
+
+
+def test_sudoku_generation_refuses_only_after_50_fruitless_batches_in_a_row(monkeypatch):
+    """Batches that find no new puzzle are counted in a row, not in total: with batches of one draw,
+    100 of the 120 two-blank puzzles of one grid take 230 batches, 130 of them fruitless but never
+    more than 26 in a row, so all 100 are generated."""
+    from dipod.lm.tasks import sudoku4
+
+    monkeypatch.setattr(sudoku4, "_BATCH", 1)
+    puzzles = get_task("sudoku4", num_blanks=2, test_grids=1).load("test", limit=100)
+    assert len({ex["puzzle"] for ex in puzzles}) == 100 and all(ex["puzzle"].count("0") == 2 for ex in puzzles)
