@@ -87,3 +87,104 @@ def test_teacher_is_frozen_and_shares_the_moving_normaliser():
 def test_settings_name_the_front_end_field(field):
     with pytest.raises(ConfigError, match=f"distill_{field}=0"):
         DistillSettings(**{field: 0})
+
+
+def test_finish_reports_the_stage_numbers_recomputed_from_its_buffer_and_generator():
+    """finish() scores the final buffer with one fresh noise draw for before and after (so the two are
+    comparable), from the stage's own generator; before any step the student is the teacher (action MSE 0)."""
+    from dipod.control.distill import action_mse
+    from dipod.control.update import mean_cfm_loss
+
+    actor = tiny_actor()
+    settings = DistillSettings(iterations=3, rollout_steps=2, minibatch_size=8, num_draws=3, lr=1e-2)
+    stage = SelfDistillation(actor, settings, num_envs=4, generator=torch.Generator().manual_seed(0))
+    step = CountingStep(4)
+    stage.run(step(None), step)
+    state = stage.generator.get_state()
+    info = stage.finish()
+
+    replay = torch.Generator()
+    replay.set_state(state)
+    obs, actions = torch.cat(stage.obs_chunks), torch.cat(stage.action_chunks)
+    eps, t = actor.draw_noise(obs.shape[0], 3, replay)
+    assert info["cfm_loss_before"] == pytest.approx(mean_cfm_loss(stage.initial, obs, actions, eps, t, normalized=True), rel=1e-6)
+    assert info["cfm_loss_after"] == pytest.approx(mean_cfm_loss(actor, obs, actions, eps, t, normalized=True), rel=1e-6)
+    assert info["cfm_loss_after"] != pytest.approx(info["cfm_loss_before"], rel=1e-3)  # the student moved
+    assert info["action_mse_before"] == action_mse(stage.initial, stage.teacher, obs, replay, normalized=True) == 0.0
+    # (the default teacher is the initial policy itself; the call above draws the same noise finish() drew)
+    assert info["action_mse"] == pytest.approx(action_mse(actor, stage.teacher, obs, replay, normalized=True), rel=1e-6)
+    assert info["action_mse"] > 0.0
+    assert info["distill_loss_first"] == stage.losses[0] and info["distill_loss_last"] == stage.losses[-1]
+    assert len(stage.losses) == 3 and info["skipped_steps"] == 0.0
+    assert info["env_steps"] == 24.0 and info["buffer"] == float(obs.shape[0]) == 24.0
+    assert info["time_s"] > 0.0
+
+
+def test_finish_before_any_step_reports_no_distillation_loss_and_an_unmoved_student():
+    actor = tiny_actor()
+    settings = DistillSettings(iterations=1, rollout_steps=1, minibatch_size=8, num_draws=2)
+    stage = SelfDistillation(actor, settings, num_envs=4, generator=torch.Generator().manual_seed(1))
+    stage.act(CountingStep(4)(None))
+    info = stage.finish()
+    assert info["cfm_loss_before"] == info["cfm_loss_after"]
+    assert info["action_mse_before"] == info["action_mse"] == 0.0
+    assert torch.isnan(torch.tensor(info["distill_loss_first"])) and torch.isnan(torch.tensor(info["distill_loss_last"]))
+    assert info["env_steps"] == info["buffer"] == 4.0 and info["skipped_steps"] == 0.0
+
+
+def _trained_stage(global_seed: int, iterations: int = 2):
+    actor = tiny_actor()
+    settings = DistillSettings(iterations=iterations, rollout_steps=2, minibatch_size=3, num_draws=2, lr=1e-2)
+    stage = SelfDistillation(actor, settings, num_envs=4, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(global_seed)  # the global stream must not matter
+    step = CountingStep(4)
+    stage.run(step(None), step)
+    return actor, stage
+
+
+def test_the_student_steps_draw_their_minibatches_and_noise_from_the_stage_generator_only():
+    (a, sa), (b, sb) = _trained_stage(123), _trained_stage(456)
+    assert sa.losses == sb.losses
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_a_student_step_minimises_the_cfm_loss_of_the_normalised_buffer_pairs():
+    import copy
+
+    actor = tiny_actor()
+    settings = DistillSettings(iterations=1, rollout_steps=2, minibatch_size=3, num_draws=2, lr=1e-2)
+    stage = SelfDistillation(actor, settings, num_envs=4, generator=torch.Generator().manual_seed(0))
+    step = CountingStep(4)
+    obs = step(None)
+    for _ in range(2):
+        obs = step(stage.act(obs))
+    before, state = copy.deepcopy(actor), stage.generator.get_state()
+    stage.train_step()
+    replay = torch.Generator()
+    replay.set_state(state)
+    buffer_obs, buffer_actions = torch.cat(stage.obs_chunks), torch.cat(stage.action_chunks)
+    idx = torch.randperm(8, generator=replay)[:3]
+    eps, t = before.draw_noise(3, 2, replay)
+    expected = before.cfm_loss(buffer_obs[idx], buffer_actions[idx], eps, t, normalized=True).mean().detach()
+    assert stage.losses == [pytest.approx(float(expected), rel=1e-6)]
+    # the buffer already holds normalised observations: normalising them again scores something else
+    assert float(before.cfm_loss(buffer_obs[idx], buffer_actions[idx], eps, t, normalized=False).mean().detach()) != pytest.approx(
+        float(expected), rel=1e-4)
+
+
+def test_non_finite_student_steps_are_skipped_one_by_one_and_leave_the_student_unchanged():
+    actor = tiny_actor()
+    settings = DistillSettings(iterations=3, rollout_steps=1, minibatch_size=4, num_draws=2, lr=1e-2)
+    stage = SelfDistillation(actor, settings, num_envs=4, generator=torch.Generator().manual_seed(0))
+    start = [p.detach().clone() for p in actor.parameters()]
+    step, obs = CountingStep(4), None
+    obs = step(None)
+    for _ in range(3):
+        obs = step(stage.act(obs))
+        stage.action_chunks[-1] = torch.full_like(stage.action_chunks[-1], float("nan"))
+        stage.train_step()
+    assert stage.skipped == 3 * settings.updates_per_iteration and stage.losses == []
+    for p, p0 in zip(actor.parameters(), start):
+        assert torch.equal(p, p0)
+    assert stage.finish()["skipped_steps"] == float(stage.skipped)
