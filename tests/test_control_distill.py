@@ -188,3 +188,25 @@ def test_non_finite_student_steps_are_skipped_one_by_one_and_leave_the_student_u
     for p, p0 in zip(actor.parameters(), start):
         assert torch.equal(p, p0)
     assert stage.finish()["skipped_steps"] == float(stage.skipped)
+
+
+@pytest.mark.parametrize("field,bad,message", [
+    ("num_draws", 0, "distill_num_draws=0 must be >= 1"),
+    ("lr", 0.0, "distill_lr=0.0 must be > 0"),
+    ("max_grad_norm", 0.0, "distill_max_grad_norm=0.0 must be > 0"),
+    ("lr", float("nan"), "distill_lr=nan must be > 0"),
+    ("weight_decay", -1e-4, "distill_weight_decay=-0.0001 must be >= 0"),
+])
+def test_settings_refuse_each_out_of_range_value_in_one_line_and_accept_the_edges(field, bad, message):
+    with pytest.raises(ConfigError) as refused:
+        DistillSettings(**{field: bad})
+    assert str(refused.value) == message
+    edges = DistillSettings(num_draws=1, lr=1e-12, max_grad_norm=1e-12, weight_decay=0.0, iterations=1,
+                            rollout_steps=1, updates_per_iteration=1, minibatch_size=1)
+    assert (edges.weight_decay, edges.num_draws) == (0.0, 1)
+
+
+def test_buffer_cap_is_four_minibatches_or_eight_rollouts_whichever_is_larger():
+    settings = DistillSettings(rollout_steps=3, minibatch_size=10)
+    assert settings.buffer_cap(num_envs=1) == 40  # 4 x 10 > 1 x 3 x 8
+    assert settings.buffer_cap(num_envs=2) == 48  # 2 x 3 x 8 > 40
