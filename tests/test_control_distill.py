@@ -132,9 +132,9 @@ def test_finish_before_any_step_reports_no_distillation_loss_and_an_unmoved_stud
     assert info["env_steps"] == info["buffer"] == 4.0 and info["skipped_steps"] == 0.0
 
 
-def _trained_stage(global_seed: int, iterations: int = 2):
+def _trained_stage(global_seed: int):
     actor = tiny_actor()
-    settings = DistillSettings(iterations=iterations, rollout_steps=2, minibatch_size=3, num_draws=2, lr=1e-2)
+    settings = DistillSettings(iterations=2, rollout_steps=2, minibatch_size=3, num_draws=2, lr=1e-2)
     stage = SelfDistillation(actor, settings, num_envs=4, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(global_seed)  # the global stream must not matter
     step = CountingStep(4)
@@ -178,7 +178,7 @@ def test_non_finite_student_steps_are_skipped_one_by_one_and_leave_the_student_u
     settings = DistillSettings(iterations=3, rollout_steps=1, minibatch_size=4, num_draws=2, lr=1e-2)
     stage = SelfDistillation(actor, settings, num_envs=4, generator=torch.Generator().manual_seed(0))
     start = [p.detach().clone() for p in actor.parameters()]
-    step, obs = CountingStep(4), None
+    step = CountingStep(4)
     obs = step(None)
     for _ in range(3):
         obs = step(stage.act(obs))
@@ -197,10 +197,13 @@ def test_non_finite_student_steps_are_skipped_one_by_one_and_leave_the_student_u
     ("lr", float("nan"), "distill_lr=nan must be > 0"),
     ("weight_decay", -1e-4, "distill_weight_decay=-0.0001 must be >= 0"),
 ])
-def test_settings_refuse_each_out_of_range_value_in_one_line_and_accept_the_edges(field, bad, message):
+def test_settings_refuse_each_out_of_range_value_in_one_line(field, bad, message):
     with pytest.raises(ConfigError) as refused:
         DistillSettings(**{field: bad})
     assert str(refused.value) == message
+
+
+def test_settings_accept_the_edges_of_each_range():
     edges = DistillSettings(num_draws=1, lr=1e-12, max_grad_norm=1e-12, weight_decay=0.0, iterations=1,
                             rollout_steps=1, updates_per_iteration=1, minibatch_size=1)
     assert (edges.weight_decay, edges.num_draws) == (0.0, 1)

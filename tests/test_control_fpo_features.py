@@ -365,7 +365,6 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_skipped_and_logged_with_its
     critic = LinearCritic()
     weight = nn.Parameter(torch.ones(3))
     params = [weight] + list(critic.parameters())
-    before = [p.detach().clone() for p in params]
     batch = RolloutBatch(torch.ones(4, 3), torch.zeros(4, 1), torch.ones(4), torch.zeros(4), torch.zeros(4))
     with torch.no_grad():
         critic.lin.weight.fill_(0.5)
