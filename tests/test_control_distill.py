@@ -1,6 +1,8 @@
 """Algorithm 3 as released, through the one SelfDistillation stage: its own rollout length, one step per
 iteration on min(minibatch, buffer) pairs drawn without replacement, buffer halving, moving normaliser."""
 
+import time
+
 import pytest
 import torch
 
@@ -73,6 +75,7 @@ def test_teacher_is_frozen_and_shares_the_moving_normaliser():
     step = CountingStep(4)
     stage.run(step(None), step)
     assert stage.teacher.obs_norm is actor.obs_norm
+    assert not any(p.requires_grad for p in stage.teacher.parameters())  # no graph is ever built through it
     assert float(actor.obs_norm.count) == 3 * 2 * 4  # every observation the teacher acted on
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, stage.teacher.parameters()))
     assert not torch.equal(stage.teacher.obs_in.weight, actor.obs_in.weight)  # the student moved
@@ -97,11 +100,13 @@ def test_finish_reports_the_stage_numbers_recomputed_from_its_buffer_and_generat
 
     actor = tiny_actor()
     settings = DistillSettings(iterations=3, rollout_steps=2, minibatch_size=8, num_draws=3, lr=1e-2)
+    started = time.perf_counter()
     stage = SelfDistillation(actor, settings, num_envs=4, generator=torch.Generator().manual_seed(0))
     step = CountingStep(4)
     stage.run(step(None), step)
     state = stage.generator.get_state()
     info = stage.finish()
+    elapsed = time.perf_counter() - started
 
     replay = torch.Generator()
     replay.set_state(state)
@@ -117,7 +122,7 @@ def test_finish_reports_the_stage_numbers_recomputed_from_its_buffer_and_generat
     assert info["distill_loss_first"] == stage.losses[0] and info["distill_loss_last"] == stage.losses[-1]
     assert len(stage.losses) == 3 and info["skipped_steps"] == 0.0
     assert info["env_steps"] == 24.0 and info["buffer"] == float(obs.shape[0]) == 24.0
-    assert 0.0 < info["time_s"] < 3600.0  # seconds since the stage began, not a clock reading
+    assert 0.0 < info["time_s"] <= elapsed  # seconds since the stage began, not a clock reading
 
 
 def test_finish_before_any_step_reports_no_distillation_loss_and_an_unmoved_student():
@@ -223,3 +228,73 @@ def test_a_stage_from_the_front_end_takes_every_distill_field_under_its_name():
     settings = DistillSettings.from_front_end(cfg, iterations=9)
     assert settings == DistillSettings(iterations=9, rollout_steps=3, updates_per_iteration=2, minibatch_size=64,
                                        num_draws=5, lr=2e-3, weight_decay=3e-2, max_grad_norm=0.7)
+
+
+def test_the_student_optimizer_is_adamw_with_the_stage_settings():
+    settings = DistillSettings(lr=2e-3, weight_decay=3e-2)
+    stage = SelfDistillation(tiny_actor(), settings, num_envs=4, generator=torch.Generator().manual_seed(0))
+    group = stage.optimizer.param_groups[0]
+    assert isinstance(stage.optimizer, torch.optim.AdamW)
+    assert (group["lr"], group["weight_decay"]) == (2e-3, 3e-2)  # not AdamW's default decay of 1e-2
+
+
+def test_a_stage_begun_under_inference_mode_still_trains_a_normal_module():
+    """rsl-rl rolls out under torch.inference_mode(): the stage built there keeps teacher and student
+    normal modules (inference tensors could not be saved for backward or loaded into later)."""
+    actor = tiny_actor()
+    settings = DistillSettings(iterations=2, rollout_steps=2, minibatch_size=8, num_draws=2, lr=1e-2)
+    with torch.inference_mode():
+        stage = SelfDistillation(actor, settings, num_envs=4, generator=torch.Generator().manual_seed(0))
+        step = CountingStep(4)
+        stage.run(step(None), step)
+    assert len(stage.losses) == 2
+    for module in (stage.teacher, actor):
+        assert not any(p.is_inference() for p in module.parameters())
+    stage.teacher.load_state_dict(actor.state_dict())  # a normal module takes weights in place
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_is_skipped_and_the_iterations_next_update_still_runs():
+    actor = tiny_actor()
+    settings = DistillSettings(iterations=1, rollout_steps=2, updates_per_iteration=2, minibatch_size=4,
+                               num_draws=2, lr=1e-2)
+    stage = SelfDistillation(actor, settings, num_envs=4, generator=torch.Generator().manual_seed(0))
+    step = CountingStep(4)
+    obs = step(None)
+    for _ in range(2):
+        obs = step(stage.act(obs))
+    backward_calls = []
+
+    def poison_first_gradient(grad):
+        backward_calls.append(1)
+        return grad * float("nan") if len(backward_calls) == 1 else grad
+
+    actor.obs_in.weight.register_hook(poison_first_gradient)
+    start = [p.detach().clone() for p in actor.parameters()]
+    stage.train_step()
+    assert len(backward_calls) == 2 and stage.skipped == 1 and len(stage.losses) == 1
+    assert all(torch.isfinite(p).all() for p in actor.parameters())
+    assert not torch.equal(actor.obs_in.weight, start[0])  # the second update stepped
+
+
+def test_finish_probes_actions_on_the_first_4096_buffer_rows_through_the_normaliser():
+    """With a teacher other than the initial policy, action_mse_before is the initial policy's distance
+    to it; both action probes read the first 4096 normalised rows, noise from the stage generator."""
+    from dipod.control.distill import action_mse
+
+    actor = tiny_actor()
+    torch.manual_seed(1)
+    teacher = FlowActor(2, 1, [-1.0], [1.0], hidden=(8,), sampling_steps=2)
+    settings = DistillSettings(iterations=1, rollout_steps=1, minibatch_size=8, num_draws=2)
+    stage = SelfDistillation(actor, settings, num_envs=4100, generator=torch.Generator().manual_seed(0),
+                             teacher=teacher)
+    stage.act(torch.randn(4100, 2, generator=torch.Generator().manual_seed(2)) * 3.0 + 5.0)
+    state = stage.generator.get_state()
+    info = stage.finish()
+    replay = torch.Generator()
+    replay.set_state(state)
+    obs = torch.cat(stage.obs_chunks)
+    actor.draw_noise(obs.shape[0], settings.num_draws, replay)
+    before = action_mse(stage.initial, stage.teacher, obs[:4096], replay, normalized=True)
+    after = action_mse(actor, stage.teacher, obs[:4096], replay, normalized=True)
+    assert before > 0.0 and info["action_mse_before"] == pytest.approx(before, rel=1e-6)
+    assert info["action_mse"] == pytest.approx(after, rel=1e-6)
