@@ -98,6 +98,48 @@ def test_proxies_are_seeded_finite_and_differentiable(lm):
     lm.model.zero_grad()
 
 
+def test_proxies_sum_the_block_elbos_over_the_canvases_each_on_its_clean_prefix(lm):
+    """The ELBO of a completion is the sum over its canvas blocks of the block ELBO given the clean prompt
+    and the earlier blocks (T = NOISE_STEPS, the draws from one generator seeded by ``seed``); every
+    completion token counts and there is no EUBO."""
+    from dipod.lm.diffusion_gemma import NOISE_STEPS, compute_uniform_proxies
+
+    ids = torch.randint(4, 90, (2, 5), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    attn[:, 0] = 0  # one padding pattern: one group, run without its padding column
+    completion = torch.randint(4, 90, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = compute_uniform_proxies(lm, ids, attn, completion, ProxySettings(num_draws=3), seed=7)
+        replay, alphas = torch.Generator().manual_seed(7), linear_alphas(NOISE_STEPS)
+        expected = sum(block_elbo_terms(lm.model, torch.cat([ids[:, 1:], completion[:, :start]], dim=1),
+                                        completion[:, start:start + 8], 3, alphas, replay) for start in (0, 8))
+    torch.testing.assert_close(got.elbo_nk, expected)
+    torch.testing.assert_close(got.elbo_n, expected.mean(1))
+    torch.testing.assert_close(got.elbo_per_token_n, expected.mean(1) / 16)
+    assert torch.equal(got.completion_mask_nl, torch.ones(2, 16)) and got.lengths_n.tolist() == [16.0, 16.0]
+    assert got.eubo_n.isnan().all() and got.eubo_n.shape == (2,)
+    with pytest.raises(ValueError) as refused:
+        compute_uniform_proxies(lm, ids, attn, completion[:, :12], ProxySettings(num_draws=3), seed=7)
+    assert str(refused.value) == "completion length 12 must be a multiple of canvas_length=8"
+
+
+def test_the_tiny_snapshot_is_a_small_hub_shaped_diffusion_gemma(lm):
+    """What the tests built on it rely on: about 0.16 M parameters with its vision tower, both attention
+    kinds and routed experts, the tokenizer's pad / EOS in config.json and in the generation config (so
+    transformers' own generate stops at EOS untold), and the image ids above every text id."""
+    model, tokenizer = lm.model, lm.tokenizer
+    config, text = model.config, model.config.text_config
+    assert 140_000 < sum(p.numel() for p in model.parameters()) < 180_000
+    assert any(".vision_tower." in name for name, _ in model.named_parameters())
+    assert sorted(text.layer_types) == ["full_attention", "sliding_attention"]
+    assert 1 < text.top_k_experts < text.num_experts and config.canvas_length == 8
+    ids = (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    assert (text.pad_token_id, text.eos_token_id, text.bos_token_id) == (*ids, None)
+    assert (model.generation_config.pad_token_id, model.generation_config.eos_token_id) == ids
+    assert max(tokenizer.get_vocab().values()) < config.boi_token_id < config.eoi_token_id < config.image_token_id
+    assert config.image_token_id < text.vocab_size
+
+
 def test_eval_and_generate_decode_it(snapshot, tmp_path, capsys):
     from dipod.lm.evaluate import main as eval_main
     from dipod.lm.generate import main as generate_main
@@ -135,9 +177,12 @@ def test_an_estimator_that_reads_the_eubo_is_refused(snapshot, tmp_path):
     from dipod.config import ConfigError
     from dipod.lm.trainer import main
 
-    with pytest.raises(ConfigError, match=r"'spg' reads \['eubo_n'\].*--spg_negative_proxy elbo"):
+    with pytest.raises(ConfigError) as refused:
         main(["--model", str(snapshot), "--task", "sudoku4", "--estimator", "spg", "--lora_r", "0",
               "--max_steps", "1", "--output_dir", str(tmp_path), "--tensorboard", "false", "--progress_bar", "false"])
+    assert str(refused.value) == ("estimator 'spg' reads ['eubo_n'], which DiffusionGemma's uniform-noise process does "
+                                  "not provide (only its ELBO is derived); use fpo, fpo++, or spg with "
+                                  "--spg_negative_proxy elbo")
 
 
 def test_ancestral_sampler_returns_the_point_the_denoiser_is_sure_of():
