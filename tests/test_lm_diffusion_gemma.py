@@ -216,3 +216,27 @@ def test_ancestral_sampler_on_the_snapshot_is_seeded(lm):
     runs = [decode(lm, ids, attn, settings, torch.Generator().manual_seed(4)) for _ in range(2)]
     assert torch.equal(runs[0].completion_bg, runs[1].completion_bg) and runs[0].forward_passes == 3 * 2
     assert runs[0].completion_bg.shape == (2, 16)
+
+
+def test_ancestral_sampler_draws_from_the_denoiser_at_its_temperature_one_token_canvases_too():
+    """x_0 ~ softmax(logits / temperature): two-token logits [0, 1] at temperature 0.5 give token 1 with
+    probability sigmoid(2) = 0.881 (the logits times the temperature would give sigmoid(0.5) = 0.622);
+    canvases of one token each fill the whole completion."""
+    from types import SimpleNamespace
+
+    from dipod.lm.diffusion_gemma import decode_ancestral
+
+    class Fixed(torch.nn.Module):
+        config = SimpleNamespace(canvas_length=1, text_config=SimpleNamespace(vocab_size=2))
+
+        def forward(self, input_ids, decoder_input_ids):
+            return SimpleNamespace(logits=torch.tensor([0.0, 1.0]).expand(*decoder_input_ids.shape, 2))
+
+    rows = 4000
+    prompts = torch.ones(rows, 3, dtype=torch.long)
+    settings = SamplerSettings(gen_length=2, block_length=2, steps=1, temperature=0.5, uniform_sampler="ancestral")
+    out = decode_ancestral(SimpleNamespace(model=Fixed()), prompts, torch.ones_like(prompts), settings,
+                           torch.Generator().manual_seed(0))
+    assert out.completion_bg.shape == (rows, 2) and (out.forward_passes, out.row_forwards) == (2, 2 * rows)
+    ones = out.completion_bg.float().mean(0)
+    assert torch.all((ones - 1 / (1 + math.exp(-2.0))).abs() < 0.02), ones  # 4 standard errors
