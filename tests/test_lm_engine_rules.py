@@ -313,6 +313,9 @@ def test_every_rank_saves_its_shards_into_a_folder_the_main_process_emptied_firs
     engine.accelerator.wait_for_everyone = lambda: engine.accelerator.calls.append(("wait", folder.exists()))
     engine.save_shards(folder)
     assert engine.accelerator.calls == [("wait", not main), ("save_state", str(folder), kwargs)]
+    fresh = engine.staging_dir(tmp_path, 8)  # the usual case: no killed save left a folder behind
+    engine.save_shards(fresh)
+    assert engine.accelerator.calls[-1] == ("save_state", str(fresh), kwargs)
 
 
 def test_loading_shards_needs_the_engines_folder(tmp_path):
