@@ -167,9 +167,17 @@ def test_lora_under_ddp_computes_in_its_dtype_without_mixed_precision(fake_accel
     assert engine.weights_dtype == "bfloat16" and FakeAccelerator.built[0]["mixed_precision"] is None
 
 
-def test_a_launch_accumulation_that_equals_ours_is_accepted(fake_accelerate, monkeypatch):
+def test_a_launch_accumulation_other_than_ours_is_refused_naming_the_launch_config(fake_accelerate, monkeypatch):
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
     assert Engine(config(gradient_accumulation_steps=2)).kind == "single"
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "8")
+    with pytest.raises(ConfigError) as refused:
+        Engine(config(gradient_accumulation_steps=2))
+    assert str(refused.value) == (
+        "gradient_accumulation_steps: the trainer's flag says 2 but the accelerate launch config says 8; the "
+        "trainer's flags decide, so remove it from the accelerate launch config (or set it to 'auto'), or pass the "
+        "same value")
+    assert len(FakeAccelerator.built) == 1  # the refusal comes before an Accelerator is built
 
 
 def test_a_deepspeed_launch_without_its_plugin_is_refused_with_the_cpu_recipe(fake_accelerate, monkeypatch):
