@@ -123,21 +123,84 @@ def test_proxies_sum_the_block_elbos_over_the_canvases_each_on_its_clean_prefix(
     assert str(refused.value) == "completion length 12 must be a multiple of canvas_length=8"
 
 
-def test_the_tiny_snapshot_is_a_small_hub_shaped_diffusion_gemma(lm):
+def test_the_tiny_snapshot_is_a_small_hub_shaped_diffusion_gemma(tmp_path):
     """What the tests built on it rely on: about 0.16 M parameters with its vision tower, both attention
     kinds and routed experts, the tokenizer's pad / EOS in config.json and in the generation config (so
     transformers' own generate stops at EOS untold), and the image ids above every text id."""
+    lm = load_masked_lm(build_tiny_diffusion_gemma(tmp_path / "dg4", canvas_length=4))
     model, tokenizer = lm.model, lm.tokenizer
     config, text = model.config, model.config.text_config
     assert 140_000 < sum(p.numel() for p in model.parameters()) < 180_000
     assert any(".vision_tower." in name for name, _ in model.named_parameters())
     assert sorted(text.layer_types) == ["full_attention", "sliding_attention"]
-    assert 1 < text.top_k_experts < text.num_experts and config.canvas_length == 8
+    assert 1 < text.top_k_experts < text.num_experts and config.canvas_length == 4
     ids = (tokenizer.pad_token_id, tokenizer.eos_token_id)
     assert (text.pad_token_id, text.eos_token_id, text.bos_token_id) == (*ids, None)
     assert (model.generation_config.pad_token_id, model.generation_config.eos_token_id) == ids
     assert max(tokenizer.get_vocab().values()) < config.boi_token_id < config.eoi_token_id < config.image_token_id
     assert config.image_token_id < text.vocab_size
+
+
+class RecordingGenerate(torch.nn.Module):
+    """Stands in for DiffusionGemma's own ``generate``: records its arguments, draws from the global RNG as
+    the real sampler does, and reports ``tokens_per_forward`` per row from ``rates`` (one entry per call)."""
+
+    def __init__(self, rates):
+        super().__init__()
+        self.rates, self.calls = list(rates), []
+
+    def generate(self, ids, **kwargs):
+        from types import SimpleNamespace
+
+        self.calls.append((ids.clone(), kwargs, torch.rand(1)))
+        tokens = torch.full((ids.shape[0], kwargs["max_new_tokens"]), 40 + len(self.calls))
+        return SimpleNamespace(sequences=torch.cat([ids, tokens], dim=1),
+                               tokens_per_forward=torch.tensor(self.rates.pop(0)))
+
+
+def test_the_own_sampler_runs_generate_per_padding_group_with_our_settings_and_counts_its_passes():
+    """One generate call per padding pattern (rows without their padding), with our length, step cap,
+    temperature schedule t_min .. t_min + 0.4 and pad / EOS ids; a group's passes are those of its slowest
+    row (generated tokens / tokens per forward, rounded up; fewer than one token per forward happens when
+    the step cap exceeds the canvas)."""
+    from types import SimpleNamespace
+
+    from dipod.lm.diffusion_gemma import decode_own
+
+    model = RecordingGenerate(rates=[[4.0], [3.2, 0.5]])  # group 1: 1 row; group 2: 2 rows
+    lm = SimpleNamespace(model=model, pad_id=0, eos_id=2)
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9], [4, 4, 4]])
+    attn = torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1]])
+    settings = SamplerSettings(gen_length=16, block_length=8, steps=4, temperature=0.5)
+    out = decode_own(lm, ids, attn, settings, torch.Generator().manual_seed(3))
+    assert [c[0].tolist() for c in model.calls] == [[[5, 6]], [[7, 8, 9], [4, 4, 4]]]
+    for _, kwargs, _ in model.calls:
+        assert kwargs == {"max_new_tokens": 16, "max_denoising_steps": 4, "t_min": 0.5, "t_max": 0.9,
+                          "pad_token_id": 0, "eos_token_id": 2}
+    assert out.completion_bg.tolist() == [[41] * 16, [42] * 16, [42] * 16]
+    assert (out.forward_passes, out.row_forwards) == (4 + 32, 4 * 1 + 32 * 2)
+    assert torch.equal(out.order_bg, torch.zeros(3, 16, dtype=torch.long))  # no fixed reveal order
+    cold = RecordingGenerate(rates=[[4.0]])
+    decode_own(SimpleNamespace(model=cold, pad_id=0, eos_id=2), ids[1:2], attn[1:2],
+               SamplerSettings(gen_length=16, block_length=8, steps=4, temperature=0.0), None)
+    assert (cold.calls[0][1]["t_min"], cold.calls[0][1]["t_max"]) == (1e-4, pytest.approx(0.4001))
+
+
+def test_the_own_sampler_is_seeded_by_its_generator_and_leaves_the_global_rng_alone():
+    from types import SimpleNamespace
+
+    from dipod.lm.diffusion_gemma import decode_own
+
+    ids, attn = torch.tensor([[7, 8, 9]]), torch.ones(1, 3, dtype=torch.long)
+    settings = SamplerSettings(gen_length=8, block_length=8, steps=2, temperature=1.0)
+    draws = []
+    for generator in (torch.Generator().manual_seed(3), torch.Generator().manual_seed(3), None):
+        model = RecordingGenerate(rates=[[2.0]])
+        state = torch.get_rng_state()
+        decode_own(SimpleNamespace(model=model, pad_id=0, eos_id=2), ids, attn, settings, generator)
+        assert torch.equal(torch.get_rng_state(), state)
+        draws.append(float(model.calls[0][2]))
+    assert draws[0] == draws[1]
 
 
 def test_eval_and_generate_decode_it(snapshot, tmp_path, capsys):
@@ -216,6 +279,11 @@ def test_ancestral_sampler_on_the_snapshot_is_seeded(lm):
     runs = [decode(lm, ids, attn, settings, torch.Generator().manual_seed(4)) for _ in range(2)]
     assert torch.equal(runs[0].completion_bg, runs[1].completion_bg) and runs[0].forward_passes == 3 * 2
     assert runs[0].completion_bg.shape == (2, 16)
+    from dipod.lm.diffusion_gemma import decode_ancestral
+
+    direct = decode_ancestral(lm, ids, attn, settings, torch.Generator().manual_seed(4))  # the sampler asked for
+    assert torch.equal(runs[0].completion_bg, direct.completion_bg)
+    assert torch.equal(runs[0].order_bg, torch.zeros(2, 16, dtype=torch.long))
 
 
 def test_ancestral_sampler_draws_from_the_denoiser_at_its_temperature_one_token_canvases_too():
