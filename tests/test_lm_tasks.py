@@ -608,6 +608,70 @@ def test_sudoku_three_shot_examples_are_solved_free_grids():
     assert not {s for _, s in SUDOKU_SHOTS} & tested
 
 
+def _grid_from_rows(lines: list[str]) -> str:
+    assert [line[:4] for line in lines] == ["R1: ", "R2: ", "R3: ", "R4: "], lines
+    return "".join(line[4:].replace(" ", "") for line in lines)
+
+
+def test_each_worked_solution_is_a_correct_single_candidate_derivation():
+    """Replayed on the grid, every step of a worked example fills an empty cell whose row, column and box
+    leave exactly the digit it names; the rows shown first are the puzzle and last the solution."""
+    import re
+
+    from dipod.lm.tasks.d1_prompts import SUDOKU_SHOTS, worked_solution
+
+    for puzzle, solution in SUDOKU_SHOTS:
+        text = worked_solution(puzzle, solution)
+        head, steps, tail = text.split("\n\n")
+        assert head.startswith("The puzzle as four rows:\n") and _grid_from_rows(head.split("\n")[1:]) == puzzle
+        assert tail.startswith("Solved grid:\n") and _grid_from_rows(tail.split("\n")[1:]) == solution
+        grid = list(puzzle)
+        lines = steps.split("\n")
+        assert lines[0] == "Cells with a single candidate, in order:" and len(lines) - 1 == puzzle.count("0")
+        for line in lines[1:]:
+            r, c, digit, r2, c2, digit2 = re.fullmatch(r"R(\d)C(\d) can only be (\d) → R(\d)C(\d)=(\d)\.", line).groups()
+            assert (r, c, digit) == (r2, c2, digit2)
+            cell = (int(r) - 1) * 4 + int(c) - 1
+            row, col = divmod(cell, 4)
+            box = {(row // 2 * 2 + i) * 4 + col // 2 * 2 + j for i in range(2) for j in range(2)}
+            peers = {row * 4 + k for k in range(4)} | {k * 4 + col for k in range(4)} | box
+            assert grid[cell] == "0" and set("1234") - {grid[p] for p in peers} == {digit}, line
+            grid[cell] = digit
+        assert "".join(grid) == solution
+
+
+def test_worked_solutions_refuse_puzzles_they_cannot_explain():
+    from dipod.lm.tasks.d1_prompts import sudoku_prompt, worked_solution
+
+    with pytest.raises(ValueError) as refused:
+        worked_solution("0" * 16, "1234341221434321")
+    assert str(refused.value) == f"puzzle {'0' * 16} needs more than single-candidate steps"
+    with pytest.raises(ValueError) as refused:
+        worked_solution("0304140330010030", "1234341221434321")
+    assert str(refused.value) == "puzzle 0304140330010030 does not solve to 1234341221434321"
+    for shots in (-1, 4):
+        with pytest.raises(ValueError) as refused:
+            sudoku_prompt("0" * 16, shots)
+        assert str(refused.value) == f"sudoku shots must be in 0..3, got {shots}"
+
+
+def test_the_three_shot_prompt_keeps_the_released_layout():
+    """Instruction, blank line, each example (Question / Answer / reasoning / answer) separated by one
+    blank line, then the question: the strings models were evaluated on."""
+    import re
+
+    from dipod.lm.tasks.d1_prompts import SUDOKU_INSTRUCTION, SUDOKU_SHOTS, sudoku_prompt
+
+    prompt = sudoku_prompt("1" * 16, shots=2)
+    example = (r"Question:\nSolve the following Sudoku puzzle: (\d{16})\nAnswer:\n<reasoning>\nThe puzzle as four "
+               r"rows:\n[^<]*\n</reasoning>\n<answer>\n(\d{16})\n</answer>")
+    layout = (re.escape(SUDOKU_INSTRUCTION) + r"\n\n" + example + r"\n\n" + example
+              + r"\n\nQuestion: Solve the following Sudoku puzzle: 1{16}\nAnswer:\n")
+    match = re.fullmatch(layout, prompt)
+    assert match and match.groups() == (*SUDOKU_SHOTS[0], *SUDOKU_SHOTS[1])
+    assert sudoku_prompt("1" * 16) == f"{SUDOKU_INSTRUCTION}\n\nSolve the following Sudoku puzzle: {'1' * 16}\n"  # 0 shots
+
+
 def _nest(depth: int) -> str:
     opening = "".join("([{"[i % 3] for i in range(depth))
     return opening + "1" + "".join({"(": ")", "[": "]", "{": "}"}[c] for c in reversed(opening))
