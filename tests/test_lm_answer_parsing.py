@@ -1,0 +1,79 @@
+"""The exact edges of the answer parsers the graders share: the arithmetic grammar's limits and its
+refusals (one message each), and which number `read_number` reads from an answer."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+
+from dipod.lm.tasks.arithmetic import MAX_CHARS, MAX_DEPTH, MAX_MAGNITUDE, ExpressionError, evaluate, parse_expression
+from dipod.lm.tasks.plain_math import MAX_NUMBER_DIGITS, read_number
+
+
+def value(text: str) -> Fraction:
+    return evaluate(parse_expression(text))
+
+
+def test_the_grammar_limits_are_inclusive():
+    longest = "1+" * 99 + "11"
+    assert len(longest) == MAX_CHARS == 200 and value(longest) == 110
+    assert value("(" * MAX_DEPTH + "7" + ")" * MAX_DEPTH) == 7
+    assert value("1000*1000*1000*1000") == MAX_MAGNITUDE  # numerator at the bound (literals have <= 6 digits)
+    assert value("(0-1000)*1000*1000*1000") == -MAX_MAGNITUDE
+    assert value("1/1000/1000/1000/1000") == Fraction(1, MAX_MAGNITUDE)  # denominator at the bound
+    assert value("999999") == 999999  # six digits
+    assert value("5/1") == 5 and value("(0-3)/1") == -3  # dividing by one is not dividing by zero
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1+" * 100 + "1", "expression longer than 200 characters"),
+    ("1+", "expression ends too early"),
+    ("(" * (MAX_DEPTH + 1) + "7" + ")" * (MAX_DEPTH + 1), "parentheses nested deeper than 32"),
+    ("(1+2", "expression ends too early"),
+    ("(1+2 3", "missing ')'"),
+    ("1+*2", "expected a number or '(', got '*'"),
+    ("4/(2-2)", "division by zero"),
+    ("1000*1000*1000*1001", f"intermediate result beyond {MAX_MAGNITUDE}"),
+    ("(0-1000)*1000*1000*1001", f"intermediate result beyond {MAX_MAGNITUDE}"),
+    ("1/1000/1000/1000/1001", f"intermediate result beyond {MAX_MAGNITUDE}"),
+    ("1234567", "number with more than 6 digits"),
+    ("3X", "unexpected character 'X'"),
+    ("X3", "unexpected character 'X'"),
+])
+def test_each_refusal_is_one_message(text, message):
+    with pytest.raises(ExpressionError) as refused:
+        value(text)
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("x = 3 = 5", Fraction(5)),  # the part after the LAST '='
+    ("x = 1/2 = 3/6", Fraction(1, 2)),
+    ("3/4.", Fraction(3, 4)),  # a closing full stop is not part of the fraction
+    ("The answer is 12.", Fraction(12)),  # a closing full stop is not a decimal point
+    ("12. 5", Fraction(5)),
+    (".5", Fraction(5)),  # only a trailing '.' is dropped; a leading one is not a number's
+    ("(3)/(4)", Fraction(3, 4)),
+    ("-3/4", Fraction(-3, 4)),
+    ("6/2/3", Fraction(3)),  # not one fraction: the last number
+])
+def test_read_number_reads_the_number_an_answer_states(text, expected):
+    assert read_number(text) == expected
+
+
+def test_pick_first_or_last_number():
+    assert read_number("between 3 and 8 apples", pick="first") == 3
+    assert read_number("x = 1 = between 3 and 8", pick="first") == 3  # after the last '=' 
+    assert read_number("between 3 and 8 apples") == read_number("between 3 and 8 apples", pick="last") == 8
+
+
+@pytest.mark.parametrize("token", ["-" + "9" * MAX_NUMBER_DIGITS, "9" * (MAX_NUMBER_DIGITS - 2) + ".25",
+                                   "-" + "9" * (MAX_NUMBER_DIGITS - 1) + ".5"])
+def test_a_number_of_up_to_40_digits_is_read_whatever_its_sign_and_point(token):
+    assert read_number(token) == Fraction(token)
+
+
+def test_a_longer_number_is_garbage():
+    assert read_number("9" * (MAX_NUMBER_DIGITS + 1)) is None
+    assert read_number("1" * (MAX_NUMBER_DIGITS + 1) + "/3") is None
