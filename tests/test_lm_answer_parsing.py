@@ -39,6 +39,8 @@ def test_the_grammar_limits_are_inclusive():
     ("1/1000/1000/1000/1001", f"intermediate result beyond {MAX_MAGNITUDE}"),
     ("1234567", "number with more than 6 digits"),
     ("3X", "unexpected character 'X'"),
+    (" \t\n", "empty expression"),
+    ("1 2", "unexpected '2' after a complete expression"),
     ("X3", "unexpected character 'X'"),
 ])
 def test_each_refusal_is_one_message(text, message):
