@@ -1,5 +1,6 @@
 """The exact edges of the answer parsers the graders share: the arithmetic grammar's limits and its
-refusals (one message each), and which number `read_number` reads from an answer."""
+refusals (one message each), which number `read_number` reads from an answer, and where the answer
+of a tagged completion is."""
 
 from __future__ import annotations
 
@@ -79,3 +80,30 @@ def test_a_number_of_up_to_40_digits_is_read_whatever_its_sign_and_point(token):
 def test_a_longer_number_is_garbage():
     assert read_number("9" * (MAX_NUMBER_DIGITS + 1)) is None
     assert read_number("1" * (MAX_NUMBER_DIGITS + 1) + "/3") is None
+
+
+def test_the_last_complete_answer_pair_is_the_tagged_answer():
+    from dipod.lm.tasks.answer_format import answer_text, tagged_answer
+
+    assert tagged_answer("<answer>1</answer> then <answer> 2 </answer>") == "2"
+    assert tagged_answer("<answer>1<answer>2</answer>") == "2"  # the opening tag nearest the close
+    assert tagged_answer("</answer><answer>3") is None
+    assert answer_text("<reasoning>r</reasoning><answer> 5 </answer> and more") == "5"
+    assert answer_text("just 5 <|eot_id|> 7") == "just 5"  # no tag: the whole text before EOS
+
+
+def test_a_box_followed_only_by_spaces_holds_nothing():
+    from dipod.lm.tasks.answer_format import last_boxed
+
+    assert last_boxed("\\boxed   ") is None and last_boxed("\\boxed") is None
+    assert last_boxed("\\boxed  7.") == "7"
+
+
+def test_xml_count_charges_each_character_after_the_closing_answer_tag_but_the_first():
+    from dipod.lm.tasks.answer_format import xml_count
+
+    tidy = "<reasoning>\nr\n</reasoning>\n<answer>\n1\n</answer>"
+    assert xml_count(tidy) == xml_count(tidy + "\n") == 1.0
+    assert xml_count(tidy + "\n" + "x" * 50) == pytest.approx(1.0 - 0.002 * 50)
+    assert xml_count(tidy + "\n" + "x" * 1000) == 0.0  # floored
+    assert xml_count("<reasoning>\nr") == 0.25

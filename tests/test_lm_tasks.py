@@ -456,7 +456,10 @@ def test_format_rewards_accept_the_same_strings_as_d1s_regexes():
     strict = re.compile(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$", re.DOTALL)
     pieces = ["<reasoning>", "</reasoning>", "<answer>", "</answer>", "\n", " ", "x"]
     rng = random.Random(1)
-    samples = ["<reasoning>\nr\n</reasoning>\n<answer>\n1\n</answer>\n", "<reasoning>\n\n</reasoning>\n<answer>\n\n</answer>\n\n"]
+    samples = ["<reasoning>\nr\n</reasoning>\n<answer>\n1\n</answer>\n", "<reasoning>\n\n</reasoning>\n<answer>\n\n</answer>\n\n",
+               # edges the random pieces rarely hit: the middle marker touching the head or the tail, no middle
+               "<reasoning>\n</reasoning>\n<answer>\nx\n</answer>\n", "<reasoning>\nx\n</reasoning>\n<answer>\n</answer>\n",
+               "<reasoning>\n" + "x" * 30 + "\n</answer>\n"]
     samples += ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(20_000)]
     def filler() -> str:
         return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 4)))
