@@ -118,3 +118,68 @@ def test_a_bad_task_name_is_one_clear_line(user_module, spec, message, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("dipod lm eval: error: ")
     assert re.search(message, err[-1]), err[-1]
+
+
+def test_a_task_spec_is_split_at_its_first_colon_and_messages_are_whole(user_module):
+    from dipod.lm.tasks.base import _import_task
+
+    with pytest.raises(ValueError) as refused:
+        _import_task(f"{MODULE}:Sum2:extra")
+    assert str(refused.value) == (f"--task {MODULE}:Sum2:extra: module '{MODULE}' has no attribute 'Sum2:extra'; "
+                                  "name a Task subclass defined there")
+    with pytest.raises(ValueError) as refused:
+        _import_task("no_such_module_h24:Task")
+    assert str(refused.value) == ("--task no_such_module_h24:Task: cannot import module 'no_such_module_h24' (No "
+                                  "module named 'no_such_module_h24'); make it importable (install its package, run "
+                                  "from its folder, or add the folder to PYTHONPATH)")
+
+
+@pytest.mark.parametrize("entries", [["CWD"], [""]])
+def test_the_working_directory_joins_the_import_path_only_when_it_is_not_there(user_module, monkeypatch, entries):
+    import os
+
+    from dipod.lm.tasks.base import _import_task
+
+    path = [os.getcwd() if e == "CWD" else e for e in entries] + [p for p in sys.path if p]
+    monkeypatch.setattr(sys, "path", list(path))
+    assert _import_task(user_module).name == "sum2"
+    assert sys.path == path  # nothing appended: the folder is importable already
+
+
+def test_registering_a_task_checks_the_class_and_its_name():
+    from dipod.lm.tasks.base import Task, register_task
+
+    with pytest.raises(TypeError) as refused:
+        register_task(5)
+    assert str(refused.value) == "register_task expects a Task subclass, got 5"
+    for name in (None, ""):
+        nameless = type("Nameless", (Task,), {} if name is None else {"name": name})
+        with pytest.raises(ValueError) as refused:
+            register_task(nameless)
+        assert str(refused.value) == "Nameless needs a non-empty class attribute `name`"
+
+
+def test_guarded_rewards_score_strings_and_keep_the_scorer_name():
+    import functools
+
+    from dipod.lm.tasks.base import MAX_COMPLETION_CHARS, guarded
+
+    def half_of_value(completion, example):
+        return example["value"] / 2
+
+    reward = guarded(half_of_value)
+    assert reward("text", {"value": 3}) == 1.5 and reward.__name__ == "half_of_value"
+    assert reward(None, {"value": 3}) == 0.0 and reward("x" * (MAX_COMPLETION_CHARS + 1), {"value": 3}) == 0.0
+    assert guarded(functools.partial(half_of_value)).__name__ == "reward"  # a callable without a name
+
+
+def test_the_base_task_defaults_refuse_in_one_line_and_grade_an_empty_list_as_zero(user_module):
+    task = get_task(user_module)
+    with pytest.raises(ValueError) as refused:
+        task.d1_prompt({"a": 1, "b": 2})
+    assert str(refused.value) == "task sum2 has no d1 prompt; use one of compact, chat"
+    with pytest.raises(ValueError) as refused:
+        task.plausible_wrong_demonstration({"a": 1, "b": 2})
+    assert str(refused.value) == "task sum2 has no plausible wrong demonstration; use wrong_demonstration_rate 0"
+    assert task.paper_accuracy([], []) == 0.0
+    assert task.paper_accuracy(["3"], [{"a": 1, "b": 2, "answer": "3"}]) == 1.0
