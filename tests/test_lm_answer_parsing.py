@@ -108,3 +108,10 @@ def test_xml_count_charges_each_character_after_the_closing_answer_tag_but_the_f
     assert xml_count(tidy + "\n" + "x" * 50) == pytest.approx(1.0 - 0.002 * 50)
     assert xml_count(tidy + "\n" + "x" * 1000) == 0.0  # floored
     assert xml_count("<reasoning>\nr") == 0.25
+
+
+def test_plain_math_unwraps_text_commands_keeping_only_their_words():
+    from dipod.lm.tasks.plain_math import plain_math
+
+    assert plain_math("12\\text{ cm}").split() == ["12", "cm"]
+    assert plain_math("\\mathrm{kg}\\textbf{total}").split() == ["kg", "total"]
