@@ -98,6 +98,7 @@ def test_a_box_followed_only_by_spaces_holds_nothing():
     assert last_boxed("\\boxed   ") is None and last_boxed("\\boxed") is None
     assert last_boxed("\\boxed  7.") == "7"
     assert last_boxed("\\boxedsymbol") is None  # another command whose name starts like a box
+    assert last_boxed("\\boxed 5 big apples") == "5"  # a box without braces holds one token
 
 
 def test_xml_count_charges_each_character_after_the_closing_answer_tag_but_the_first():
