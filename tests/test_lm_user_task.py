@@ -183,3 +183,8 @@ def test_the_base_task_defaults_refuse_in_one_line_and_grade_an_empty_list_as_ze
     assert str(refused.value) == "task sum2 has no plausible wrong demonstration; use wrong_demonstration_rate 0"
     assert task.paper_accuracy([], []) == 0.0
     assert task.paper_accuracy(["3"], [{"a": 1, "b": 2, "answer": "3"}]) == 1.0
+    from dipod.lm.tasks.base import MAX_COMPLETION_CHARS
+
+    right = {"a": 1, "b": 2, "answer": "3"}
+    assert task.is_correct("3", right) and not task.is_correct(None, right)  # not text: never correct
+    assert not task.is_correct("3" + " " * MAX_COMPLETION_CHARS, right)  # too long to grade
