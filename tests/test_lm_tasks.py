@@ -284,6 +284,33 @@ def test_countdown_splits_share_no_number_triple(countdown_splits):
     assert get_task("countdown", seed=3).load("test", limit=40) != test[:40]
 
 
+def test_countdown_splits_are_the_hashed_sides_of_their_own_pinned_streams(countdown_splits):
+    """A triple is a test triple when its seeded hash falls below test_fraction (about 10% of triples);
+    each split keeps its side of a stream of its own, numbers and targets over the whole of 1..100, and
+    the streams are pinned: the results pages and reference policies were made on exactly these items."""
+    import hashlib
+
+    from dipod.lm.tasks.countdown import _is_test_triple
+
+    task, train, test = countdown_splits
+    assert all(_is_test_triple(tuple(e["numbers"]), 0, 0.1) for e in test)
+    assert not any(_is_test_triple(tuple(e["numbers"]), 0, 0.1) for e in train)
+    rng = random.Random(0)
+    triples = [tuple(rng.randint(1, 100) for _ in range(3)) for _ in range(20_000)]
+    assert abs(sum(_is_test_triple(t, 0, 0.1) for t in triples) / len(triples) - 0.1) < 0.01  # 5 standard errors
+    items = train + test
+    assert {min(n for e in items for n in e["numbers"]), max(n for e in items for n in e["numbers"])} == {1, 100}
+    assert (min(e["target"] for e in items), max(e["target"] for e in items)) == (1, 100)
+
+    def digest(rows):
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+    assert (digest(train[:50]), digest(test[:50])) == ("7bf741f8f7487198", "853f8cc90b8d51a5")
+    with pytest.raises(ValueError) as refused:
+        task.demonstration({"numbers": [1, 1, 1], "target": 100})
+    assert str(refused.value) == "no expression of [1, 1, 1] equals 100"
+
+
 def test_countdown_rewards_on_hand_made_completions():
     task = get_task("countdown")
     cases = {
