@@ -299,6 +299,7 @@ def test_countdown_splits_are_the_hashed_sides_of_their_own_pinned_streams(count
     triples = [tuple(rng.randint(1, 100) for _ in range(3)) for _ in range(20_000)]
     assert abs(sum(_is_test_triple(t, 0, 0.1) for t in triples) / len(triples) - 0.1) < 0.01  # 5 standard errors
     items = train + test
+    assert len({(tuple(sorted(e["numbers"])), e["target"]) for e in test}) == len(test)  # no item twice
     assert {min(n for e in items for n in e["numbers"]), max(n for e in items for n in e["numbers"])} == {1, 100}
     assert (min(e["target"] for e in items), max(e["target"] for e in items)) == (1, 100)
 
