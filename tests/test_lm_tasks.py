@@ -312,6 +312,60 @@ def test_countdown_splits_are_the_hashed_sides_of_their_own_pinned_streams(count
     assert str(refused.value) == "no expression of [1, 1, 1] equals 100"
 
 
+def _redundant_parentheses(text: str) -> list[str]:
+    """The texts left by removing one matched pair of parentheses that leaves the same parse tree."""
+    opened, redundant = [], []
+    for i, char in enumerate(text):
+        if char == "(":
+            opened.append(i)
+        elif char == ")":
+            j = opened.pop()
+            shorter = text[:j] + text[j + 1:i] + text[i + 1:]
+            if parse_expression(shorter) == parse_expression(text):
+                redundant.append(shorter)
+    return redundant
+
+
+def test_the_solver_writes_each_value_with_the_numbers_once_and_no_redundant_parentheses():
+    from dipod.lm.tasks.countdown import solve
+
+    rng = random.Random(0)
+    for _ in range(60):
+        numbers = tuple(sorted(rng.randint(1, 100) for _ in range(3)))
+        for value, text in solve(numbers).items():
+            tree = parse_expression(text)
+            assert evaluate(tree) == value and sorted(literals(tree)) == list(numbers), (numbers, text)
+            assert not _redundant_parentheses(text), (numbers, text)
+
+
+def test_countdown_demonstrations_are_pinned(countdown_splits):
+    """The tiny reference policies were trained on these texts: the solver's choice stays put."""
+    import hashlib
+
+    task, _, test = countdown_splits
+    demos = [task.demonstration(e) for e in test[:100]]
+    assert hashlib.sha256("\n".join(demos).encode()).hexdigest()[:16] == "50e4a1d1028f2bcd"
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5, -0.1])
+def test_countdown_test_fraction_is_strictly_between_0_and_1(fraction):
+    with pytest.raises(ValueError) as refused:
+        get_task("countdown", test_fraction=fraction)
+    assert str(refused.value) == f"test_fraction must be in (0, 1), got {fraction}"
+
+
+def test_countdown_answers_read_braces_as_parentheses_and_a_closing_full_stop_as_nothing():
+    from dipod.lm.tasks.countdown import MAX_ANSWER_CHARS
+
+    task = get_task("countdown")
+    assert task.reward("<answer>{100-93}+30-14</answer>", {"numbers": [100, 93, 30, 14], "target": 23}) == 1.0
+    assert task.reward("<answer>100-{93-30}*1</answer>", {"numbers": [100, 93, 30, 1], "target": 37}) == 1.0
+    assert task.reward("<answer>30+93-100.</answer>", COUNTDOWN) == 1.0
+    assert task.reward("<answer>30+93-100X</answer>", COUNTDOWN) == 0.0  # outside the grammar
+    padded = "30+93-100" + " " * (MAX_ANSWER_CHARS - 9)
+    assert task.reward(padded, COUNTDOWN) == 1.0 and task.reward(padded + " ", COUNTDOWN) == 0.0  # length cap
+
+
 def test_countdown_rewards_on_hand_made_completions():
     task = get_task("countdown")
     cases = {
