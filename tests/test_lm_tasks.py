@@ -347,6 +347,12 @@ def test_countdown_demonstrations_are_pinned(countdown_splits):
     assert hashlib.sha256("\n".join(demos).encode()).hexdigest()[:16] == "50e4a1d1028f2bcd"
 
 
+def test_generated_splits_default_to_the_documented_sizes():
+    """docs/lm_tasks.md: train 5000 and test 500 for both, sudoku4's paper_train 5000."""
+    assert get_task("countdown").default_size == {"train": 5000, "test": 500}
+    assert get_task("sudoku4").default_size == {"train": 5000, "test": 500, "paper_train": 5000}
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5, -0.1])
 def test_countdown_test_fraction_is_strictly_between_0_and_1(fraction):
     with pytest.raises(ValueError) as refused:
