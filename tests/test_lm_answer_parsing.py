@@ -116,3 +116,40 @@ def test_plain_math_unwraps_text_commands_keeping_only_their_words():
 
     assert plain_math("12\\text{ cm}").split() == ["12", "cm"]
     assert plain_math("\\mathrm{kg}\\textbf{total}").split() == ["kg", "total"]
+
+
+@pytest.mark.parametrize("text, exponents", [
+    ("x^ {2}+1", [("{2}", "+1", False)]),  # spaces after the caret, then a brace group
+    ("x^{a_{1}}+2", [("{a_{1}}", "+2", False)]),  # the group ends at its own closing brace
+    ("(x+1)^10 y", [("10", "y", True)]),  # a token, on a bracketed base
+    ("(x+1) ^2", [("2", "", True)]),  # the base is the last character before the caret's spaces
+    ("2^\\pi", [("\\pi", "", False)]),
+    ("x^", [("", "", False)]), ("x^ ", [("", "", False)]),  # a caret at the end holds nothing
+])
+def test_math500_reads_each_exponent_its_base_and_what_follows(text, exponents):
+    from dipod.lm.tasks.math500 import _exponents
+
+    assert _exponents(text) == exponents
+
+
+@pytest.mark.parametrize("answer, cheap", [
+    ("(1" * 10 + ")" * 10, True), ("(1" * 11 + ")" * 11, False),  # nesting counts every bracket kind
+    ("[{(" * 3 + "1" + ")}]" * 3 + "+(((((((((((1)))))))))))", False),
+    ("()" * 5 + "(" * 11, False),  # a closed pair does not make room for deeper nesting
+    ("X" * 11, True), ("X" * 5 + "(" * 11 + ")" * 11, False),  # letters are not brackets
+    ("x^{0000001}", False), ("x^{000002}", True),  # exponent digits: 6 at most, whatever their value
+])
+def test_math500_cheap_to_verify_counts_brackets_and_exponent_digits(answer, cheap):
+    from dipod.lm.tasks.math500 import cheap_to_verify
+
+    assert cheap_to_verify(answer) is cheap
+
+
+@pytest.mark.parametrize("spelling", ["\\left(1,2\\right)", "\\dfrac{1}{2}", "\\tfrac{1}{2}", "1\\!000", "1\\,000",
+                                      "1\\;000", " 1 000 ", "1\n000", "1000."])
+def test_math500_canonical_form_drops_spacing_and_sizing_spellings(spelling):
+    from dipod.lm.tasks.math500 import _canonical
+
+    expected = {"\\left(1,2\\right)": "(1,2)", "\\dfrac{1}{2}": "\\frac{1}{2}", "\\tfrac{1}{2}": "\\frac{1}{2}"}
+    assert _canonical(spelling) == expected.get(spelling, "1000")
+    assert _canonical("2X.") == "2X"  # only the closing full stop goes
