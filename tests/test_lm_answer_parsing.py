@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import pytest
 
+from dipod.lm.tasks import get_task
 from dipod.lm.tasks.arithmetic import MAX_CHARS, MAX_DEPTH, MAX_MAGNITUDE, ExpressionError, evaluate, parse_expression
 from dipod.lm.tasks.plain_math import MAX_NUMBER_DIGITS, read_number
 
@@ -153,3 +154,59 @@ def test_math500_canonical_form_drops_spacing_and_sizing_spellings(spelling):
     expected = {"\\left(1,2\\right)": "(1,2)", "\\dfrac{1}{2}": "\\frac{1}{2}", "\\tfrac{1}{2}": "\\frac{1}{2}"}
     assert _canonical(spelling) == expected.get(spelling, "1000")
     assert _canonical("2X.") == "2X"  # only the closing full stop goes
+
+
+@pytest.mark.parametrize("completion, region", [
+    ("<answer>1</answer> <answer>2</answer>", "2"),  # the last opening tag
+    ("<answer>2</answer> then </answer>", "2"),  # up to the next closing tag
+    ("<answer></answer>", ""),
+    ("5</answer> and 6</answer>", "5</answer> and 6"),  # no opening tag: before the LAST closing tag
+    ("</answer> 5", ""),
+    ("</reasoning> a </reasoning> 7</answer>", "7"),  # after the last </reasoning>
+    ("</reasoning>7</answer>", "7"),
+    ("the answer is 7</answer>", "the answer is 7"),
+])
+def test_the_answer_region_of_tagged_text(completion, region):
+    from dipod.lm.tasks.answer_format import answer_region
+
+    assert answer_region(completion) == region
+
+
+def test_text_ends_at_the_first_end_of_sequence_marker_of_any_kind():
+    from dipod.lm.tasks.answer_format import before_eos
+
+    assert before_eos("a<|eot_id|>b</s>c") == before_eos("a</s>b<|eot_id|>c") == "a"
+    assert before_eos("a<|eot_id|>b<|eot_id|>c") == "a" and before_eos("no marker") == "no marker"
+
+
+def test_limits_splits_styles_and_task_names_are_checked_in_one_line():
+    from dipod.lm.tasks.base import MAX_COMPLETION_CHARS
+
+    task = get_task("countdown")
+    example = {"numbers": [30, 100, 93], "target": 23}
+    assert task.prompt(example) == task.compact_prompt(example)  # compact by default
+    assert task.load("test", limit=0) == []
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError) as refused:
+            task.load("test", limit=bad)
+        assert str(refused.value) == f"limit must be a non-negative integer or None, got {bad!r}"
+    with pytest.raises(ValueError) as refused:
+        task.load("valid")
+    assert str(refused.value) == "unknown countdown split 'valid'; use one of train, test, d1_test"
+    with pytest.raises(ValueError) as refused:
+        task.prompt(example, "fancy")
+    assert str(refused.value) == "unknown prompt style 'fancy'; use one of compact, chat, d1, d1_3shot"
+    with pytest.raises(ValueError) as refused:
+        get_task("no_such_task")
+    assert str(refused.value).startswith("unknown task 'no_such_task'; registered tasks: countdown, gsm8k, ")
+    assert str(refused.value).endswith(", or name your own Task class as package.module:Class")
+    from dipod.lm.tasks.base import guarded
+
+    def anything(completion, example):
+        return 1.0
+
+    assert guarded(anything)("x" * MAX_COMPLETION_CHARS, {}) == 1.0  # the longest completion is still graded
+
+
+def test_an_empty_math_answer_is_no_answer():
+    assert get_task("math500").extract_answer("<answer> </answer>") is None
