@@ -210,3 +210,18 @@ def test_limits_splits_styles_and_task_names_are_checked_in_one_line():
 
 def test_an_empty_math_answer_is_no_answer():
     assert get_task("math500").extract_answer("<answer> </answer>") is None
+
+
+def test_sudoku_options_take_their_documented_ranges_and_refuse_the_rest_in_one_line():
+    get_task("sudoku4", num_blanks=12)
+    get_task("sudoku4", num_blanks=1)
+    get_task("sudoku4", test_grids=287)
+    for options, message in [
+        ({"num_blanks": 13}, "num_blanks must be in 1..12 (a 4x4 sudoku needs >= 4 clues), got 13"),
+        ({"num_blanks": 0}, "num_blanks must be in 1..12 (a 4x4 sudoku needs >= 4 clues), got 0"),
+        ({"test_grids": 288}, "test_grids must be in 1..287, got 288"),
+        ({"test_grids": 0}, "test_grids must be in 1..287, got 0"),
+    ]:
+        with pytest.raises(ValueError) as refused:
+            get_task("sudoku4", **options)
+        assert str(refused.value) == message
