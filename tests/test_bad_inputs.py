@@ -78,12 +78,13 @@ def test_a_task_whose_package_is_missing_names_the_install(tmp_path, capsys):
     assert "CarRacing-v3 needs a package that is not installed" in err and "box2d" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("encoding,suffix", [("utf-16", ".jsonl"), ("latin-1", ".csv")])
+@pytest.mark.parametrize("encoding,suffix", [("utf-16", ".jsonl"), ("latin-1", ".csv"), ("utf-16", ".json")])
 def test_a_data_file_that_is_not_utf8_is_named(encoding, suffix, tmp_path):
-    from dipod.lm.tasks.data_files import read_csv, read_jsonl
+    from dipod.lm.tasks.data_files import read_csv, read_records
 
     path = tmp_path / f"data{suffix}"
-    text = '{"question": "caf\u00e9?", "answer": "#### 1"}\n' if suffix == ".jsonl" else "Puzzle,Solution\ncaf\u00e9,1\n"
+    text = {".jsonl": '{"question": "caf\u00e9?", "answer": "#### 1"}\n', ".csv": "Puzzle,Solution\ncaf\u00e9,1\n",
+            ".json": '[{"question": "caf\u00e9?"}]'}[suffix]
     path.write_bytes(text.encode(encoding))
-    with pytest.raises(ValueError, match=rf"{path} is not UTF-8 text .*; save it as UTF-8"):
-        list(read_jsonl(path) if suffix == ".jsonl" else read_csv(path, ("Puzzle", "Solution")))
+    with pytest.raises(ValueError, match=rf"^{path} is not UTF-8 text \(.*\); save it as UTF-8$"):
+        list(read_csv(path, ("Puzzle", "Solution")) if suffix == ".csv" else read_records(str(path), "test"))

@@ -109,13 +109,6 @@ def test_each_bad_file_is_one_message_naming_it(tmp_path, no_hub, name, content,
     assert str(refused.value) == message.format(path=path)
 
 
-def test_a_json_file_in_another_encoding_is_named(tmp_path):
-    path = tmp_path / "u16.json"
-    path.write_text('[{"q": 1}]', encoding="utf-16")
-    with pytest.raises(ValueError, match=rf"^{path} is not UTF-8 text \(.*\); save it as UTF-8$"):
-        list(read_records(str(path), "test"))
-
-
 @pytest.mark.parametrize("path", ["missing.jsonl", "no such file", "/abs/missing"])
 def test_a_path_that_is_neither_a_file_nor_a_hub_id_never_reaches_the_hub(no_hub, path):
     with pytest.raises(FileNotFoundError) as refused:

@@ -94,6 +94,27 @@ def test_registry_lists_the_builtin_tasks_and_names_them_on_unknown():
         get_task("sudoko4")
 
 
+def test_limits_splits_styles_and_task_names_are_checked_in_one_line():
+    task = get_task("countdown")
+    example = {"numbers": [30, 100, 93], "target": 23}
+    assert task.prompt(example) == task.compact_prompt(example)  # compact by default
+    assert task.load("test", limit=0) == []
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError) as refused:
+            task.load("test", limit=bad)
+        assert str(refused.value) == f"limit must be a non-negative integer or None, got {bad!r}"
+    with pytest.raises(ValueError) as refused:
+        task.load("valid")
+    assert str(refused.value) == "unknown countdown split 'valid'; use one of train, test, d1_test"
+    with pytest.raises(ValueError) as refused:
+        task.prompt(example, "fancy")
+    assert str(refused.value) == "unknown prompt style 'fancy'; use one of compact, chat, d1, d1_3shot"
+    with pytest.raises(ValueError) as refused:
+        get_task("no_such_task")
+    assert str(refused.value).startswith("unknown task 'no_such_task'; registered tasks: countdown, gsm8k, ")
+    assert str(refused.value).endswith(", or name your own Task class as package.module:Class")
+
+
 def test_a_user_task_is_a_small_class(monkeypatch):
     from dipod.lm.tasks import base
 
@@ -989,6 +1010,21 @@ def test_sudoku_csv_refuses_a_letter_in_a_puzzle_and_a_file_without_rows(tmp_pat
     header_only.write_text("Puzzle,Solution\n\n")
     with pytest.raises(ValueError, match=r"header_only.csv: no puzzles in the file$"):
         task.load("test", path=str(header_only))
+
+
+def test_sudoku_options_take_their_documented_ranges_and_refuse_the_rest_in_one_line():
+    get_task("sudoku4", num_blanks=12)
+    get_task("sudoku4", num_blanks=1)
+    get_task("sudoku4", test_grids=287)
+    for options, message in [
+        ({"num_blanks": 13}, "num_blanks must be in 1..12 (a 4x4 sudoku needs >= 4 clues), got 13"),
+        ({"num_blanks": 0}, "num_blanks must be in 1..12 (a 4x4 sudoku needs >= 4 clues), got 0"),
+        ({"test_grids": 288}, "test_grids must be in 1..287, got 288"),
+        ({"test_grids": 0}, "test_grids must be in 1..287, got 0"),
+    ]:
+        with pytest.raises(ValueError) as refused:
+            get_task("sudoku4", **options)
+        assert str(refused.value) == message
 
 
 def test_sudoku_asking_for_more_distinct_puzzles_than_exist_is_refused_with_the_count_found():

@@ -169,6 +169,7 @@ def test_guarded_rewards_score_strings_and_keep_the_scorer_name():
 
     reward = guarded(half_of_value)
     assert reward("text", {"value": 3}) == 1.5 and reward.__name__ == "half_of_value"
+    assert reward("x" * MAX_COMPLETION_CHARS, {"value": 3}) == 1.5  # the longest completion is still graded
     assert reward(None, {"value": 3}) == 0.0 and reward("x" * (MAX_COMPLETION_CHARS + 1), {"value": 3}) == 0.0
     assert guarded(functools.partial(half_of_value)).__name__ == "reward"  # a callable without a name
 
