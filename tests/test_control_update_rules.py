@@ -98,6 +98,14 @@ def test_two_advantages_are_normalised():
     torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0]) / math.sqrt(2.0))
 
 
+def test_a_near_constant_batch_shrinks_towards_zero_and_keeps_its_signs():
+    """The 1e-8 added to the std bounds the z-scores when the spread is below it: advantages 0 and 1e-8
+    (std 1e-8 / sqrt 2) become -+0.5 / (1 / sqrt 2 + 1), never larger and never with flipped signs."""
+    adv = prepare_advantages(torch.tensor([0.0, 1e-8]), normalize=True, clip=100.0)
+    expected = 0.5 / (1 / math.sqrt(2.0) + 1)
+    torch.testing.assert_close(adv, torch.tensor([-expected, expected]), rtol=1e-4, atol=0.0)
+
+
 def test_advantage_clip_zero_means_no_clamp_and_the_result_is_float32():
     raw = torch.tensor([-300.0, 0.0, 250.0], dtype=torch.float64)
     out = prepare_advantages(raw, normalize=False, clip=0.0)
@@ -112,6 +120,20 @@ def test_integer_advantages_are_normalised_as_floats():
 def test_value_clip_zero_is_the_plain_squared_error_even_when_old_values_are_far():
     v, v_old, ret = torch.tensor([1.0, -1.0]), torch.tensor([50.0, -50.0]), torch.tensor([0.0, 0.0])
     assert float(value_loss(v, v_old, ret, clip=0.0)) == 1.0
+
+
+def test_a_reshuffled_epoch_draws_from_the_update_generator_alone():
+    """Per-epoch permutations come from the generator handed in (so a resumed run replays them), not from
+    torch's global generator, whatever state that is in."""
+    settings = UpdateSettings(epochs=3, minibatches=2, reshuffle_each_epoch=True)
+    torch.manual_seed(1)
+    first = minibatch_order(8, settings, torch.Generator().manual_seed(5))
+    torch.manual_seed(2)
+    second = minibatch_order(8, settings, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    perms = [torch.randperm(8, generator=g) for _ in range(3)]
+    for epoch, again, perm in zip(first, second, perms):
+        assert torch.equal(torch.cat(epoch), perm) and torch.equal(torch.cat(again), perm)
 
 
 def test_a_minibatch_of_one_sample_is_allowed_and_fewer_is_refused_in_one_line():
