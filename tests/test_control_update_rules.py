@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from dipod.config import ConfigError
-from dipod.control.update import UpdateSettings, minibatch_order, prepare_advantages, value_loss
+from dipod.control.update import RolloutBatch, UpdateSettings, minibatch_order, prepare_advantages, run_update, value_loss
 
 AT_LEAST_ONE = ("epochs", "minibatches", "knn_entropy_k")
 POSITIVE = ("log_ratio_max", "cfm_clamp_negative", "max_grad_norm", "value_coef", "desired_kl",
@@ -144,3 +145,28 @@ def test_a_minibatch_of_one_sample_is_allowed_and_fewer_is_refused_in_one_line()
         minibatch_order(3, UpdateSettings(minibatches=4), torch.Generator().manual_seed(0))
     assert str(err.value) == ("update: 3 samples cannot fill 4 minibatches; "
                               "lower minibatches or collect more steps per iteration")
+
+
+def test_the_update_reports_its_losses_and_the_gradient_norm_before_clipping():
+    """One minibatch in closed form: policy loss 3 w0 at w = (1, 0) (gradient (3, 0)); a linear critic with
+    weights 0.5 on all-ones observations predicts 1.5 against returns 0 (value loss 2.25, gradient 3 on each
+    of its 3 weights and its bias, norm 6). The report carries the policy's own diagnostics, both losses and
+    the total norm sqrt(9 + 36) measured before clipping; the step is the clipped one."""
+    critic = nn.Linear(3, 1)
+    with torch.no_grad():
+        critic.weight.fill_(0.5)
+        critic.bias.fill_(0.0)
+    weight = nn.Parameter(torch.tensor([1.0, 0.0]))
+    params = [weight, *critic.parameters()]
+    batch = RolloutBatch(torch.ones(4, 3), torch.zeros(4, 1), torch.ones(4), torch.zeros(4), torch.zeros(4))
+
+    def policy_loss(idx, adv_mb):
+        return 3.0 * weight[0], {"kl": 0.25, "clip_ratio": 0.5}
+
+    report = run_update(params, torch.optim.SGD(params, lr=0.1), batch, lambda obs: critic(obs).squeeze(-1),
+                        UpdateSettings(epochs=1, minibatches=1, normalize_advantages=False, max_grad_norm=1.0),
+                        torch.Generator().manual_seed(0), policy_loss)
+    norm = math.sqrt(45.0)
+    assert report == pytest.approx({"kl": 0.25, "clip_ratio": 0.5, "policy_loss": 3.0, "value_loss": 2.25,
+                                    "grad_norm": norm, "lr": 0.1, "skipped_minibatches": 0.0})
+    torch.testing.assert_close(weight.detach(), torch.tensor([1.0 - 0.1 * 3.0 / norm, 0.0]))
