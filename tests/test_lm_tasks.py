@@ -197,6 +197,8 @@ def test_every_generated_sudoku_has_exactly_one_solution(sudoku_splits):
 def test_sudoku_splits_share_no_solution_grid_and_are_seeded(sudoku_splits):
     task, train, test = sudoku_splits
     assert not {e["solution"] for e in train} & {e["solution"] for e in test}
+    # docs/lm_tasks.md: 48 of the 288 grids are test grids, the other 240 train; the splits' puzzles use them all
+    assert (len({e["solution"] for e in test}), len({e["solution"] for e in train})) == (48, 240)
     assert task.load("test", limit=50) == test[:50]  # a smaller request is a prefix
     assert get_task("sudoku4").load("test", limit=20) == test[:20]  # same seed, same puzzles
     assert get_task("sudoku4", seed=1).load("test", limit=20) != test[:20]
