@@ -1038,6 +1038,10 @@ def test_sudoku_asking_for_more_distinct_puzzles_than_exist_is_refused_with_the_
     with pytest.raises(ValueError, match=r"^only 16 distinct unique-solution puzzles with 1 blanks found on the test "
                                          r"grids; ask for fewer or use fewer blanks$"):
         task.load("test", limit=17)
+    # one grid with 12 blanks holds 12 unique-solution puzzles, and seed 0's first batch of 256 draws finds
+    # none of them: the refusal still comes as one message, not from the empty first batch
+    with pytest.raises(ValueError, match=r"^only 12 distinct unique-solution puzzles with 12 blanks found"):
+        get_task("sudoku4", num_blanks=12, test_grids=1).load("test", limit=13)
 
 
 def test_sudoku_compact_answers_are_digits_and_whitespace_padded_with_zeros():
