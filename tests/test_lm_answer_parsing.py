@@ -61,6 +61,7 @@ def test_each_refusal_is_one_message(text, message):
     ("(3)/(4)", Fraction(3, 4)),
     ("-3/4", Fraction(-3, 4)),
     ("6/2/3", Fraction(3)),  # not one fraction: the last number
+    ("3/4X", Fraction(4)),  # only a full stop is dropped: with a letter after it, not one fraction either
 ])
 def test_read_number_reads_the_number_an_answer_states(text, expected):
     assert read_number(text) == expected
@@ -100,6 +101,7 @@ def test_a_box_followed_only_by_spaces_holds_nothing():
     assert last_boxed("\\boxed  7.") == "7"
     assert last_boxed("\\boxedsymbol") is None  # another command whose name starts like a box
     assert last_boxed("\\boxed 5 big apples") == "5"  # a box without braces holds one token
+    assert last_boxed("\\boxed X") == "X"  # only a closing '$' or '.' is dropped from that token
 
 
 def test_xml_count_charges_each_character_after_the_closing_answer_tag_but_the_first():

@@ -17,6 +17,9 @@ PINNED = [
      "Using the numbers 3, 7, 25, write an arithmetic expression equal to 46. "
      "Use each number exactly once; you may use +, -, *, / and parentheses.\n"
      "Inside the answer tags write only the expression, for example (7-2)*4.\n" + ANSWER_FORMAT),
+    ("gsm8k", {"question": "Tom has 3 apples and buys 4 more. How many does he have?", "answer": "7"},
+     "Tom has 3 apples and buys 4 more. How many does he have?\n\n"
+     "Inside the answer tags write only the final number.\n" + ANSWER_FORMAT),
     ("math500", {"problem": "Compute $2^{10}$.", "answer": "1024"},
      "Compute $2^{10}$.\n\n"
      "Inside the answer tags give the final answer in \\boxed{}.\n" + ANSWER_FORMAT),
