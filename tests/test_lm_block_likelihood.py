@@ -150,3 +150,25 @@ def test_the_drift_monitor_reveals_blocks_in_turn_and_measures_the_gap(toy):
         gap = gap_lower_bound(lm, prompt, attn, completion, ProxySettings(), num_orders=2000, seed=0).item()
     noise = 4 * expected.double().std().item() / math.sqrt(2000)  # ELBO_K's standard error, four times
     assert 0.8 * exact_gap < gap <= exact_gap + noise  # IW_2000 is biased low; measured 0.551 (exact 0.543)
+
+
+def test_left_padding_moves_no_block_boundary_and_changes_no_proxy(toy):
+    """The model's blocks count from each row's first real token, so left padding moves no block boundary
+    (``completion_blocks`` in closed form for 3 and 5 real prompt tokens) and the same prompt, padded, gets the same
+    per-block ELBO, EUBO and drift monitor as unpadded, for the same seed."""
+    from dipod.lm.proxies import gap_lower_bound
+
+    lm, prompt, attn, completion, _ = toy
+    blocks = completion_blocks(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), 6, BLOCK)
+    assert blocks.tolist() == [[0, 1, 1, 1, 1, 2], [1, 1, 1, 2, 2, 2]]
+    padded = torch.cat([torch.full((1, 2), lm.pad_id), prompt], dim=1)
+    padded_attn = torch.cat([torch.zeros(1, 2, dtype=attn.dtype), attn], dim=1)
+    settings = ProxySettings(num_draws=4)
+    with torch.no_grad():
+        plain, shifted = (compute_proxies(lm, p, a, completion, settings, seed=0)
+                          for p, a in ((prompt, attn), (padded, padded_attn)))
+        plain_gap, shifted_gap = (gap_lower_bound(lm, p, a, completion, settings, num_orders=4, seed=0)
+                                  for p, a in ((prompt, attn), (padded, padded_attn)))
+    torch.testing.assert_close(shifted.elbo_nk, plain.elbo_nk, rtol=0, atol=1e-4)
+    torch.testing.assert_close(shifted.eubo_n, plain.eubo_n, rtol=0, atol=1e-4)
+    torch.testing.assert_close(shifted_gap, plain_gap, rtol=0, atol=1e-4)

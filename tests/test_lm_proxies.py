@@ -468,6 +468,33 @@ def test_decoding_orders_are_permutations_and_respect_blocks():
     assert (steps[..., block_of_l == 0].max(-1).values < steps[..., block_of_l == 1].min(-1).values).all()
 
 
+@pytest.mark.parametrize("masking", MASKINGS)
+def test_drift_monitor_shows_the_eos_tail_only_where_its_process_does(masking):
+    """The drift monitor's orders treat the positions after the live tokens as the process does: block_random and
+    unbiased_random keep them masked in every forward (as in every ELBO copy), random shows the EOS and the tail (as
+    its ELBO copies do); step s of an order sees exactly L_n - s live tokens still masked."""
+    seen = []
+
+    class Recorder(nn.Module):
+        def forward(self, input_ids, attention_mask):
+            seen.append(input_ids.clone())
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, VOCAB))
+
+    prompt, attn, completion = _position_only_batch()
+    settings = ProxySettings(masking=masking, block_length=2)
+    gap_lower_bound(_lm(Recorder()), prompt, attn, completion, settings, num_orders=3, seed=0)
+    live = live_mask(completion, EOS, settings).bool()
+    assert len(seen) == int(live.sum(1).max())  # one forward per step
+    tail = ~live[:, None].expand(-1, 3, -1)
+    hidden = torch.full((3, 3, completion.shape[1]), MASK) if settings.process.masks_tail else \
+        completion[:, None].expand(-1, 3, -1)
+    for step, ids in enumerate(seen):
+        noisy = ids[:, prompt.shape[1]:].view(3, 3, -1)
+        assert torch.equal(noisy[tail], hidden[tail])
+        still_masked = ((noisy == MASK) & live[:, None]).sum(-1)
+        assert torch.equal(still_masked, (live.sum(1)[:, None] - step).clamp(min=0).expand(-1, 3))
+
+
 # ----------------------------------------------------------------------------- EUBO by hand
 
 
