@@ -264,3 +264,16 @@ def test_rebuilding_the_shipped_reference_reproduces_it(task, tmp_path):
     assert accuracy(rebuilt) == pytest.approx(accuracy(shipped), abs=0.03)
     new, old = load_file(rebuilt / "model.safetensors"), load_file(shipped / "model.safetensors")
     assert new.keys() == old.keys()
+
+
+def test_a_change_to_the_first_stage_alone_changes_the_key_of_the_later_stage(monkeypatch):
+    """settings_key chains each stage's hash with the stage before's: a later stage trained from another
+    earlier model is another policy, so its key (its cache folder) changes even when its own settings do not."""
+    original = reference.RECIPES["sudoku4"]
+    key_before, stages_before = reference.recipe_key("sudoku4"), reference.reference_stages("sudoku4")
+    monkeypatch.setitem(reference.RECIPES, "sudoku4",
+                        [{**original[0], "learning_rate": original[0]["learning_rate"] / 2}, *original[1:]])
+    stages = reference.reference_stages("sudoku4")
+    assert stages[1] == stages_before[1] and stages[0] != stages_before[0]  # only the first stage changed
+    assert reference.settings_key(stages[1]) == reference.settings_key(stages_before[1])
+    assert reference.recipe_key("sudoku4") != key_before

@@ -306,6 +306,84 @@ def test_cli_reports_bad_input_in_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("dipod lm train: error:") and "num_generations" in err[0]
 
 
+# ----------------------------------------------------------------------------------- prompts, eval, metrics
+
+def _bare_trainer(cfg: TrainConfig, **attributes) -> Trainer:
+    """A Trainer without model, accelerator or data loading: only the attributes a method reads."""
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = cfg
+    for name, value in attributes.items():
+        setattr(trainer, name, value)
+    return trainer
+
+
+def test_each_epoch_of_prompts_is_a_permutation_of_the_training_set_and_groups_are_consecutive():
+    """step_examples: prompts walk through a fresh seeded permutation of the training set each epoch
+    (every example once per epoch, even when a step straddles two epochs), each prompt repeated
+    num_generations times in a row, the processes' slices tiling the step, and the same (seed, step)
+    giving the same prompts."""
+    n, per_step, group, world = 12, 5, 2, 2
+    cfg = TrainConfig(model="org/m", prompts_per_step=per_step, num_generations=group, seed=3)
+    examples = [{"id": i} for i in range(n)]
+    steps = n  # 60 prompt positions: 5 whole epochs, most steps straddle one
+    chosen = []
+    for step in range(1, steps + 1):
+        slices = [_bare_trainer(cfg, train_examples=examples, rank=rank, n_local=per_step * group // world)
+                  .step_examples(step) for rank in range(world)]
+        rows = [ex["id"] for part in slices for ex in part]
+        assert len(rows) == per_step * group
+        prompts = rows[::group]
+        assert rows == [p for p in prompts for _ in range(group)]  # consecutive groups of G
+        chosen.extend(prompts)
+        again = _bare_trainer(cfg, train_examples=examples, rank=0, n_local=per_step * group // world)
+        assert [ex["id"] for ex in again.step_examples(step)] == [ex["id"] for ex in slices[0]]
+    epochs = [chosen[e * n:(e + 1) * n] for e in range(steps * per_step // n)]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(n)), epoch  # every training example exactly once per epoch
+    assert len({tuple(e) for e in epochs}) > 1  # a fresh permutation per epoch
+
+
+def test_held_out_evaluation_decodes_greedily_whatever_the_rollout_temperature(tiny_model, tmp_path, monkeypatch):
+    """evaluate(): eval/accuracy and eval/reward are greedy numbers (temperature 0, the run's other
+    decoding settings), not samples at the rollout temperature."""
+    cfg = small(tiny_model, tmp_path, temperature=1.5, eval_examples=3, gap_monitor_sequences=1)
+    trainer = Trainer(cfg)
+    seen = []
+    real = train_engine.generate
+
+    def spy(lm, prompt_ids, prompt_attn, settings, generator):
+        seen.append(settings)
+        return real(lm, prompt_ids, prompt_attn, settings, generator)
+
+    monkeypatch.setattr(train_engine, "generate", spy)
+    found = trainer.evaluate(0)
+    assert seen and all(s == cfg.sampler_settings(0.0) for s in seen)
+    assert seen[0].temperature == 0.0
+    assert set(found) == {"eval/reward", "eval/accuracy", "eval/gap_lower_bound"}
+
+
+def test_logged_elbo_per_token_is_total_elbo_over_total_completion_tokens():
+    """_proxy_stats: `elbo_per_token` is token-weighted, sum_n ELBO_n / sum_n |o_n| over the step's
+    rollouts (the quantity the per_token DiPOD term tightens: dipod_term = -beta * elbo_per_token),
+    not the mean of the per-sequence ratios; `elbo` and `completion_length` are plain means."""
+    from types import SimpleNamespace
+
+    from dipod.objectives import dipod_term
+
+    cfg = TrainConfig(model="org/m", estimator="spg")
+    micro = [SimpleNamespace(lengths_n=torch.tensor([2, 8]), elbo_n=torch.tensor([-1.0, -12.0]),
+                             eubo_n=torch.tensor([-0.5, -10.0])),
+             SimpleNamespace(lengths_n=torch.tensor([4, 1]), elbo_n=torch.tensor([-6.0, -3.0]),
+                             eubo_n=torch.tensor([-5.0, -2.0]))]
+    stats = _bare_trainer(cfg)._proxy_stats(micro)
+    assert stats["completion_length"] == pytest.approx(15 / 4)
+    assert stats["elbo"] == pytest.approx(-22 / 4)
+    assert stats["elbo_per_token"] == pytest.approx(-22 / 15)  # mean of ratios would be (-0.5-1.5-1.5-3)/4
+    assert stats["eubo"] == pytest.approx(-17.5 / 4)
+    elbo, lengths = torch.cat([m.elbo_n for m in micro]), torch.cat([m.lengths_n for m in micro])
+    assert float(dipod_term(elbo, 0.1, lengths_n=lengths)) == pytest.approx(-0.1 * stats["elbo_per_token"])
+
+
 # ----------------------------------------------------------------------------------- demo
 
 def test_demo_recipe_switches_estimators_cleanly():
