@@ -278,6 +278,35 @@ def test_released_settings_are_one_config_away():
     assert cfg.epochs == 4  # flags still override the file
 
 
+def test_flag_table_defaults_in_docs_are_the_config_defaults():
+    """docs/control.md's flag table states each default ("| `--gamma`, `--gae_lambda` | 0.99, 0.95 | ..."): every
+    row that names as many flags as values must equal ControlConfig's default, so the docs and the code cannot
+    drift apart silently."""
+    import dataclasses
+    import re
+
+    from dipod.config import coerce_value, config_fields
+
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "control.md").read_text()
+    table = text.split("## Flags", 1)[1].split("\n\n", 2)[2].split("\n\n", 1)[0]
+    fields, checked = config_fields(ControlConfig), []
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        names = re.findall(r"`--(\w+)`", cells[0])
+        values = [v.strip().strip("`") for v in cells[1].split(",")]
+        if len(names) != len(values):
+            continue
+        for name, value in zip(names, values):
+            field = fields[name]
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            expected = None if value == "none" else coerce_value(name, field.type, value)
+            assert default == expected, f"--{name}: docs say {value}, ControlConfig says {default!r}"
+            checked.append(name)
+    assert {"gamma", "gae_lambda", "total_steps", "time_skew_b", "distill_iterations", "save_every"} <= set(checked)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy, min_gain", [("flow", 0.1), ("gaussian", 0.3)])
 def test_policies_learn_a_contextual_bandit(tmp_path, policy, min_gain):
