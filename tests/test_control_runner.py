@@ -13,8 +13,8 @@ from dipod.config import ConfigError
 from dipod.control.distill import DistillSettings, SelfDistillation
 from dipod.control.envs import GymVecEnv, NonFiniteEnvError
 from dipod.control.evaluate import EvalConfig, evaluate
-from dipod.control.flow import FlowActor
-from dipod.control.runner import ControlConfig, Runner, train
+from dipod.control.flow import FlowActor, RunningObsNorm
+from dipod.control.runner import ControlConfig, Runner, build_actor, config_from_checkpoint, train
 from dipod.runlog import read_metrics
 
 
@@ -92,6 +92,32 @@ def test_time_out_bootstrapping_makes_returns_match_the_infinite_horizon_value(t
     runner.close()
 
 
+class _SlopeValue(torch.nn.Module):
+    """V(o) = 10 + 20 o_1 on the raw observation (own obs_norm so the runner can keep updating one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.obs_norm = RunningObsNorm(2)
+
+    def forward(self, obs_nd):
+        return 10.0 + 20.0 * obs_nd[..., 1]
+
+
+def test_time_out_bootstrap_uses_the_value_of_the_final_observation_not_of_the_next_episode(tmp_path):
+    """docs/control.md: where an episode was cut by its time limit, that step's reward gets + gamma * V(final
+    observation). ConstantEnv's o_1 is -0.5, -0.4, -0.3 and the cut episode ends in o_1 = -0.2 (V = 6), while the
+    next episode starts again at -0.5 (V = 0): with lambda = 1 the targets are 7.084, 6.76, 6.4 (1 + 0.9 * 6 at
+    the cut), not 2.71, 1.9, 1 (the next episode's first value bootstrapped)."""
+    cfg = ControlConfig(env="DipodTest/Constant-v0", output_dir=str(tmp_path), gamma=0.9, gae_lambda=1.0,
+                        normalize_rewards=False, total_steps=6, **{**FAST, "rollout_steps": 3, "minibatches": 1})
+    runner = Runner(cfg)
+    runner.critic = _SlopeValue()
+    _, batch, _ = runner.collect(runner.env.reset(seed=0))
+    runner.close()
+    torch.testing.assert_close(batch.values, torch.tensor([0.0, 0.0, 2.0, 2.0, 4.0, 4.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch.returns, torch.tensor([7.084, 7.084, 6.76, 6.76, 6.4, 6.4]), atol=1e-5, rtol=0)
+
+
 def test_short_pendulum_run_writes_metrics_and_checkpoint_then_resumes(tmp_path):
     out = tmp_path / "run"
     last = train(ControlConfig(env="Pendulum-v1", output_dir=str(out), total_steps=1024, save_every=1, **FAST))
@@ -113,6 +139,34 @@ def test_short_pendulum_run_writes_metrics_and_checkpoint_then_resumes(tmp_path)
     result = evaluate(EvalConfig(checkpoint=str(out), episodes=2, num_envs=2))
     assert result["episodes"] == 2 and result["length_mean"] == 200 and np.isfinite(result["return_mean"])
     assert json.loads((out / "checkpoint-1536" / "eval.json").read_text())["step"] == 1536
+
+
+def test_eval_runs_the_checkpoint_policy_and_leaves_its_observation_statistics_alone(tmp_path):
+    """`dipod control eval` rolls out the policy the checkpoint holds: its observation statistics are read, never
+    updated (they change only in training rollouts). With deterministic zero-noise sampling the returns equal a
+    hand rollout of the checkpoint's actor, frozen, from the same seed."""
+    runner = Runner(ControlConfig(env="Pendulum-v1", output_dir=str(tmp_path), total_steps=256, **FAST))
+    with torch.no_grad():  # statistics far from Pendulum's, so any update during eval would move the actions
+        runner.actor.obs_norm.mean.copy_(torch.tensor([0.5, -0.5, 1.0]))
+        runner.actor.obs_norm.var.copy_(torch.tensor([0.2, 3.0, 9.0]))
+        runner.actor.obs_norm.count.fill_(4.0)
+        runner.actor.trunk[-1].weight.mul_(10.0)  # actions that depend on the normalised observation
+    path = runner.save()
+    runner.close()
+    result = evaluate(EvalConfig(checkpoint=str(path), episodes=2, num_envs=2, seed=7))
+    assert result["weights"] == "actor"
+    weights, _, meta = load_checkpoint(path)
+    actor = build_actor(config_from_checkpoint(meta), meta["num_obs"], meta["num_actions"], meta["action_low"],
+                        meta["action_high"])
+    actor.load_state_dict({k[len("actor."):]: v for k, v in weights.items() if k.startswith("actor.")})
+    env = GymVecEnv("Pendulum-v1", 2)
+    obs, returns = env.reset(seed=7), []
+    while len(returns) < 2:
+        action = actor.sample(obs, noise_na=torch.zeros(2, 1))
+        obs, _, _, extras = env.step(actor.to_env_action(action))
+        returns += extras["episode_returns"].tolist()
+    env.close()
+    assert result["returns"] == returns[:2]
 
 
 def test_gaussian_ppo_and_dipod_variants_run(tmp_path):
@@ -222,6 +276,35 @@ def test_released_settings_are_one_config_away():
     cfg = parse_config(ControlConfig, ["--config", str(path), "--epochs", "4"], "test")
     assert (cfg.clip_eps, cfg.num_draws, cfg.sampling_steps, cfg.learning_rate) == (0.01, 16, 64, 1e-4)
     assert cfg.epochs == 4  # flags still override the file
+
+
+def test_flag_table_defaults_in_docs_are_the_config_defaults():
+    """docs/control.md's flag table states each default ("| `--gamma`, `--gae_lambda` | 0.99, 0.95 | ..."): every
+    row that names as many flags as values must equal ControlConfig's default, so the docs and the code cannot
+    drift apart silently."""
+    import dataclasses
+    import re
+
+    from dipod.config import coerce_value, config_fields
+
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "control.md").read_text()
+    table = text.split("## Flags", 1)[1].split("\n\n", 2)[2].split("\n\n", 1)[0]
+    fields, checked = config_fields(ControlConfig), []
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        names = re.findall(r"`--(\w+)`", cells[0])
+        values = [v.strip().strip("`") for v in cells[1].split(",")]
+        if len(names) != len(values):
+            continue
+        for name, value in zip(names, values):
+            field = fields[name]
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            expected = None if value == "none" else coerce_value(name, field.type, value)
+            assert default == expected, f"--{name}: docs say {value}, ControlConfig says {default!r}"
+            checked.append(name)
+    assert {"gamma", "gae_lambda", "total_steps", "time_skew_b", "distill_iterations", "save_every"} <= set(checked)
 
 
 @pytest.mark.slow

@@ -42,3 +42,26 @@ def test_bad_input_is_named(tmp_path):
         plot_runs([run], tmp_path / "x.png")
     with pytest.raises(ValueError, match="one label per run"):
         plot_runs([run], tmp_path / "x.png", keys=["a"], labels=["1", "2"])
+
+
+def test_smoothing_is_a_trailing_mean_over_the_points_that_exist(tmp_path, monkeypatch):
+    """`--smooth W` draws, at each logged point i, the mean of the last min(W, i + 1) values: the first points
+    average only what exists (no pull towards 0), the x positions stay the logged steps, and W = 1 draws the
+    raw values."""
+    import matplotlib.figure
+
+    drawn = []
+    save = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        drawn.append([(list(line.get_xdata()), list(line.get_ydata())) for ax in fig.axes for line in ax.get_lines()])
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    run = _run(tmp_path / "r", [{"step": 10 * s, "reward": float(v)} for s, v in enumerate([4, 8, 2, 6, 10])])
+    plot_runs([run], tmp_path / "s3.png", keys=["reward"], smooth=3)
+    plot_runs([run], tmp_path / "s1.png", keys=["reward"], smooth=1)
+    (xs, ys), = drawn[0]
+    assert xs == [0, 10, 20, 30, 40]
+    assert ys == pytest.approx([4.0, 6.0, 14 / 3, 16 / 3, 6.0], abs=1e-12)
+    assert drawn[1] == [([0, 10, 20, 30, 40], [4.0, 8.0, 2.0, 6.0, 10.0])]
