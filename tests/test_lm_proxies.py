@@ -312,19 +312,24 @@ def test_spg_formulas_with_two_draws_by_hand():
     assert float(eubo) == pytest.approx(float(eubo_pt) * 4, rel=1e-6)
 
 
-def test_random_keeps_eos_and_tail_visible_block_random_hides_the_tail():
-    seen = []
+def _recording_lm(seen: list[torch.Tensor]):
+    """A model of zero logits that appends every input it is given to ``seen``: what each forward sees."""
 
     class Recorder(nn.Module):
         def forward(self, input_ids, attention_mask):
             seen.append(input_ids.clone())
             return SimpleNamespace(logits=torch.zeros(*input_ids.shape, VOCAB))
 
+    return _lm(Recorder())
+
+
+def test_random_keeps_eos_and_tail_visible_block_random_hides_the_tail():
+    seen: list[torch.Tensor] = []
     prompt, attn, completion = _position_only_batch()
     for masking in MASKINGS:
         seen.clear()
-        compute_proxies(_lm(Recorder()), prompt, attn, completion, ProxySettings(num_draws=2, masking=masking,
-                                                                                 block_length=2), 0)
+        settings = ProxySettings(num_draws=2, masking=masking, block_length=2)
+        compute_proxies(_recording_lm(seen), prompt, attn, completion, settings, 0)
         noisy = seen[0][:, prompt.shape[1]:].view(3, 2, -1)
         tail = completion_mask(completion, EOS, include_eos=False) == 0  # the EOS and after
         if masking == "random":
@@ -473,16 +478,10 @@ def test_drift_monitor_shows_the_eos_tail_only_where_its_process_does(masking):
     """The drift monitor's orders treat the positions after the live tokens as the process does: block_random and
     unbiased_random keep them masked in every forward (as in every ELBO copy), random shows the EOS and the tail (as
     its ELBO copies do); step s of an order sees exactly L_n - s live tokens still masked."""
-    seen = []
-
-    class Recorder(nn.Module):
-        def forward(self, input_ids, attention_mask):
-            seen.append(input_ids.clone())
-            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, VOCAB))
-
+    seen: list[torch.Tensor] = []
     prompt, attn, completion = _position_only_batch()
     settings = ProxySettings(masking=masking, block_length=2)
-    gap_lower_bound(_lm(Recorder()), prompt, attn, completion, settings, num_orders=3, seed=0)
+    gap_lower_bound(_recording_lm(seen), prompt, attn, completion, settings, num_orders=3, seed=0)
     live = live_mask(completion, EOS, settings).bool()
     assert len(seen) == int(live.sum(1).max())  # one forward per step
     tail = ~live[:, None].expand(-1, 3, -1)
