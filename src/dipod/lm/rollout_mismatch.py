@@ -6,8 +6,8 @@ probabilities. Fast samplers are reported to destabilise RL through over-confide
 ``rollout_mismatch`` measures, on one batch of prompts, for each sampler:
 
 - ``reward``: mean reward of the completions (``score`` callback);
-- ``elbo_per_token``: mean ELBO per token of the completions under the current policy
-  (``dipod.lm.proxies.compute_proxies``, the estimators' own proxy);
+- ``elbo_per_token``: the mean over completions of ``elbo_per_token_n`` (each one's ELBO per token)
+  under the current policy (``dipod.lm.proxies.compute_proxies``, the estimators' own proxy);
 - ``confidence``: ``reveal_confidence``, the exact model's probability of each revealed token at
   the step that revealed it (replayed with full forwards, so a cache's stale keys do not hide
   over-confidence), averaged over the completion;
