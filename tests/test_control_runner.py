@@ -1,6 +1,8 @@
 """Environments, runner, distillation, checkpoints and bad input for `dipod control`."""
 
 import json
+import re
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -9,7 +11,7 @@ import torch
 
 from dipod.checkpoint import latest_checkpoint, load_checkpoint
 from dipod.cli import main as cli_main
-from dipod.config import ConfigError
+from dipod.config import ConfigError, coerce_value, config_fields, parse_config
 from dipod.control.distill import DistillSettings, SelfDistillation
 from dipod.control.envs import GymVecEnv, NonFiniteEnvError
 from dipod.control.evaluate import EvalConfig, evaluate
@@ -268,10 +270,6 @@ def test_bad_env_and_incompatible_settings_fail_before_compute(tmp_path, capsys)
 
 
 def test_released_settings_are_one_config_away():
-    from pathlib import Path
-
-    from dipod.config import parse_config
-
     path = Path(__file__).resolve().parents[1] / "configs" / "control" / "g1_tracking.yaml"
     cfg = parse_config(ControlConfig, ["--config", str(path), "--epochs", "4"], "test")
     assert (cfg.clip_eps, cfg.num_draws, cfg.sampling_steps, cfg.learning_rate) == (0.01, 16, 64, 1e-4)
@@ -282,16 +280,9 @@ def test_flag_table_defaults_in_docs_are_the_config_defaults():
     """docs/control.md's flag table states each default ("| `--gamma`, `--gae_lambda` | 0.99, 0.95 | ..."): every
     row that names as many flags as values must equal ControlConfig's default, so the docs and the code cannot
     drift apart silently."""
-    import dataclasses
-    import re
-
-    from dipod.config import coerce_value, config_fields
-
-    from pathlib import Path
-
     text = (Path(__file__).resolve().parents[1] / "docs" / "control.md").read_text()
     table = text.split("## Flags", 1)[1].split("\n\n", 2)[2].split("\n\n", 1)[0]
-    fields, checked = config_fields(ControlConfig), []
+    defaults, fields, checked = ControlConfig(), config_fields(ControlConfig), []
     for line in table.splitlines()[2:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         names = re.findall(r"`--(\w+)`", cells[0])
@@ -299,9 +290,8 @@ def test_flag_table_defaults_in_docs_are_the_config_defaults():
         if len(names) != len(values):
             continue
         for name, value in zip(names, values):
-            field = fields[name]
-            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-            expected = None if value == "none" else coerce_value(name, field.type, value)
+            default = getattr(defaults, name)
+            expected = None if value == "none" else coerce_value(name, fields[name].type, value)
             assert default == expected, f"--{name}: docs say {value}, ControlConfig says {default!r}"
             checked.append(name)
     assert {"gamma", "gae_lambda", "total_steps", "time_skew_b", "distill_iterations", "save_every"} <= set(checked)

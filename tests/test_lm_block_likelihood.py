@@ -28,7 +28,7 @@ from block_models import sdar_snapshot  # noqa: E402, F401
 from dipod.lm.model import load_masked_lm  # noqa: E402
 from dipod.lm.processes.block_likelihood import completion_blocks, draw_block_masks, score_block_draw  # noqa: E402
 from dipod.lm.processes.masked_likelihood import MaskDraw, ProxySettings, score_draw  # noqa: E402
-from dipod.lm.proxies import compute_proxies  # noqa: E402
+from dipod.lm.proxies import compute_proxies, gap_lower_bound, order_log_probs  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 BLOCK = 4
@@ -133,8 +133,6 @@ def test_one_block_over_the_whole_sequence_is_the_full_sequence_process(toy, sda
 
 
 def test_the_drift_monitor_reveals_blocks_in_turn_and_measures_the_gap(toy):
-    from dipod.lm.proxies import gap_lower_bound, order_log_probs
-
     lm, prompt, attn, completion, table = toy
     orders = list(itertools.permutations(range(BLOCK)))
     joint = list(itertools.product(orders, orders))
@@ -156,8 +154,6 @@ def test_left_padding_moves_no_block_boundary_and_changes_no_proxy(toy):
     """The model's blocks count from each row's first real token, so left padding moves no block boundary
     (``completion_blocks`` in closed form for 3 and 5 real prompt tokens) and the same prompt, padded, gets the same
     per-block ELBO, EUBO and drift monitor as unpadded, for the same seed."""
-    from dipod.lm.proxies import gap_lower_bound
-
     lm, prompt, attn, completion, _ = toy
     blocks = completion_blocks(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), 6, BLOCK)
     assert blocks.tolist() == [[0, 1, 1, 1, 1, 2], [1, 1, 1, 2, 2, 2]]
